@@ -1,0 +1,372 @@
+"""A decoder-only language model of the Llama family, as a Flax NNX module.
+
+One implementation covers Llama (including SmolLM2), Qwen2 and Mistral checkpoints: they share
+token embedding, rotary position embedding, grouped-query attention, RMSNorm, a SwiGLU MLP and an
+LM head, and differ only in which projections carry biases and which layers use a sliding window.
+The numerics follow transformers' torch implementation so that hidden states match it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+FULL_ATTENTION = "full_attention"
+SLIDING_ATTENTION = "sliding_attention"
+
+
+@dataclasses.dataclass(frozen=True)
+class Llama3RopeScaling:
+  """The "llama3" RoPE frequency rescaling of Llama 3.1+ (``rope_type: llama3``)."""
+
+  factor: float
+  low_freq_factor: float
+  high_freq_factor: float
+  original_max_position_embeddings: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Architecture hyper-parameters of a Llama-family decoder.
+
+  Attributes:
+    vocab_size: Number of token ids.
+    hidden_size: Width of the residual stream.
+    intermediate_size: Width of the SwiGLU MLP.
+    num_layers: Number of decoder layers.
+    num_heads: Number of query heads.
+    num_kv_heads: Number of key/value heads (grouped-query attention); divides ``num_heads``.
+    head_dim: Width of one head.
+    rms_norm_eps: Epsilon inside every RMSNorm.
+    rope_theta: RoPE base wavelength.
+    rope_scaling: ``None`` for plain RoPE, or the llama3 rescaling.
+    tie_word_embeddings: Whether the LM head reuses the token embedding.
+    qkv_bias: Whether the q/k/v projections have biases (Qwen2: yes; Llama: ``attention_bias``).
+    o_bias: Whether the output projection has a bias (Llama: ``attention_bias``).
+    mlp_bias: Whether the MLP projections have biases (Llama: ``mlp_bias``).
+    sliding_window: Attention window of the sliding layers, or ``None``.
+    layer_types: Per layer, ``"full_attention"`` or ``"sliding_attention"``; empty means all full.
+    max_position_embeddings: Longest context the checkpoint was trained for (informational).
+    model_type: The transformers ``model_type`` the config came from.
+  """
+
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  rope_scaling: Llama3RopeScaling | None = None
+  tie_word_embeddings: bool = False
+  qkv_bias: bool = False
+  o_bias: bool = False
+  mlp_bias: bool = False
+  sliding_window: int | None = None
+  layer_types: tuple[str, ...] = ()
+  max_position_embeddings: int = 2048
+  model_type: str = "llama"
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of "
+                       f"num_kv_heads ({self.num_kv_heads})")
+    if not self.layer_types:
+      object.__setattr__(self, "layer_types", (FULL_ATTENTION,) * self.num_layers)
+    object.__setattr__(self, "layer_types", tuple(self.layer_types))
+    if len(self.layer_types) != self.num_layers:
+      raise ValueError(f"layer_types has {len(self.layer_types)} entries for "
+                       f"{self.num_layers} layers")
+    unknown = set(self.layer_types) - {FULL_ATTENTION, SLIDING_ATTENTION}
+    if unknown:
+      raise ValueError(f"unknown layer_types {sorted(unknown)}; expected "
+                       f"{FULL_ATTENTION!r} or {SLIDING_ATTENTION!r}")
+    if SLIDING_ATTENTION in self.layer_types and not self.sliding_window:
+      raise ValueError("sliding_attention layers need a positive sliding_window")
+
+  @classmethod
+  def from_hf(cls, config: Mapping[str, Any] | str | os.PathLike) -> LlamaConfig:
+    """Reads a transformers ``config.json`` (a dict, the file, or its directory).
+
+    Understands both the transformers 5 ``rope_parameters`` field and the older
+    ``rope_theta`` / ``rope_scaling`` fields.
+
+    Raises:
+      ValueError: the config is not a llama / qwen2 / mistral one, or uses a feature this
+        implementation does not have (a RoPE type other than default or llama3, partial rotary
+        embeddings, an activation other than SiLU).
+    """
+    if not isinstance(config, Mapping):
+      path = os.fspath(config)
+      if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+      with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    c = dict(config)
+    model_type = c.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+      raise ValueError(f"model_type {model_type!r} is not a Llama-family model; supported: "
+                       f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    act = c.get("hidden_act", "silu")
+    if act != "silu":
+      raise ValueError(f"hidden_act {act!r} is not supported; the Llama family uses 'silu'")
+
+    num_heads = c["num_attention_heads"]
+    num_layers = c["num_hidden_layers"]
+    rope_theta, rope_scaling = _rope_from_hf(c)
+
+    if model_type == "qwen2":
+      # Qwen2 hard-codes biases on q/k/v only (transformers' Qwen2Attention ignores attention_bias).
+      qkv_bias, o_bias, mlp_bias = True, False, False
+      sliding_window = c.get("sliding_window") if c.get("use_sliding_window", False) else None
+      layer_types = c.get("layer_types") or [
+          SLIDING_ATTENTION if sliding_window is not None and i >= c.get("max_window_layers", 28)
+          else FULL_ATTENTION for i in range(num_layers)]
+    elif model_type == "mistral":
+      qkv_bias = o_bias = mlp_bias = False
+      sliding_window = c.get("sliding_window")
+      layer_types = [FULL_ATTENTION if sliding_window is None else SLIDING_ATTENTION] * num_layers
+    else:
+      qkv_bias = o_bias = bool(c.get("attention_bias", False))
+      mlp_bias = bool(c.get("mlp_bias", False))
+      sliding_window, layer_types = None, [FULL_ATTENTION] * num_layers
+
+    return cls(
+        vocab_size=c["vocab_size"],
+        hidden_size=c["hidden_size"],
+        intermediate_size=c["intermediate_size"],
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=c.get("num_key_value_heads") or num_heads,
+        head_dim=c.get("head_dim") or c["hidden_size"] // num_heads,
+        rms_norm_eps=c.get("rms_norm_eps", 1e-6),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+        tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        mlp_bias=mlp_bias,
+        sliding_window=sliding_window,
+        layer_types=tuple(layer_types),
+        max_position_embeddings=c.get("max_position_embeddings", 2048),
+        model_type=model_type,
+    )
+
+
+def _rope_from_hf(c: Mapping[str, Any]) -> tuple[float, Llama3RopeScaling | None]:
+  """Returns (rope_theta, rope_scaling) from a config dict in either transformers format."""
+  params = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+  if any(isinstance(v, Mapping) for v in params.values()):
+    raise ValueError("per-layer-type rope_parameters are not supported by the Llama family")
+  rope_theta = float(params.get("rope_theta", c.get("rope_theta", 10000.0)))
+  partial = params.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0))
+  if partial != 1.0:
+    raise ValueError(f"partial_rotary_factor {partial} is not supported; only full rotary "
+                     "embeddings are implemented")
+  rope_type = params.get("rope_type", params.get("type", "default"))
+  if rope_type == "default":
+    return rope_theta, None
+  if rope_type == "llama3":
+    return rope_theta, Llama3RopeScaling(
+        factor=float(params["factor"]),
+        low_freq_factor=float(params["low_freq_factor"]),
+        high_freq_factor=float(params["high_freq_factor"]),
+        original_max_position_embeddings=int(params.get(
+            "original_max_position_embeddings", c.get("max_position_embeddings", 2048))))
+  raise ValueError(f"rope_type {rope_type!r} is not implemented; supported: 'default', 'llama3'")
+
+
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+  """The RoPE inverse frequencies (head_dim // 2,), float32, as transformers computes them."""
+  dim = config.head_dim
+  # float32 throughout, like torch, so positions * inv_freq rounds the same way.
+  inv_freq = np.float32(1.0) / (
+      np.float32(config.rope_theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
+  s = config.rope_scaling
+  if s is None:
+    return inv_freq
+  low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+  high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+  wavelen = np.float32(2 * math.pi) / inv_freq
+  scaled = np.where(wavelen > low_freq_wavelen, inv_freq / np.float32(s.factor), inv_freq)
+  old_context = np.float32(s.original_max_position_embeddings)
+  smooth = ((old_context / wavelen - np.float32(s.low_freq_factor))
+            / np.float32(s.high_freq_factor - s.low_freq_factor))
+  smoothed = (1 - smooth) * scaled / np.float32(s.factor) + smooth * scaled
+  is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+  return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+  """Rotates the two halves of the last axis: (x1, x2) -> (-x2, x1)."""
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def attention_mask_for(kind: str, seq: int, padding: jax.Array | None,
+                       sliding_window: int | None) -> jax.Array:
+  """Boolean mask (batch or 1, 1, 1, q, k): True where a query may attend to a key.
+
+  Causal over the sequence axis, minus padded keys (``padding`` is (batch, seq) of 1/0), minus
+  keys ``sliding_window`` or more tokens back on ``"sliding_attention"`` layers.
+  """
+  q_idx = jnp.arange(seq)[:, None]
+  k_idx = jnp.arange(seq)[None, :]
+  mask = k_idx <= q_idx
+  if kind == SLIDING_ATTENTION:
+    mask &= k_idx > q_idx - sliding_window
+  mask = mask[None, None, None]
+  if padding is not None:
+    mask = mask & (padding != 0)[:, None, None, None, :]
+  return mask
+
+
+class RMSNorm(nnx.Module):
+  """Root-mean-square norm: statistics in float32, scaled in the activation dtype."""
+
+  def __init__(self, dim: int, eps: float, *, dtype: Any):
+    self.scale = nnx.Param(jnp.ones((dim,), dtype))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    # Cast back before scaling, as transformers' LlamaRMSNorm does, so bfloat16 rounds alike.
+    return self.scale[...] * (x32 * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Grouped-query self-attention with rotary position embeddings."""
+
+  def __init__(self, config: LlamaConfig, *, dtype: Any, rngs: nnx.Rngs):
+    c = config
+    kw = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
+    self.q_proj = nnx.Linear(c.hidden_size, c.num_heads * c.head_dim, use_bias=c.qkv_bias, **kw)
+    self.k_proj = nnx.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, use_bias=c.qkv_bias, **kw)
+    self.v_proj = nnx.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, use_bias=c.qkv_bias, **kw)
+    self.o_proj = nnx.Linear(c.num_heads * c.head_dim, c.hidden_size, use_bias=c.o_bias, **kw)
+    self.num_heads = c.num_heads
+    self.num_kv_heads = c.num_kv_heads
+    self.head_dim = c.head_dim
+
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    b, t, _ = x.shape
+    kv, groups, dh = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
+    q = self.q_proj(x).reshape(b, t, self.num_heads, dh)
+    k = self.k_proj(x).reshape(b, t, kv, dh)
+    v = self.v_proj(x).reshape(b, t, kv, dh)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    q = q * cos + rotate_half(q) * sin
+    k = k * cos + rotate_half(k) * sin
+    # Query head h reads kv head h // groups, the order of transformers' repeat_kv.
+    q = q.reshape(b, t, kv, groups, dh)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k) * (dh ** -0.5)
+    scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, self.num_heads * dh)
+    return self.o_proj(out)
+
+
+class MLP(nnx.Module):
+  """SwiGLU feed-forward block: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, config: LlamaConfig, *, dtype: Any, rngs: nnx.Rngs):
+    c = config
+    kw = dict(use_bias=c.mlp_bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
+    self.gate_proj = nnx.Linear(c.hidden_size, c.intermediate_size, **kw)
+    self.up_proj = nnx.Linear(c.hidden_size, c.intermediate_size, **kw)
+    self.down_proj = nnx.Linear(c.intermediate_size, c.hidden_size, **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+  """Pre-norm decoder layer: x + attn(norm(x)), then h + mlp(norm(h))."""
+
+  def __init__(self, config: LlamaConfig, *, dtype: Any, rngs: nnx.Rngs):
+    self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+    self.attn = Attention(config, dtype=dtype, rngs=rngs)
+    self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+    self.mlp = MLP(config, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    h = x + self.attn(self.input_norm(x), cos, sin, mask)
+    return h + self.mlp(self.post_attn_norm(h))
+
+
+class LlamaOutput(NamedTuple):
+  """What ``Llama.__call__`` returns.
+
+  Attributes:
+    logits: (batch, seq, vocab) next-token logits.
+    hidden_states: ``num_layers + 1`` arrays (batch, seq, hidden): the token embeddings, then the
+      output of every layer, the last one after the final norm, exactly like transformers'
+      ``output_hidden_states=True``. ``hidden_states[-2]`` is the second-to-last layer's output.
+  """
+
+  logits: jax.Array
+  hidden_states: tuple[jax.Array, ...]
+
+
+class Llama(nnx.Module):
+  """A Llama / Qwen2 / Mistral causal language model."""
+
+  def __init__(self, config: LlamaConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    self.config = config
+    self.dtype = jnp.dtype(dtype)
+    self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype,
+                                  param_dtype=dtype, rngs=rngs)
+    self.layers = nnx.List(
+        [DecoderLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_layers)])
+    self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+    # A tied model has no separate head: logits come from the embedding table itself.
+    self.lm_head = None if config.tie_word_embeddings else nnx.Linear(
+        config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype, param_dtype=dtype,
+        rngs=rngs)
+
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+               positions: jax.Array | None = None) -> LlamaOutput:
+    """Runs the model on a batch of token ids.
+
+    Args:
+      input_ids: (batch, seq) int token ids.
+      attention_mask: optional (batch, seq) 1 for real tokens, 0 for padding; padded keys are
+        never attended to. Outputs at padded query positions are meaningless.
+      positions: optional (batch, seq) RoPE positions; defaults to 0..seq-1 for every row, as
+        transformers' forward does (it does not shift positions for left padding either).
+
+    Returns:
+      A ``LlamaOutput`` with the logits and all hidden states.
+    """
+    c = self.config
+    b, t = input_ids.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(rope_inv_freq(c))
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    cos, sin = jnp.cos(emb).astype(self.dtype), jnp.sin(emb).astype(self.dtype)
+    masks = {kind: attention_mask_for(kind, t, attention_mask, c.sliding_window)
+             for kind in set(c.layer_types)}
+
+    x = self.embed_tokens(input_ids)
+    hidden = [x]
+    for kind, layer in zip(c.layer_types, self.layers):
+      x = layer(x, cos, sin, masks[kind])
+      hidden.append(x)
+    x = self.final_norm(x)
+    # transformers replaces the last layer's output with the normed one in output_hidden_states.
+    hidden[-1] = x
+    logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+    return LlamaOutput(logits=logits, hidden_states=tuple(hidden))

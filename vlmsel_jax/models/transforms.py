@@ -1,0 +1,38 @@
+"""The rules that turn one checkpoint tensor into one NNX parameter.
+
+A family's ``params.py`` maps each checkpoint key to an NNX key and one of these rules; the generic
+loader (``vlmsel_jax.models.loading``) applies them. Keeping the rules a small closed set means a
+key table stays data, and a new checkpoint format only needs a new table.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+
+
+class Transform(enum.Enum):
+  """How a checkpoint tensor becomes an NNX parameter."""
+
+  # A torch ``nn.Linear`` weight, stored (out, in); ``nnx.Linear`` keeps its kernel as (in, out).
+  LINEAR = "linear"
+  # An embedding table (vocab, dim): the same layout in torch and NNX.
+  EMBED = "embed"
+  # A norm scale vector: copied as is.
+  SCALE = "scale"
+  # A bias vector: copied as is.
+  BIAS = "bias"
+  # A tensor the model deliberately does not use (e.g. a saved copy of a tied weight).
+  SKIP = "skip"
+
+
+def apply(transform: Transform, tensor: np.ndarray) -> np.ndarray:
+  """Returns ``tensor`` laid out as the NNX parameter expects it under ``transform``."""
+  if transform is Transform.LINEAR:
+    if tensor.ndim != 2:
+      raise ValueError(f"a linear weight must be 2-D, got shape {tensor.shape}")
+    return tensor.T
+  if transform in (Transform.EMBED, Transform.SCALE, Transform.BIAS):
+    return tensor
+  raise ValueError(f"transform {transform} produces no parameter")
