@@ -64,8 +64,9 @@ def make_pool(n: int = 500, latent_dim: int = 16, text_dim: int = 64,
 
   Every candidate is a distance-preserving embedding of a damaged copy of z: noise (each
   coordinate gets Gaussian noise of std ``noise`` × the latent's std), replacing the last
-  ``drop`` latent dimensions by fresh noise, or a smooth warp z + w·sin(zA). Quality is minus
-  the candidate's position in ``specs``: the first spec is the best.
+  ``drop`` latent dimensions by fresh noise, or a smooth warp z + w·sin(zA). Quality is the
+  number of candidates a candidate is better than (len(specs) − 1 for the first, 0 for the
+  last), so it can serve as non-negative gains for NDCG.
   """
   rng = np.random.default_rng(seed)
   # Content with structure, as real image sets have: a mixture of classes in the latent space.
@@ -89,6 +90,6 @@ def make_pool(n: int = 500, latent_dim: int = 16, text_dim: int = 64,
       f = zi @ _isometric_embedding(rng, latent_dim, width)
     names.append(name)
     feats.append(f.astype(np.float32))
-  quality = -np.arange(len(specs), dtype=np.float64)
+  quality = np.arange(len(specs), 0, -1, dtype=np.float64) - 1.0
   return SyntheticPool(names=names, candidates=feats, text=text.astype(np.float32),
                        quality=quality, ids=np.arange(n))

@@ -1,0 +1,154 @@
+"""Writes a scored pool: scores.csv, scores.json, report.md and scores.png, atomically.
+
+All files are first written into a temporary directory beside ``output_dir`` and then moved in
+one by one with ``os.replace``; a run that dies before that leaves ``output_dir`` as it was.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import tempfile
+from typing import Any, Mapping
+
+import numpy as np
+
+from vlmsel_jax import scoring
+
+EVAL_COLUMNS = ("pearson", "spearman", "kendall", "weighted_tau", "r2", "ndcg@1", "ndcg@3",
+                "ndcg@5", "recall@1", "recall@3", "recall@5", "top1_regret")
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+  if isinstance(v, float):
+    if math.isnan(v):
+      return "nan"
+    return f"{v:.{digits}g}" if abs(v) < 1e-3 and v != 0 else f"{v:.{digits}f}"
+  return str(v)
+
+
+def scores_csv(result: scoring.PoolScores) -> str:
+  buf = io.StringIO()
+  w = csv.writer(buf, lineterminator="\n")
+  w.writerow(["candidate"] + result.metrics + [f"rank_{m}" for m in result.metrics])
+  ranks = {m: {c: i + 1 for i, c in enumerate(result.rankings[m])} for m in result.metrics}
+  for c in result.candidates:
+    w.writerow([c] + [repr(result.values[m][c]) for m in result.metrics] +
+               [ranks[m][c] for m in result.metrics])
+  return buf.getvalue()
+
+
+def report_markdown(result: scoring.PoolScores, *, title: str, preamble: str = "",
+                    run_info: Mapping[str, Any] | None = None) -> str:
+  lines = [f"# {title}", ""]
+  if preamble:
+    lines += [preamble.strip(), ""]
+  lines += ["## Selection", "", "| metric | predicted best | direction |", "|---|---|---|"]
+  for m in result.metrics:
+    direction = "higher is better" if scoring.METRICS[m].higher_is_better else "lower is better"
+    lines.append(f"| {m} ({scoring.METRICS[m].description}) | **{result.rankings[m][0]}** | "
+                 f"{direction} |")
+  if result.ground_truth is not None:
+    best = max(result.candidates, key=lambda c: result.ground_truth[c])
+    lines += ["", f"Best candidate by ground truth: **{best}** "
+              f"({_fmt(result.ground_truth[best])})."]
+  lines += ["", "## Scores (rank in parentheses)", ""]
+  header = ["candidate"] + (["ground truth"] if result.ground_truth is not None else []) + result.metrics
+  lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  ranks = {m: {c: i + 1 for i, c in enumerate(result.rankings[m])} for m in result.metrics}
+  order = (sorted(result.candidates, key=lambda c: -result.ground_truth[c])
+           if result.ground_truth is not None else result.candidates)
+  for c in order:
+    row = [c] + ([_fmt(result.ground_truth[c])] if result.ground_truth is not None else [])
+    row += [f"{_fmt(result.values[m][c])} ({ranks[m][c]})" for m in result.metrics]
+    lines.append("| " + " | ".join(row) + " |")
+  if result.evaluation is not None:
+    lines += ["", "## How well each score predicts the ground truth", "",
+              "Correlations use each score oriented so that larger = predicted better "
+              "(GW is negated). R² is that of a least-squares line; NDCG@k uses the ground truth "
+              "as gains; Recall@k = 1 if the truly best candidate is in the predicted top k; "
+              "top-1 regret = best ground truth − ground truth of the predicted best.", "",
+              "| metric | " + " | ".join(EVAL_COLUMNS) + " |", "|---|" + "---|" * len(EVAL_COLUMNS)]
+    for m in result.metrics:
+      ev = result.evaluation[m]
+      lines.append(f"| {m} | " + " | ".join(_fmt(ev[k], 3) for k in EVAL_COLUMNS) + " |")
+  if result.diagnostics:
+    unconverged = [c for c, d in result.diagnostics.items() if not d["converged"]]
+    solver = next(iter(result.diagnostics.values()))["solver"]
+    lines += ["", f"GW solver: `{solver}`; " + (
+        f"did not meet its convergence tolerance within the iteration budget for: "
+        f"{', '.join(unconverged)} (values are still the GW objective of the returned coupling)."
+        if unconverged else "converged for every candidate.")]
+  if run_info:
+    lines += ["", "## Run", "", "```"] + [f"{k} = {v}" for k, v in run_info.items()] + ["```"]
+  lines += ["", "Plot: `scores.png`. Machine-readable: `scores.csv`, `scores.json`.", ""]
+  return "\n".join(lines)
+
+
+def plot_png(result: scoring.PoolScores, path: str):
+  """Per metric: score vs ground truth (when given), else the score per candidate."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  k = len(result.metrics)
+  cols = min(4, k)
+  rows = int(math.ceil(k / cols))
+  fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.4 * rows), squeeze=False)
+  for ax in axes.flat[k:]:
+    ax.axis("off")
+  for ax, m in zip(axes.flat, result.metrics):
+    vals = np.array([result.values[m][c] for c in result.candidates])
+    if result.ground_truth is not None:
+      truth = np.array([result.ground_truth[c] for c in result.candidates])
+      ax.scatter(vals, truth, s=18)
+      for c, v, t in zip(result.candidates, vals, truth):
+        ax.annotate(c, (v, t), fontsize=6, alpha=0.7)
+      ev = result.evaluation[m]
+      ax.set_title(f"{m}: Spearman {_fmt(ev['spearman'], 2)}, "
+                   f"w-τ {_fmt(ev['weighted_tau'], 2)}", fontsize=9)
+      ax.set_xlabel(m + (" (lower = closer)" if not scoring.METRICS[m].higher_is_better else ""),
+                    fontsize=8)
+      ax.set_ylabel("ground truth", fontsize=8)
+    else:
+      ax.barh(range(len(vals)), vals)
+      ax.set_yticks(range(len(vals)), result.candidates, fontsize=6)
+      ax.invert_yaxis()
+      ax.set_title(m, fontsize=9)
+    ax.tick_params(labelsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def write_outputs(result: scoring.PoolScores, output_dir: str, *, title: str,
+                  preamble: str = "", run_info: Mapping[str, Any] | None = None) -> list[str]:
+  """Writes the four result files into ``output_dir`` atomically; returns their paths."""
+  output_dir = os.path.abspath(output_dir)
+  parent = os.path.dirname(output_dir)
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(output_dir)}.tmp-")
+  try:
+    payload = result.to_json()
+    if run_info:
+      payload["run"] = dict(run_info)
+    with open(os.path.join(staging, "scores.json"), "w") as f:
+      json.dump(payload, f, indent=2, allow_nan=True)
+      f.write("\n")
+    with open(os.path.join(staging, "scores.csv"), "w") as f:
+      f.write(scores_csv(result))
+    with open(os.path.join(staging, "report.md"), "w") as f:
+      f.write(report_markdown(result, title=title, preamble=preamble, run_info=run_info))
+    plot_png(result, os.path.join(staging, "scores.png"))
+    os.makedirs(output_dir, exist_ok=True)
+    written = []
+    for name in ("scores.json", "scores.csv", "scores.png", "report.md"):
+      os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+      written.append(os.path.join(output_dir, name))
+    return written
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,242 @@
+r"""Scores candidate encoders against an LLM's text features, without training.
+
+  python -m vlmsel_jax.score --flagfile=configs/demo.flags
+  python -m vlmsel_jax.score --candidates=a.safetensors,b.npz --text=llm.safetensors \
+      --metrics=gw,cka --ground_truth=accuracy.csv --output_dir=runs/score
+
+Writes scores.csv, scores.json, report.md and scores.png into --output_dir (atomically).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+from vlmsel_jax import feature_bank
+from vlmsel_jax import report
+from vlmsel_jax import scoring
+from vlmsel_jax import synthetic
+from vlmsel_jax.scores import checks
+from vlmsel_jax.scores import distances
+from vlmsel_jax.scores import gw
+
+_DEFAULT_GW = gw.GWOptions()
+
+CANDIDATES = flags.DEFINE_list(
+    "candidates", [], "Candidate feature banks (.safetensors or .npz with 'features' n×d and "
+    "'ids'), one per candidate encoder.")
+CANDIDATE_NAMES = flags.DEFINE_list(
+    "candidate_names", [], "Names for --candidates (default: the bank's 'name' metadata, else "
+    "its file name).")
+TEXT = flags.DEFINE_string("text", None, "The text feature bank (the LLM's features of the "
+                           "paired captions); rows are paired with the candidates' by 'ids'.")
+SYNTHETIC_POOL = flags.DEFINE_bool(
+    "synthetic_pool", False, "Score the built-in synthetic pool (vlmsel_jax.synthetic) instead "
+    "of feature banks: candidates with graded damage to a shared latent, so the right ranking is "
+    "known and is used as ground truth.")
+SYNTHETIC_N = flags.DEFINE_integer("synthetic_n", 500, "Samples in the synthetic pool.",
+                                   lower_bound=4)
+METRICS = flags.DEFINE_list("metrics", list(scoring.DEFAULT_METRICS),
+                            f"Scores to compute; any of: {', '.join(scoring.METRICS)}.")
+DISTANCE = flags.DEFINE_enum("distance", "angular", list(distances.DISTANCES),
+                             "Intra-space distance for GW and RSA.")
+SCALE = flags.DEFINE_enum("scale", "median", list(distances.SCALES),
+                          "Scale alignment of the candidate's distances to the text's (GW).")
+GW_SOLVER = flags.DEFINE_enum("gw_solver", _DEFAULT_GW.solver, list(gw.SOLVERS),
+                              "GW solver (see vlmsel_jax/scores/gw.py).")
+GW_EPSILON = flags.DEFINE_float("gw_epsilon", _DEFAULT_GW.epsilon,
+                                "Entropic ε of the entropic and lowrank solvers, relative to "
+                                "unit median distance.", lower_bound=0.0)
+GW_ANNEAL_EPSILONS = flags.DEFINE_list(
+    "gw_anneal_epsilons", [str(e) for e in _DEFAULT_GW.anneal_epsilons],
+    "ε schedule of the annealed solver, largest first.")
+GW_ANNEAL_ITERATIONS = flags.DEFINE_integer("gw_anneal_iterations", _DEFAULT_GW.anneal_iterations,
+                                            "Outer GW iterations per annealing stage.",
+                                            lower_bound=1)
+GW_SINKHORN_ITERATIONS = flags.DEFINE_integer(
+    "gw_sinkhorn_iterations", _DEFAULT_GW.sinkhorn_iterations,
+    "Maximum Sinkhorn iterations per linearized problem.", lower_bound=1)
+GW_ITERATIONS = flags.DEFINE_integer("gw_iterations", _DEFAULT_GW.gw_iterations,
+                                     "Maximum outer iterations of the entropic solver.",
+                                     lower_bound=1)
+GW_CG_ITERATIONS = flags.DEFINE_integer("gw_cg_iterations", _DEFAULT_GW.cg_iterations,
+                                        "Maximum conditional-gradient iterations.", lower_bound=1)
+GW_CG_TOL = flags.DEFINE_float("gw_cg_tol", _DEFAULT_GW.cg_tol,
+                               "Relative objective decrease below which CG stops.",
+                               lower_bound=0.0)
+GW_POLISH = flags.DEFINE_bool("gw_polish", _DEFAULT_GW.polish,
+                              "CG polish after the entropic / annealed solvers.")
+GW_RANK = flags.DEFINE_integer("gw_rank", _DEFAULT_GW.rank, "Coupling rank of the lowrank "
+                               "solver.", lower_bound=1)
+GW_LOWRANK_ITERATIONS = flags.DEFINE_integer(
+    "gw_lowrank_iterations", _DEFAULT_GW.lowrank_iterations,
+    "Maximum outer iterations of the lowrank solver.", lower_bound=1)
+GW_LOWRANK_GAMMA = flags.DEFINE_float("gw_lowrank_gamma", _DEFAULT_GW.lowrank_gamma,
+                                      "Mirror-descent step of the lowrank solver.",
+                                      lower_bound=0.0)
+GW_PRECISION = flags.DEFINE_enum("gw_precision", _DEFAULT_GW.precision,
+                                 ["auto", "float32", "float64"],
+                                 "GW arithmetic: auto = float64 for cg, float32 otherwise.")
+GW_BATCH_SIZE = flags.DEFINE_integer(
+    "gw_batch_size", 0, "Candidates per batched (vmapped, device-sharded) GW call; 0 = the "
+    "number of devices.", lower_bound=0)
+RBF_SIGMA = flags.DEFINE_float("rbf_sigma", 0.5, "RBF CKA bandwidth: sigma² × median squared "
+                               "distance.", lower_bound=0.0)
+KNN_K = flags.DEFINE_integer("knn_k", 10, "k of mutual k-NN alignment.", lower_bound=1)
+CCA_PCA_VARIANCE = flags.DEFINE_float("cca_pca_variance", 0.99, "Variance kept by the PCA "
+                                      "before CCA.", lower_bound=0.0, upper_bound=1.0)
+SVCCA_KEEP = flags.DEFINE_float("svcca_keep", 0.99, "Variance kept by SVCCA's SVD step.",
+                                lower_bound=0.0, upper_bound=1.0)
+MINIBATCH_SIZE = flags.DEFINE_integer("minibatch_size", 256, "Batch size of minibatch CKA.",
+                                      lower_bound=4)
+SEED = flags.DEFINE_integer("seed", 0, "Seed of every random choice (synthetic pool, minibatch "
+                            "order).")
+GROUND_TRUTH = flags.DEFINE_string(
+    "ground_truth", None, "CSV with columns 'candidate' and --ground_truth_column (e.g. trained "
+    "VLM accuracy); adds the table of every score's agreement with it.")
+GROUND_TRUTH_COLUMN = flags.DEFINE_string("ground_truth_column", "accuracy",
+                                          "Column of --ground_truth holding the accuracy.")
+OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where results are written.")
+PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+
+
+class InputError(ValueError):
+  """A bad flag value or input file; reported as one line."""
+
+
+def read_ground_truth(path: str, column: str) -> dict[str, float]:
+  if not os.path.exists(path):
+    raise InputError(f"{path}: ground-truth file not found")
+  with open(path, newline="") as f:
+    reader = csv.DictReader(f)
+    fields = reader.fieldnames or []
+    for needed in ("candidate", column):
+      if needed not in fields:
+        raise InputError(f"{path}: no '{needed}' column (columns: {', '.join(fields) or 'none'})")
+    truth: dict[str, float] = {}
+    for line, row in enumerate(reader, start=2):
+      name = row["candidate"]
+      if name in truth:
+        raise InputError(f"{path}:{line}: candidate {name!r} appears twice")
+      try:
+        truth[name] = float(row[column])
+      except (TypeError, ValueError):
+        raise InputError(f"{path}:{line}: {column} {row[column]!r} is not a number") from None
+  return truth
+
+
+def _settings() -> scoring.ScoreSettings:
+  try:
+    anneal = tuple(float(e) for e in GW_ANNEAL_EPSILONS.value)
+  except ValueError:
+    raise InputError(f"--gw_anneal_epsilons must be numbers, got {GW_ANNEAL_EPSILONS.value}") from None
+  opts = gw.GWOptions(
+      solver=GW_SOLVER.value, epsilon=GW_EPSILON.value, anneal_epsilons=anneal,
+      anneal_iterations=GW_ANNEAL_ITERATIONS.value,
+      sinkhorn_iterations=GW_SINKHORN_ITERATIONS.value, gw_iterations=GW_ITERATIONS.value,
+      cg_iterations=GW_CG_ITERATIONS.value, cg_tol=GW_CG_TOL.value, polish=GW_POLISH.value,
+      rank=GW_RANK.value, lowrank_iterations=GW_LOWRANK_ITERATIONS.value,
+      lowrank_gamma=GW_LOWRANK_GAMMA.value, precision=GW_PRECISION.value)
+  try:
+    opts.validate()
+  except ValueError as e:
+    raise InputError(f"bad GW flag: {e}") from None
+  return scoring.ScoreSettings(
+      distance=DISTANCE.value, scale=SCALE.value, gw_options=opts,
+      gw_batch_size=GW_BATCH_SIZE.value, rbf_sigma=RBF_SIGMA.value, knn_k=KNN_K.value,
+      cca_pca_variance=CCA_PCA_VARIANCE.value, svcca_keep=SVCCA_KEEP.value,
+      minibatch_size=MINIBATCH_SIZE.value, seed=SEED.value)
+
+
+SYNTHETIC_PREAMBLE = """\
+**This is the synthetic demo pool, not real models.** One shared latent (a mixture of classes)
+stands for image content; the "text features" are a fixed non-linear view of it; each candidate
+sees the latent through a distance-preserving embedding after a graded amount of damage
+(Gaussian noise, latent dimensions replaced by noise, smooth non-linear warps, or nothing of the
+latent at all). The candidates are listed from least to most damaged and the ground truth is
+that order (quality = how many candidates it beats: 11 for the best, 0 for the worst), so each
+score's correlation below says how well it recovers an answer known in advance."""
+
+
+def _load_inputs():
+  """Returns (names, candidate features, text features, ground truth or None, preamble)."""
+  if SYNTHETIC_POOL.value:
+    if CANDIDATES.value or TEXT.value:
+      raise InputError("--synthetic_pool scores the built-in pool; drop --candidates/--text")
+    pool = synthetic.make_pool(n=SYNTHETIC_N.value, seed=SEED.value)
+    truth = dict(zip(pool.names, pool.quality.tolist()))
+    return pool.names, pool.candidates, pool.text, truth, SYNTHETIC_PREAMBLE
+  if not CANDIDATES.value:
+    raise InputError("no candidates: pass --candidates=bank1,bank2,... (or --synthetic_pool)")
+  if not TEXT.value:
+    raise InputError("no text features: pass --text=bank (the LLM's caption features)")
+  if CANDIDATE_NAMES.value and len(CANDIDATE_NAMES.value) != len(CANDIDATES.value):
+    raise InputError(f"--candidate_names has {len(CANDIDATE_NAMES.value)} names for "
+                     f"{len(CANDIDATES.value)} --candidates")
+  text = feature_bank.load_bank(TEXT.value)
+  names, feats = [], []
+  for i, path in enumerate(CANDIDATES.value):
+    bank = feature_bank.load_bank(path)
+    names.append(CANDIDATE_NAMES.value[i] if CANDIDATE_NAMES.value else bank.name)
+    feats.append(feature_bank.align_to(bank, text.ids, text.path))
+  dupes = sorted({n for n in names if names.count(n) > 1})
+  if dupes:
+    raise InputError(f"candidate names are not unique ({', '.join(dupes)}); set --candidate_names")
+  # Name the file in feature errors: validate here, where the path is known.
+  try:
+    checks.check_features(text.features, TEXT.value)
+  except checks.FeatureError as e:
+    raise InputError(str(e)) from None
+  for path, x in zip(CANDIDATES.value, feats):
+    try:
+      checks.check_features(x, path)
+    except checks.FeatureError as e:
+      raise InputError(str(e)) from None
+  truth = read_ground_truth(GROUND_TRUTH.value, GROUND_TRUTH_COLUMN.value) if GROUND_TRUTH.value else None
+  return names, feats, text.features, truth, ""
+
+
+def run() -> list[str]:
+  """The binary's body: flags → inputs → scores → files. Returns the written paths."""
+  if not OUTPUT_DIR.value:
+    raise InputError("--output_dir is required")
+  settings = _settings()
+  metric_names = scoring.parse_metrics(METRICS.value)
+  names, feats, text, truth, preamble = _load_inputs()
+  if SYNTHETIC_POOL.value and GROUND_TRUTH.value:
+    truth = read_ground_truth(GROUND_TRUTH.value, GROUND_TRUTH_COLUMN.value)
+  start = time.time()
+  result = scoring.score_pool(names, feats, text, metric_names, settings, ground_truth=truth,
+                              show_progress=PROGRESS.value)
+  import jax  # pylint: disable=g-import-not-at-top
+  run_info = {
+      "candidates": len(names), "samples": int(text.shape[0]), "metrics": ",".join(metric_names),
+      "distance": settings.distance, "scale": settings.scale,
+      "gw_solver": settings.gw_options.solver, "seed": settings.seed,
+      "devices": f"{jax.device_count()} × {jax.devices()[0].platform}",
+      "seconds": round(time.time() - start, 1),
+  }
+  title = "Encoder selection: training-free scores" + (" (synthetic demo pool)" if SYNTHETIC_POOL.value else "")
+  return report.write_outputs(
+      result, OUTPUT_DIR.value, title=title, preamble=preamble, run_info=run_info)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    written = run()
+  except (InputError, feature_bank.BankError, checks.FeatureError, ValueError) as e:
+    print(f"score: error: {e}", file=sys.stderr)
+    sys.exit(1)
+  for path in written:
+    print(path)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,175 @@
+"""Scores a pool of candidates against one text feature bank: the library behind ``score``.
+
+``score_pool`` computes every requested metric for every candidate, ranks the candidates per
+metric (GW ascending, similarities descending) and, given ground truth, judges each metric with
+``vlmsel_jax.metrics``. It returns plain data; ``vlmsel_jax.report`` writes it out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+from tqdm import auto as tqdm
+
+from vlmsel_jax import metrics as rank_metrics
+from vlmsel_jax.scores import checks
+from vlmsel_jax.scores import cka
+from vlmsel_jax.scores import gw
+from vlmsel_jax.scores import similarity
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreSettings:
+  """Settings of every metric (each a flag of the score binary)."""
+  distance: str = "angular"
+  scale: str = "median"
+  gw_options: gw.GWOptions = gw.GWOptions()
+  gw_batch_size: int = 0  # Candidates per batched GW call; 0 = one call per device-count block.
+  rbf_sigma: float = 0.5
+  knn_k: int = 10
+  cca_pca_variance: float = 0.99
+  svcca_keep: float = 0.99
+  minibatch_size: int = 256
+  seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+  name: str
+  description: str
+  higher_is_better: bool
+  fn: Callable[[np.ndarray, np.ndarray, ScoreSettings], float] | None = None
+
+
+METRICS: dict[str, Metric] = {m.name: m for m in (
+    Metric("gw", "Gromov-Wasserstein distance (lower = closer)", False),
+    Metric("cka", "linear CKA", True, lambda x, y, s: cka.linear_cka(x, y)),
+    Metric("cka_debiased", "debiased linear CKA (U-statistic HSIC)", True,
+           lambda x, y, s: cka.debiased_linear_cka(x, y)),
+    Metric("cka_rbf", "RBF-kernel CKA", True, lambda x, y, s: cka.rbf_cka(x, y, s.rbf_sigma)),
+    Metric("cka_minibatch", "minibatch unbiased linear CKA", True,
+           lambda x, y, s: cka.minibatch_cka(x, y, min(s.minibatch_size, x.shape[0]), s.seed)),
+    Metric("rsa", "RSA (Spearman of pairwise distances)", True,
+           lambda x, y, s: similarity.rsa(x, y, s.distance)),
+    Metric("cca", "mean canonical correlation after PCA", True,
+           lambda x, y, s: similarity.cca(x, y, pca_variance=s.cca_pca_variance)),
+    Metric("svcca", "SVCCA", True, lambda x, y, s: similarity.svcca(x, y, s.svcca_keep)),
+    Metric("mutual_knn", "mutual k-NN alignment", True,
+           lambda x, y, s: similarity.mutual_knn(x, y, s.knn_k)),
+)}
+DEFAULT_METRICS = ("gw", "cka", "cka_debiased", "cka_rbf", "rsa", "cca", "svcca", "mutual_knn")
+
+
+def parse_metrics(names: Sequence[str]) -> list[str]:
+  names = [n.strip() for n in names if n.strip()]
+  if not names:
+    raise ValueError("no metrics requested; choose from " + ", ".join(METRICS))
+  unknown = [n for n in names if n not in METRICS]
+  if unknown:
+    raise ValueError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}")
+  return list(dict.fromkeys(names))
+
+
+@dataclasses.dataclass
+class PoolScores:
+  """Everything ``score_pool`` computes, as plain Python data."""
+  candidates: list[str]
+  metrics: list[str]
+  values: dict[str, dict[str, float]]            # metric → candidate → value
+  rankings: dict[str, list[str]]                 # metric → candidates, predicted best first
+  diagnostics: dict[str, dict[str, Any]]         # candidate → GW diagnostics
+  evaluation: dict[str, dict[str, float]] | None = None  # metric → judgement vs ground truth
+  ground_truth: dict[str, float] | None = None
+
+  def to_json(self) -> dict[str, Any]:
+    return {
+        "candidates": self.candidates,
+        "metrics": {m: {"higher_is_better": METRICS[m].higher_is_better,
+                        "description": METRICS[m].description} for m in self.metrics},
+        "scores": {c: {m: self.values[m][c] for m in self.metrics} for c in self.candidates},
+        "rankings": self.rankings,
+        "selected": {m: r[0] for m, r in self.rankings.items()},
+        "gw_diagnostics": self.diagnostics,
+        "ground_truth": self.ground_truth,
+        "evaluation": self.evaluation,
+    }
+
+
+def _gw_values(names, feats, text, settings: ScoreSettings, progress) -> tuple[dict, dict]:
+  import jax  # pylint: disable=g-import-not-at-top
+  block = settings.gw_batch_size or jax.device_count()
+  values, diags = {}, {}
+  opts = dataclasses.asdict(settings.gw_options)
+  solver, epsilon = opts.pop("solver"), opts.pop("epsilon")
+  for start in range(0, len(feats), block):
+    chunk = slice(start, start + block)
+    results = gw.gw_distances(feats[chunk], text, distance=settings.distance, scale=settings.scale,
+                              solver=solver, epsilon=epsilon, names=names[chunk], **opts)
+    for name, res in zip(names[chunk], results):
+      values[name] = res["gw"]
+      diags[name] = {k: res[k] for k in ("converged", "iterations", "solver")}
+    progress.update(len(results))
+  return values, diags
+
+
+def score_pool(names: Sequence[str], candidates: Sequence[np.ndarray], text: np.ndarray,
+               metric_names: Sequence[str] = DEFAULT_METRICS,
+               settings: ScoreSettings = ScoreSettings(),
+               ground_truth: Mapping[str, float] | None = None,
+               show_progress: bool = True) -> PoolScores:
+  """Scores each candidate's features against ``text`` (rows paired) with every metric.
+
+  All inputs are validated before any work: a bad candidate fails fast with its name.
+  """
+  names = list(names)
+  if not names:
+    raise ValueError("the candidate list is empty")
+  if len(set(names)) != len(names):
+    raise ValueError(f"candidate names must be unique, got {names}")
+  if len(names) != len(candidates):
+    raise ValueError(f"{len(names)} candidate names but {len(candidates)} feature matrices")
+  metric_names = parse_metrics(metric_names)
+  text = checks.check_features(text, "text features")
+  feats = [checks.check_pair(x, text, n, "text features")[0] for n, x in zip(names, candidates)]
+  if ground_truth is not None:
+    missing = [n for n in names if n not in ground_truth]
+    if missing:
+      raise ValueError(f"ground truth has no accuracy for candidate(s) {', '.join(missing)}")
+
+  values: dict[str, dict[str, float]] = {}
+  diagnostics: dict[str, dict[str, Any]] = {}
+  total = len(names) * len(metric_names)
+  with tqdm.tqdm(total=total, desc="scoring", unit="score", disable=not show_progress) as bar:
+    for m in metric_names:
+      bar.set_postfix_str(m)
+      if m == "gw":
+        values[m], diagnostics = _gw_values(names, feats, text, settings, bar)
+        continue
+      values[m] = {}
+      for name, x in zip(names, feats):
+        values[m][name] = float(METRICS[m].fn(x, text, settings))
+        bar.update(1)
+
+  rankings = {}
+  for m in metric_names:
+    oriented = rank_metrics.orient([values[m][n] for n in names], METRICS[m].higher_is_better)
+    order = np.argsort(-oriented, kind="stable")
+    rankings[m] = [names[i] for i in order]
+
+  evaluation = None
+  if ground_truth is not None:
+    truth = np.array([ground_truth[n] for n in names], np.float64)
+    # NDCG needs non-negative gains; every other metric is invariant to shifting the truth, so a
+    # truth with negative values (e.g. log-likelihoods) is shifted to start at zero.
+    if truth.min() < 0:
+      truth = truth - truth.min()
+    evaluation = {}
+    for m in metric_names:
+      predicted = rank_metrics.orient([values[m][n] for n in names], METRICS[m].higher_is_better)
+      evaluation[m] = rank_metrics.all_metrics(truth, predicted)
+  return PoolScores(candidates=names, metrics=metric_names, values=values, rankings=rankings,
+                    diagnostics=diagnostics, evaluation=evaluation,
+                    ground_truth=None if ground_truth is None else
+                    {n: float(ground_truth[n]) for n in names})
