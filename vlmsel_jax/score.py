@@ -66,9 +66,9 @@ GW_ITERATIONS = flags.DEFINE_integer("gw_iterations", _DEFAULT_GW.gw_iterations,
                                      lower_bound=1)
 GW_CG_ITERATIONS = flags.DEFINE_integer("gw_cg_iterations", _DEFAULT_GW.cg_iterations,
                                         "Maximum conditional-gradient iterations.", lower_bound=1)
-GW_CG_TOL = flags.DEFINE_float("gw_cg_tol", _DEFAULT_GW.cg_tol,
-                               "Relative objective decrease below which CG stops.",
-                               lower_bound=0.0)
+GW_CG_TOL = flags.DEFINE_float("gw_cg_tol", None,
+                               "Relative objective decrease below which CG stops (default: "
+                               "1e-9 in float64 as POT, 1e-6 in float32).", lower_bound=0.0)
 GW_POLISH = flags.DEFINE_bool("gw_polish", _DEFAULT_GW.polish,
                               "CG polish after the entropic / annealed solvers.")
 GW_RANK = flags.DEFINE_integer("gw_rank", _DEFAULT_GW.rank, "Coupling rank of the lowrank "

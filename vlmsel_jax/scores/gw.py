@@ -44,6 +44,7 @@ from ott.solvers.linear import sinkhorn
 from ott.solvers.quadratic import gromov_wasserstein as ott_gw
 from ott.solvers.quadratic import gromov_wasserstein_lr as ott_gw_lr
 
+from vlmsel_jax import parallel
 from vlmsel_jax.scores import checks
 from vlmsel_jax.scores import distances
 
@@ -62,7 +63,8 @@ class GWOptions:
     sinkhorn_iterations: maximum Sinkhorn iterations per linearized problem.
     gw_iterations: maximum outer iterations of ``entropic``.
     cg_iterations: maximum Frank-Wolfe iterations of ``cg`` and of the polish.
-    cg_tol: stop CG when the relative decrease of the objective falls below this.
+    cg_tol: stop CG when the relative decrease of the objective falls below this; None = POT's
+      1e-9 in float64, 1e-6 in float32 (whose round-off is ~1e-7).
     polish: run the CG polish after ``annealed`` / ``entropic``.
     rank: coupling rank of ``lowrank``.
     lowrank_iterations: maximum outer iterations of ``lowrank``.
@@ -80,7 +82,7 @@ class GWOptions:
   sinkhorn_iterations: int = 1000
   gw_iterations: int = 50
   cg_iterations: int = 1000
-  cg_tol: float = 1e-6
+  cg_tol: float | None = None
   polish: bool = True
   rank: int = 32
   lowrank_iterations: int = 500
@@ -102,7 +104,7 @@ class GWOptions:
       raise ValueError(f"GW lowrank_gamma must be > 0, got {self.lowrank_gamma}")
     if self.precision not in ("auto", "float32", "float64"):
       raise ValueError(f"GW precision must be auto, float32 or float64, got {self.precision!r}")
-    if not self.cg_tol >= 0:
+    if self.cg_tol is not None and not self.cg_tol >= 0:
       raise ValueError(f"GW cg_tol must be >= 0, got {self.cg_tol}")
     return self
 
@@ -111,6 +113,12 @@ class GWOptions:
     if self.precision == "auto":
       return np.float64 if self.solver == "cg" else np.float32
     return np.dtype(self.precision).type
+
+  @property
+  def effective_cg_tol(self) -> float:
+    if self.cg_tol is not None:
+      return self.cg_tol
+    return 1e-9 if self.dtype == np.float64 else 1e-6
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,7 +270,7 @@ def solve_normalized(cx: jax.Array, cy: jax.Array, opts: GWOptions):
   else:
     raise ValueError(f"unknown GW solver {opts.solver!r}; choose one of {', '.join(SOLVERS)}")
   if opts.solver == "cg" or (opts.polish and opts.solver in ("annealed", "entropic")):
-    t, cg_conv, cg_iters = _cg_from(cx, cy, t, opts.cg_iterations, opts.cg_tol)
+    t, cg_conv, cg_iters = _cg_from(cx, cy, t, opts.cg_iterations, opts.effective_cg_tol)
     conv = cg_conv if opts.solver == "cg" else conv & cg_conv
     iters = iters + cg_iters
   return gw_objective(cx, cy, t), conv, iters
@@ -357,11 +365,6 @@ def _check_costs(cx: jax.Array, name: str):
 # Many candidates in one call: vmapped over candidates, sharded over devices.
 
 
-def _candidate_mesh(devices=None) -> jax.sharding.Mesh:
-  devices = np.asarray(jax.devices() if devices is None else devices)
-  return jax.sharding.Mesh(devices.reshape(-1), ("candidates",))
-
-
 @functools.lru_cache(maxsize=None)
 def _batched_solver(opts: GWOptions, mesh: jax.sharding.Mesh):
   """jit(shard_map(vmap(solve))): each device solves its block of candidates independently.
@@ -369,7 +372,7 @@ def _batched_solver(opts: GWOptions, mesh: jax.sharding.Mesh):
   shard_map rather than sharding annotations alone: the host callback of the assignment oracle
   then runs per device on local data instead of gathering every candidate to one device.
   """
-  spec = jax.sharding.PartitionSpec("candidates")
+  spec = jax.sharding.PartitionSpec(parallel.CANDIDATE_AXIS)
   vmapped = jax.vmap(solve_normalized, in_axes=(0, None, None))
 
   def local(cxs, cy):
@@ -407,11 +410,11 @@ def _gw_distances(candidates, y, distance, scale, opts, devices, names):
     cx, cy, unit = prepare_costs(x.astype(opts.dtype), y.astype(opts.dtype), distance, scale)
     _check_costs(cx, name)
     cxs.append(cx)
-  mesh = _candidate_mesh(devices)
-  k, n_dev = len(cxs), mesh.devices.size
-  padded = cxs + [cxs[-1]] * (-k % n_dev)
-  stacked = jax.device_put(jnp.stack(padded),
-                           jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("candidates")))
+  mesh = parallel.candidate_mesh(devices)
+  k = len(cxs)
+  padded = parallel.pad_to_multiple(cxs, mesh.devices.size)
+  stacked = jax.device_put(jnp.stack(padded), jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(parallel.CANDIDATE_AXIS)))
   cy = jax.device_put(cy, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   gws, convs, iters = _batched_solver(opts, mesh)(stacked, cy)
   gws, convs, iters = np.asarray(gws), np.asarray(convs), np.asarray(iters)
