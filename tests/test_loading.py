@@ -149,7 +149,9 @@ def test_loading_unsupported_model_type(ckpt):
   _edit_config(ckpt, model_type="gpt2", architectures=["GPT2LMHeadModel"])
   with pytest.raises(UnsupportedModelError,
                      match=r"model_type 'gpt2' \(architectures \['GPT2LMHeadModel'\]\) is not "
-                     r"supported; supported model_type: llama, mistral, qwen2"):
+                     r"supported; supported model_type: clip, clip_vision_model, dinov2, "
+                     r"dinov2_with_registers, llama, mistral, qwen2, siglip, "
+                     r"siglip_vision_model, vit$"):
     load_pretrained(ckpt)
 
 
@@ -157,8 +159,10 @@ def test_loading_unsupported_architecture(ckpt):
   _edit_config(ckpt, architectures=["LlamaForSequenceClassification"])
   with pytest.raises(UnsupportedModelError,
                      match=r"architectures \['LlamaForSequenceClassification'\] are not "
-                     r"supported; supported architectures: LlamaForCausalLM, "
-                     r"MistralForCausalLM, Qwen2ForCausalLM"):
+                     r"supported; supported architectures: CLIPModel, CLIPVisionModel, "
+                     r"Dinov2Model, Dinov2WithRegistersModel, LlamaForCausalLM, "
+                     r"MistralForCausalLM, Qwen2ForCausalLM, SiglipModel, SiglipVisionModel, "
+                     r"ViTModel$"):
     load_pretrained(ckpt)
 
 

@@ -1,7 +1,8 @@
 """Model zoo: JAX/Flax NNX ports of pretrained LLMs and vision encoders, and their loader.
 
 One sub-package per model family (``modeling.py``: config + modules; ``params.py``: checkpoint
-key table); ``loading`` turns any (key, array) source into an NNX model through those tables.
+key table); ``loading`` turns any (key, array) source into an NNX model through those tables;
+``gguf`` is the source for llama.cpp GGUF files.
 """
 
 from vlmsel_jax.models.loading import (
@@ -19,6 +20,7 @@ from vlmsel_jax.models.loading import (
     supported_architectures,
     supported_model_types,
 )
+from vlmsel_jax.models.gguf import GGUFFile, load_gguf
 from vlmsel_jax.models.transforms import Transform
 
 __all__ = [
@@ -26,11 +28,13 @@ __all__ = [
     "CheckpointError",
     "CheckpointFileError",
     "Family",
+    "GGUFFile",
     "HFDirectory",
     "Transform",
     "UnsupportedModelError",
     "assign_tensors",
     "family_for",
+    "load_gguf",
     "load_model",
     "load_pretrained",
     "read_safetensors",

@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 from safetensors import SafetensorError, safe_open
 
-from vlmsel_jax.models import llama
+from vlmsel_jax.models import llama, vit
 from vlmsel_jax.models.transforms import Transform, apply
 
 KeyTable = Mapping[str, tuple[str | None, Transform]]
@@ -73,6 +73,14 @@ FAMILIES: tuple[Family, ...] = (
         config_from_hf=llama.LlamaConfig.from_hf,
         build=llama.Llama,
         key_table=llama.key_table,
+    ),
+    Family(
+        name="vit",
+        model_types=vit.SUPPORTED_MODEL_TYPES,
+        architectures=vit.SUPPORTED_ARCHITECTURES,
+        config_from_hf=vit.VitConfig.from_hf,
+        build=vit.Vit,
+        key_table=vit.key_table,
     ),
 )
 
@@ -302,7 +310,8 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = "float32") -> nnx.M
   """Loads a Hugging Face model directory (config.json + safetensors) as an NNX model.
 
   Args:
-    path: The directory ``save_pretrained`` wrote (single file or sharded).
+    path: The directory ``save_pretrained`` wrote (single file or sharded), or a llama.cpp
+      ``.gguf`` file (see ``vlmsel_jax.models.gguf``).
     dtype: "float32" or "bfloat16".
 
   Raises:
@@ -310,5 +319,9 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = "float32") -> nnx.M
     UnsupportedModelError: the config's model_type / architectures are not implemented.
     CheckpointError: the tensors do not fit the model (every problem listed).
   """
+  if Path(path).suffix.lower() == ".gguf":
+    # Imported here because the GGUF source itself builds on this module.
+    from vlmsel_jax.models import gguf  # pylint: disable=g-import-not-at-top
+    return gguf.load_gguf_model(path, dtype=dtype)
   src = HFDirectory(path)
   return load_model(src.config, src, dtype=dtype, source=str(src))

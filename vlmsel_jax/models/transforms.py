@@ -17,7 +17,10 @@ class Transform(enum.Enum):
 
   # A torch ``nn.Linear`` weight, stored (out, in); ``nnx.Linear`` keeps its kernel as (in, out).
   LINEAR = "linear"
-  # An embedding table (vocab, dim): the same layout in torch and NNX.
+  # A torch ``nn.Conv2d`` weight, stored (out, in, kh, kw); ``nnx.Conv`` keeps (kh, kw, in, out).
+  CONV = "conv"
+  # An embedding table (vocab, dim), or another learned embedding (class / register tokens, a
+  # position table): the same layout in torch and NNX.
   EMBED = "embed"
   # A norm scale vector: copied as is.
   SCALE = "scale"
@@ -33,6 +36,10 @@ def apply(transform: Transform, tensor: np.ndarray) -> np.ndarray:
     if tensor.ndim != 2:
       raise ValueError(f"a linear weight must be 2-D, got shape {tensor.shape}")
     return tensor.T
+  if transform is Transform.CONV:
+    if tensor.ndim != 4:
+      raise ValueError(f"a conv weight must be 4-D, got shape {tensor.shape}")
+    return tensor.transpose(2, 3, 1, 0)
   if transform in (Transform.EMBED, Transform.SCALE, Transform.BIAS):
     return tensor
   raise ValueError(f"transform {transform} produces no parameter")

@@ -1,0 +1,448 @@
+"""GGUF (llama.cpp) checkpoints of the llama architecture as a weight source for the zoo.
+
+A GGUF file holds the weights (possibly block-quantized), the hyper-parameters and the tokenizer
+of one model, all under llama.cpp's names. ``GGUFFile`` reads one with the ``gguf`` package and
+turns it into what the generic loader takes: a transformers-style config dict and
+(Hugging Face key, float32 numpy array) pairs. On the way it dequantizes every tensor, reverses
+GGUF's dimension order (``ne[0]`` is the innermost axis, so a torch ``(out, in)`` weight is stored
+as ``[in, out]``), renames ``blk.N.attn_q.weight`` & co. to ``model.layers.N.self_attn.q_proj
+.weight`` & co., and undoes the row permutation llama.cpp's converter applies to the q/k
+projections (llama.cpp rotates interleaved pairs of a head, transformers rotates its two halves).
+
+Typical use::
+
+  model, config, tokenizer = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")
+  ids = tokenizer("Hello", return_tensors="np").input_ids
+  logits = model(ids).logits
+
+``load_pretrained`` in ``vlmsel_jax.models.loading`` also accepts a ``.gguf`` file and returns the
+model alone.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import gguf
+import numpy as np
+import tokenizers
+import transformers
+from flax import nnx
+from gguf import GGMLQuantizationType, GGUFValueType
+from tokenizers import decoders, models, pre_tokenizers, processors
+
+from vlmsel_jax.models.loading import (
+    CheckpointFileError,
+    UnsupportedModelError,
+    load_model,
+)
+
+# Tensor types this module dequantizes. The block formats are ggml's: Q8_0 is 32 int8 values and
+# one float16 scale per block, Q4_0 32 4-bit values (offset 8) and a scale, Q4_1 32 4-bit values,
+# a scale and a minimum.
+SUPPORTED_TENSOR_TYPES = (
+    GGMLQuantizationType.F32,
+    GGMLQuantizationType.F16,
+    GGMLQuantizationType.BF16,
+    GGMLQuantizationType.Q8_0,
+    GGMLQuantizationType.Q4_0,
+    GGMLQuantizationType.Q4_1,
+)
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+# GGUF tensor name regex -> Hugging Face Llama key template (``\1`` is the layer, ``\2`` the
+# weight/bias suffix).
+_TENSOR_NAMES = {
+    r"token_embd\.weight": "model.embed_tokens.weight",
+    r"output_norm\.weight": "model.norm.weight",
+    r"output\.weight": "lm_head.weight",
+    r"blk\.([0-9]+)\.attn_q\.(weight|bias)": r"model.layers.\1.self_attn.q_proj.\2",
+    r"blk\.([0-9]+)\.attn_k\.(weight|bias)": r"model.layers.\1.self_attn.k_proj.\2",
+    r"blk\.([0-9]+)\.attn_v\.(weight|bias)": r"model.layers.\1.self_attn.v_proj.\2",
+    r"blk\.([0-9]+)\.attn_output\.(weight|bias)": r"model.layers.\1.self_attn.o_proj.\2",
+    r"blk\.([0-9]+)\.ffn_gate\.(weight|bias)": r"model.layers.\1.mlp.gate_proj.\2",
+    r"blk\.([0-9]+)\.ffn_up\.(weight|bias)": r"model.layers.\1.mlp.up_proj.\2",
+    r"blk\.([0-9]+)\.ffn_down\.(weight|bias)": r"model.layers.\1.mlp.down_proj.\2",
+    r"blk\.([0-9]+)\.attn_norm\.weight": r"model.layers.\1.input_layernorm.weight",
+    r"blk\.([0-9]+)\.ffn_norm\.weight": r"model.layers.\1.post_attention_layernorm.weight",
+}
+
+# tokenizer.ggml.pre values -> how text is split before byte-level BPE. llama.cpp's "smollm" is
+# single digits, then the GPT-2 regex; "llama-bpe" is Llama 3's regex.
+_GPT2_PRE = ("default", "gpt-2", "gpt2")
+_SMOLLM_PRE = ("smollm",)
+_LLAMA3_PRE = ("llama-bpe", "llama3", "llama-v3")
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+# llama.cpp's token types (llama_token_type): which vocabulary entries are added tokens.
+_TOKEN_CONTROL = 3
+_TOKEN_USER_DEFINED = 4
+
+# Parsing errors a damaged file provokes inside gguf.GGUFReader (it memory-maps the file and
+# slices/reshapes/decodes whatever the header says is there).
+_READ_ERRORS = (ValueError, IndexError, KeyError, OSError, OverflowError, TypeError,
+                UnicodeDecodeError)
+
+
+class UnsupportedQuantizationError(UnsupportedModelError):
+  """A GGUF tensor stored in a quantization format this module does not dequantize."""
+
+
+def _one_line(error: BaseException) -> str:
+  return " ".join(str(error).split()) or type(error).__name__
+
+
+def dequantize(data: np.ndarray, tensor_type: GGMLQuantizationType,
+               name: str = "tensor") -> np.ndarray:
+  """Returns the float32 values of one GGUF tensor's raw data (as ``GGUFReader`` exposes it).
+
+  Quantized data comes as uint8 rows of whole blocks; the result has the same leading axes and
+  the decoded row length. F32 / F16 data comes already typed and keeps its shape.
+
+  Raises:
+    UnsupportedQuantizationError: ``tensor_type`` is not in ``SUPPORTED_TENSOR_TYPES``; the
+      message names ``name`` and the type.
+  """
+  if tensor_type not in SUPPORTED_TENSOR_TYPES:
+    raise UnsupportedQuantizationError(
+        f"{name}: GGUF tensor type {_type_name(tensor_type)} is not supported; supported: "
+        f"{', '.join(t.name for t in SUPPORTED_TENSOR_TYPES)}")
+  return np.asarray(gguf.quants.dequantize(data, tensor_type), dtype=np.float32)
+
+
+def _type_name(tensor_type: Any) -> str:
+  return getattr(tensor_type, "name", str(tensor_type))
+
+
+def unpermute_rotary(weight: np.ndarray, num_heads: int) -> np.ndarray:
+  """Undoes llama.cpp's q/k row permutation, giving transformers' row order back.
+
+  llama.cpp's ``convert_hf_to_gguf.py`` stores ``w.reshape(n, 2, d // n // 2, *rest)
+  .swapaxes(1, 2)`` (``n`` heads; for k the key/value heads), which interleaves the two rotary
+  halves of every head; this is its inverse. Works for weights ``(out, in)`` and biases
+  ``(out,)``.
+  """
+  rows = weight.shape[0]
+  if rows % (2 * num_heads):
+    raise ValueError(f"{rows} rows do not split into {num_heads} heads of rotary pairs")
+  return (weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:])
+          .swapaxes(1, 2).reshape(weight.shape))
+
+
+def hf_key(gguf_name: str) -> str:
+  """The Hugging Face Llama key for a GGUF tensor name; unknown names come back unchanged."""
+  for pattern, template in _TENSOR_NAMES.items():
+    m = re.fullmatch(pattern, gguf_name)
+    if m:
+      return m.expand(template)
+  return gguf_name
+
+
+def _field_value(field: Any) -> Any:
+  """Decodes one ``ReaderField``: a scalar, a string, or a list of either."""
+  types = field.types
+  if not types:
+    return None
+
+  def item(index: int, value_type: GGUFValueType) -> Any:
+    part = field.parts[index]
+    if value_type == GGUFValueType.STRING:
+      return bytes(part).decode("utf-8")
+    return part.tolist()[0]
+
+  if types[0] == GGUFValueType.ARRAY:
+    return [item(i, types[-1]) for i in field.data]
+  return item(field.data[0], types[0])
+
+
+class GGUFFile:
+  """A llama-architecture GGUF file as a source of (Hugging Face key, float32 array) pairs.
+
+  Opening checks the file (readable, llama architecture, only supported tensor types, no feature
+  the NNX Llama lacks) and builds the config; tensors are dequantized one at a time while
+  iterating. Tensors whose GGUF name has no Hugging Face counterpart are yielded under their GGUF
+  name, so the loader reports them as unexpected keys.
+
+  Attributes:
+    path: The file.
+    reader: The open ``gguf.GGUFReader`` (it memory-maps the file).
+    architecture: ``general.architecture``.
+    config: A transformers ``LlamaConfig``-style dict built from the metadata.
+  """
+
+  def __init__(self, path: str | os.PathLike):
+    self.path = Path(path)
+    if not self.path.is_file():
+      raise CheckpointFileError(f"{self.path}: no such GGUF file")
+    try:
+      self.reader = gguf.GGUFReader(self.path, "r")
+    except _READ_ERRORS as e:
+      raise CheckpointFileError(
+          f"{self.path}: unreadable GGUF file, truncated or corrupt ({_one_line(e)})") from None
+    self._fields = self.reader.fields
+    self.architecture = self._required("general.architecture")
+    if self.architecture not in SUPPORTED_ARCHITECTURES:
+      raise UnsupportedModelError(
+          f"{self.path}: GGUF architecture {self.architecture!r} is not supported; supported: "
+          f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    self._check_tensor_types()
+    self.config = self._build_config()
+
+  def get(self, key: str, default: Any = None) -> Any:
+    """The decoded metadata value under ``key``, or ``default`` when the file lacks it."""
+    field = self._fields.get(key)
+    if field is None:
+      return default
+    try:
+      return _field_value(field)
+    except _READ_ERRORS as e:
+      raise CheckpointFileError(
+          f"{self.path}: unreadable GGUF metadata {key!r} ({_one_line(e)})") from None
+
+  def _required(self, key: str) -> Any:
+    value = self.get(key)
+    if value is None:
+      raise CheckpointFileError(f"{self.path}: GGUF metadata lacks {key!r}")
+    return value
+
+  def _check_tensor_types(self) -> None:
+    """Raises once, naming every unsupported type and a tensor stored in it."""
+    unsupported: dict[str, list[str]] = {}
+    for t in self.reader.tensors:
+      if t.tensor_type not in SUPPORTED_TENSOR_TYPES:
+        unsupported.setdefault(_type_name(t.tensor_type), []).append(t.name)
+    if unsupported:
+      listed = "; ".join(f"{kind} in {len(names)} tensor(s), e.g. {names[0]!r}"
+                         for kind, names in sorted(unsupported.items()))
+      raise UnsupportedQuantizationError(
+          f"{self.path}: unsupported GGUF tensor type(s): {listed}; supported: "
+          f"{', '.join(t.name for t in SUPPORTED_TENSOR_TYPES)}")
+
+  def _build_config(self) -> dict[str, Any]:
+    """The transformers-style config dict for the llama metadata (and tensor list)."""
+    arch = self.architecture
+    names = {t.name for t in self.reader.tensors}
+
+    def unsupported(what: str) -> UnsupportedModelError:
+      return UnsupportedModelError(f"{self.path}: {what} is not supported by the NNX Llama")
+
+    if self.get(f"{arch}.expert_count", 0):
+      raise unsupported(f"a mixture of experts ({arch}.expert_count = "
+                        f"{self.get(f'{arch}.expert_count')})")
+    scaling = self.get(f"{arch}.rope.scaling.type", "none")
+    if scaling != "none":
+      raise unsupported(f"RoPE scaling {scaling!r}")
+    if "rope_freqs.weight" in names:
+      # llama.cpp stores Llama 3.1's rope rescaling as per-frequency factors, not its parameters.
+      raise unsupported("RoPE frequency factors (rope_freqs.weight)")
+
+    hidden = int(self._required(f"{arch}.embedding_length"))
+    num_heads = int(self._required(f"{arch}.attention.head_count"))
+    num_kv_heads = self.get(f"{arch}.attention.head_count_kv", num_heads)
+    if isinstance(num_kv_heads, list):
+      if len(set(num_kv_heads)) != 1:
+        raise unsupported(f"a per-layer key/value head count {num_kv_heads}")
+      num_kv_heads = num_kv_heads[0]
+    head_dim = int(self.get(f"{arch}.attention.key_length", hidden // num_heads))
+    value_dim = int(self.get(f"{arch}.attention.value_length", head_dim))
+    if value_dim != head_dim:
+      raise unsupported(f"a value head width ({value_dim}) other than the key's ({head_dim})")
+    rope_dim = int(self.get(f"{arch}.rope.dimension_count", head_dim))
+    if rope_dim != head_dim:
+      raise unsupported(f"partial rotary embeddings (rope.dimension_count {rope_dim}, "
+                        f"head width {head_dim})")
+
+    vocab_size = self.get(f"{arch}.vocab_size")
+    if vocab_size is None:
+      tokens = self._fields.get("tokenizer.ggml.tokens")
+      if tokens is not None:
+        vocab_size = len(tokens.data)
+      else:
+        embed = next((t for t in self.reader.tensors if t.name == "token_embd.weight"), None)
+        if embed is None:
+          raise CheckpointFileError(f"{self.path}: GGUF file has no vocabulary size (no "
+                                    f"{arch}.vocab_size, tokenizer.ggml.tokens or token_embd)")
+        vocab_size = int(embed.shape[-1])
+
+    config = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": int(vocab_size),
+        "hidden_size": hidden,
+        "intermediate_size": int(self._required(f"{arch}.feed_forward_length")),
+        "num_hidden_layers": int(self._required(f"{arch}.block_count")),
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": int(num_kv_heads),
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": float(self._required(f"{arch}.attention.layer_norm_rms_epsilon")),
+        "rope_parameters": {"rope_type": "default",
+                            "rope_theta": float(self.get(f"{arch}.rope.freq_base", 10000.0))},
+        "max_position_embeddings": int(self.get(f"{arch}.context_length", 2048)),
+        # llama.cpp's converter drops the head of a tied model, so its absence means tied.
+        "tie_word_embeddings": "output.weight" not in names,
+        "attention_bias": "blk.0.attn_q.bias" in names,
+        "mlp_bias": "blk.0.ffn_gate.bias" in names,
+    }
+    for key in ("bos_token_id", "eos_token_id", "padding_token_id"):
+      value = self.get(f"tokenizer.ggml.{key}")
+      if value is not None:
+        config[key.replace("padding", "pad")] = int(value)
+    return config
+
+  def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
+    c = self.config
+    rotary_heads = {"q_proj": c["num_attention_heads"], "k_proj": c["num_key_value_heads"]}
+    for t in self.reader.tensors:
+      key = hf_key(t.name)
+      # GGUF lists ne[0] (the innermost, contiguous axis) first: numpy order is the reverse.
+      shape = tuple(int(n) for n in reversed(t.shape))
+      try:
+        value = dequantize(t.data, t.tensor_type, t.name).reshape(shape)
+      except UnsupportedModelError:
+        raise
+      except ValueError as e:  # a data size that does not fit the stated type and shape
+        raise CheckpointFileError(f"{self.path}: tensor {t.name!r} {_type_name(t.tensor_type)} "
+                                  f"{shape} is corrupt ({_one_line(e)})") from None
+      proj = re.search(r"self_attn\.(q_proj|k_proj)\.", key)
+      if proj:
+        try:
+          value = unpermute_rotary(value, rotary_heads[proj.group(1)])
+        except ValueError as e:
+          raise CheckpointFileError(
+              f"{self.path}: tensor {t.name!r} {shape} does not fit the head count "
+              f"({_one_line(e)})") from None
+      yield key, value
+
+  def tokenizer(self) -> transformers.PreTrainedTokenizerFast:
+    """Builds the file's byte-level BPE tokenizer (``tokenizer.ggml.model == "gpt2"``).
+
+    Vocabulary, merges, control / user-defined tokens, special token ids, BOS/EOS insertion and
+    the chat template come from the metadata; the pre-tokenizer follows ``tokenizer.ggml.pre``.
+
+    Raises:
+      UnsupportedModelError: another tokenizer model, or an unknown pre-tokenizer.
+      CheckpointFileError: the vocabulary or merges are missing or malformed.
+    """
+    kind = self.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+      raise UnsupportedModelError(
+          f"{self.path}: tokenizer.ggml.model {kind!r} is not supported; only 'gpt2' "
+          "(byte-level BPE) tokenizers are built")
+    tokens = self._required("tokenizer.ggml.tokens")
+    merges = []
+    for merge in self.get("tokenizer.ggml.merges", []):
+      pair = merge.split(" ")
+      if len(pair) != 2:
+        raise CheckpointFileError(f"{self.path}: malformed BPE merge {merge!r}")
+      merges.append((pair[0], pair[1]))
+    vocab = {token: i for i, token in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+      raise CheckpointFileError(f"{self.path}: tokenizer.ggml.tokens has duplicate entries")
+
+    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False,
+                                          byte_fallback=False))
+    tok.pre_tokenizer = self._pre_tokenizer()
+    tok.decoder = decoders.ByteLevel()
+
+    token_types = self.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    # Added tokens are matched whole in raw text, as llama.cpp does, instead of being BPE-split.
+    tok.add_special_tokens([
+        tokenizers.AddedToken(t, special=True, normalized=False)
+        for t, kind in zip(tokens, token_types) if kind == _TOKEN_CONTROL])
+    tok.add_tokens([
+        tokenizers.AddedToken(t, special=False, normalized=False)
+        for t, kind in zip(tokens, token_types) if kind == _TOKEN_USER_DEFINED])
+
+    def special(key: str) -> str | None:
+      index = self.get(f"tokenizer.ggml.{key}")
+      if index is None:
+        return None
+      if not 0 <= index < len(tokens):
+        raise CheckpointFileError(f"{self.path}: tokenizer.ggml.{key} {index} is outside the "
+                                  f"vocabulary of {len(tokens)}")
+      return tokens[index]
+
+    bos, eos = special("bos_token_id"), special("eos_token_id")
+    add_bos = bool(self.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
+    add_eos = bool(self.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
+    steps = [processors.ByteLevel(trim_offsets=False)]
+    if add_bos or add_eos:
+      def around(seq: str, type_id: int) -> list[str]:
+        return ([f"{bos}:{type_id}"] if add_bos else []) + [f"{seq}:{type_id}"] + (
+            [f"{eos}:{type_id}"] if add_eos else [])
+
+      steps.append(processors.TemplateProcessing(
+          single=around("$A", 0), pair=around("$A", 0) + around("$B", 1),
+          special_tokens=list({t: vocab[t] for t, on in ((bos, add_bos), (eos, add_eos))
+                               if on}.items())))
+    tok.post_processor = steps[0] if len(steps) == 1 else processors.Sequence(steps)
+
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token=special("unknown_token_id"),
+        pad_token=special("padding_token_id"), add_bos_token=add_bos, add_eos_token=add_eos)
+    template = self.get("tokenizer.chat_template")
+    if template is not None:
+      fast.chat_template = template
+    return fast
+
+  def _pre_tokenizer(self) -> pre_tokenizers.PreTokenizer:
+    """The split rule ``tokenizer.ggml.pre`` names, followed by the byte-level mapping."""
+    if self.get("tokenizer.ggml.add_space_prefix", False):
+      raise UnsupportedModelError(f"{self.path}: tokenizer.ggml.add_space_prefix is not "
+                                  "supported for a byte-level BPE tokenizer")
+    pre = self.get("tokenizer.ggml.pre", "default")
+    if pre in _GPT2_PRE:
+      return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre in _SMOLLM_PRE:
+      return pre_tokenizers.Sequence([
+          pre_tokenizers.Digits(individual_digits=True),
+          pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    if pre in _LLAMA3_PRE:
+      return pre_tokenizers.Sequence([
+          pre_tokenizers.Split(tokenizers.Regex(_LLAMA3_SPLIT), behavior="isolated"),
+          pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    raise UnsupportedModelError(
+        f"{self.path}: tokenizer.ggml.pre {pre!r} is not supported; supported: "
+        f"{', '.join(_GPT2_PRE + _SMOLLM_PRE + _LLAMA3_PRE)}")
+
+  def __str__(self) -> str:
+    return str(self.path)
+
+
+def load_gguf_model(path: str | os.PathLike, *, dtype: Any = "float32") -> nnx.Module:
+  """Loads the weights of a llama-architecture GGUF file as an NNX ``Llama``.
+
+  Raises:
+    CheckpointFileError: the file is missing, truncated or corrupt (the message names it).
+    UnsupportedModelError: not the llama architecture, or a feature the NNX Llama lacks;
+      ``UnsupportedQuantizationError`` for tensor types outside ``SUPPORTED_TENSOR_TYPES``.
+    CheckpointError: the tensors do not fit the model (every problem listed).
+  """
+  src = GGUFFile(path)
+  return load_model(src.config, src, dtype=dtype, source=str(src))
+
+
+def load_gguf(path: str | os.PathLike, dtype: Any = "float32"
+              ) -> tuple[nnx.Module, dict[str, Any], transformers.PreTrainedTokenizerFast]:
+  """Loads a llama-architecture GGUF file: (NNX model, transformers-style config, tokenizer).
+
+  Args:
+    path: The ``.gguf`` file.
+    dtype: Parameter and activation dtype, "float32" or "bfloat16"; quantized tensors are
+      dequantized to float32 first.
+
+  Raises:
+    As ``load_gguf_model``, and ``UnsupportedModelError`` for a tokenizer other than
+    byte-level BPE.
+  """
+  src = GGUFFile(path)
+  # The tokenizer first: it is cheap and fails fast, before any tensor is dequantized.
+  tokenizer = src.tokenizer()
+  model = load_model(src.config, src, dtype=dtype, source=str(src))
+  return model, dict(src.config), tokenizer
