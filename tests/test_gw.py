@@ -138,15 +138,31 @@ def test_lowrank_runs_and_beats_the_product_coupling(pool):
   assert good < bad
 
 
-def test_batched_equals_loop_and_single_device(pool):
+@pytest.mark.parametrize("mode", ["vmap", "map"])
+def test_batched_equals_loop_and_single_device(pool, mode):
   assert jax.device_count() == 8, "tests run with 8 simulated CPU devices (tests/conftest.py)"
   cands = pool.candidates[:5]  # 5 candidates over 8 devices: exercises the padding.
   looped = np.array([gw.gw_distance(c, pool.text)["gw"] for c in cands])
-  sharded = np.array([r["gw"] for r in gw.gw_distances(cands, pool.text)])
-  single = np.array([r["gw"] for r in gw.gw_distances(cands, pool.text,
+  sharded = np.array([r["gw"] for r in gw.gw_distances(cands, pool.text, batch_mode=mode)])
+  single = np.array([r["gw"] for r in gw.gw_distances(cands, pool.text, batch_mode=mode,
                                                        devices=jax.devices()[:1])])
   np.testing.assert_allclose(sharded, looped, rtol=1e-5)
   np.testing.assert_allclose(single, looped, rtol=1e-5)
+
+
+def test_batched_solver_is_a_vmap_sharded_over_the_candidate_mesh(pool):
+  """The vmapped program really splits the candidate axis over all 8 devices."""
+  mesh = gw.parallel.candidate_mesh()
+  fn = gw._batched_solver(gw.GWOptions(), mesh, "vmap")
+  cx, cy, _ = gw.prepare_costs(pool.candidates[0], pool.text)
+  stacked = jax.device_put(jnp.stack([cx] * 8), jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec("candidates")))
+  values, _, _ = fn(stacked, cy)
+  assert values.sharding.spec == jax.sharding.PartitionSpec("candidates")
+  assert len(values.addressable_shards) == 8
+  np.testing.assert_allclose(np.asarray(values), np.asarray(values)[0], rtol=1e-6)
+  with pytest.raises(ValueError, match="unknown batch mode 'pmap'"):
+    gw.gw_distances(pool.candidates[:2], pool.text, batch_mode="pmap")
 
 
 def test_explicit_cost_geometry_regression():

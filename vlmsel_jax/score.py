@@ -56,13 +56,13 @@ GW_ANNEAL_EPSILONS = flags.DEFINE_list(
     "gw_anneal_epsilons", [str(e) for e in _DEFAULT_GW.anneal_epsilons],
     "ε schedule of the annealed solver, largest first.")
 GW_ANNEAL_ITERATIONS = flags.DEFINE_integer("gw_anneal_iterations", _DEFAULT_GW.anneal_iterations,
-                                            "Outer GW iterations per annealing stage.",
+                                            "Outer GW iterations of each annealing stage but the last.",
                                             lower_bound=1)
 GW_SINKHORN_ITERATIONS = flags.DEFINE_integer(
     "gw_sinkhorn_iterations", _DEFAULT_GW.sinkhorn_iterations,
     "Maximum Sinkhorn iterations per linearized problem.", lower_bound=1)
 GW_ITERATIONS = flags.DEFINE_integer("gw_iterations", _DEFAULT_GW.gw_iterations,
-                                     "Maximum outer iterations of the entropic solver.",
+                                     "Maximum outer iterations of the entropic solver and of the last annealing stage.",
                                      lower_bound=1)
 GW_CG_ITERATIONS = flags.DEFINE_integer("gw_cg_iterations", _DEFAULT_GW.cg_iterations,
                                         "Maximum conditional-gradient iterations.", lower_bound=1)
@@ -85,6 +85,10 @@ GW_PRECISION = flags.DEFINE_enum("gw_precision", _DEFAULT_GW.precision,
 GW_BATCH_SIZE = flags.DEFINE_integer(
     "gw_batch_size", 0, "Candidates per batched (vmapped, device-sharded) GW call; 0 = the "
     "number of devices.", lower_bound=0)
+GW_BATCH_MODE = flags.DEFINE_enum(
+    "gw_batch_mode", "auto", list(gw.BATCH_MODES), "How a batched GW call runs its candidates on "
+    "each device: vmap (lockstep, for accelerators), map (one after another), auto (map on CPU, "
+    "vmap elsewhere).")
 RBF_SIGMA = flags.DEFINE_float("rbf_sigma", 0.5, "RBF CKA bandwidth: sigma² × median squared "
                                "distance.", lower_bound=0.0)
 KNN_K = flags.DEFINE_integer("knn_k", 10, "k of mutual k-NN alignment.", lower_bound=1)
@@ -148,7 +152,7 @@ def _settings() -> scoring.ScoreSettings:
     raise InputError(f"bad GW flag: {e}") from None
   return scoring.ScoreSettings(
       distance=DISTANCE.value, scale=SCALE.value, gw_options=opts,
-      gw_batch_size=GW_BATCH_SIZE.value, rbf_sigma=RBF_SIGMA.value, knn_k=KNN_K.value,
+      gw_batch_size=GW_BATCH_SIZE.value, gw_batch_mode=GW_BATCH_MODE.value, rbf_sigma=RBF_SIGMA.value, knn_k=KNN_K.value,
       cca_pca_variance=CCA_PCA_VARIANCE.value, svcca_keep=SVCCA_KEEP.value,
       minibatch_size=MINIBATCH_SIZE.value, seed=SEED.value)
 

@@ -27,6 +27,7 @@ class ScoreSettings:
   scale: str = "median"
   gw_options: gw.GWOptions = gw.GWOptions()
   gw_batch_size: int = 0  # Candidates per batched GW call; 0 = one call per device-count block.
+  gw_batch_mode: str = "auto"  # vmap / map / auto (see gw.gw_distances).
   rbf_sigma: float = 0.5
   knn_k: int = 10
   cca_pca_variance: float = 0.99
@@ -106,7 +107,8 @@ def _gw_values(names, feats, text, settings: ScoreSettings, progress) -> tuple[d
   for start in range(0, len(feats), block):
     chunk = slice(start, start + block)
     results = gw.gw_distances(feats[chunk], text, distance=settings.distance, scale=settings.scale,
-                              solver=solver, epsilon=epsilon, names=names[chunk], **opts)
+                              solver=solver, epsilon=epsilon, names=names[chunk],
+                              batch_mode=settings.gw_batch_mode, **opts)
     for name, res in zip(names[chunk], results):
       values[name] = res["gw"]
       diags[name] = {k: res[k] for k in ("converged", "iterations", "solver")}
