@@ -29,21 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlmsel_jax.scores import linalg
 from vlmsel_jax.scores.checks import FeatureError, check_pair
 
-# Accelerators default to reduced-precision matmuls (TF32 / bf16 passes); CKA subtracts large
-# nearly equal sums, so every product here asks for full float32.
-_HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
-  """Matrix product at full float32 precision."""
-  return jnp.matmul(a, b, precision=_HIGHEST)
-
-
-def _center(x: jax.Array) -> jax.Array:
-  """Features with their per-column mean removed (the feature-space form of ``H X``)."""
-  return x - jnp.mean(x, axis=0, keepdims=True)
+# Every product goes through linalg.mm (full float32 precision): CKA subtracts large, nearly
+# equal sums, which reduced-precision accelerator matmuls (TF32 / bf16 passes) would ruin.
 
 
 def _use_gram_form(n: int, dx: int, dy: int) -> bool:
@@ -63,20 +53,20 @@ def _use_gram_form(n: int, dx: int, dy: int) -> bool:
 @jax.jit
 def _linear_cka_core(x: jax.Array, y: jax.Array) -> jax.Array:
   """Linear CKA of two feature matrices; see ``linear_cka``."""
-  xc = _center(x)
-  yc = _center(y)
+  xc = linalg.center(x)
+  yc = linalg.center(y)
   n, dx = x.shape
   dy = y.shape[1]
   if _use_gram_form(n, dx, dy):
-    k = _mm(xc, xc.T)
-    l = _mm(yc, yc.T)
+    k = linalg.mm(xc, xc.T)
+    l = linalg.mm(yc, yc.T)
     cross = jnp.sum(k * l)
     norm_x = jnp.linalg.norm(k)
     norm_y = jnp.linalg.norm(l)
   else:
-    cross = jnp.sum(jnp.square(_mm(yc.T, xc)))
-    norm_x = jnp.linalg.norm(_mm(xc.T, xc))
-    norm_y = jnp.linalg.norm(_mm(yc.T, yc))
+    cross = jnp.sum(jnp.square(linalg.mm(yc.T, xc)))
+    norm_x = jnp.linalg.norm(linalg.mm(xc.T, xc))
+    norm_y = jnp.linalg.norm(linalg.mm(yc.T, yc))
   return cross / (norm_x * norm_y)
 
 
@@ -99,9 +89,9 @@ def _sq_distances(x: jax.Array) -> jax.Array:
   """All squared Euclidean distances between rows of ``x`` (n x n, exact zeros on the diagonal)."""
   # Distances are translation invariant; centering first keeps the norm-expansion below from
   # cancelling catastrophically when the features share a large common offset.
-  xc = _center(x)
+  xc = linalg.center(x)
   sq_norms = jnp.sum(xc * xc, axis=1)
-  d2 = sq_norms[:, None] + sq_norms[None, :] - 2.0 * _mm(xc, xc.T)
+  d2 = sq_norms[:, None] + sq_norms[None, :] - 2.0 * linalg.mm(xc, xc.T)
   # Rounding can push near-duplicate pairs slightly negative; a distance cannot be.
   d2 = jnp.maximum(d2, 0.0)
   return jnp.where(jnp.eye(x.shape[0], dtype=bool), 0.0, d2)
@@ -205,7 +195,7 @@ def _unbiased_hsic_grams(k: jax.Array, l: jax.Array) -> jax.Array:
 def _linear_stats(x: jax.Array):
   """Row squared norms (diag of X X^T) and ``K~ 1`` for the linear kernel, without n x n."""
   diag = jnp.sum(x * x, axis=1)
-  return diag, _mm(x, jnp.sum(x, axis=0)) - diag
+  return diag, linalg.mm(x, jnp.sum(x, axis=0)) - diag
 
 
 def _unbiased_hsic_features(x: jax.Array, y: jax.Array, cross_sq: jax.Array) -> jax.Array:
@@ -224,20 +214,20 @@ def _debiased_linear_cka_core(x: jax.Array, y: jax.Array) -> jax.Array:
   """Debiased linear CKA; see ``debiased_linear_cka``."""
   # The unbiased estimator is exactly invariant to translating the features (U-centering removes
   # additive row and column effects), so centering changes nothing but the float32 rounding.
-  xc = _center(x)
-  yc = _center(y)
+  xc = linalg.center(x)
+  yc = linalg.center(y)
   n, dx = x.shape
   dy = y.shape[1]
   if _use_gram_form(n, dx, dy):
-    k = _mm(xc, xc.T)
-    l = _mm(yc, yc.T)
+    k = linalg.mm(xc, xc.T)
+    l = linalg.mm(yc, yc.T)
     hsic_xy = _unbiased_hsic_grams(k, l)
     hsic_xx = _unbiased_hsic_grams(k, k)
     hsic_yy = _unbiased_hsic_grams(l, l)
   else:
-    hsic_xy = _unbiased_hsic_features(xc, yc, jnp.sum(jnp.square(_mm(yc.T, xc))))
-    hsic_xx = _unbiased_hsic_features(xc, xc, jnp.sum(jnp.square(_mm(xc.T, xc))))
-    hsic_yy = _unbiased_hsic_features(yc, yc, jnp.sum(jnp.square(_mm(yc.T, yc))))
+    hsic_xy = _unbiased_hsic_features(xc, yc, jnp.sum(jnp.square(linalg.mm(yc.T, xc))))
+    hsic_xx = _unbiased_hsic_features(xc, xc, jnp.sum(jnp.square(linalg.mm(xc.T, xc))))
+    hsic_yy = _unbiased_hsic_features(yc, yc, jnp.sum(jnp.square(linalg.mm(yc.T, yc))))
   return hsic_xy / jnp.sqrt(hsic_xx * hsic_yy)
 
 
@@ -337,10 +327,10 @@ class MinibatchCKA(NamedTuple):
 def _batch_update(state: MinibatchCKA, x: jax.Array, y: jax.Array) -> MinibatchCKA:
   """Pure update: ``state`` plus the unbiased HSIC terms of one batch."""
   # Per-batch centering is exact for the unbiased estimator and only improves float32 rounding.
-  xc = _center(x)
-  yc = _center(y)
-  k = _mm(xc, xc.T)
-  l = _mm(yc, yc.T)
+  xc = linalg.center(x)
+  yc = linalg.center(y)
+  k = linalg.mm(xc, xc.T)
+  l = linalg.mm(yc, yc.T)
   return MinibatchCKA(state.hsic_xy + _unbiased_hsic_grams(k, l),
                       state.hsic_xx + _unbiased_hsic_grams(k, k),
                       state.hsic_yy + _unbiased_hsic_grams(l, l),

@@ -11,15 +11,16 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from vlmsel_jax.scores import linalg
+
 DISTANCES = ("angular", "cosine", "euclidean")
 SCALES = ("median", "max", "none")
 
 
 def _cosine_similarity(x: jax.Array) -> jax.Array:
-  # Rows with zero norm would divide by zero; a tiny floor keeps them at similarity 0.
-  norms = jnp.linalg.norm(x, axis=1, keepdims=True)
-  xn = x / jnp.maximum(norms, 1e-12)
-  return xn @ xn.T
+  # Rows with zero norm would divide by zero; unit_rows keeps them at similarity 0.
+  xn = linalg.unit_rows(x)
+  return linalg.mm(xn, xn.T)
 
 
 @functools.partial(jax.jit, static_argnames=("distance",))
@@ -40,9 +41,12 @@ def pairwise_distances(x: jax.Array, distance: str = "angular") -> jax.Array:
   elif distance == "cosine":
     d = jnp.clip(1.0 - _cosine_similarity(x), 0.0, 2.0)
   elif distance == "euclidean":
-    sq = jnp.sum(x * x, axis=1)
-    # The Gram form loses precision for near-identical rows; clamp the round-off below zero.
-    d = jnp.sqrt(jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * (x @ x.T), 0.0))
+    # Distances are translation invariant. Shifting by one sample keeps the norm expansion from
+    # cancelling when the features share a large offset, like centering would, but is exact for
+    # integer-valued features, so their tied distances stay tied (a float32 mean would not).
+    xs = x - x[:1]
+    sq = jnp.sum(xs * xs, axis=1)
+    d = jnp.sqrt(jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * linalg.mm(xs, xs.T), 0.0))
   else:
     raise ValueError(f"unknown distance {distance!r}; choose one of {', '.join(DISTANCES)}")
   # Exact zeros on the diagonal: arccos(1 - ulp) would otherwise leave ~3e-4 there.

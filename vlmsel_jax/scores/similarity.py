@@ -24,53 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlmsel_jax.scores import distances
+from vlmsel_jax.scores import linalg
 from vlmsel_jax.scores.checks import FeatureError, check_pair
 
-# Accelerators default to reduced-precision matmuls; distances and canonical correlations need
-# full float32 to stay comparable with float64 references.
-_HIGHEST = jax.lax.Precision.HIGHEST
-
-# Guards the division when a feature row is all zeros: its cosine similarity to everything is
-# then 0 instead of NaN.
-_TINY_NORM = 1e-12
-
-_RSA_DISTANCES = ("angular", "cosine", "euclidean")
-
-
-def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
-  """Matrix product at full float32 precision."""
-  return jnp.matmul(a, b, precision=_HIGHEST)
-
-
-def _center(x: jax.Array) -> jax.Array:
-  """Features with their per-column mean removed."""
-  return x - jnp.mean(x, axis=0, keepdims=True)
-
-
-def _unit_rows(x: jax.Array) -> jax.Array:
-  """Rows scaled to unit Euclidean norm (all-zero rows stay zero)."""
-  norms = jnp.linalg.norm(x, axis=1, keepdims=True)
-  return x / jnp.maximum(norms, _TINY_NORM)
-
-
-def _pairwise_distances(x: jax.Array, distance: str) -> jax.Array:
-  """n x n matrix of pairwise distances between rows of ``x``; ``distance`` is static.
-
-  angular: ``arccos(clip(cos_sim, -1, 1))``; cosine: ``1 - cos_sim``; euclidean: ``||a - b||``.
-  """
-  if distance == "euclidean":
-    # Distances are translation invariant. Shifting by one sample keeps the norm expansion below
-    # from cancelling when the features share a large offset, like centering would, but is exact
-    # for integer-valued features, so their tied distances stay tied (a float32 mean would not).
-    xc = x - x[:1]
-    sq_norms = jnp.sum(xc * xc, axis=1)
-    d2 = sq_norms[:, None] + sq_norms[None, :] - 2.0 * _mm(xc, xc.T)
-    return jnp.sqrt(jnp.maximum(d2, 0.0))
-  unit = _unit_rows(x)
-  cos_sim = _mm(unit, unit.T)
-  if distance == "angular":
-    return jnp.arccos(jnp.clip(cos_sim, -1.0, 1.0))
-  return 1.0 - cos_sim
+# Products go through linalg.mm (full float32): distances and canonical correlations must stay
+# comparable with float64 references on accelerators too.
+_RSA_DISTANCES = distances.DISTANCES
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,8 +58,8 @@ def _average_ranks(v: jax.Array) -> jax.Array:
 def _rsa_core(x: jax.Array, y: jax.Array, distance: str):
   """Spearman correlation of upper-triangle distances, and the two rank spreads."""
   rows, cols = np.triu_indices(x.shape[0], k=1)
-  rank_x = _average_ranks(_pairwise_distances(x, distance)[rows, cols])
-  rank_y = _average_ranks(_pairwise_distances(y, distance)[rows, cols])
+  rank_x = _average_ranks(distances.pairwise_distances(x, distance)[rows, cols])
+  rank_y = _average_ranks(distances.pairwise_distances(y, distance)[rows, cols])
   # Average ranks always have mean (m + 1) / 2, ties or not; subtracting the exact value instead
   # of a float32 sum over ~n^2/2 entries keeps the correlation accurate.
   mean_rank = (rank_x.shape[0] + 1) / 2.0
@@ -149,7 +109,7 @@ def _principal_basis(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   Returns ``(u, s)``: ``u`` is n x r with r = min(n, d), ``s`` the singular values, descending.
   The PCA-reduced features ``u[:, :k] * s[:k]`` span the same space as ``u[:, :k]``.
   """
-  u, s, _ = jnp.linalg.svd(_center(x), full_matrices=False)
+  u, s, _ = jnp.linalg.svd(linalg.center(x), full_matrices=False)
   return u, s
 
 
@@ -190,7 +150,7 @@ def _mean_canonical_correlation(u_x: jax.Array, k_x: jax.Array, u_y: jax.Array,
   """
   q_x = u_x * (jnp.arange(u_x.shape[1]) < k_x)
   q_y = u_y * (jnp.arange(u_y.shape[1]) < k_y)
-  corr = jnp.linalg.svd(_mm(q_x.T, q_y), compute_uv=False)
+  corr = jnp.linalg.svd(linalg.mm(q_x.T, q_y), compute_uv=False)
   # Rounding can lift a cosine slightly above 1.
   corr = jnp.clip(corr, 0.0, 1.0)
   used = jnp.arange(corr.shape[0]) < count
@@ -271,8 +231,8 @@ def svcca(x, y, keep: float = 0.99) -> float:
 
 def _cosine_knn(x: jax.Array, k: int) -> jax.Array:
   """Indices (n x k) of each row's k most cosine-similar other rows."""
-  unit = _unit_rows(x)
-  sim = _mm(unit, unit.T)
+  unit = linalg.unit_rows(x)
+  sim = linalg.mm(unit, unit.T)
   # A sample is not its own neighbour, even when another row duplicates it.
   sim = jnp.where(jnp.eye(x.shape[0], dtype=bool), -jnp.inf, sim)
   return jax.lax.top_k(sim, k)[1]
