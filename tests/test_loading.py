@@ -149,8 +149,8 @@ def test_loading_unsupported_model_type(ckpt):
   _edit_config(ckpt, model_type="gpt2", architectures=["GPT2LMHeadModel"])
   with pytest.raises(UnsupportedModelError,
                      match=r"model_type 'gpt2' \(architectures \['GPT2LMHeadModel'\]\) is not "
-                     r"supported; supported model_type: clip, clip_vision_model, dinov2, "
-                     r"dinov2_with_registers, llama, mistral, qwen2, siglip, "
+                     r"supported; supported model_type: bert, clip, clip_vision_model, dinov2, "
+                     r"dinov2_with_registers, efficientnet_lite, llama, mistral, qwen2, siglip, "
                      r"siglip_vision_model, vit$"):
     load_pretrained(ckpt)
 
@@ -159,8 +159,8 @@ def test_loading_unsupported_architecture(ckpt):
   _edit_config(ckpt, architectures=["LlamaForSequenceClassification"])
   with pytest.raises(UnsupportedModelError,
                      match=r"architectures \['LlamaForSequenceClassification'\] are not "
-                     r"supported; supported architectures: CLIPModel, CLIPVisionModel, "
-                     r"Dinov2Model, Dinov2WithRegistersModel, LlamaForCausalLM, "
+                     r"supported; supported architectures: BertModel, CLIPModel, CLIPVisionModel, "
+                     r"Dinov2Model, Dinov2WithRegistersModel, EfficientNet, LlamaForCausalLM, "
                      r"MistralForCausalLM, Qwen2ForCausalLM, SiglipModel, SiglipVisionModel, "
                      r"ViTModel$"):
     load_pretrained(ckpt)

@@ -2,7 +2,8 @@
 
 One sub-package per model family (``modeling.py``: config + modules; ``params.py``: checkpoint
 key table); ``loading`` turns any (key, array) source into an NNX model through those tables;
-``gguf`` is the source for llama.cpp GGUF files.
+``gguf`` is the source for llama.cpp GGUF files, ``torch_source`` for PyTorch ``.pth`` state
+dicts.
 """
 
 from vlmsel_jax.models.loading import (
@@ -21,6 +22,11 @@ from vlmsel_jax.models.loading import (
     supported_model_types,
 )
 from vlmsel_jax.models.gguf import GGUFFile, load_gguf
+from vlmsel_jax.models.torch_source import (
+    TorchStateDict,
+    load_torch_checkpoint,
+    read_torch_state_dict,
+)
 from vlmsel_jax.models.transforms import Transform
 
 __all__ = [
@@ -30,6 +36,7 @@ __all__ = [
     "Family",
     "GGUFFile",
     "HFDirectory",
+    "TorchStateDict",
     "Transform",
     "UnsupportedModelError",
     "assign_tensors",
@@ -37,7 +44,9 @@ __all__ = [
     "load_gguf",
     "load_model",
     "load_pretrained",
+    "load_torch_checkpoint",
     "read_safetensors",
+    "read_torch_state_dict",
     "supported_architectures",
     "supported_model_types",
 ]

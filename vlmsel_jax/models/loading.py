@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 from safetensors import SafetensorError, safe_open
 
-from vlmsel_jax.models import llama, vit
+from vlmsel_jax.models import bert, efficientnet, llama, vit
 from vlmsel_jax.models.transforms import Transform, apply
 
 KeyTable = Mapping[str, tuple[str | None, Transform]]
@@ -81,6 +81,22 @@ FAMILIES: tuple[Family, ...] = (
         config_from_hf=vit.VitConfig.from_hf,
         build=vit.Vit,
         key_table=vit.key_table,
+    ),
+    Family(
+        name="bert",
+        model_types=bert.SUPPORTED_MODEL_TYPES,
+        architectures=bert.SUPPORTED_ARCHITECTURES,
+        config_from_hf=bert.BertConfig.from_hf,
+        build=bert.Bert,
+        key_table=bert.key_table,
+    ),
+    Family(
+        name="efficientnet_lite",
+        model_types=efficientnet.SUPPORTED_MODEL_TYPES,
+        architectures=efficientnet.SUPPORTED_ARCHITECTURES,
+        config_from_hf=efficientnet.EfficientNetConfig.from_dict,
+        build=efficientnet.EfficientNetLite,
+        key_table=efficientnet.key_table,
     ),
 )
 

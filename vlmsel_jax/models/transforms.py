@@ -26,6 +26,8 @@ class Transform(enum.Enum):
   SCALE = "scale"
   # A bias vector: copied as is.
   BIAS = "bias"
+  # A running statistic of a BatchNorm (mean or variance), used at inference: copied as is.
+  STAT = "stat"
   # A tensor the model deliberately does not use (e.g. a saved copy of a tied weight).
   SKIP = "skip"
 
@@ -40,6 +42,6 @@ def apply(transform: Transform, tensor: np.ndarray) -> np.ndarray:
     if tensor.ndim != 4:
       raise ValueError(f"a conv weight must be 4-D, got shape {tensor.shape}")
     return tensor.transpose(2, 3, 1, 0)
-  if transform in (Transform.EMBED, Transform.SCALE, Transform.BIAS):
+  if transform in (Transform.EMBED, Transform.SCALE, Transform.BIAS, Transform.STAT):
     return tensor
   raise ValueError(f"transform {transform} produces no parameter")
