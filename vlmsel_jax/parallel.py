@@ -1,7 +1,8 @@
 """Device meshes shared by every binary: one place that decides how work is laid on devices.
 
-Only what the scoring core needs today: a 1-D mesh over all devices for embarrassingly parallel
-axes (candidates), and padding a stacked axis to a multiple of the device count. No jax.pmap:
+Only what the binaries need today: 1-D meshes over all devices for embarrassingly parallel axes
+(candidates of the scoring core, the batch of feature extraction), and padding a stacked axis to
+a multiple of the device count. No jax.pmap:
 sharded work is jax.jit / jax.shard_map over a Mesh.
 """
 
@@ -13,6 +14,7 @@ import jax
 import numpy as np
 
 CANDIDATE_AXIS = "candidates"
+BATCH_AXIS = "batch"
 
 
 def candidate_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
@@ -21,6 +23,14 @@ def candidate_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.
   if devices.size == 0:
     raise ValueError("candidate_mesh: no devices given")
   return jax.sharding.Mesh(devices.reshape(-1), (CANDIDATE_AXIS,))
+
+
+def batch_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """A 1-D data-parallel mesh named ``batch`` over ``devices`` (default: every device)."""
+  devices = np.asarray(jax.devices() if devices is None else list(devices))
+  if devices.size == 0:
+    raise ValueError("batch_mesh: no devices given")
+  return jax.sharding.Mesh(devices.reshape(-1), (BATCH_AXIS,))
 
 
 def pad_to_multiple(items: list, multiple: int) -> list:

@@ -3,6 +3,8 @@ r"""Scores candidate encoders against an LLM's text features, without training.
   python -m vlmsel_jax.score --flagfile=configs/demo.flags
   python -m vlmsel_jax.score --candidates=a.safetensors,b.npz --text=llm.safetensors \
       --metrics=gw,cka --ground_truth=accuracy.csv --output_dir=runs/score
+  python -m vlmsel_jax.score --vision_models=/models/clip-vit-b32,/models/dinov2-small \
+      --text_model=smollm2-135m --data_dir=data/pairs --cache_dir=banks --output_dir=runs/score
 
 Writes scores.csv, scores.json, report.md and scores.png into --output_dir (atomically).
 """
@@ -107,6 +109,19 @@ GROUND_TRUTH_COLUMN = flags.DEFINE_string("ground_truth_column", "accuracy",
                                           "Column of --ground_truth holding the accuracy.")
 OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where results are written.")
 PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+VISION_MODELS = flags.DEFINE_list(
+    "vision_models", [], "Candidate encoders as model specs (zoo names or local Hugging Face "
+    "directories) instead of --candidates: their banks are extracted into --cache_dir first "
+    "(or reused when up to date), with the default layer and pooling of vlmsel_jax.extract.")
+TEXT_MODEL = flags.DEFINE_string(
+    "text_model", None, "The LLM as a model spec (zoo name, Hugging Face directory or .gguf "
+    "file) instead of --text; goes with --vision_models.")
+DATA_DIR = flags.DEFINE_string("data_dir", None, "Image folder of the paired dataset that "
+                               "--vision_models and --text_model are run on.")
+CAPTIONS = flags.DEFINE_string("captions", None, "Captions file of --data_dir (default: "
+                               "<data_dir>/captions.jsonl).")
+CACHE_DIR = flags.DEFINE_string("cache_dir", None, "Where the banks extracted for "
+                                "--vision_models / --text_model are kept and reused.")
 
 
 class InputError(ValueError):
@@ -167,24 +182,54 @@ that order (quality = how many candidates it beats: 11 for the best, 0 for the w
 score's correlation below says how well it recovers an answer known in advance."""
 
 
+def _extract_banks() -> tuple[list[str], str]:
+  """Extracts (or finds cached) the banks of --vision_models and --text_model; their paths."""
+  from vlmsel_jax import extraction  # pylint: disable=g-import-not-at-top
+  from vlmsel_jax import zoo  # pylint: disable=g-import-not-at-top
+  if CANDIDATES.value or TEXT.value:
+    raise InputError("--vision_models/--text_model extract their own banks; drop "
+                     "--candidates/--text")
+  if not VISION_MODELS.value or not TEXT_MODEL.value:
+    raise InputError("--vision_models and --text_model go together")
+  for flag in (DATA_DIR, CACHE_DIR):
+    if not flag.value:
+      raise InputError(f"--{flag.name} is required with --vision_models")
+  # Kinds are checked before anything is extracted.
+  for flag, specs, kind in ((VISION_MODELS, VISION_MODELS.value, "vision"),
+                            (TEXT_MODEL, [TEXT_MODEL.value], "text")):
+    for spec in specs:
+      resolved = zoo.resolve(spec)
+      if resolved.kind != kind:
+        raise InputError(f"--{flag.name}: {spec} is a {resolved.kind} model")
+  results = extraction.extract(
+      VISION_MODELS.value + [TEXT_MODEL.value], DATA_DIR.value, CACHE_DIR.value,
+      captions=CAPTIONS.value, options=extraction.ExtractOptions(progress=PROGRESS.value))
+  return [r.path for r in results[:-1]], results[-1].path
+
+
 def _load_inputs():
   """Returns (names, candidate features, text features, ground truth or None, preamble)."""
   if SYNTHETIC_POOL.value:
-    if CANDIDATES.value or TEXT.value:
-      raise InputError("--synthetic_pool scores the built-in pool; drop --candidates/--text")
+    if CANDIDATES.value or TEXT.value or VISION_MODELS.value or TEXT_MODEL.value:
+      raise InputError("--synthetic_pool scores the built-in pool; drop --candidates/--text "
+                       "(and --vision_models/--text_model)")
     pool = synthetic.make_pool(n=SYNTHETIC_N.value, seed=SEED.value)
     truth = dict(zip(pool.names, pool.quality.tolist()))
     return pool.names, pool.candidates, pool.text, truth, SYNTHETIC_PREAMBLE
-  if not CANDIDATES.value:
-    raise InputError("no candidates: pass --candidates=bank1,bank2,... (or --synthetic_pool)")
-  if not TEXT.value:
+  candidate_paths, text_path = CANDIDATES.value, TEXT.value
+  if VISION_MODELS.value or TEXT_MODEL.value:
+    candidate_paths, text_path = _extract_banks()
+  if not candidate_paths:
+    raise InputError("no candidates: pass --candidates=bank1,bank2,... (or --vision_models, "
+                     "or --synthetic_pool)")
+  if not text_path:
     raise InputError("no text features: pass --text=bank (the LLM's caption features)")
-  if CANDIDATE_NAMES.value and len(CANDIDATE_NAMES.value) != len(CANDIDATES.value):
+  if CANDIDATE_NAMES.value and len(CANDIDATE_NAMES.value) != len(candidate_paths):
     raise InputError(f"--candidate_names has {len(CANDIDATE_NAMES.value)} names for "
-                     f"{len(CANDIDATES.value)} --candidates")
-  text = feature_bank.load_bank(TEXT.value)
+                     f"{len(candidate_paths)} candidates")
+  text = feature_bank.load_bank(text_path)
   names, feats = [], []
-  for i, path in enumerate(CANDIDATES.value):
+  for i, path in enumerate(candidate_paths):
     bank = feature_bank.load_bank(path)
     names.append(CANDIDATE_NAMES.value[i] if CANDIDATE_NAMES.value else bank.name)
     feats.append(feature_bank.align_to(bank, text.ids, text.path))
@@ -193,10 +238,10 @@ def _load_inputs():
     raise InputError(f"candidate names are not unique ({', '.join(dupes)}); set --candidate_names")
   # Name the file in feature errors: validate here, where the path is known.
   try:
-    checks.check_features(text.features, TEXT.value)
+    checks.check_features(text.features, text_path)
   except checks.FeatureError as e:
     raise InputError(str(e)) from None
-  for path, x in zip(CANDIDATES.value, feats):
+  for path, x in zip(candidate_paths, feats):
     try:
       checks.check_features(x, path)
     except checks.FeatureError as e:

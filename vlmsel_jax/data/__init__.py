@@ -1,0 +1,1 @@
+"""Datasets of paired images and captions."""

