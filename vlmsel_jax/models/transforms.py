@@ -45,3 +45,23 @@ def apply(transform: Transform, tensor: np.ndarray) -> np.ndarray:
   if transform in (Transform.EMBED, Transform.SCALE, Transform.BIAS, Transform.STAT):
     return tensor
   raise ValueError(f"transform {transform} produces no parameter")
+
+
+# A key table: checkpoint-key regex -> (NNX key template or None for skipped keys, rule).
+Table = dict[str, tuple[str | None, Transform]]
+
+
+def linear_keys(prefix: str, target: str) -> Table:
+  """weight and bias of one torch ``nn.Linear`` -> kernel and bias of one ``nnx.Linear``."""
+  return {
+      prefix + r"\.weight": (target + ".kernel", Transform.LINEAR),
+      prefix + r"\.bias": (target + ".bias", Transform.BIAS),
+  }
+
+
+def layer_norm_keys(prefix: str, target: str) -> Table:
+  """weight and bias of one torch ``nn.LayerNorm`` -> scale and bias of one ``nnx.LayerNorm``."""
+  return {
+      prefix + r"\.weight": (target + ".scale", Transform.SCALE),
+      prefix + r"\.bias": (target + ".bias", Transform.BIAS),
+  }

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
+
+from vlmsel_jax.models import hf_config
 
 SUPPORTED_MODEL_TYPES = ("bert",)
 SUPPORTED_ARCHITECTURES = ("BertModel",)
@@ -90,12 +91,7 @@ class BertConfig:
       ValueError: the config is not a ``bert`` encoder this implementation covers (a decoder,
         cross-attention, relative position embeddings, another activation).
     """
-    if not isinstance(config, Mapping):
-      path = os.fspath(config)
-      if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
-      with open(path, encoding="utf-8") as f:
-        config = json.load(f)
+    config = hf_config.read_config(config)
     c = {**_HF_DEFAULTS, **config}
     if c.get("model_type") not in SUPPORTED_MODEL_TYPES:
       raise ValueError(f"model_type {c.get('model_type')!r} is not a BERT encoder supported "

@@ -10,25 +10,12 @@ still an error.
 from __future__ import annotations
 
 from vlmsel_jax.models.bert import modeling
+from vlmsel_jax.models import transforms
 from vlmsel_jax.models.transforms import Transform
 
-Table = dict[str, tuple[str | None, Transform]]
-
-
-def _linear(prefix: str, target: str) -> Table:
-  """weight and bias of one torch ``nn.Linear`` -> kernel and bias of one ``nnx.Linear``."""
-  return {
-      prefix + r"\.weight": (target + ".kernel", Transform.LINEAR),
-      prefix + r"\.bias": (target + ".bias", Transform.BIAS),
-  }
-
-
-def _norm(prefix: str, target: str) -> Table:
-  """weight and bias of one torch ``nn.LayerNorm`` -> scale and bias of one ``nnx.LayerNorm``."""
-  return {
-      prefix + r"\.weight": (target + ".scale", Transform.SCALE),
-      prefix + r"\.bias": (target + ".bias", Transform.BIAS),
-  }
+Table = transforms.Table
+_linear = transforms.linear_keys
+_norm = transforms.layer_norm_keys
 
 
 def key_table(config: modeling.BertConfig) -> Table:

@@ -9,7 +9,6 @@ The numerics follow transformers' torch implementation so that hidden states mat
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import Any, Mapping, NamedTuple
@@ -18,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from vlmsel_jax.models import hf_config
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 FULL_ATTENTION = "full_attention"
@@ -107,12 +108,7 @@ class LlamaConfig:
         implementation does not have (a RoPE type other than default or llama3, partial rotary
         embeddings, an activation other than SiLU).
     """
-    if not isinstance(config, Mapping):
-      path = os.fspath(config)
-      if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
-      with open(path, encoding="utf-8") as f:
-        config = json.load(f)
+    config = hf_config.read_config(config)
     c = dict(config)
     model_type = c.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 from typing import Any, Callable, Mapping
@@ -31,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
+
+from vlmsel_jax.models import hf_config
 
 VARIANTS = ("clip", "siglip", "dinov2", "vit")
 POOLINGS = ("cls", "mean", "patch_grid", "pooler")
@@ -191,12 +192,7 @@ class VitConfig:
       ValueError: the config is not one of ``SUPPORTED_MODEL_TYPES`` or uses a feature this
         implementation does not have (another activation, a pooler activation other than tanh).
     """
-    if not isinstance(config, Mapping):
-      path = os.fspath(config)
-      if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
-      with open(path, encoding="utf-8") as f:
-        config = json.load(f)
+    config = hf_config.read_config(config)
     c = dict(config)
     model_type = c.get("model_type")
     contrastive = model_type in ("clip", "siglip")
