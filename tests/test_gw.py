@@ -150,19 +150,45 @@ def test_batched_equals_loop_and_single_device(pool, mode):
   np.testing.assert_allclose(single, looped, rtol=1e-5)
 
 
-def test_batched_solver_is_a_vmap_sharded_over_the_candidate_mesh(pool):
+def test_batched_coupling_stage_is_a_vmap_sharded_over_the_candidate_mesh(pool):
   """The vmapped program really splits the candidate axis over all 8 devices."""
   mesh = gw.parallel.candidate_mesh()
-  fn = gw._batched_solver(gw.GWOptions(), mesh, "vmap")
+  fn = gw._batched_coupling_stage(gw.GWOptions(), mesh, "vmap")
   cx, cy, _ = gw.prepare_costs(pool.candidates[0], pool.text)
   stacked = jax.device_put(jnp.stack([cx] * 8), jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec("candidates")))
-  values, _, _ = fn(stacked, cy)
-  assert values.sharding.spec == jax.sharding.PartitionSpec("candidates")
-  assert len(values.addressable_shards) == 8
-  np.testing.assert_allclose(np.asarray(values), np.asarray(values)[0], rtol=1e-6)
+  couplings, _, _ = fn(stacked, cy)
+  assert couplings.sharding.spec == jax.sharding.PartitionSpec("candidates")
+  assert len(couplings.addressable_shards) == 8
+  assert {s.device for s in couplings.addressable_shards} == set(jax.devices())
+  c = np.asarray(couplings)
+  np.testing.assert_allclose(c, np.broadcast_to(c[:1], c.shape), atol=1e-7)
   with pytest.raises(ValueError, match="unknown batch mode 'pmap'"):
     gw.gw_distances(pool.candidates[:2], pool.text, batch_mode="pmap")
+
+
+_TWO_DEVICE_SCRIPT = """
+import numpy as np
+from vlmsel_jax import synthetic
+from vlmsel_jax.scores import gw
+pool = synthetic.make_pool(n=200, seed=0)
+for mode in ("map", "vmap"):
+  res = gw.gw_distances(pool.candidates[:4], pool.text, batch_mode=mode)
+  assert all(np.isfinite(r["gw"]) for r in res), res
+print("ok")
+"""
+
+
+def test_batched_gw_with_cg_steps_does_not_hang_on_two_devices():
+  """Regression: host callbacks inside a 2-device program hung XLA:CPU at n >= ~150."""
+  import os
+  import subprocess
+  import sys
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", _TWO_DEVICE_SCRIPT], env=env,
+                        capture_output=True, text=True, timeout=240)
+  assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
 def test_explicit_cost_geometry_regression():

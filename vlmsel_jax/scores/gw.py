@@ -296,37 +296,57 @@ def _lowrank(cx, cy, rank: int, epsilon: float, iterations: int, gamma: float):
   return out.matrix, out.converged, jnp.asarray(out.n_iters, jnp.int32)
 
 
-def solve_normalized(cx: jax.Array, cy: jax.Array, opts: GWOptions):
-  """Solves GW on two prepared n×n cost matrices; returns (gw, converged, iterations).
+def _needs_cg(opts: GWOptions) -> bool:
+  return opts.solver == "cg" or (opts.polish and opts.solver in ("annealed", "entropic"))
 
-  Pure and jittable for fixed ``opts`` (a hashable dataclass): this is the function vmapped
-  over candidates.
+
+def coupling_stage(cx: jax.Array, cy: jax.Array, opts: GWOptions):
+  """Everything before the CG steps: (coupling, converged, iterations). No host callbacks.
+
+  This is the part batched and sharded over devices (see ``gw_distances``).
   """
   n = cx.shape[0]
   if opts.solver == "annealed":
-    t, conv, iters = _entropic_stages(cx, cy, opts.anneal_epsilons, opts.anneal_iterations,
-                                      opts.gw_iterations, opts.sinkhorn_iterations)
-  elif opts.solver == "entropic":
-    t, conv, iters = _entropic_stages(cx, cy, (opts.epsilon,), opts.gw_iterations,
-                                      opts.gw_iterations, opts.sinkhorn_iterations)
-  elif opts.solver == "cg":
-    t = jnp.full((n, n), 1.0 / (n * n), cx.dtype)
-    conv, iters = jnp.array(True), jnp.array(0, jnp.int32)
-  elif opts.solver == "lowrank":
-    t, conv, iters = _lowrank(cx, cy, opts.rank, opts.epsilon, opts.lowrank_iterations,
-                              opts.lowrank_gamma)
-  else:
-    raise ValueError(f"unknown GW solver {opts.solver!r}; choose one of {', '.join(SOLVERS)}")
-  if opts.solver == "cg" or (opts.polish and opts.solver in ("annealed", "entropic")):
-    t, cg_conv, cg_iters = _cg_from(cx, cy, t, opts.cg_iterations, opts.effective_cg_tol)
-    conv = cg_conv if opts.solver == "cg" else conv & cg_conv
-    iters = iters + cg_iters
-  return gw_objective(cx, cy, t), conv, iters
+    return _entropic_stages(cx, cy, opts.anneal_epsilons, opts.anneal_iterations,
+                            opts.gw_iterations, opts.sinkhorn_iterations)
+  if opts.solver == "entropic":
+    return _entropic_stages(cx, cy, (opts.epsilon,), opts.gw_iterations, opts.gw_iterations,
+                            opts.sinkhorn_iterations)
+  if opts.solver == "cg":
+    return (jnp.full((n, n), 1.0 / (n * n), cx.dtype), jnp.array(True),
+            jnp.array(0, jnp.int32))
+  if opts.solver == "lowrank":
+    return _lowrank(cx, cy, opts.rank, opts.epsilon, opts.lowrank_iterations, opts.lowrank_gamma)
+  raise ValueError(f"unknown GW solver {opts.solver!r}; choose one of {', '.join(SOLVERS)}")
+
+
+def cg_stage(cx: jax.Array, cy: jax.Array, coupling: jax.Array, converged: jax.Array,
+             iterations: jax.Array, opts: GWOptions):
+  """The CG steps (when ``opts`` asks for them) and the objective: (gw, converged, iters)."""
+  if _needs_cg(opts):
+    coupling, cg_conv, cg_iters = _cg_from(cx, cy, coupling, opts.cg_iterations,
+                                           opts.effective_cg_tol)
+    converged = cg_conv if opts.solver == "cg" else converged & cg_conv
+    iterations = iterations + cg_iters
+  return gw_objective(cx, cy, coupling), converged, iterations
+
+
+def solve_normalized(cx: jax.Array, cy: jax.Array, opts: GWOptions):
+  """Solves GW on two prepared n×n cost matrices; returns (gw, converged, iterations).
+
+  Pure and jittable for fixed ``opts`` (a hashable dataclass).
+  """
+  return cg_stage(cx, cy, *coupling_stage(cx, cy, opts), opts)
 
 
 @functools.partial(jax.jit, static_argnames=("opts",))
 def _solve_jit(cx, cy, opts: GWOptions):
   return solve_normalized(cx, cy, opts)
+
+
+@functools.partial(jax.jit, static_argnames=("opts",))
+def _cg_stage_jit(cx, cy, coupling, converged, iterations, opts: GWOptions):
+  return cg_stage(cx, cy, coupling, converged, iterations, opts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -428,18 +448,20 @@ def _resolve_batch_mode(mode: str, mesh: jax.sharding.Mesh) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _batched_solver(opts: GWOptions, mesh: jax.sharding.Mesh, mode: str):
-  """jit(shard_map(vmap or map of solve)): each device solves its block of candidates.
+def _batched_coupling_stage(opts: GWOptions, mesh: jax.sharding.Mesh, mode: str):
+  """jit(shard_map(vmap or map of coupling_stage)): each device runs its block of candidates.
 
-  shard_map rather than sharding annotations alone: the host callback of the assignment oracle
-  then runs per device on local data instead of gathering every candidate to one device.
+  Only the callback-free part is batched: XLA:CPU was seen to hang when host callbacks (the CG
+  oracle) run inside a program spanning several devices (a 2-device shard_map with a callback on
+  a 200×200 operand never returns), while single-device programs with callbacks are fine. So
+  the CG steps run per candidate on the device that holds it (``gw_distances``).
   """
   spec = jax.sharding.PartitionSpec(parallel.CANDIDATE_AXIS)
-  vmapped = jax.vmap(solve_normalized, in_axes=(0, None, None))
+  vmapped = jax.vmap(coupling_stage, in_axes=(0, None, None))
 
   def local(cxs, cy):
     if mode == "map":
-      return jax.lax.map(lambda cx: solve_normalized(cx, cy, opts), cxs)
+      return jax.lax.map(lambda cx: coupling_stage(cx, cy, opts), cxs)
     return vmapped(cxs, cy, opts)
 
   sharded = jax.shard_map(local, mesh=mesh, in_specs=(spec, jax.sharding.PartitionSpec()),
@@ -484,6 +506,21 @@ def _gw_distances(candidates, y, distance, scale, opts, devices, names, batch_mo
       mesh, jax.sharding.PartitionSpec(parallel.CANDIDATE_AXIS)))
   cy = jax.device_put(cy, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   mode = _resolve_batch_mode(batch_mode, mesh)
-  gws, convs, iters = _batched_solver(opts, mesh, mode)(stacked, cy)
-  gws, convs, iters = np.asarray(gws), np.asarray(convs), np.asarray(iters)
-  return [_record(gws[i], convs[i], iters[i], unit, opts) for i in range(k)]
+  couplings, convs, iters = _batched_coupling_stage(opts, mesh, mode)(stacked, cy)
+  # The CG steps and the objective, per candidate, on the device that holds it: a
+  # single-device program each (see _batched_coupling_stage for why).
+  by_device = {}
+  for arr in (stacked, cy, couplings, convs, iters):
+    for shard in arr.addressable_shards:
+      by_device.setdefault(shard.device, []).append(shard)
+  results: dict[int, tuple] = {}
+  for device, (cx_s, cy_s, t_s, conv_s, it_s) in by_device.items():
+    start = cx_s.index[0].start or 0
+    for j in range(cx_s.data.shape[0]):
+      i = start + j
+      if i >= k:
+        continue  # Padding.
+      out = _cg_stage_jit(cx_s.data[j], cy_s.data, t_s.data[j], conv_s.data[j], it_s.data[j],
+                          opts)
+      results[i] = tuple(np.asarray(v) for v in out)
+  return [_record(*results[i], unit, opts) for i in range(k)]
