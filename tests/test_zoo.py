@@ -249,3 +249,20 @@ def test_banks_are_paired_and_scoreable(banks, photos):
     value = scores.values[metric]["efficientnet-lite0"]
     assert np.isfinite(value), (metric, value)
   assert 0 < scores.values["cka"]["efficientnet-lite0"] <= 1
+
+
+def test_lite0_logits_bank_through_extraction_calls_the_cat_a_cat(photos, tmp_path):
+  """--pooling=logits reaches the classifier through the extraction path too."""
+  _require("efficientnet-lite0")
+  (result,) = extraction.extract(["efficientnet-lite0"], str(photos[0]), str(tmp_path),
+                                 options=extraction.ExtractOptions(pooling="logits",
+                                                                   progress=False))
+  bank = fb.load_bank(result.path)
+  assert bank.features.shape == (len(photos[1]), 1000)
+  cat_id = next(r["id"] for r in photos[1] if r["photo"] == "chelsea")
+  row = int(np.flatnonzero(bank.ids == cat_id)[0])
+  assert 281 <= int(np.argmax(bank.features[row])) <= 285
+  with pytest.raises(extraction.ExtractError, match="pooling 'logits' reads the model's logits"):
+    extraction.extract(["efficientnet-lite0"], str(photos[0]), str(tmp_path / "x"),
+                       options=extraction.ExtractOptions(pooling="logits", layer=2,
+                                                         progress=False))

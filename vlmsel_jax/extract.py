@@ -32,8 +32,10 @@ LAYER = flags.DEFINE_integer(
     "last layer, for vision models and -2, the second to last, for text models).")
 POOLING = flags.DEFINE_enum(
     "pooling", None, sorted(set(extraction.VISION_POOLINGS + zoo.TEXT_POOLINGS)),
-    "How tokens become one vector. Vision: cls, mean (patch tokens) or pooler; default cls, or "
-    "mean for models without a CLS token. Text: mean or last, over the caption's own tokens; "
+    "How tokens become one vector. Vision: cls, mean (patch tokens / feature map), pooler, or "
+    "logits (classifiers such as EfficientNet-Lite); default cls, or mean for models without a "
+    "CLS token. Text: mean or last over the caption's tokens (decoders: the caption's own "
+    "tokens; minilm-l6: all tokens incl. [CLS]/[SEP], the sentence-transformers convention); "
     "default mean.")
 BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Samples per batch (split over all devices).",
                                   lower_bound=1)

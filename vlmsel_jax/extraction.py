@@ -42,7 +42,7 @@ from vlmsel_jax.data import paired
 
 CACHE_VERSION = 1
 DTYPES = ("float32", "bfloat16")
-VISION_POOLINGS = ("cls", "mean", "pooler")
+VISION_POOLINGS = ("cls", "mean", "pooler", "logits")
 BANK_EXT = ".safetensors"
 PARTIAL_SUFFIX = ".partial.npz"
 
@@ -189,9 +189,9 @@ def _layer_and_pooling(loaded: zoo.LoadedModel, options: ExtractOptions) -> tupl
   if pooling not in loaded.poolings:
     raise ExtractError(f"pooling {pooling!r} is not available for {loaded.name}; choose from "
                        f"{', '.join(loaded.poolings)}")
-  if pooling == "pooler" and layer != -1:
-    raise ExtractError("pooling 'pooler' reads the pooler output, which has no layer; leave "
-                       "--layer unset")
+  if pooling in ("pooler", "logits") and layer != -1:
+    raise ExtractError(f"pooling {pooling!r} reads the model's {pooling} output, which has no "
+                       "layer; leave --layer unset")
   return layer, pooling
 
 
