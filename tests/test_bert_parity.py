@@ -21,6 +21,8 @@ import torch
 import transformers
 from flax import nnx
 
+import parity_util
+
 from vlmsel_jax.models import (
     CheckpointError,
     HFDirectory,
@@ -78,22 +80,7 @@ def _torch_outputs(model, ids, mask=None, types=None):
 _forward = nnx.jit(lambda model, ids, mask, types: model(ids, mask, types))
 
 
-def _assert_matches(ours, ref, tol_of=lambda _: F32_ATOL):
-  """Asserts every hidden state, last_hidden_state and pooler_output agree within tolerance."""
-  assert len(ours.hidden_states) == len(ref["hidden_states"])
-  named = [(f"hidden_states[{i}]", a, b)
-           for i, (a, b) in enumerate(zip(ours.hidden_states, ref["hidden_states"]))]
-  named.append(("last_hidden_state", ours.last_hidden_state, ref["last_hidden_state"]))
-  if ref["pooler_output"] is None:
-    assert ours.pooler_output is None
-  else:
-    named.append(("pooler_output", ours.pooler_output, ref["pooler_output"]))
-  for name, a, b in named:
-    a = np.asarray(a, np.float32)
-    assert a.shape == b.shape, f"{name}: shape {a.shape} != {b.shape}"
-    err = float(np.abs(a - b).max())
-    tol = tol_of(b)
-    assert err <= tol, f"{name}: max abs error {err:.3g} > {tol:.3g}"
+_assert_matches = parity_util.assert_outputs_match
 
 
 @pytest.fixture(scope="module")
