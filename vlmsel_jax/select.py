@@ -1,0 +1,57 @@
+r"""Selection policies and their evaluation: ``python -m vlmsel_jax.select --method=... ``.
+
+Every method lives in its own module under ``vlmsel_jax/selection/``; that module defines the
+flags only it reads (at import, the absl way) and a ``run(method: str) -> dict`` that reads
+``FLAGS``, does the work, writes its outputs under ``--output`` and returns the JSON it wrote.
+This binary only owns the flags every method shares and the dispatch.
+
+  python -m vlmsel_jax.select --method=ac_law --table=T.csv --a_column=A --c_column=C \
+      --targets=vqa,gqa --output=out/ac_law.json
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+from absl import app
+from absl import flags
+from absl import logging
+
+# method -> module implementing it. Modules are imported before flag parsing so their flags exist.
+METHOD_MODULES = {
+    "ac_law": "vlmsel_jax.selection.ac_cli",
+    "ac_policy": "vlmsel_jax.selection.ac_cli",
+    "evaluate": "vlmsel_jax.selection.evaluate_cli",
+    "mordal": "vlmsel_jax.selection.mordal_cli",
+    "dcd": "vlmsel_jax.selection.dcd_cli",
+}
+
+_MODULES = {}
+for _method, _name in METHOD_MODULES.items():
+  if _name not in _MODULES and importlib.util.find_spec(_name) is not None:
+    _MODULES[_name] = importlib.import_module(_name)
+
+METHOD = flags.DEFINE_enum("method", None, sorted(METHOD_MODULES), "Selection method to run.")
+OUTPUT = flags.DEFINE_string("output", None, "Output JSON path; figures and tables go beside it.")
+SEED = flags.DEFINE_integer("seed", 0, "Seed for every random choice a method makes.")
+K = flags.DEFINE_integer("k", 3, "k of Recall@k / top-k metrics.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if METHOD.value is None:
+    raise app.UsageError(f"--method is required, one of: {', '.join(sorted(METHOD_MODULES))}")
+  name = METHOD_MODULES[METHOD.value]
+  if name not in _MODULES:
+    raise app.UsageError(f"--method={METHOD.value}: module {name} is not installed")
+  if OUTPUT.value is None:
+    raise app.UsageError("--output is required (a JSON path)")
+  result = _MODULES[name].run(METHOD.value)
+  logging.info("wrote %s", OUTPUT.value)
+  return result
+
+
+if __name__ == "__main__":
+  app.run(main)
