@@ -332,8 +332,9 @@ class Llama(nnx.Module):
         config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype, param_dtype=dtype,
         rngs=rngs)
 
-  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-               positions: jax.Array | None = None) -> LlamaOutput:
+  def __call__(self, input_ids: jax.Array | None, attention_mask: jax.Array | None = None,
+               positions: jax.Array | None = None,
+               inputs_embeds: jax.Array | None = None) -> LlamaOutput:
     """Runs the model on a batch of token ids.
 
     Args:
@@ -342,12 +343,16 @@ class Llama(nnx.Module):
         never attended to. Outputs at padded query positions are meaningless.
       positions: optional (batch, seq) RoPE positions; defaults to 0..seq-1 for every row, as
         transformers' forward does (it does not shift positions for left padding either).
+      inputs_embeds: optional (batch, seq, hidden) input embeddings used instead of looking up
+        ``input_ids`` (which must then be None): a VLM splices projected image tokens in here.
 
     Returns:
       A ``LlamaOutput`` with the logits and all hidden states.
     """
     c = self.config
-    b, t = input_ids.shape
+    if (input_ids is None) == (inputs_embeds is None):
+      raise ValueError("Llama: pass exactly one of input_ids and inputs_embeds")
+    b, t = input_ids.shape if inputs_embeds is None else inputs_embeds.shape[:2]
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t), (b, t))
     freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(rope_inv_freq(c))
@@ -356,7 +361,7 @@ class Llama(nnx.Module):
     masks = {kind: attention_mask_for(kind, t, attention_mask, c.sliding_window)
              for kind in set(c.layer_types)}
 
-    x = self.embed_tokens(input_ids)
+    x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
     hidden = [x]
     for kind, layer in zip(c.layer_types, self.layers):
       x = layer(x, cos, sin, masks[kind])

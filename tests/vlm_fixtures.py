@@ -1,0 +1,101 @@
+"""Tiny on-disk models and data for the VLM training tests.
+
+``tiny_llm_dir`` writes a random 2-layer Llama (transformers ``save_pretrained``) with a word-level
+tokenizer that has a ChatML chat template; ``tiny_vit_dir`` a random 2-layer ViT with its
+preprocessor config; ``shape_records`` a small in-memory image–caption/VQA dataset whose answers
+are decidable from the image (colour of a filled square), so training has something to learn.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+import transformers
+from tokenizers import Tokenizer
+from tokenizers import models as tok_models
+from tokenizers import pre_tokenizers
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220),
+           "yellow": (230, 220, 30)}
+WORDS = ["a", "an", "the", "square", "what", "colour", "is", "it", "?", ".", "\n", "shape",
+         "user", "assistant", "system"] + list(COLOURS)
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
+          "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
+  specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "<image>"]
+  vocab = {w: i for i, w in enumerate(specials + WORDS)}
+  tok = Tokenizer(tok_models.WordLevel(vocab, unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.Sequence(
+      [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+  fast = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>",
+      additional_special_tokens=["<|im_start|>"])
+  fast.chat_template = CHATML
+  return fast
+
+
+def tiny_llm_dir(path: str, seed: int = 0, vocab_size: int = 32) -> str:
+  torch.manual_seed(seed)
+  config = transformers.LlamaConfig(
+      vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+      tie_word_embeddings=False)
+  transformers.LlamaForCausalLM(config).save_pretrained(path)
+  tiny_tokenizer().save_pretrained(path)
+  return path
+
+
+def tiny_vit_dir(path: str, seed: int = 0, image_size: int = 32) -> str:
+  torch.manual_seed(seed)
+  config = transformers.ViTConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=32, image_size=image_size, patch_size=8)
+  transformers.ViTModel(config).save_pretrained(path)
+  with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
+    json.dump({"do_resize": True, "size": {"height": image_size, "width": image_size},
+               "do_normalize": True, "image_mean": [0.5, 0.5, 0.5],
+               "image_std": [0.5, 0.5, 0.5], "do_rescale": True, "rescale_factor": 1 / 255,
+               "resample": 2, "image_processor_type": "ViTImageProcessor"}, f)
+  return path
+
+
+def square_image(colour: str, rng: np.random.Generator, size: int = 32) -> np.ndarray:
+  image = np.full((size, size, 3), 255, np.uint8)
+  x, y = rng.integers(0, size // 2, 2)
+  image[y:y + size // 2, x:x + size // 2] = COLOURS[colour]
+  return image
+
+
+class ListSource:
+  """A random-access record source over a list (what the data layer's sources look like)."""
+
+  def __init__(self, records, name="list"):
+    self.records = list(records)
+    self.name = name
+    self.bad_records = None
+
+  def __len__(self):
+    return len(self.records)
+
+  def __getitem__(self, i):
+    return self.records[i]
+
+
+def shape_records(n: int, kind: str, seed: int = 0) -> ListSource:
+  rng = np.random.default_rng(seed)
+  names = list(COLOURS)
+  out = []
+  for i in range(n):
+    colour = names[i % len(names)]
+    image = square_image(colour, rng)
+    if kind == "paired":
+      out.append({"id": str(i), "image": image, "caption": f"a {colour} square ."})
+    else:
+      out.append({"id": str(i), "image": image, "question": "what colour is the square ?",
+                  "answers": [colour], "answer": colour})
+  return ListSource(out, name=f"shapes-{kind}")

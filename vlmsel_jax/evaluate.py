@@ -1,0 +1,54 @@
+r"""Evaluate a trained VLM run: ``python -m vlmsel_jax.evaluate --workdir=runs/lite0_s2``.
+
+Reads the run's latest checkpoint (its meta says which models and VLM config), computes the A
+score (mean per-token caption log-likelihood, METHODS §4) and/or VQA accuracy with the
+majority-answer baseline, and writes ``eval.json`` into the workdir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app
+from absl import flags
+
+from vlmsel_jax import parallel
+from vlmsel_jax import runtime_flags
+from vlmsel_jax.training import checkpoint as ckpt_lib
+from vlmsel_jax.training import evaluate_run
+from vlmsel_jax.training import loop
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory.")
+_DATA = flags.DEFINE_string("eval_data", None, "Held-out data spec (default: the test split of "
+                            "the run's training data).")
+_METRICS = flags.DEFINE_list("metrics", None, "a_score and/or vqa (default: a_score for a "
+                             "stage-1 run, vqa for stage 2).")
+_LIMIT = flags.DEFINE_integer("eval_limit", 0, "Examples evaluated (0: all).", lower_bound=0)
+_BATCH = flags.DEFINE_integer("eval_batch_size", 16, "Batch size.", lower_bound=1)
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 8, "Longest decoded answer.", lower_bound=1)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required")
+  runtime_flags.initialize_from_flags()
+  directory = os.path.join(_WORKDIR.value, loop.CHECKPOINT_DIR)
+  checkpointer = ckpt_lib.Checkpointer(directory, save_every=1, keep=1)
+  step = checkpointer.latest_step()
+  if step is None:
+    raise app.UsageError(f"{directory}: no checkpoint to evaluate")
+  meta = checkpointer.read_meta(step)
+  checkpointer.close()
+  config = evaluate_run.config_from_meta(meta, _WORKDIR.value)
+  out = evaluate_run.evaluate(config, data=_DATA.value, metrics=_METRICS.value,
+                              limit=_LIMIT.value or None, batch_size=_BATCH.value,
+                              max_new_tokens=_MAX_NEW.value)
+  if parallel.is_primary():
+    print(json.dumps({k: v for k, v in out.items() if k != "examples"}, indent=1))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,1 @@
+"""VLM training: batch building, the train step, checkpoints, the loop and evaluation."""

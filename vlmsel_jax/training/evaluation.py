@@ -1,0 +1,178 @@
+"""Evaluation of a trained VLM: the A score (caption log-likelihood) and VQA accuracy.
+
+* A score (METHODS §4): for each held-out image–caption pair, (1/T) Σ_t log P(y_t | f(I), y_<t)
+  over the caption's T tokens (no EOS) with the stage-1 projector; the score is the mean over
+  pairs. Higher is better (it is ≤ 0).
+* VQA accuracy: greedy decoding of a short answer after the chat prompt, stopped at EOS / the
+  template's end-of-turn token or ``max_new_tokens``; the decoded text is normalized and scored by
+  exact match against the record's answers (VQA's min(#matches / 3, 1) when it has several). The
+  majority-answer baseline — always answer the training set's most common answer — is scored
+  on the same questions beside it.
+
+Decoding reruns the full fixed-length sequence per new token (no KV cache): answers are a few
+tokens, and fixed shapes keep it one compiled program.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlmsel_jax.training import batches as batches_lib
+from vlmsel_jax.training import step as step_lib
+
+
+def _batched(indices: Sequence[int], size: int):
+  for i in range(0, len(indices), size):
+    yield indices[i:i + size]
+
+
+def _stack(rows: list[dict[str, np.ndarray]], size: int) -> tuple[dict[str, np.ndarray], int]:
+  """Stacks rows, padding to ``size`` by repeating the last; returns (batch, real rows)."""
+  n = len(rows)
+  rows = rows + [rows[-1]] * (size - n)
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}, n
+
+
+def _exact_match(prediction: str, answers: Sequence[str]) -> float:
+  from vlmsel_jax.data import vqa  # pylint: disable=g-import-not-at-top
+  return float(vqa.exact_match(prediction, list(answers)))
+
+
+def a_score(model_fn: Callable, builder: batches_lib.PromptBuilder, source, *,
+            batch_size: int = 8, limit: int | None = None, progress: bool = False) -> dict:
+  """Mean per-token caption log-likelihood over ``source``'s (paired) records.
+
+  Args:
+    model_fn: ``(pixels, input_ids, attention_mask, image_mask) -> logits``.
+  """
+  n = len(source) if limit is None else min(limit, len(source))
+  if n == 0:
+    raise ValueError("A score: the evaluation set is empty")
+
+  @jax.jit
+  def per_row(batch):
+    logits = model_fn(batch["pixels"], batch["input_ids"], batch["attention_mask"],
+                      batch["image_mask"])
+    return step_lib.token_log_likelihoods(logits, batch["input_ids"], batch["loss_mask"])
+
+  values = []
+  chunks = list(_batched(list(range(n)), batch_size))
+  for chunk in _progress(chunks, progress, "A score"):
+    batch, real = _stack([builder.caption_inputs(source[i], train=False) for i in chunk],
+                         batch_size)
+    total, count = jax.device_get(per_row(batch))
+    values += list(total[:real] / np.maximum(count[:real], 1))
+  values = np.asarray(values, np.float64)
+  return {"a_score": float(values.mean()), "a_score_std": float(values.std()), "pairs": n}
+
+
+def greedy_answers(model_fn: Callable, builder: batches_lib.PromptBuilder, records: list, *,
+                   batch_size: int = 8, max_new_tokens: int = 8, progress: bool = False
+                   ) -> list[str]:
+  """Greedy-decoded answers to VQA / chat records, as text."""
+  tok = builder.tokenizer
+  stop = {builder.eos_id}
+  end_of_turn = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else None
+  if end_of_turn is not None:
+    stop.add(end_of_turn)
+
+  @jax.jit
+  def next_token(batch, lengths):
+    logits = model_fn(batch["pixels"], batch["input_ids"], batch["attention_mask"],
+                      batch["image_mask"])
+    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    return jnp.argmax(last, axis=-1).astype(jnp.int32)
+
+  answers = []
+  chunks = list(_batched(list(range(len(records))), batch_size))
+  for chunk in _progress(chunks, progress, "VQA"):
+    batch, real = _stack([builder.generation_inputs(records[i]) for i in chunk], batch_size)
+    lengths = batch.pop("length").astype(np.int32)
+    batch.pop("loss_mask")
+    generated = [[] for _ in range(batch_size)]
+    finished = np.zeros(batch_size, bool)
+    for _ in range(max_new_tokens):
+      room = lengths < builder.max_len
+      if not np.any(room & ~finished):
+        break
+      token = np.asarray(jax.device_get(next_token(batch, lengths)))
+      for r in range(batch_size):
+        if finished[r] or not room[r]:
+          finished[r] = True
+          continue
+        if int(token[r]) in stop:
+          finished[r] = True
+          continue
+        generated[r].append(int(token[r]))
+        batch["input_ids"][r, lengths[r]] = token[r]
+        batch["attention_mask"][r, lengths[r]] = 1
+        lengths[r] += 1
+      if finished.all():
+        break
+    answers += [tok.decode(g, skip_special_tokens=True).strip() for g in generated[:real]]
+  return answers
+
+
+def vqa_accuracy(model_fn: Callable, builder: batches_lib.PromptBuilder, source, *,
+                 majority_answer: str | None = None, batch_size: int = 8,
+                 max_new_tokens: int = 8, limit: int | None = None, progress: bool = False
+                 ) -> dict:
+  """VQA accuracy of greedy answers, with the majority-answer baseline beside it."""
+  n = len(source) if limit is None else min(limit, len(source))
+  if n == 0:
+    raise ValueError("VQA: the evaluation set is empty")
+  records = [source[i] for i in range(n)]
+  predictions = greedy_answers(model_fn, builder, records, batch_size=batch_size,
+                               max_new_tokens=max_new_tokens, progress=progress)
+  scores = [_exact_match(p, _answers(r)) for p, r in zip(predictions, records)]
+  out = {"vqa_accuracy": float(np.mean(scores)), "questions": n,
+         "examples": [{"id": str(r["id"]), "question": r.get("question"), "prediction": p,
+                       "answer": r.get("answer")} for p, r in list(zip(predictions, records))[:10]]}
+  if majority_answer is not None:
+    out["majority_answer"] = majority_answer
+    out["majority_accuracy"] = float(np.mean([_exact_match(majority_answer, _answers(r))
+                                              for r in records]))
+  return out
+
+
+def _answers(record) -> list[str]:
+  if "answers" in record and record["answers"]:
+    return list(record["answers"])
+  return [record["answer"]]
+
+
+def majority_answer_of(source, limit: int | None = None) -> str:
+  """The most common (normalized) answer of a VQA source."""
+  from vlmsel_jax.data import vqa  # pylint: disable=g-import-not-at-top
+  n = len(source) if limit is None else min(limit, len(source))
+  counts = collections.Counter(vqa.normalize_answer(_record_answer(source, i)) for i in range(n))
+  return counts.most_common(1)[0][0]
+
+
+def _record_answer(source, i: int) -> str:
+  # Avoid decoding the image when the source can give the answer alone.
+  if hasattr(source, "answer_of"):
+    return source.answer_of(i)
+  return source[i]["answer"]
+
+
+def _progress(items, enabled: bool, desc: str):
+  if not enabled:
+    return items
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm(items, desc=desc, unit="batch", dynamic_ncols=True)
+
+
+def model_fn_for(graphdef, template, params, frozen) -> Callable:
+  """A pure ``(pixels, ids, mask, image_mask) -> logits`` closing over the model's parts."""
+
+  def fn(pixels, input_ids, attention_mask, image_mask):
+    model = step_lib.model_from(graphdef, template, params, frozen)
+    return model(pixels, input_ids, attention_mask, image_mask)
+
+  return fn

@@ -1,0 +1,289 @@
+"""The training loop: build the VLM, restore or start, step through the data, save, evaluate.
+
+One readable loop (big_vision style). Everything random is a function of ``seed``: parameter
+initialisation (projector, LoRA) and data order (the loader's seeded shuffle, whose position is
+checkpointed). There is no other random state, so a resumed run reproduces the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vlmsel_jax import parallel
+from vlmsel_jax import zoo
+from vlmsel_jax.models import lora
+from vlmsel_jax.models import vlm as vlm_lib
+from vlmsel_jax.training import batches as batches_lib
+from vlmsel_jax.training import checkpoint as ckpt_lib
+from vlmsel_jax.training import step as step_lib
+
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """One training run; the training binary fills it from flags."""
+
+  vision: str
+  llm: str
+  stage: int
+  data: str
+  workdir: str
+  data_kind: str | None = None
+  vlm: vlm_lib.VLMConfig = vlm_lib.VLMConfig()
+  lora_rank: int = 8
+  lora_alpha: float = 16.0
+  lora_targets: tuple[str, ...] = lora.DEFAULT_TARGETS
+  full_finetune: bool = False
+  optim: step_lib.OptimConfig = step_lib.OptimConfig()
+  batch_size: int = 8
+  max_steps: int = 100
+  data_fraction: float = 1.0
+  seed: int = 0
+  max_len: int = 128
+  system_prompt: str | None = None
+  dtype: str = "float32"
+  mesh: str = "data:-1,fsdp:1"
+  save_every: int = 50
+  keep: int = 2
+  log_every: int = 10
+  init_from: str | None = None
+  skip_bad_records: bool = False
+  progress: bool = True
+
+  def kind(self) -> str:
+    if self.data_kind:
+      return self.data_kind
+    return "paired" if self.stage == 1 else "vqa"
+
+  def meta(self, trainable_shapes: dict) -> dict:
+    """What identifies the run for checkpoint compatibility (see checkpoint.COMPATIBILITY_KEYS)."""
+    return {
+        "vision": self.vision, "llm": self.llm, "vlm": self.vlm.to_dict(), "stage": self.stage,
+        "lora": (None if self.stage == 1 or self.full_finetune else
+                 {"rank": self.lora_rank, "alpha": self.lora_alpha,
+                  "targets": list(self.lora_targets)}),
+        "trainable_shapes": trainable_shapes, "dtype": self.dtype, "seed": self.seed,
+        "data": self.data, "data_fraction": self.data_fraction,
+        "batch_size": self.batch_size, "max_len": self.max_len,
+    }
+
+
+@dataclasses.dataclass
+class Built:
+  """A VLM ready to train or evaluate, split into its trained and frozen parts."""
+
+  model: vlm_lib.VLM
+  graphdef: Any
+  params: Any
+  frozen: Any
+  template: Any
+  tokenizer: Any
+  preprocessing: Any
+  builder: batches_lib.PromptBuilder
+
+
+def build_model(config: TrainConfig) -> Built:
+  """Loads the tower and LLM from the zoo and assembles the (LoRA-adapted) VLM."""
+  vision = zoo.load(config.vision, dtype=config.dtype)
+  if vision.kind != "vision":
+    raise ValueError(f"--vision={config.vision} is a {vision.kind} model, not a vision tower")
+  text = zoo.load(config.llm, dtype=config.dtype)
+  if text.kind != "text" or not hasattr(text.model, "embed_tokens"):
+    raise ValueError(f"--llm={config.llm} is not a decoder LLM")
+  rngs = nnx.Rngs(params=config.seed)
+  model = vlm_lib.VLM(vision.model, text.model, config.vlm,
+                      image_size=vision.preprocessing.image_size, rngs=rngs)
+  if config.stage == 2 and not config.full_finetune:
+    lora.apply_lora(model.llm, rank=config.lora_rank, alpha=config.lora_alpha,
+                    targets=config.lora_targets, rngs=nnx.Rngs(params=config.seed + 1))
+  graphdef, params, frozen, template = step_lib.split_model(model, config.stage,
+                                                            config.full_finetune)
+  if config.init_from:
+    params = _init_projector(params, config.init_from)
+  builder = batches_lib.PromptBuilder(
+      text.tokenizer, vision.preprocessing, num_image_tokens=model.num_image_tokens,
+      max_len=config.max_len, context_len=text.model.config.max_position_embeddings,
+      system_prompt=config.system_prompt)
+  return Built(model, graphdef, params, frozen, template, text.tokenizer, vision.preprocessing,
+               builder)
+
+
+def _init_projector(params: dict, directory: str) -> dict:
+  """``params`` with the projector taken from the latest checkpoint of another run (stage 1)."""
+  restored, _ = ckpt_lib.restore_params(directory)
+  if not isinstance(restored, dict) or "projector" not in restored:
+    raise ckpt_lib.CheckpointError(f"{directory}: the checkpoint has no projector")
+  want = jax.tree.map(np.shape, params["projector"])
+  got = jax.tree.map(np.shape, restored["projector"])
+  if want != got:
+    raise ckpt_lib.CheckpointError(f"{directory}: projector shapes {got} do not fit this model's "
+                                   f"{want}")
+  params = dict(params)
+  params["projector"] = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32),
+                                     restored["projector"])
+  return params
+
+
+def shapes_of(tree: Any) -> dict[str, list[int]]:
+  """{"projector/fc1/kernel": [in, out], ...}: JSON-safe, comparable across save and load."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): list(np.shape(x))
+          for path, x in flat}
+
+
+def transform_for(config: TrainConfig, builder: batches_lib.PromptBuilder
+                  ) -> Callable[[dict], dict]:
+  if config.stage == 1:
+    return builder.caption_inputs
+  return builder.chat_inputs
+
+
+def open_data(config: TrainConfig):
+  from vlmsel_jax.data import registry  # pylint: disable=g-import-not-at-top
+  return registry.open_source(config.data, kind=config.kind(), split="train",
+                              skip_bad_records=config.skip_bad_records)
+
+
+def make_loader(config: TrainConfig, source, transform):
+  from vlmsel_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  count = jax.process_count()
+  if config.batch_size % count:
+    raise ValueError(f"batch_size {config.batch_size} is not divisible by the {count} processes")
+  return pipeline.Loader(source, transform, batch_size=config.batch_size // count,
+                         seed=config.seed, shuffle=True, num_epochs=None,
+                         fraction=config.data_fraction)
+
+
+class MetricsLog:
+  """metrics.jsonl (process 0 only); on resume, entries past the restored step are dropped."""
+
+  def __init__(self, path: str, resume_step: int):
+    self.path = path
+    self.primary = parallel.is_primary()
+    if not self.primary:
+      return
+    kept = []
+    if os.path.exists(path):
+      with open(path) as f:
+        for line in f:
+          line = line.strip()
+          if line and json.loads(line).get("step", 0) <= resume_step:
+            kept.append(line)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(k + "\n" for k in kept)
+    os.replace(tmp, path)
+
+  def write(self, record: dict) -> None:
+    if self.primary:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train(config: TrainConfig, *, source=None, stop_after: int | None = None) -> dict:
+  """Runs (or resumes) one training run; returns a summary dict.
+
+  Args:
+    config: The run.
+    source: A record source to train on instead of opening ``config.data``.
+    stop_after: Stop after this many steps *of this invocation* without a final save, as a kill
+      would (tests use it to simulate an interrupted run).
+  """
+  if config.max_steps < 1:
+    raise ValueError(f"max_steps must be >= 1, got {config.max_steps}")
+  if not 0 < config.data_fraction <= 1:
+    raise ValueError(f"data_fraction must be in (0, 1], got {config.data_fraction}")
+  os.makedirs(config.workdir, exist_ok=True)
+  mesh = parallel.make_mesh(config.mesh)
+  built = build_model(config)
+  source = open_data(config) if source is None else source
+  loader = make_loader(config, source, transform_for(config, built.builder))
+
+  tx = config.optim.make()
+  state, state_sh = step_lib.init_state(built.params, tx, mesh)
+  frozen_sh = step_lib.tree_shardings(built.frozen, mesh)
+  frozen = jax.device_put(built.frozen, frozen_sh)
+  meta = config.meta(shapes_of(built.params))
+
+  ckpt = ckpt_lib.Checkpointer(os.path.join(config.workdir, CHECKPOINT_DIR),
+                               save_every=config.save_every, keep=config.keep)
+  start = 0
+  latest = ckpt.latest_step()
+  if latest is not None:
+    like = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+    restored, data_state = ckpt.restore(latest, like, meta)
+    state = step_lib.TrainState(restored["step"], restored["params"], restored["opt_state"])
+    loader.set_state(data_state)
+    start = int(restored["step"])
+  log = MetricsLog(os.path.join(config.workdir, METRICS_FILE), start)
+
+  train_step = None
+  schedule = config.optim.schedule()
+  it = iter(loader)
+  bar = None
+  if config.progress and parallel.is_primary() and start < config.max_steps:
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm(total=config.max_steps, initial=start, desc=f"stage {config.stage}",
+               unit="step", dynamic_ncols=True)
+  last = {}
+  tic, interval_tokens = time.perf_counter(), 0
+  done_here = 0
+  for step in range(start, config.max_steps):
+    batch = next(it)
+    gb = step_lib.global_batch(batch, mesh)
+    if train_step is None:
+      batch_sh = {k: v.sharding for k, v in gb.items()}
+      train_step = step_lib.make_train_step(built.graphdef, built.template, tx, mesh, state_sh,
+                                            frozen_sh, batch_sh)
+    state, metrics = train_step(state, frozen, gb)
+    done_here += 1
+    interval_tokens += int(np.sum(batch["attention_mask"])) * jax.process_count()
+    if (step + 1) % config.log_every == 0 or step + 1 == config.max_steps or step == start:
+      metrics = jax.device_get(metrics)
+      now = time.perf_counter()
+      # The first step compiles, so it gets no rate; later ones average since the last log.
+      rate = interval_tokens / max(now - tic, 1e-9) if step > start else None
+      last = {"step": step + 1, "loss": float(metrics["loss"]),
+              "grad_norm": float(metrics["grad_norm"]),
+              "learning_rate": float(schedule(step // max(config.optim.accumulate, 1))),
+              "tokens_per_s": rate, "time": time.time()}
+      log.write(last)
+      if bar is not None:
+        bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['learning_rate']:.2e}")
+      tic, interval_tokens = time.perf_counter(), 0
+    if bar is not None:
+      bar.update(1)
+    ckpt.save(step + 1, _state_tree(state), loader.get_state(), meta)
+    if stop_after is not None and done_here >= stop_after:
+      # As a kill would: no final save, only what the periodic saves already wrote.
+      ckpt.wait()
+      ckpt.close()
+      if bar is not None:
+        bar.close()
+      return {"stopped_at": step + 1, **last}
+  if bar is not None:
+    bar.close()
+  final = int(jax.device_get(state.step))
+  if ckpt.latest_step() != final:
+    ckpt.save(final, _state_tree(state), loader.get_state(), meta, force=True)
+  ckpt.wait()
+  ckpt.close()
+  summary = {"workdir": config.workdir, "steps": final, "resumed_from": start, **last}
+  if getattr(source, "bad_records", None) is not None and hasattr(source.bad_records, "as_dict"):
+    summary["bad_records"] = source.bad_records.as_dict()
+  return summary
+
+
+def _state_tree(state: step_lib.TrainState) -> dict:
+  return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
