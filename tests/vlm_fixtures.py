@@ -45,7 +45,7 @@ def tiny_llm_dir(path: str, seed: int = 0, vocab_size: int = 32) -> str:
   config = transformers.LlamaConfig(
       vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-      tie_word_embeddings=False)
+      tie_word_embeddings=False, initializer_range=0.3)
   transformers.LlamaForCausalLM(config).save_pretrained(path)
   tiny_tokenizer().save_pretrained(path)
   return path

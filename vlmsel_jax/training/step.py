@@ -192,7 +192,7 @@ def make_train_step(graphdef, template: nnx.State, tx: optax.GradientTransformat
     (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, frozen, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "tokens": count, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "tokens": count, "grad_norm": optax.tree.norm(grads)}
     return TrainState(state.step + 1, params, opt_state), metrics
 
   replicated = NamedSharding(mesh, P())
