@@ -13,19 +13,23 @@ import os
 from absl import app
 from absl import flags
 
+from vlmsel_jax import flag_util
 from vlmsel_jax import parallel
 from vlmsel_jax import runtime_flags
 from vlmsel_jax.training import checkpoint as ckpt_lib
 from vlmsel_jax.training import evaluate_run
 from vlmsel_jax.training import loop
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory.")
-_DATA = flags.DEFINE_string("eval_data", None, "Held-out data spec (default: the test split of "
-                            "the run's training data).")
+_WORKDIR = flag_util.shared(flags.DEFINE_string, "workdir", None, "The run's directory "
+                            "(checkpoints, metrics, summaries).")
+_DATA = flag_util.shared(flags.DEFINE_string, "eval_data", None, "Held-out data spec "
+                         "(default: the test split of the run's training data).")
 _METRICS = flags.DEFINE_list("metrics", None, "a_score and/or vqa (default: a_score for a "
                              "stage-1 run, vqa for stage 2).")
-_LIMIT = flags.DEFINE_integer("eval_limit", 0, "Examples evaluated (0: all).", lower_bound=0)
-_BATCH = flags.DEFINE_integer("eval_batch_size", 16, "Batch size.", lower_bound=1)
+_LIMIT = flag_util.shared(flags.DEFINE_integer, "eval_limit", 0, "Held-out examples "
+                          "evaluated (0: all).", lower_bound=0)
+_BATCH = flag_util.shared(flags.DEFINE_integer, "eval_batch_size", 16, "Evaluation batch "
+                          "size.", lower_bound=1)
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 8, "Longest decoded answer.", lower_bound=1)
 
 

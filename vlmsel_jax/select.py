@@ -18,6 +18,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from vlmsel_jax import flag_util
+
 # method -> module implementing it. Modules are imported before flag parsing so their flags exist.
 METHOD_MODULES = {
     "ac_law": "vlmsel_jax.selection.ac_cli",
@@ -33,9 +35,10 @@ for _method, _name in METHOD_MODULES.items():
     _MODULES[_name] = importlib.import_module(_name)
 
 METHOD = flags.DEFINE_enum("method", None, sorted(METHOD_MODULES), "Selection method to run.")
-OUTPUT = flags.DEFINE_string("output", None, "Output JSON path; figures and tables go beside it.")
-SEED = flags.DEFINE_integer("seed", 0, "Seed for every random choice a method makes.")
-K = flags.DEFINE_integer("k", 3, "k of Recall@k / top-k metrics.")
+OUTPUT = flag_util.shared(flags.DEFINE_string, "output", None,
+                          "Output JSON path; figures and tables go beside it.")
+SEED = flag_util.shared(flags.DEFINE_integer, "seed", 0, "Seed of every random choice.")
+K = flag_util.shared(flags.DEFINE_integer, "k", 3, "k of Recall@k / top-k metrics.")
 
 
 def main(argv):
@@ -48,9 +51,12 @@ def main(argv):
     raise app.UsageError(f"--method={METHOD.value}: module {name} is not installed")
   if OUTPUT.value is None:
     raise app.UsageError("--output is required (a JSON path)")
-  result = _MODULES[name].run(METHOD.value)
+  try:
+    _MODULES[name].run(METHOD.value)
+  except (ValueError, OSError) as e:
+    # Bad input (tables, flags, files) is reported as one line naming the problem.
+    raise SystemExit(f"select --method={METHOD.value}: error: {e}") from None
   logging.info("wrote %s", OUTPUT.value)
-  return result
 
 
 if __name__ == "__main__":

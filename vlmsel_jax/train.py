@@ -22,6 +22,7 @@ from absl import logging
 
 from vlmsel_jax import parallel
 from vlmsel_jax import atomic
+from vlmsel_jax import flag_util
 from vlmsel_jax import runtime_flags  # noqa: F401  (defines the multi-process flags)
 from vlmsel_jax.models import lora
 from vlmsel_jax.models import vlm
@@ -36,9 +37,10 @@ _DATA = flags.DEFINE_string("data", None, "Training data spec (vlmsel_jax.data.r
                             "easy-vqa, llava:FILE.json@IMAGE_ROOT, folder:DIR.")
 _DATA_KIND = flags.DEFINE_enum("data_kind", None, ["paired", "vqa", "conversation"],
                                "Record kind to read (default: paired for stage 1, vqa for 2).")
-_EVAL_DATA = flags.DEFINE_string("eval_data", None, "Held-out data spec for --eval (default: "
-                                 "the test split of --data).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics).")
+_EVAL_DATA = flag_util.shared(flags.DEFINE_string, "eval_data", None, "Held-out data spec "
+                              "(default: the test split of the run's training data).")
+_WORKDIR = flag_util.shared(flags.DEFINE_string, "workdir", None, "The run's directory "
+                            "(checkpoints, metrics, summaries).")
 _VISION_LAYER = flags.DEFINE_integer("vision_layer", -2, "Tower hidden state used (-2: "
                                      "second-to-last).")
 _IMAGE_TOKENS = flags.DEFINE_enum("image_tokens", "patch", list(vlm.IMAGE_TOKENS),
@@ -61,17 +63,20 @@ _CLIP = flags.DEFINE_float("clip_norm", 1.0, "Gradient global-norm clip (0: off)
                            lower_bound=0.0)
 _ACCUMULATE = flags.DEFINE_integer("accumulate", 1, "Micro-batches per optimizer update.",
                                    lower_bound=1)
-_BATCH = flags.DEFINE_integer("batch_size", 8, "Global batch size (micro-batch).", lower_bound=1)
+_BATCH = flag_util.shared(flags.DEFINE_integer, "batch_size", 32, "Samples per batch (global; "
+                          "training: one micro-batch).", lower_bound=1)
 _MAX_STEPS = flags.DEFINE_integer("max_steps", 100, "Micro-steps to train to.", lower_bound=1)
 _FRACTION = flags.DEFINE_float("data_fraction", 1.0, "Train on the first r of a seeded "
                                "permutation of the data.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of initialisation and data order.")
+_SEED = flag_util.shared(flags.DEFINE_integer, "seed", 0, "Seed of every random choice "
+                         "(training: initialisation and data order).")
 _MAX_LEN = flags.DEFINE_integer("max_len", 128, "Tokens per example (image tokens included).",
                                 lower_bound=2)
 _SYSTEM = flags.DEFINE_string("system_prompt", None, "System message for chat prompts (default: "
                               "the chat template's own).")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Dtype of the frozen "
-                           "tower and LLM (trained weights stay float32).")
+_DTYPE = flag_util.shared(flags.DEFINE_enum, "dtype", "float32", "Model dtype (training: of "
+                          "the frozen tower and LLM; trained weights stay float32).",
+                          enum_values=["float32", "bfloat16"])
 _MESH = flags.DEFINE_string("mesh", "data:-1,fsdp:1", "Device mesh, e.g. data:2,fsdp:4.")
 _SAVE_EVERY = flags.DEFINE_integer("save_every", 100, "Checkpoint every N steps.", lower_bound=1)
 _KEEP = flags.DEFINE_integer("keep", 2, "Checkpoints kept.", lower_bound=1)
@@ -82,9 +87,10 @@ _SKIP_BAD = flags.DEFINE_bool("skip_bad_records", False, "Skip (and count) bad r
                               "of stopping.")
 _EVAL = flags.DEFINE_bool("eval", True, "Evaluate at the end (A score for stage 1, VQA accuracy "
                           "for stage 2) and write eval.json.")
-_EVAL_LIMIT = flags.DEFINE_integer("eval_limit", 500, "Held-out examples evaluated (0: all).",
-                                   lower_bound=0)
-_EVAL_BATCH = flags.DEFINE_integer("eval_batch_size", 16, "Evaluation batch size.", lower_bound=1)
+_EVAL_LIMIT = flag_util.shared(flags.DEFINE_integer, "eval_limit", 0, "Held-out examples "
+                               "evaluated (0: all).", lower_bound=0)
+_EVAL_BATCH = flag_util.shared(flags.DEFINE_integer, "eval_batch_size", 16, "Evaluation batch "
+                               "size.", lower_bound=1)
 
 
 def config_from_flags() -> loop.TrainConfig:

@@ -141,9 +141,15 @@ def vqa_accuracy(model_fn: Callable, builder: batches_lib.PromptBuilder, source,
 
 
 def _answers(record) -> list[str]:
-  if "answers" in record and record["answers"]:
+  """Reference answers: a VQA record's human answers, or a chat's last assistant turn."""
+  if record.get("answers"):
     return list(record["answers"])
-  return [record["answer"]]
+  if "answer" in record:
+    return [record["answer"]]
+  turns = [m["content"] for m in record.get("conversations", ()) if m["role"] == "assistant"]
+  if not turns:
+    raise ValueError(f"record {record.get('id')}: no answer to score against")
+  return [turns[-1]]
 
 
 def majority_answer_of(source, limit: int | None = None) -> str:
@@ -158,7 +164,7 @@ def _record_answer(source, i: int) -> str:
   # Avoid decoding the image when the source can give the answer alone.
   if hasattr(source, "answer_of"):
     return source.answer_of(i)
-  return source[i]["answer"]
+  return _answers(source[i])[0]
 
 
 def _progress(items, enabled: bool, desc: str):

@@ -120,8 +120,12 @@ def build_model(config: TrainConfig) -> Built:
 
 
 def _init_projector(params: dict, directory: str) -> dict:
-  """``params`` with the projector taken from the latest checkpoint of another run (stage 1)."""
-  restored, _ = ckpt_lib.restore_params(directory)
+  """``params`` with the projector from the latest checkpoint of another run (stage 1).
+
+  ``directory`` is that run's workdir (or its checkpoints directory).
+  """
+  nested = os.path.join(directory, CHECKPOINT_DIR)
+  restored, _ = ckpt_lib.restore_params(nested if os.path.isdir(nested) else directory)
   if not isinstance(restored, dict) or "projector" not in restored:
     raise ckpt_lib.CheckpointError(f"{directory}: the checkpoint has no projector")
   want = jax.tree.map(np.shape, params["projector"])

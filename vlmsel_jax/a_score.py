@@ -1,0 +1,103 @@
+r"""A score over a candidate list (METHODS §4): stage-1 training per candidate, then the held-out
+caption log-likelihood, written as one table.
+
+  python -m vlmsel_jax.a_score --flagfile=configs/a_score_demo.flags
+
+Takes every flag of ``vlmsel_jax.train`` (the stage-1 recipe, shared by all candidates) plus
+``--candidates``: vision specs, each optionally ``@layer`` (the Law paper treats layer choices as
+distinct settings), e.g. ``efficientnet-lite0,efficientnet-lite0@-3,efficientnet-lite1``. Each
+candidate trains in ``<--workdir>/<candidate>`` (resumed if interrupted; a finished run is
+evaluated again without retraining) and the table goes to ``--output`` (CSV, plus JSON beside it).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from vlmsel_jax import atomic
+from vlmsel_jax import parallel
+from vlmsel_jax import runtime_flags
+from vlmsel_jax import train as train_binary
+from vlmsel_jax.training import evaluate_run
+from vlmsel_jax.training import loop
+
+_CANDIDATES = flags.DEFINE_list("candidates", None, "Vision candidates: spec[@layer], ...")
+_OUTPUT = flags.DEFINE_string("a_score_output", None, "CSV table path (JSON written beside it).")
+
+COLUMNS = ("candidate", "vision", "vision_layer", "a_score", "a_score_std", "pairs", "steps",
+           "final_loss", "workdir")
+
+
+def parse_candidate(text: str) -> tuple[str, int | None]:
+  """``"lite0@-2"`` → ("lite0", -2); ``"lite0"`` → ("lite0", None)."""
+  spec, sep, layer = text.strip().rpartition("@") if "@" in text else (text.strip(), "", "")
+  if not sep:
+    return spec, None
+  try:
+    return spec, int(layer)
+  except ValueError:
+    raise app.UsageError(f"--candidates: {text!r}: the part after @ must be a layer index") from None
+
+
+def candidate_name(spec: str, layer: int | None) -> str:
+  base = os.path.basename(spec.rstrip("/")) or spec
+  return base if layer is None else f"{base}@{layer}"
+
+
+def table_csv(rows: list[dict]) -> str:
+  buf = io.StringIO()
+  writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+  writer.writeheader()
+  for row in rows:
+    writer.writerow({k: row.get(k) for k in COLUMNS})
+  return buf.getvalue()
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not _CANDIDATES.value:
+    raise app.UsageError("--candidates is required")
+  if not _OUTPUT.value:
+    raise app.UsageError("--a_score_output is required (a CSV path)")
+  runtime_flags.initialize_from_flags()
+  if flags.FLAGS.stage != "1":
+    raise app.UsageError("the A score is defined after stage-1 training; use --stage=1")
+  candidates = [parse_candidate(c) for c in _CANDIDATES.value]
+  names = [candidate_name(s, l) for s, l in candidates]
+  if len(set(names)) != len(names):
+    raise app.UsageError(f"--candidates: duplicate candidates in {', '.join(names)}")
+  # --vision is not needed (the candidates are the towers); the rest of train's flags apply.
+  if not flags.FLAGS.vision:
+    flags.FLAGS.vision = candidates[0][0]
+  base = train_binary.config_from_flags()
+  rows = []
+  for (spec, layer), name in zip(candidates, names):
+    vlm_config = base.vlm if layer is None else dataclasses.replace(base.vlm, vision_layer=layer)
+    config = dataclasses.replace(base, vision=spec, vlm=vlm_config,
+                                 workdir=os.path.join(base.workdir, name.replace("/", "_")))
+    logging.info("candidate %s: stage 1 in %s", name, config.workdir)
+    summary = loop.train(config)
+    scores = evaluate_run.evaluate(config, data=flags.FLAGS.eval_data, metrics=("a_score",),
+                                   limit=flags.FLAGS.eval_limit or None,
+                                   batch_size=flags.FLAGS.eval_batch_size)
+    rows.append({"candidate": name, "vision": spec, "vision_layer": vlm_config.vision_layer,
+                 "a_score": scores["a_score"], "a_score_std": scores["a_score_std"],
+                 "pairs": scores["pairs"], "steps": summary.get("steps"),
+                 "final_loss": summary.get("loss"), "workdir": config.workdir})
+    if parallel.is_primary():  # Rewritten after each candidate: a kill loses nothing finished.
+      atomic.write_text_atomic(_OUTPUT.value, table_csv(rows))
+      atomic.write_json_atomic(os.path.splitext(_OUTPUT.value)[0] + ".json", {"rows": rows})
+  if parallel.is_primary():
+    print(table_csv(rows))
+
+
+if __name__ == "__main__":
+  app.run(main)
