@@ -224,16 +224,25 @@ def apply_homography(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
   return out[:, :2] / out[:, 2:3]
 
 
-def random_homography(hw: tuple[int, int], rng: np.random.Generator,
-                      strength: float = 0.15) -> np.ndarray:
+def random_homography(hw: tuple[int, int], rng: np.random.Generator, strength: float = 0.1,
+                      max_rotation: float = 30.0, max_scale: float = 0.25,
+                      max_shift: float = 0.1) -> np.ndarray:
   """A random perspective transform of an (H, W) frame onto itself.
 
-  Each corner of the frame moves by a uniform offset of up to ``strength`` of the image side
-  (per axis); the returned 3x3 matrix maps source pixels to target pixels.
+  The frame's corners are rotated about its centre by up to ``max_rotation`` degrees, scaled by
+  a factor in ``[1 / (1 + max_scale), 1 + max_scale]`` (log-uniform), shifted by up to
+  ``max_shift`` of the side, and then each moved independently by up to ``strength`` of the side
+  per axis (the perspective part). Returns the 3x3 matrix mapping source pixels to target pixels.
   """
   h, w = hw
+  size = np.array([w, h], np.float64)
   corners = np.array([[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]], np.float64)
-  moved = corners + rng.uniform(-strength, strength, size=(4, 2)) * np.array([w, h])
+  centre = (size - 1) / 2
+  angle = np.deg2rad(rng.uniform(-max_rotation, max_rotation))
+  scale = np.exp(rng.uniform(-1, 1) * np.log1p(max_scale))
+  rot = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+  moved = (corners - centre) @ rot.T + centre + rng.uniform(-max_shift, max_shift, 2) * size
+  moved += rng.uniform(-strength, strength, size=(4, 2)) * size
   return homography_from_points(corners, moved)
 
 
@@ -291,10 +300,12 @@ def homography_pair(image: np.ndarray, matrix: np.ndarray, num_keypoints: int,
 
 
 def homography_pairs(names: Sequence[str] = PHOTOS, *, pairs_per_image: int = 2,
-                     num_keypoints: int = 50, strength: float = 0.15,
+                     num_keypoints: int = 50, strength: float = 0.1, max_rotation: float = 30.0,
+                     max_scale: float = 0.25, max_shift: float = 0.1,
                      seed: int = 0) -> list[Record]:
   """``pairs_per_image`` random-homography pairs of each scikit-image photo in ``names``.
 
+  ``strength``, ``max_rotation``, ``max_scale`` and ``max_shift`` are ``random_homography``'s.
   Ids are ``<photo>/<index>``; everything is drawn from ``numpy.random.default_rng(seed)``.
   """
   rng = np.random.default_rng(seed)
@@ -302,7 +313,8 @@ def homography_pairs(names: Sequence[str] = PHOTOS, *, pairs_per_image: int = 2,
   for name in names:
     image = photo(name)
     for i in range(pairs_per_image):
-      matrix = random_homography(image.shape[:2], rng, strength)
+      matrix = random_homography(image.shape[:2], rng, strength, max_rotation, max_scale,
+                                 max_shift)
       records.append(homography_pair(image, matrix, num_keypoints, rng, f"{name}/{i}"))
   return records
 
