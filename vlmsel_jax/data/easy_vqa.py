@@ -213,6 +213,12 @@ class EasyVqaSource:
   def __len__(self) -> int:
     return len(self._entries)
 
+  def answer_of(self, index: int) -> str:
+    """The normalized answer of vqa record ``index``, without decoding its image."""
+    if self.kind != "vqa":
+      raise DataError(f"{self.name}: paired records have no answers")
+    return vqa.normalize_answer(self._entries[index][2][1])
+
   def __getitem__(self, index: int) -> dict[str, Any]:
     rid, image_id, content = self._entries[index]
     image = records.decode_image(image_path(self.split, image_id),

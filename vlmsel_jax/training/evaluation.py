@@ -26,6 +26,17 @@ from vlmsel_jax.training import batches as batches_lib
 from vlmsel_jax.training import step as step_lib
 
 
+def evaluation_indices(size: int, limit: int | None) -> list[int]:
+  """All of ``range(size)``, or ``limit`` of them evenly spread over it.
+
+  Evenly spread rather than the first ``limit``: sources list several questions per image in a
+  row, and a prefix would cover only the first few images.
+  """
+  if limit is None or limit >= size:
+    return list(range(size))
+  return sorted(set(np.linspace(0, size - 1, limit).round().astype(int).tolist()))
+
+
 def _batched(indices: Sequence[int], size: int):
   for i in range(0, len(indices), size):
     yield indices[i:i + size]
@@ -50,7 +61,8 @@ def a_score(model_fn: Callable, builder: batches_lib.PromptBuilder, source, *,
   Args:
     model_fn: ``(pixels, input_ids, attention_mask, image_mask) -> logits``.
   """
-  n = len(source) if limit is None else min(limit, len(source))
+  chosen = evaluation_indices(len(source), limit)
+  n = len(chosen)
   if n == 0:
     raise ValueError("A score: the evaluation set is empty")
 
@@ -61,7 +73,7 @@ def a_score(model_fn: Callable, builder: batches_lib.PromptBuilder, source, *,
     return step_lib.token_log_likelihoods(logits, batch["input_ids"], batch["loss_mask"])
 
   values = []
-  chunks = list(_batched(list(range(n)), batch_size))
+  chunks = list(_batched(chosen, batch_size))
   for chunk in _progress(chunks, progress, "A score"):
     batch, real = _stack([builder.caption_inputs(source[i], train=False) for i in chunk],
                          batch_size)
@@ -123,10 +135,11 @@ def vqa_accuracy(model_fn: Callable, builder: batches_lib.PromptBuilder, source,
                  max_new_tokens: int = 8, limit: int | None = None, progress: bool = False
                  ) -> dict:
   """VQA accuracy of greedy answers, with the majority-answer baseline beside it."""
-  n = len(source) if limit is None else min(limit, len(source))
+  chosen = evaluation_indices(len(source), limit)
+  n = len(chosen)
   if n == 0:
     raise ValueError("VQA: the evaluation set is empty")
-  records = [source[i] for i in range(n)]
+  records = [source[i] for i in chosen]
   predictions = greedy_answers(model_fn, builder, records, batch_size=batch_size,
                                max_new_tokens=max_new_tokens, progress=progress)
   scores = [_exact_match(p, _answers(r)) for p, r in zip(predictions, records)]

@@ -24,7 +24,7 @@ import dataclasses
 import functools
 import math
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -504,13 +504,19 @@ class Vit(nnx.Module):
     resized = resize_grid(patches, grid, antialias=c.antialias_positions).astype(pos.dtype)
     return jnp.concatenate([pos[:, :1], resized.reshape(1, -1, c.hidden_size)], axis=1)
 
-  def __call__(self, pixel_values: jax.Array) -> VitOutput:
+  def __call__(self, pixel_values: jax.Array,
+               block_offsets: Sequence[jax.Array] | None = None) -> VitOutput:
     """Runs the vision transformer on a batch of images.
 
     Args:
       pixel_values: (batch, height, width, channels) preprocessed images, NHWC. CLIP, SigLIP and
         ViT need the native ``config.image_size``; DINOv2 takes any size of at least one patch
         (its position embeddings are resized like transformers does).
+      block_offsets: Optional, one array per encoder layer, each broadcastable to that layer's
+        output (batch, tokens, hidden): added to the layer's output before anything reads it.
+        Zeros leave every output unchanged; the gradient with respect to offset ``l`` at zero is
+        the gradient with respect to layer ``l``'s output, which is how layer attributions
+        (``vlmsel_jax.selection.conductance``) reach inside the model.
 
     Returns:
       A ``VitOutput`` with all hidden states, ``last_hidden_state`` and ``pooler_output``.
@@ -546,9 +552,14 @@ class Vit(nnx.Module):
     if self.pre_norm is not None:
       x = self.pre_norm(x)
 
+    if block_offsets is not None and len(block_offsets) != len(self.layers):
+      raise ValueError(f"block_offsets has {len(block_offsets)} arrays for "
+                       f"{len(self.layers)} encoder layers")
     hidden = [x]
-    for layer in self.layers:
+    for i, layer in enumerate(self.layers):
       x = layer(x)
+      if block_offsets is not None:
+        x = x + block_offsets[i]
       hidden.append(x)
 
     pooled = None

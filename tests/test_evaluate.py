@@ -1,0 +1,181 @@
+"""The evaluation harness (--method=evaluate): metrics vs scipy / scikit-learn, tables, errors."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import scipy.stats
+from absl import flags
+from sklearn.metrics import ndcg_score
+
+from vlmsel_jax import select
+from vlmsel_jax.selection import evaluate
+
+FLAGS = flags.FLAGS
+
+CANDS = ["a", "b", "c", "d", "e"]
+TRUTH = {"vqa": [0.61, 0.55, 0.70, 0.31, 0.48], "gqa": [0.40, 0.52, 0.45, 0.20, 0.33]}
+SCORES = {"vqa": [0.9, 0.4, 0.8, 0.1, 0.5], "gqa": [0.2, 0.6, 0.7, 0.1, 0.3]}
+
+
+def _write(path, header, rows):
+  with open(path, "w") as f:
+    f.write(header + "\n" + "".join(",".join(map(str, r)) + "\n" for r in rows))
+  return str(path)
+
+
+@pytest.fixture(name="tables")
+def _tables(tmp_path):
+  truth = _write(tmp_path / "truth.csv", "candidate,task,accuracy",
+                 [(c, t, TRUTH[t][i]) for t in TRUTH for i, c in enumerate(CANDS)])
+  scores = _write(tmp_path / "myscore.csv", "task,candidate,score",
+                  [(t, c, SCORES[t][i]) for t in SCORES for i, c in enumerate(CANDS)])
+  return truth, scores
+
+
+def _run(argv):
+  FLAGS.unparse_flags()
+  FLAGS(["select", "--method=evaluate"] + argv)
+  return select.main(["select"])
+
+
+def _reference(true, score):
+  """Every metric from scipy / scikit-learn (an independent computation)."""
+  true, score = np.asarray(true), np.asarray(score)
+  best = int(np.argmax(true))
+  order = np.argsort(-score, kind="stable")
+  out = {
+      "pearson": scipy.stats.pearsonr(score, true)[0],
+      "spearman": scipy.stats.spearmanr(score, true)[0],
+      "kendall": scipy.stats.kendalltau(score, true)[0],
+      "weighted_tau": scipy.stats.weightedtau(score, true)[0],
+      "top1_regret": true.max() - true[order[0]],
+  }
+  out["r2"] = out["pearson"] ** 2
+  for k in (1, 3, 5):
+    out[f"ndcg@{k}"] = ndcg_score([true], [score], k=k)
+    out[f"recall@{k}"] = float(best in order[:k])
+  return out
+
+
+def test_evaluate_matches_scipy_and_sklearn_per_task_and_mean(tables, tmp_path):
+  truth, scores = tables
+  out = str(tmp_path / "out" / "eval.json")
+  result = _run([f"--truth={truth}", f"--scores={scores}", f"--output={out}"])
+  assert result["tasks"] == ["gqa", "vqa"]
+  m = result["methods"]["myscore"]
+  for task in TRUTH:
+    ref = _reference(TRUTH[task], SCORES[task])
+    for key, want in ref.items():
+      assert m["per_task"][task][key] == pytest.approx(want, abs=1e-12), (task, key)
+  for key in m["mean"]:
+    assert m["mean"][key] == pytest.approx(
+        np.mean([m["per_task"][t][key] for t in TRUTH]), abs=1e-12)
+  on_disk = json.load(open(out))
+  assert on_disk["methods"]["myscore"]["mean"] == pytest.approx(m["mean"])
+  md = open(str(tmp_path / "out" / "eval.md")).read()
+  assert "| myscore |" in md and "## Task vqa" in md
+  assert open(str(tmp_path / "out" / "eval.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_score_binary_csv_per_task_and_gw_is_flipped(tables, tmp_path):
+  truth, _ = tables
+  specs = []
+  for task in TRUTH:
+    # vlmsel_jax.score's layout: metric columns, then rank_<metric>. GW: lower is better.
+    gw = [1.0 - s for s in SCORES[task]]
+    path = _write(tmp_path / f"scores_{task}.csv", "candidate,gw,cka,rank_gw,rank_cka",
+                  [(c, gw[i], SCORES[task][i], 0, 0) for i, c in enumerate(CANDS)])
+    specs.append(f"{path}:{task}")
+  result = _run([f"--truth={truth}", f"--scores={','.join(specs)}",
+                 f"--output={tmp_path / 'e.json'}"])
+  assert set(result["methods"]) == {"gw", "cka"}
+  assert result["methods"]["gw"]["higher_is_better"] is False
+  # 1 − score, flipped, ranks exactly as the score: every metric but Pearson's sign agrees.
+  for key in ("spearman", "kendall", "weighted_tau", "ndcg@3", "recall@1", "top1_regret"):
+    assert result["methods"]["gw"]["mean"][key] == pytest.approx(
+        result["methods"]["cka"]["mean"][key], abs=1e-12), key
+
+
+def test_k_flag_adds_its_cutoff(tables, tmp_path):
+  truth, scores = tables
+  result = _run([f"--truth={truth}", f"--scores={scores}", "--k=2",
+                 f"--output={tmp_path / 'e.json'}"])
+  want = ndcg_score([TRUTH["vqa"]], [SCORES["vqa"]], k=2)
+  assert result["methods"]["myscore"]["per_task"]["vqa"]["ndcg@2"] == pytest.approx(want)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("missing_candidate", r"myscore.csv: task 'vqa': no score for candidate\(s\) e of .*truth.csv"),
+    ("extra_candidate", r"myscore.csv: task 'vqa': candidate\(s\) z have no accuracy in"),
+    ("extra_task", r"myscore.csv: task\(s\) okvqa of method 'myscore' are not in the ground "
+                   r"truth"),
+    ("missing_task", r"method 'myscore' has no scores for task\(s\) gqa of the ground truth"),
+    ("nan_score", r"myscore.csv:4: score is nan \(scores and accuracies must be finite\)"),
+    ("inf_truth", r"truth.csv:3: accuracy is inf"),
+    ("text_score", r"myscore.csv:2: score 'high' is not a number"),
+    ("duplicate", r"myscore.csv:7: candidate 'a' appears twice for task 'vqa'"),
+    ("no_column", r"myscore.csv: no 'score' column \(columns: candidate, task, value\)"),
+    ("missing_file", r"gone.csv: file not found"),
+])
+def test_bad_tables_are_one_clear_error_and_write_nothing(tmp_path, case, match):
+  truth_rows = [(c, t, TRUTH[t][i]) for t in TRUTH for i, c in enumerate(CANDS)]
+  score_rows = [(c, t, SCORES[t][i]) for t in ("vqa", "gqa") for i, c in enumerate(CANDS)]
+  header = "candidate,task,score"
+  if case == "missing_candidate":
+    score_rows = [r for r in score_rows if r[:2] != ("e", "vqa")]
+  elif case == "extra_candidate":
+    score_rows.append(("z", "vqa", 0.3))
+  elif case == "extra_task":
+    score_rows.append(("a", "okvqa", 0.3))
+  elif case == "missing_task":
+    score_rows = [r for r in score_rows if r[1] != "gqa"]
+  elif case == "nan_score":
+    score_rows[2] = (score_rows[2][0], "vqa", float("nan"))
+  elif case == "inf_truth":
+    truth_rows[1] = (truth_rows[1][0], truth_rows[1][1], float("inf"))
+  elif case == "text_score":
+    score_rows[0] = ("a", "vqa", "high")
+  elif case == "duplicate":
+    score_rows.insert(5, ("a", "vqa", 0.1))
+  elif case == "no_column":
+    header = "candidate,task,value"
+  truth = _write(tmp_path / "truth.csv", "candidate,task,accuracy", truth_rows)
+  scores = _write(tmp_path / "myscore.csv", header, score_rows)
+  if case == "missing_file":
+    scores = str(tmp_path / "gone.csv")
+  out = tmp_path / "out"
+  out.mkdir()
+  with pytest.raises(evaluate.EvalError, match=match):
+    _run([f"--truth={truth}", f"--scores={scores}", f"--output={out / 'e.json'}"])
+  assert os.listdir(out) == []
+
+
+def test_score_binary_csv_needs_a_task_when_truth_has_several(tables, tmp_path):
+  truth, _ = tables
+  path = _write(tmp_path / "scores.csv", "candidate,cka,rank_cka",
+                [(c, 0.1 * i, i) for i, c in enumerate(CANDS)])
+  with pytest.raises(evaluate.EvalError, match=r"scores.csv: a vlmsel_jax.score scores.csv "
+                     r"holds one task; name it as .*scores.csv:TASK"):
+    _run([f"--truth={truth}", f"--scores={path}", f"--output={tmp_path / 'e.json'}"])
+
+
+def test_same_task_from_two_files_is_an_error(tables, tmp_path):
+  truth, scores = tables
+  with pytest.raises(evaluate.EvalError, match=r"task 'gqa' is given by both"):
+    _run([f"--truth={truth}", f"--scores=s={scores},s={scores}:gqa",
+          f"--output={tmp_path / 'e.json'}"])
+
+
+def test_constant_score_gives_nan_correlation_and_is_left_out_of_the_mean(tmp_path):
+  truth = _write(tmp_path / "t.csv", "candidate,task,accuracy",
+                 [(c, t, TRUTH[t][i]) for t in TRUTH for i, c in enumerate(CANDS)])
+  scores = _write(tmp_path / "s.csv", "candidate,task,score",
+                  [(c, t, 1.0 if t == "vqa" else SCORES[t][i])
+                   for t in TRUTH for i, c in enumerate(CANDS)])
+  result = _run([f"--truth={truth}", f"--scores={scores}", f"--output={tmp_path / 'e.json'}"])
+  m = result["methods"]["s"]
+  assert np.isnan(m["per_task"]["vqa"]["spearman"])
+  assert m["mean"]["spearman"] == pytest.approx(m["per_task"]["gqa"]["spearman"])
+  assert m["tasks_defined"]["spearman"] == 1

@@ -1,0 +1,243 @@
+"""Mordal: clustering, successive halving, scaling laws, cost accounting, the replay binary."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import scipy.stats
+from absl import flags
+from sklearn.cluster import AgglomerativeClustering
+
+from vlmsel_jax import select
+from vlmsel_jax.selection import mordal
+from vlmsel_jax.selection import mordal_cli
+
+FLAGS = flags.FLAGS
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _table_train(table, calls=None):
+  """train() over {candidate: {fraction: (accuracy, cumulative cost)}}, recording calls."""
+
+  def train(candidate, fraction):
+    if calls is not None:
+      calls.append((candidate, fraction))
+    return table[candidate][fraction]
+
+  return train
+
+
+def _singletons(names):
+  """A similarity with every off-diagonal CKA 0: each name is its own cluster at t < 1."""
+  return np.eye(len(names))
+
+
+def test_successive_halving_hand_computed():
+  # 4 encoders × 1 LLM, every encoder its own cluster. Cumulative cost = 10 × fraction.
+  acc = {"A": {0.25: 0.40, 0.5: 0.45, 1.0: 0.50}, "B": {0.25: 0.30, 0.5: 0.50, 1.0: 0.60},
+         "C": {0.25: 0.20, 0.5: 0.55, 1.0: 0.70}, "D": {0.25: 0.10, 0.5: 0.20, 1.0: 0.30}}
+  table = {c: {r: (a, 10 * r) for r, a in per.items()} for c, per in acc.items()}
+  calls = []
+  cands = {(v, "llm"): v for v in "ABCD"}
+  config = mordal.MordalConfig(vision_threshold=0.5, eta=2, initial_budget=0.25, rounds=2,
+                               top_clusters=1, fractions=(0.25, 0.5, 1.0))
+  result = mordal.search(cands, list("ABCD"), _singletons("ABCD"),
+                         {"*": (["llm"], np.eye(1))}, _table_train(table, calls), config)
+  # Round 1 at 0.25: A 0.40 > B 0.30 > C 0.20 > D 0.10, keep ⌈4/2⌉ = 2: A, B.
+  # Round 2 at 0.5: B 0.50 > A 0.45; the last round keeps top_clusters = 1: B.
+  assert [r["kept"] for r in result.halving_rounds] == [["V0L0", "V1L0"], ["V1L0", "V0L0"]]
+  assert result.halving_order == ["V1L0", "V0L0", "V2L0", "V3L0"]
+  # C would have won at 1.0 but was eliminated at 0.25: successive halving's known blind spot.
+  assert result.ranking == ["B", "A", "C", "D"] and result.top1 == "B"
+  # Intra-cluster: B already reached 0.5 (0.25 and 0.5 are reused), so only 1.0 is trained.
+  assert calls == [("A", 0.25), ("B", 0.25), ("C", 0.25), ("D", 0.25), ("A", 0.5), ("B", 0.5),
+                   ("B", 1.0)]
+  # Cost with checkpoint reuse: 4 × 2.5 + (5 − 2.5) × 2 + (10 − 5) = 20, never 10 again for B.
+  assert result.cost == pytest.approx(20.0)
+  assert result.estimates == {"B": 0.60}
+
+
+def test_successive_halving_never_keeps_fewer_than_top_clusters():
+  acc = {c: {0.25: a, 0.5: a, 1.0: a} for c, a in zip("ABCDE", (0.5, 0.4, 0.3, 0.2, 0.1))}
+  table = {c: {r: (a, r) for r, a in per.items()} for c, per in acc.items()}
+  config = mordal.MordalConfig(vision_threshold=0.5, eta=4, initial_budget=0.25, rounds=3,
+                               top_clusters=3, fractions=(0.25, 0.5, 1.0))
+  cands = {(v, "l"): v for v in "ABCDE"}
+  result = mordal.search(cands, list("ABCDE"), _singletons("ABCDE"), {"*": (["l"], np.eye(1))},
+                         _table_train(table), config)
+  # ⌈5/4⌉ = 2 < top_clusters = 3, so 3 stay; with 3 ≤ top_clusters left, halving stops.
+  assert [len(r["kept"]) for r in result.halving_rounds] == [3, 3]
+  assert result.kept_clusters == ["V0L0", "V1L0", "V2L0"]
+
+
+def test_scaling_law_fit_recovers_an_exact_power_law():
+  r = np.array([1 / 16, 1 / 8, 1 / 4])
+  acc = 1.0 - 0.3 * r ** -0.25
+  a, b = mordal.fit_scaling_law(r, acc)
+  assert a == pytest.approx(math.log(0.3), abs=1e-12) and b == pytest.approx(-0.25, abs=1e-12)
+  assert mordal.extrapolate(r, acc) == pytest.approx(0.7, abs=1e-12)
+  # Percent accuracies with max_accuracy=100 give the same law.
+  assert mordal.extrapolate(r, 100 * acc, max_accuracy=100.0) == pytest.approx(70.0, abs=1e-9)
+
+
+def test_scaling_law_fit_matches_polyfit_on_noisy_points():
+  r = np.array([1 / 16, 1 / 8, 1 / 4, 1 / 2])
+  acc = np.array([0.21, 0.37, 0.44, 0.52])
+  b_ref, a_ref = np.polyfit(np.log(r), np.log(1.0 - acc), 1)
+  a, b = mordal.fit_scaling_law(r, acc)
+  assert (a, b) == pytest.approx((a_ref, b_ref), abs=1e-12)
+  assert mordal.extrapolate(r, acc) == pytest.approx(1.0 - math.exp(a_ref), abs=1e-12)
+
+
+def test_intra_cluster_early_stops_the_member_that_cannot_reach_the_leader():
+  fractions = (1 / 8, 1 / 4, 1 / 2, 1.0)
+  # Exact power laws: M1 ends at 0.7, M2 at 0.5, M3 at 0.69 (within a 0.02 margin of M1).
+  law = {"M1": 0.3, "M2": 0.5, "M3": 0.31}
+  table = {m: {r: (1.0 - e * r ** -0.2, r * 8) for r in fractions} for m, e in law.items()}
+  ledger = mordal.Ledger(_table_train(table))
+  config = mordal.MordalConfig(fractions=fractions, min_points=3, early_stop_margin=0.02)
+  estimates, status = mordal.intra_cluster(["M1", "M2", "M3"], ledger, config)
+  # After 1/2 every member has 3 points: leader M1 at 0.7; M2 (0.5) < 0.7 − 0.02 stops.
+  assert status["M2"]["status"] == "stopped early at fraction 0.5"
+  assert status["M1"]["status"] == status["M3"]["status"] == "trained to 1.0"
+  assert estimates["M2"] == pytest.approx(0.5, abs=1e-12)
+  assert estimates["M1"] == pytest.approx(0.7, abs=1e-12)
+  # Cost: M1 and M3 to 1.0 (8 each), M2 to 1/2 (4).
+  assert ledger.total == pytest.approx(20.0)
+
+
+def test_ledger_charges_increments_and_checkpoints_only_go_forward():
+  table = {"x": {0.25: (0.3, 4.0), 0.5: (0.4, 7.0), 1.0: (0.5, 12.0)}}
+  ledger = mordal.Ledger(_table_train(table))
+  ledger.train("x", 0.25, "t")
+  ledger.train("x", 0.5, "t")
+  assert ledger.total == pytest.approx(7.0)  # 4 + (7 − 4), not 4 + 7.
+  assert ledger.train("x", 0.25, "t") == 0.3 and ledger.total == pytest.approx(7.0)  # Free.
+  ledger.train("x", 1.0, "t")
+  assert ledger.total == pytest.approx(12.0)
+  led = mordal.Ledger(_table_train({"x": {0.125: (0.1, 1.0), 1.0: (0.5, 12.0)}}))
+  led.train("x", 1.0, "t")
+  with pytest.raises(mordal.MordalError, match=r"x: asked for fraction 0.125 after training to "
+                     r"1; checkpoints only go forward"):
+    led.train("x", 0.125, "t")
+  bad = mordal.Ledger(_table_train({"x": {0.5: (0.1, 5.0), 1.0: (0.5, 3.0)}}))
+  bad.train("x", 0.5, "t")
+  with pytest.raises(mordal.MordalError, match=r"costs must be cumulative"):
+    bad.train("x", 1.0, "t")
+
+
+def test_clustering_matches_sklearn_and_hand_medoids():
+  names = ["v0", "v1", "v2", "v3", "v4"]
+  sim = np.array([[1.0, 0.9, 0.8, 0.1, 0.2],
+                  [0.9, 1.0, 0.75, 0.15, 0.1],
+                  [0.8, 0.75, 1.0, 0.2, 0.25],
+                  [0.1, 0.15, 0.2, 1.0, 0.6],
+                  [0.2, 0.1, 0.25, 0.6, 1.0]])
+  dist = 1.0 - sim
+  for linkage, t in (("average", 0.7), ("complete", 0.3), ("single", 0.5)):
+    ours = mordal.agglomerative(names, dist, t, linkage)
+    ref = AgglomerativeClustering(n_clusters=None, metric="precomputed", linkage=linkage,
+                                  distance_threshold=t).fit(dist).labels_
+    want = {frozenset(n for n, l in zip(names, ref) if l == lab) for lab in set(ref)}
+    assert {frozenset(c) for c in ours} == want, linkage
+  assert mordal.agglomerative(names, dist, 0.7) == [["v0", "v1", "v2"], ["v3", "v4"]]
+  # Summed distances in {v0, v1, v2}: v0 0.1 + 0.2 = 0.3, v1 0.1 + 0.25, v2 0.2 + 0.25.
+  assert mordal.medoid(["v0", "v1", "v2"], names, dist) == "v0"
+
+
+def test_llm_clusters_follow_the_medoids_own_similarity():
+  cands = {(v, l): f"{v}+{l}" for v in ("va", "vb") for l in ("l0", "l1", "l2")}
+  vision = np.array([[1.0, 0.1], [0.1, 1.0]])
+  llms = ["l0", "l1", "l2"]
+  through_va = np.array([[1.0, 0.9, 0.1], [0.9, 1.0, 0.1], [0.1, 0.1, 1.0]])
+  through_vb = np.array([[1.0, 0.1, 0.1], [0.1, 1.0, 0.9], [0.1, 0.9, 1.0]])
+  clusters = mordal.two_step_clustering(
+      cands, ["va", "vb"], vision, {"va": (llms, through_va), "vb": (llms, through_vb)},
+      mordal.MordalConfig())
+  assert [(c.vision, c.llm) for c in clusters] == [
+      (["va"], ["l0", "l1"]), (["va"], ["l2"]), (["vb"], ["l0"]), (["vb"], ["l1", "l2"])]
+
+
+def _run(argv):
+  FLAGS.unparse_flags()
+  FLAGS(["select"] + argv)
+  return select.main(["select"])
+
+
+def test_replay_config_end_to_end(tmp_path):
+  out = tmp_path / "m" / "mordal.json"
+  flagfile = os.path.join(REPO, "configs", "mordal_replay.flags")
+  cwd = os.getcwd()
+  os.chdir(REPO)
+  try:
+    result = _run([f"--flagfile={flagfile}", f"--output={out}"])
+  finally:
+    os.chdir(cwd)
+  data = json.load(open(out))
+  assert {"ranking", "top1", "cost", "grid_cost", "weighted_tau"} <= set(data)
+  assert data["ranking"] == result["ranking"] and len(data["ranking"]) == 24
+  _, curves = mordal_cli.read_curves(os.path.join(REPO, "configs/data/mordal_curves.csv"))
+  truth = {c: per[1.0][0] for c, per in curves.items()}
+  assert data["grid_cost"] == pytest.approx(sum(per[1.0][1] for per in curves.values()))
+  # Cost = Σ over trained candidates of the cost of the largest fraction reached.
+  want_cost = sum(curves[c][max(float(r) for r in p)][1] for c, p in data["trained"].items())
+  assert data["cost"] == pytest.approx(want_cost)
+  assert data["cost"] < data["grid_cost"]
+  names = sorted(truth)
+  pos = {c: i for i, c in enumerate(data["ranking"])}
+  want_tau = scipy.stats.weightedtau([-pos[c] for c in names], [truth[c] for c in names])[0]
+  assert data["weighted_tau"] == pytest.approx(want_tau, abs=1e-12)
+  assert os.path.exists(tmp_path / "m" / "mordal.md")
+  assert open(tmp_path / "m" / "mordal.png", "rb").read(4) == b"\x89PNG"
+
+
+def _curves(tmp_path, rows, header="candidate,vision,llm,data_fraction,accuracy,cost"):
+  p = tmp_path / "c.csv"
+  p.write_text(header + "\n" + "\n".join(rows) + "\n")
+  return str(p)
+
+
+def _matrix(tmp_path, name, names, m):
+  p = tmp_path / name
+  p.write_text("name," + ",".join(names) + "\n" + "\n".join(
+      n + "," + ",".join(str(v) for v in row) for n, row in zip(names, m)) + "\n")
+  return str(p)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("no_full", r"c.csv: 'a' has no data_fraction 1.0 row"),
+    ("nan", r"c.csv:3: accuracy is nan"),
+    ("fraction", r"c.csv:2: data_fraction 1.5 is not in \(0, 1\]"),
+    ("vision_missing", r"vision similarity has no row for encoder\(s\) vz"),
+    ("not_square", r"v.csv: 2 columns of names but 1 rows"),
+    ("asymmetric", r"vision similarity: not symmetric at \(v1, v2\)"),
+    ("lookup", r"c.csv: the search needs 'a' at data_fraction 0.0625, which the table lacks"),
+    ("cost_order", r"c.csv: 'a' costs 1 to fraction 1 but 2 to 0.5; costs must be cumulative"),
+])
+def test_replay_bad_tables_are_one_clear_error(tmp_path, case, match):
+  rows = ["a,v1,l1,0.5,0.4,1", "a,v1,l1,1.0,0.5,2", "b,v2,l1,0.5,0.3,1", "b,v2,l1,1.0,0.6,2"]
+  vnames, vm = ["v1", "v2"], [[1.0, 0.2], [0.2, 1.0]]
+  if case == "no_full":
+    rows = rows[:1] + rows[2:]
+  elif case == "nan":
+    rows[1] = "a,v1,l1,1.0,nan,2"
+  elif case == "fraction":
+    rows[0] = "a,v1,l1,1.5,0.4,1"
+  elif case == "vision_missing":
+    rows += ["c,vz,l1,1.0,0.2,1"]
+  elif case == "asymmetric":
+    vm = [[1.0, 0.2], [0.3, 1.0]]
+  elif case == "cost_order":
+    rows[0], rows[1] = "a,v1,l1,0.5,0.4,2", "a,v1,l1,1.0,0.5,1"
+  curves = _curves(tmp_path, rows)
+  v = _matrix(tmp_path, "v.csv", vnames, vm)
+  if case == "not_square":
+    (tmp_path / "v.csv").write_text("name,v1,v2\nv1,1.0,0.2\n")
+  l = _matrix(tmp_path, "l.csv", ["l1"], [[1.0]])
+  config = mordal.MordalConfig(initial_budget=0.5, fractions=(0.5, 1.0), min_points=2)
+  if case == "lookup":
+    config = mordal.MordalConfig()
+  with pytest.raises(mordal.MordalError, match=match):
+    mordal_cli.replay(curves, v, [l], config)

@@ -1,0 +1,162 @@
+"""Directional Conductance Divergence (DCD): model-specific task similarity → model ranking.
+
+METHODS.md §2. For model m, every task T has a block-conductance profile c_T (one value per
+visual transformer block; ``conductance.block_conductance``). Then, for a target task T and the
+other (source) tasks S:
+
+  α = softmax(η · c_T / ‖c_T‖₂)                                    (block importance, η = 2.5)
+  DCD(T ‖ S) = Σ_l α_l · |c_{T,l} − c_{S,l}| / (|c_{T,l}| + 1e-8)   (asymmetric)
+  w_S = exp(−γ · (DCD(T ‖ S) − min_S' DCD(T ‖ S')))                 (γ = 4)
+  score_m(T) = Σ_S w_S · rank_m(S) / Σ_S w_S
+
+rank_m(S) is model m's rank among all models on source task S by true accuracy (1 = best, ties
+get the mean rank), so a *lower* score predicts a better model. The weights depend on the model:
+the similarity of two tasks is measured through each model's own conductance. Leave-one-task-out
+evaluation treats each task in turn as the target, with every other task as a source, and judges
+the predicted order by NDCG@k (relevance = true accuracy on the target) and top-k overlap.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import scipy.stats
+
+from vlmsel_jax import metrics as rank_metrics
+
+ETA = 2.5
+GAMMA = 4.0
+EPS = 1e-8
+
+
+class DCDError(ValueError):
+  """Inconsistent conductance profiles or accuracy tables; one line."""
+
+
+def block_importance(c_target, eta: float = ETA) -> np.ndarray:
+  """α = softmax(η · c_T / ‖c_T‖₂) over blocks."""
+  c = np.asarray(c_target, np.float64)
+  norm = np.linalg.norm(c)
+  z = eta * c / norm if norm > 0 else np.zeros_like(c)
+  z = np.exp(z - z.max())
+  return z / z.sum()
+
+
+def divergence(c_target, c_source, eta: float = ETA) -> float:
+  """DCD(T ‖ S) = Σ_l α_l |c_{T,l} − c_{S,l}| / (|c_{T,l}| + 1e-8), α from the target."""
+  t = np.asarray(c_target, np.float64)
+  s = np.asarray(c_source, np.float64)
+  if t.shape != s.shape or t.ndim != 1:
+    raise DCDError(f"conductance profiles differ in shape: {t.shape} vs {s.shape}")
+  return float(np.sum(block_importance(t, eta) * np.abs(t - s) / (np.abs(t) + EPS)))
+
+
+def source_weights(divergences: Mapping[str, float], gamma: float = GAMMA) -> dict[str, float]:
+  """w_S = exp(−γ (DCD(T‖S) − min_S' DCD(T‖S'))); the closest source gets weight 1."""
+  low = min(divergences.values())
+  return {s: float(np.exp(-gamma * (d - low))) for s, d in divergences.items()}
+
+
+def source_ranks(accuracy: Mapping[str, Mapping[str, float]], models: Sequence[str]
+                 ) -> dict[str, dict[str, float]]:
+  """task → model → rank by accuracy among ``models`` (1 = best, ties share the mean rank)."""
+  out = {}
+  for task, acc in accuracy.items():
+    r = scipy.stats.rankdata([-acc[m] for m in models], method="average")
+    out[task] = dict(zip(models, r.tolist()))
+  return out
+
+
+def check_inputs(profiles: Mapping[str, Mapping[str, np.ndarray]],
+                 accuracy: Mapping[str, Mapping[str, float]]) -> tuple[list[str], list[str]]:
+  """(models, tasks) when every model has a profile and an accuracy for every task."""
+  models = sorted(profiles)
+  tasks = sorted(accuracy)
+  if len(models) < 2:
+    raise DCDError(f"DCD ranks models: needs at least 2, got {len(models)}")
+  if len(tasks) < 2:
+    raise DCDError(f"leave-one-task-out needs at least 2 tasks, got {len(tasks)}")
+  for m in models:
+    missing = [t for t in tasks if t not in profiles[m]]
+    if missing:
+      raise DCDError(f"model {m!r} has no conductance profile for task(s) {', '.join(missing)}")
+    extra = sorted(set(profiles[m]) - set(tasks))
+    if extra:
+      raise DCDError(f"model {m!r} has profiles for task(s) {', '.join(extra)} that have no "
+                     "accuracies")
+    lengths = {profiles[m][t].shape for t in tasks}
+    if len(lengths) != 1:
+      raise DCDError(f"model {m!r}: profiles of different lengths {sorted(lengths)}")
+    for t in tasks:
+      if not np.all(np.isfinite(profiles[m][t])):
+        raise DCDError(f"model {m!r}, task {t!r}: non-finite conductance")
+  for t in tasks:
+    missing = [m for m in models if m not in accuracy[t]]
+    if missing:
+      raise DCDError(f"task {t!r}: no accuracy for model(s) {', '.join(missing)}")
+    extra = sorted(set(accuracy[t]) - set(models))
+    if extra:
+      raise DCDError(f"task {t!r}: accuracies for model(s) {', '.join(extra)} that have no "
+                     "conductance profile")
+  return models, tasks
+
+
+def predict(target: str, sources: Sequence[str], profiles: Mapping[str, Mapping[str, np.ndarray]],
+            ranks: Mapping[str, Mapping[str, float]], eta: float = ETA, gamma: float = GAMMA,
+            uniform: bool = False) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+  """Predicted rank score of every model on ``target`` (lower = better) and each model's w_S.
+
+  With ``uniform`` every source weighs the same (the mean source rank: DCD's ablation baseline).
+  """
+  scores, weights = {}, {}
+  for m, per_task in profiles.items():
+    if uniform:
+      w = {s: 1.0 for s in sources}
+    else:
+      w = source_weights({s: divergence(per_task[target], per_task[s], eta) for s in sources},
+                         gamma)
+    weights[m] = w
+    scores[m] = sum(w[s] * ranks[s][m] for s in sources) / sum(w.values())
+  return scores, weights
+
+
+def leave_one_task_out(profiles: Mapping[str, Mapping[str, np.ndarray]],
+                       accuracy: Mapping[str, Mapping[str, float]], *, eta: float = ETA,
+                       gamma: float = GAMMA, ks: Sequence[int] = (1, 3, 5),
+                       uniform: bool = False) -> dict[str, Any]:
+  """Every task as the target in turn; NDCG@k and top-k overlap per target and on average.
+
+  Args:
+    profiles: model → task → block-conductance profile.
+    accuracy: task → model → true accuracy (non-negative: NDCG's gain).
+    eta, gamma: DCD's temperature and source-weight sharpness.
+    ks: cut-offs of NDCG@k and top-k overlap.
+    uniform: equal source weights instead of DCD's (the baseline).
+
+  Returns:
+    {"per_task": {task: {"scores", "ranking", "weights", "ndcg@k", "overlap@k"}}, "mean": {...}}.
+  """
+  models, tasks = check_inputs(profiles, accuracy)
+  ranks = source_ranks(accuracy, models)
+  per_task = {}
+  for t in tasks:
+    sources = [s for s in tasks if s != t]
+    scores, weights = predict(t, sources, profiles, ranks, eta, gamma, uniform)
+    true = np.array([accuracy[t][m] for m in models])
+    if np.any(true < 0):
+      raise DCDError(f"task {t!r}: negative accuracy; NDCG needs non-negative gains")
+    pred = -np.array([scores[m] for m in models])  # Larger = predicted better.
+    entry: dict[str, Any] = {
+        "scores": scores,
+        "ranking": [models[i] for i in np.argsort(-pred, kind="stable")],
+        "weights": weights,
+    }
+    for k in ks:
+      entry[f"ndcg@{k}"] = rank_metrics.ndcg_at_k(true, pred, k)
+    for k in ks:
+      entry[f"overlap@{k}"] = rank_metrics.top_k_overlap(true, pred, k)
+    per_task[t] = entry
+  keys = [f"ndcg@{k}" for k in ks] + [f"overlap@{k}" for k in ks]
+  mean = {k: float(np.mean([per_task[t][k] for t in tasks])) for k in keys}
+  return {"models": models, "tasks": tasks, "per_task": per_task, "mean": mean, "keys": keys}

@@ -1,0 +1,416 @@
+"""The evaluation harness every selection method is judged by: scores vs ground truth, per task.
+
+Inputs are plain tables. The ground truth is a CSV ``candidate,task,accuracy`` (the accuracy of
+the VLM built from ``candidate`` on ``task``). A method's scores come either as a CSV
+``candidate,task,score`` (one method per file) or as the ``scores.csv`` that
+``python -m vlmsel_jax.score`` writes (columns ``candidate``, one column per metric and
+``rank_<metric>``; every metric becomes a method, and the file covers one task, named by the
+caller). For every method and task the harness computes the metrics of ``vlmsel_jax.metrics``
+(Pearson, Spearman, Kendall, weighted τ, R², NDCG@k, Recall@k, top-1 regret) of the accuracy
+against the score oriented so that larger = predicted better, then the mean over tasks.
+
+Nothing is silently dropped: a candidate present in the scores and not in the ground truth (or
+the reverse), a task present in one and not the other, a duplicate row, a non-finite value: each
+is an ``EvalError`` whose one-line message names the file, line, task or candidate.
+
+``write_result_files`` (JSON + markdown + PNG beside it, written atomically) is shared by the
+selection binaries (``evaluate_cli``, ``mordal_cli``, ``dcd_cli``).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from vlmsel_jax import metrics as rank_metrics
+from vlmsel_jax import scoring
+
+DEFAULT_KS = (1, 3, 5)
+
+
+class EvalError(ValueError):
+  """A bad input table or an inconsistency between tables; the message is one line."""
+
+
+@dataclasses.dataclass
+class MethodScores:
+  """One selection method's scores: task → candidate → score.
+
+  Attributes:
+    name: The method's name in reports.
+    higher_is_better: Whether a larger score means "predicted better" (False for GW distances).
+    values: task → candidate → score.
+    sources: task → the file the task's scores came from (for error messages).
+  """
+  name: str
+  higher_is_better: bool
+  values: dict[str, dict[str, float]]
+  sources: dict[str, str]
+
+
+def parse_float(text: str | None, where: str, what: str,
+                error: type[ValueError] = EvalError) -> float:
+  """``text`` as a finite float, or ``error`` naming ``where`` (file:line) and ``what``."""
+  try:
+    value = float(text)  # type: ignore[arg-type]
+  except (TypeError, ValueError):
+    raise error(f"{where}: {what} {text!r} is not a number") from None
+  if not math.isfinite(value):
+    raise error(f"{where}: {what} is {text.strip()} (scores and accuracies must be finite)")
+  return value
+
+
+def _open_csv(path: str, needed: Sequence[str]) -> tuple[csv.DictReader, Any]:
+  if not os.path.isfile(path):
+    raise EvalError(f"{path}: file not found")
+  f = open(path, newline="", encoding="utf-8")
+  reader = csv.DictReader(f)
+  fields = reader.fieldnames or []
+  for column in needed:
+    if column not in fields:
+      f.close()
+      raise EvalError(f"{path}: no '{column}' column (columns: {', '.join(fields) or 'none'})")
+  return reader, f
+
+
+def read_long_table(path: str, value_column: str) -> dict[str, dict[str, float]]:
+  """Reads a ``candidate,task,<value_column>`` CSV as task → candidate → value.
+
+  Raises:
+    EvalError: a missing file or column, an empty name, a duplicate (candidate, task), a value
+      that is not a finite number, or no rows.
+  """
+  reader, f = _open_csv(path, ("candidate", "task", value_column))
+  table: dict[str, dict[str, float]] = {}
+  with f:
+    for line, row in enumerate(reader, start=2):
+      candidate, task = (row["candidate"] or "").strip(), (row["task"] or "").strip()
+      if not candidate or not task:
+        raise EvalError(f"{path}:{line}: empty candidate or task name")
+      per_task = table.setdefault(task, {})
+      if candidate in per_task:
+        raise EvalError(f"{path}:{line}: candidate {candidate!r} appears twice for task {task!r}")
+      per_task[candidate] = parse_float(row[value_column], f"{path}:{line}", value_column)
+  if not table:
+    raise EvalError(f"{path}: no rows")
+  return table
+
+
+def read_truth(path: str, column: str = "accuracy") -> dict[str, dict[str, float]]:
+  """The ground truth ``candidate,task,accuracy`` as task → candidate → accuracy."""
+  return read_long_table(path, column)
+
+
+def is_score_binary_csv(path: str) -> bool:
+  """Whether ``path`` has the layout of ``vlmsel_jax.score``'s scores.csv (rank_<metric> columns)."""
+  reader, f = _open_csv(path, ("candidate",))
+  with f:
+    fields = reader.fieldnames or []
+  metric_columns = [c for c in fields[1:] if not c.startswith("rank_")]
+  return "task" not in fields and bool(metric_columns) and all(
+      f"rank_{c}" in fields for c in metric_columns)
+
+
+def read_score_binary_csv(path: str, task: str, label: str | None = None) -> list[MethodScores]:
+  """Every metric column of a ``vlmsel_jax.score`` scores.csv as one method, for ``task``.
+
+  The direction of each metric (GW: lower is better) comes from the score binary's metric
+  registry; a column it does not know is an error rather than a guess.
+  """
+  reader, f = _open_csv(path, ("candidate",))
+  with f:
+    fields = reader.fieldnames or []
+    names = [c for c in fields[1:] if not c.startswith("rank_")]
+    unknown = [m for m in names if m not in scoring.METRICS]
+    if unknown:
+      raise EvalError(f"{path}: column(s) {', '.join(unknown)} are not metrics of "
+                      "vlmsel_jax.score, so their direction is unknown; convert the file to "
+                      "candidate,task,score and pass --eval_lower_is_better where needed")
+    values: dict[str, dict[str, float]] = {m: {} for m in names}
+    for line, row in enumerate(reader, start=2):
+      candidate = (row["candidate"] or "").strip()
+      if not candidate:
+        raise EvalError(f"{path}:{line}: empty candidate name")
+      for m in names:
+        if candidate in values[m]:
+          raise EvalError(f"{path}:{line}: candidate {candidate!r} appears twice")
+        values[m][candidate] = parse_float(row[m], f"{path}:{line}", m)
+  if not names or not values[names[0]]:
+    raise EvalError(f"{path}: no rows")
+  prefix = f"{label}/" if label else ""
+  return [MethodScores(prefix + m, scoring.METRICS[m].higher_is_better, {task: values[m]},
+                       {task: path}) for m in names]
+
+
+def parse_score_spec(spec: str) -> tuple[str | None, str, str | None]:
+  """``[label=]path[:task]`` → (label, path, task); the label and task are optional."""
+  label = None
+  if "=" in spec:
+    label, spec = spec.split("=", 1)
+    label = label.strip() or None
+  task = None
+  if ":" in spec:
+    spec, task = spec.rsplit(":", 1)
+    task = task.strip() or None
+  return label, spec.strip(), task
+
+
+def load_methods(specs: Sequence[str], truth_tasks: Sequence[str],
+                 lower_is_better: Iterable[str] = ()) -> list[MethodScores]:
+  """Reads every score file named in ``specs`` (``[label=]path[:task]``) into methods.
+
+  A long ``candidate,task,score`` file is one method, named by its label or its file name
+  (without extension); ``:task`` keeps only that task's rows. A ``vlmsel_jax.score`` scores.csv
+  gives one method per metric (``label/metric`` with a label) for the task after ``:`` (which
+  may be left out only when the ground truth has a single task). Methods of the same name from
+  several files are merged task by task (e.g. one scores.csv per task); a task given twice for
+  one method is an error. Methods named in ``lower_is_better`` are flipped.
+  """
+  lower = set(lower_is_better)
+  merged: dict[str, MethodScores] = {}
+  for spec in specs:
+    label, path, task = parse_score_spec(spec)
+    if not path:
+      raise EvalError(f"empty path in score spec {spec!r}")
+    if is_score_binary_csv(path):
+      if task is None:
+        if len(truth_tasks) != 1:
+          raise EvalError(f"{path}: a vlmsel_jax.score scores.csv holds one task; name it as "
+                          f"{path}:TASK (ground-truth tasks: {', '.join(truth_tasks)})")
+        task = truth_tasks[0]
+      methods = read_score_binary_csv(path, task, label)
+      for m in methods:
+        if m.name in lower:
+          m.higher_is_better = False
+    else:
+      values = read_long_table(path, "score")
+      if task is not None:
+        if task not in values:
+          raise EvalError(f"{path}: no rows for task {task!r} (tasks: {', '.join(sorted(values))})")
+        values = {task: values[task]}
+      name = label or os.path.splitext(os.path.basename(path))[0]
+      methods = [MethodScores(name, name not in lower, values, {t: path for t in values})]
+    for m in methods:
+      if m.name not in merged:
+        merged[m.name] = m
+        continue
+      into = merged[m.name]
+      if into.higher_is_better != m.higher_is_better:
+        raise EvalError(f"method {m.name!r}: files disagree on its direction")
+      for t, v in m.values.items():
+        if t in into.values:
+          raise EvalError(f"method {m.name!r}: task {t!r} is given by both {into.sources[t]} "
+                          f"and {m.sources[t]}")
+        into.values[t] = v
+        into.sources[t] = m.sources[t]
+  unknown = sorted(lower - set(merged))
+  if unknown:
+    raise EvalError(f"--eval_lower_is_better names unknown method(s) {', '.join(unknown)} "
+                    f"(methods: {', '.join(merged)})")
+  return list(merged.values())
+
+
+def _check_match(method: MethodScores, truth: Mapping[str, Mapping[str, float]], truth_path: str,
+                 tasks: Sequence[str]):
+  """Raises EvalError unless ``method`` scores exactly the ground truth's candidates per task."""
+  extra = sorted(set(method.values) - set(tasks))
+  if extra:
+    src = method.sources[extra[0]]
+    raise EvalError(f"{src}: task(s) {', '.join(extra)} of method {method.name!r} are not in the "
+                    f"ground truth {truth_path} (tasks: {', '.join(tasks)})")
+  missing = [t for t in tasks if t not in method.values]
+  if missing:
+    raise EvalError(f"method {method.name!r} has no scores for task(s) {', '.join(missing)} of "
+                    f"the ground truth {truth_path}")
+  for t in tasks:
+    src = method.sources[t]
+    no_truth = sorted(set(method.values[t]) - set(truth[t]))
+    if no_truth:
+      raise EvalError(f"{src}: task {t!r}: candidate(s) {', '.join(no_truth)} have no accuracy "
+                      f"in {truth_path}")
+    no_score = sorted(set(truth[t]) - set(method.values[t]))
+    if no_score:
+      raise EvalError(f"{src}: task {t!r}: no score for candidate(s) {', '.join(no_score)} of "
+                      f"{truth_path}")
+    if len(truth[t]) < rank_metrics.MIN_CANDIDATES:
+      raise EvalError(f"{truth_path}: task {t!r} has {len(truth[t])} candidate(s); ranking "
+                      f"metrics need at least {rank_metrics.MIN_CANDIDATES}")
+
+
+def metric_names(ks: Sequence[int]) -> list[str]:
+  """The keys ``metrics.all_metrics`` returns for ``ks``, in its order."""
+  return (["pearson", "spearman", "kendall", "weighted_tau", "r2"] +
+          [f"ndcg@{k}" for k in ks] + [f"recall@{k}" for k in ks] + ["top1_regret"])
+
+
+def evaluate_scores(true: Mapping[str, float], scores: Mapping[str, float], higher_is_better: bool,
+                    ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+  """``metrics.all_metrics`` of one task: candidate → accuracy vs candidate → score."""
+  names = sorted(true)
+  t = np.array([true[c] for c in names], np.float64)
+  s = rank_metrics.orient([scores[c] for c in names], higher_is_better)
+  return rank_metrics.all_metrics(t, s, ks)
+
+
+def mean_over_tasks(per_task: Mapping[str, Mapping[str, float]], keys: Sequence[str]
+                    ) -> dict[str, float]:
+  """Per key, the mean over tasks where the value is defined (a constant score gives NaN)."""
+  out = {}
+  for key in keys:
+    vals = [v[key] for v in per_task.values() if math.isfinite(v[key])]
+    out[key] = float(np.mean(vals)) if vals else float("nan")
+  return out
+
+
+def evaluate(truth: Mapping[str, Mapping[str, float]], methods: Sequence[MethodScores], *,
+             truth_path: str = "ground truth", tasks: Sequence[str] | None = None,
+             ks: Sequence[int] = DEFAULT_KS) -> dict[str, Any]:
+  """Judges every method against the ground truth on every task.
+
+  Args:
+    truth: task → candidate → accuracy (non-negative: it is NDCG's gain).
+    methods: the methods to judge; each must score exactly the ground truth's candidates on
+      exactly the evaluated tasks.
+    truth_path: names the ground truth in error messages.
+    tasks: the tasks to evaluate (default: every ground-truth task); each must be in the truth.
+    ks: the k of NDCG@k and Recall@k.
+
+  Returns:
+    {"tasks", "ks", "metrics", "methods": {name: {"higher_is_better", "per_task": {task:
+    {metric: value}}, "mean": {metric: mean over tasks}, "tasks_defined": {metric: count}}}}.
+  """
+  if not methods:
+    raise EvalError("no score files given")
+  names = [m.name for m in methods]
+  if len(set(names)) != len(names):
+    raise EvalError(f"method names are not unique: {', '.join(names)}")
+  if tasks is None:
+    tasks = sorted(truth)
+  else:
+    absent = [t for t in tasks if t not in truth]
+    if absent:
+      raise EvalError(f"{truth_path}: no rows for task(s) {', '.join(absent)} "
+                      f"(tasks: {', '.join(sorted(truth))})")
+    methods = [dataclasses.replace(m, values={t: v for t, v in m.values.items() if t in tasks})
+               for m in methods]
+  for t in tasks:
+    if any(v < 0 for v in truth[t].values()):
+      raise EvalError(f"{truth_path}: task {t!r} has a negative accuracy; NDCG needs "
+                      "non-negative gains")
+  keys = metric_names(ks)
+  out: dict[str, Any] = {"tasks": list(tasks), "ks": list(ks), "metrics": keys, "methods": {}}
+  for m in methods:
+    _check_match(m, truth, truth_path, tasks)
+    per_task = {t: evaluate_scores(truth[t], m.values[t], m.higher_is_better, ks) for t in tasks}
+    out["methods"][m.name] = {
+        "higher_is_better": m.higher_is_better,
+        "per_task": per_task,
+        "mean": mean_over_tasks(per_task, keys),
+        "tasks_defined": {k: sum(math.isfinite(v[k]) for v in per_task.values()) for k in keys},
+    }
+  return out
+
+
+def fmt(v: Any, digits: int = 3) -> str:
+  """A number for a markdown table (NaN as "nan", tiny values in %g)."""
+  if isinstance(v, float):
+    if math.isnan(v):
+      return "nan"
+    return f"{v:.{digits}g}" if abs(v) < 1e-3 and v != 0 else f"{v:.{digits}f}"
+  return str(v)
+
+
+def markdown(result: Mapping[str, Any], *, title: str = "Selection methods against ground truth",
+             run_info: Mapping[str, Any] | None = None) -> str:
+  """The mean table and one table per task."""
+  keys = result["metrics"]
+  lines = [f"# {title}", "",
+           "Each score is oriented so that larger = predicted better. R² is that of a "
+           "least-squares line; NDCG@k uses the accuracy as gains; Recall@k = 1 if the truly best "
+           "candidate is in the predicted top k; top-1 regret = best accuracy − accuracy of the "
+           "predicted best. Means are over the tasks where a metric is defined (a constant score "
+           "has no correlation).", "",
+           f"## Mean over {len(result['tasks'])} task(s): {', '.join(result['tasks'])}", "",
+           "| method | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+  for name, m in result["methods"].items():
+    lines.append(f"| {name} | " + " | ".join(fmt(m["mean"][k]) for k in keys) + " |")
+  for t in result["tasks"]:
+    lines += ["", f"## Task {t}", "", "| method | " + " | ".join(keys) + " |",
+              "|---|" + "---|" * len(keys)]
+    for name, m in result["methods"].items():
+      lines.append(f"| {name} | " + " | ".join(fmt(m["per_task"][t][k]) for k in keys) + " |")
+  if run_info:
+    lines += ["", "## Run", "", "```"] + [f"{k} = {v}" for k, v in run_info.items()] + ["```"]
+  return "\n".join(lines) + "\n"
+
+
+def plot(result: Mapping[str, Any], path: str,
+         shown: Sequence[str] = ("spearman", "weighted_tau", "ndcg@1", "ndcg@3", "ndcg@5")):
+  """Grouped bars: the mean over tasks of a few metrics, one group per method."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  shown = [k for k in shown if k in result["metrics"]]
+  names = list(result["methods"])
+  fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(names) * len(shown) / 3 + 2), 3.6))
+  width = 0.8 / max(len(shown), 1)
+  x = np.arange(len(names))
+  for i, k in enumerate(shown):
+    vals = [result["methods"][n]["mean"][k] for n in names]
+    ax.bar(x + i * width - 0.4 + width / 2, np.nan_to_num(vals), width, label=k)
+  ax.set_xticks(x, names, rotation=30, ha="right", fontsize=7)
+  ax.axhline(0.0, color="black", linewidth=0.5)
+  ax.set_ylabel(f"mean over {len(result['tasks'])} task(s)", fontsize=8)
+  ax.legend(fontsize=7, ncol=len(shown))
+  ax.tick_params(labelsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def write_result_files(output_json: str, payload: Mapping[str, Any], markdown_text: str,
+                       plot_fn: Callable[[str], None] | None = None,
+                       extra: Mapping[str, str] | None = None) -> list[str]:
+  """Writes ``output_json``, ``<stem>.md``, (given ``plot_fn``) ``<stem>.png`` and each
+  ``extra`` file (``<stem><suffix>`` → text) atomically.
+
+  Everything is written into a staging directory beside the output first and moved in with
+  ``os.replace``, the way ``vlmsel_jax.report`` does; a run that dies before leaves no file.
+  Returns the paths written.
+  """
+  output_json = os.path.abspath(output_json)
+  parent = os.path.dirname(output_json)
+  os.makedirs(parent, exist_ok=True)
+  stem = os.path.splitext(os.path.basename(output_json))[0]
+  staging = tempfile.mkdtemp(dir=parent, prefix=f".{stem}.tmp-")
+  try:
+    names = [(os.path.basename(output_json), output_json), (stem + ".md",
+                                                            os.path.join(parent, stem + ".md"))]
+    with open(os.path.join(staging, names[0][0]), "w", encoding="utf-8") as f:
+      json.dump(payload, f, indent=2, allow_nan=True)
+      f.write("\n")
+    with open(os.path.join(staging, names[1][0]), "w", encoding="utf-8") as f:
+      f.write(markdown_text)
+    if plot_fn is not None:
+      plot_fn(os.path.join(staging, stem + ".png"))
+      names.append((stem + ".png", os.path.join(parent, stem + ".png")))
+    for suffix, text in (extra or {}).items():
+      with open(os.path.join(staging, stem + suffix), "w", encoding="utf-8") as f:
+        f.write(text)
+      names.append((stem + suffix, os.path.join(parent, stem + suffix)))
+    written = []
+    for name, dest in names:
+      os.replace(os.path.join(staging, name), dest)
+      written.append(dest)
+    return written
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
