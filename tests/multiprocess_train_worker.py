@@ -29,12 +29,15 @@ def main():
       batch_size=8, max_steps=4, max_len=32, save_every=2, log_every=1,
       mesh="data:2,fsdp:4", progress=False)
   summary = loop.train(config, source=fx.shape_records(32, "vqa"))
+  from vlmsel_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
+  # Every process takes part: orbax synchronises the processes when it opens a checkpoint.
+  params, _ = checkpoint.restore_params(os.path.join(workdir, "checkpoints"))
   if jax.process_index() == 0:
-    from vlmsel_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
-    params, _ = checkpoint.restore_params(os.path.join(workdir, "checkpoints"))
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     np.savez(out, loss=summary["loss"],
              **{jax.tree_util.keystr(p): np.asarray(x) for p, x in flat})
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  multihost_utils.sync_global_devices("results written")
 
 
 if __name__ == "__main__":
