@@ -5,22 +5,34 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Any
+from typing import Any, Callable
+
+
+def write_atomic(path: str, write: Callable[[str], None]) -> None:
+  """Calls ``write(tmp_path)`` for a temporary file beside ``path``, then renames it over ``path``.
+
+  The temporary name keeps ``path``'s extension, so writers that pick a format by extension
+  (matplotlib's ``savefig``) write the right one. On any error the temporary file is removed
+  and ``path`` is left as it was.
+  """
+  path = os.path.abspath(path)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.tmp-",
+                             suffix=os.path.splitext(path)[1])
+  os.close(fd)
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
 
 
 def write_text_atomic(path: str, text: str) -> None:
-  """Writes ``text`` to a temporary file beside ``path``, then renames it over ``path``."""
-  path = os.path.abspath(path)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.")
-  try:
-    with os.fdopen(fd, "w") as f:
+  def write(tmp: str) -> None:
+    with open(tmp, "w", encoding="utf-8") as f:
       f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  write_atomic(path, write)
 
 
 def write_json_atomic(path: str, obj: Any) -> None:

@@ -22,7 +22,6 @@ import io
 import json
 import os
 import sys
-import tempfile
 import time
 from typing import Any, Iterable, Sequence
 
@@ -33,6 +32,7 @@ from absl import flags
 from absl import logging
 from tqdm import auto as tqdm
 
+from vlmsel_jax import atomic
 from vlmsel_jax import patch_grid as pg
 from vlmsel_jax import zoo
 from vlmsel_jax.data import correspondence as data
@@ -139,21 +139,6 @@ def results_csv(results: dict[str, dict[str, Any]], alphas: Sequence[float]) -> 
   return buf.getvalue()
 
 
-def write_atomic(path: str, text: str) -> None:
-  """Writes ``text`` to a temporary file beside ``path``, then ``os.replace``s it in."""
-  path = os.path.abspath(path)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.tmp-")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
 def run(models: Sequence[str], pairs: str, output: str, *, layer: int | None = None,
         method: str = "soft_argmax", temperature: float = corr.DEFAULT_TEMPERATURE,
         window: int | None = corr.DEFAULT_WINDOW, alphas: Sequence[float] = corr.ALPHAS,
@@ -183,8 +168,8 @@ def run(models: Sequence[str], pairs: str, output: str, *, layer: int | None = N
              "temperature": temperature, "window": window, "alphas": list(alphas),
              "options": {k: (list(v) if isinstance(v, (tuple, list)) else v)
                          for k, v in record_options.items()}}
-  write_atomic(output, json.dumps(payload, indent=2) + "\n")
-  write_atomic(os.path.splitext(output)[0] + ".csv", results_csv(results, alphas))
+  atomic.write_text_atomic(output, json.dumps(payload, indent=2) + "\n")
+  atomic.write_text_atomic(os.path.splitext(output)[0] + ".csv", results_csv(results, alphas))
   return payload
 
 

@@ -23,13 +23,13 @@ import csv
 import json
 import math
 import os
-import tempfile
 from typing import Any, Sequence
 
 import numpy as np
 from absl import flags
 from tqdm import auto as tqdm
 
+from vlmsel_jax import atomic
 from vlmsel_jax.selection import ac
 
 TABLE = flags.DEFINE_string("table", None, "CSV of vision settings: a header row, one row per "
@@ -168,33 +168,8 @@ def parse_groups(spec: str | None, targets: Sequence[str]) -> dict[str, list[str
 # Outputs.
 
 
-def _write_atomic(path: str, write) -> None:
-  path = os.path.abspath(path)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.tmp-",
-                             suffix=os.path.splitext(path)[1])
-  os.close(fd)
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-
-
 def _write_json(path: str, payload: dict[str, Any]) -> None:
-  def write(tmp):
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(payload, f, indent=2)
-      f.write("\n")
-  _write_atomic(path, write)
-
-
-def _write_text(path: str, text: str) -> None:
-  def write(tmp):
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(text)
-  _write_atomic(path, write)
+  atomic.write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
 
 
 def _pyplot():
@@ -396,7 +371,7 @@ def run(method: str) -> dict[str, Any]:
     payload, law = run_law(table, groups)
     payload.update(table=TABLE.value, a_column=A_COLUMN.value, c_column=C_COLUMN.value,
                    targets=table["targets"], scatter_png=stem + "_scatter.png")
-    _write_atomic(stem + "_scatter.png", lambda tmp: plot_scatter(tmp, table, law))
+    atomic.write_atomic(stem + "_scatter.png", lambda tmp: plot_scatter(tmp, table, law))
     _write_json(output, payload)
     return payload
   if method == "ac_policy":
@@ -410,14 +385,15 @@ def run(method: str) -> dict[str, Any]:
                    table_md=stem + ".md")
     if curves is not None:
       payload["curve_png"] = stem + "_curve.png"
-      _write_atomic(stem + "_curve.png", lambda tmp: plot_curve(
+      atomic.write_atomic(stem + "_curve.png", lambda tmp: plot_curve(
           tmp, payload["curve"]["budgets"], curves, FLAGS.k, payload["reference_policy"]))
     if len(table["names"]) > len(ac.MODELS["AC_quad"]):
       law = ac.fit_law(table["a"], table["c"], table["y"], table["targets"])
-      _write_atomic(stem + "_scatter.png", lambda tmp: plot_scatter(tmp, table, law))
+      atomic.write_atomic(stem + "_scatter.png", lambda tmp: plot_scatter(tmp, table, law))
     else:
       payload.pop("scatter_png")
-    _write_text(stem + ".md", _policy_table(payload, table["targets"], FLAGS.k, BUDGET.value))
+    atomic.write_text_atomic(stem + ".md",
+                             _policy_table(payload, table["targets"], FLAGS.k, BUDGET.value))
     _write_json(output, payload)
     return payload
   raise ValueError(f"ac_cli handles ac_law and ac_policy, not {method!r}")
