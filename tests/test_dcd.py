@@ -139,7 +139,7 @@ def _demo(tmp_path_factory):
 def _run(argv):
   FLAGS.unparse_flags()
   FLAGS(["select", "--method=dcd"] + argv)
-  return select.main(["select"])
+  return select.run_method()
 
 
 def test_dcd_binary_end_to_end_and_reuses_its_profiles(demo, tmp_path):

@@ -37,7 +37,7 @@ def _tables(tmp_path):
 def _run(argv):
   FLAGS.unparse_flags()
   FLAGS(["select", "--method=evaluate"] + argv)
-  return select.main(["select"])
+  return select.run_method()
 
 
 def _reference(true, score):

@@ -163,7 +163,7 @@ def test_llm_clusters_follow_the_medoids_own_similarity():
 def _run(argv):
   FLAGS.unparse_flags()
   FLAGS(["select"] + argv)
-  return select.main(["select"])
+  return select.run_method()
 
 
 def test_replay_config_end_to_end(tmp_path):
@@ -241,3 +241,58 @@ def test_replay_bad_tables_are_one_clear_error(tmp_path, case, match):
     config = mordal.MordalConfig()
   with pytest.raises(mordal.MordalError, match=match):
     mordal_cli.replay(curves, v, [l], config)
+
+
+# --- live mode -----------------------------------------------------------------------------------
+
+def test_live_mode_trains_continuing_checkpoints_and_records_replayable_curves(tmp_path):
+  """Mordal live mode on two tiny VLM candidates: real training runs, continued not restarted."""
+  import json as json_lib
+  import sys
+  sys.path.insert(0, os.path.dirname(__file__))
+  import vlm_fixtures as fx  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from vlmsel_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
+
+  llm = fx.tiny_llm_dir(str(tmp_path / "llm"))
+  vits = [fx.tiny_vit_dir(str(tmp_path / f"vit{i}"), seed=i) for i in range(2)]
+  images = tmp_path / "images"
+  images.mkdir()
+  records = fx.shape_records(16, "vqa")
+  chats = []
+  for i in range(16):
+    Image.fromarray(records[i]["image"]).save(images / f"{i}.png")
+    chats.append({"id": str(i), "image": f"{i}.png", "conversations": [
+        {"from": "human", "value": "<image>\nwhat colour is the square ?"},
+        {"from": "gpt", "value": records[i]["answer"]}]})
+  data = tmp_path / "chat.json"
+  data.write_text(json_lib.dumps(chats))
+  vision_csv = tmp_path / "v.csv"
+  vision_csv.write_text(f"name,{vits[0]},{vits[1]}\n{vits[0]},1,0.2\n{vits[1]},0.2,1\n")
+  llm_csv = tmp_path / "l.csv"
+  llm_csv.write_text(f"name,{llm}\n{llm},1\n")
+  output = tmp_path / "out" / "mordal.json"
+  _run(["--method=mordal", "--mordal_live",
+               f"--mordal_candidates={vits[0]}|{llm},{vits[1]}|{llm}",
+               f"--vision_similarity={vision_csv}", f"--llm_similarity={llm_csv}",
+               "--mordal_initial_budget=0.25", "--mordal_rounds=1", "--mordal_top_clusters=2",
+               "--mordal_fractions=0.25,0.5,1.0", "--mordal_min_points=3",
+               "--stage=2", f"--data=llava:{data}@{images}", "--data_kind=conversation",
+               f"--eval_data=llava:{data}@{images}", f"--workdir={tmp_path / 'runs'}",
+               "--max_steps=4", "--batch_size=8", "--max_len=32", "--learning_rate=1e-2",
+               "--lora_rank=4", "--save_every=1", "--eval_limit=8", "--eval_batch_size=8",
+               f"--output={output}"])
+  payload = json_lib.loads(output.read_text())
+  assert payload["mode"] == "live" and payload["grid_cost"] == 8.0
+  assert set(payload["ranking"]) == {"vit0+llm", "vit1+llm"}
+  curves = (tmp_path / "out" / "mordal_curves.csv").read_text().splitlines()
+  assert curves[0] == "candidate,vision,llm,data_fraction,accuracy,cost"
+  # Cost = steps of the largest fraction each candidate reached (checkpoints were continued).
+  reached = {}
+  for line in curves[1:]:
+    name, _, _, fraction, _, cost = line.split(",")
+    reached[name] = max(reached.get(name, 0.0), float(cost))
+  assert payload["cost"] == sum(reached.values())
+  for name, steps in reached.items():
+    _, meta = checkpoint.restore_params(str(tmp_path / "runs" / name / "checkpoints"))
+    assert meta["step"] == steps

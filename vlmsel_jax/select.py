@@ -41,9 +41,12 @@ SEED = flag_util.shared(flags.DEFINE_integer, "seed", 0, "Seed of every random c
 K = flag_util.shared(flags.DEFINE_integer, "k", 3, "k of Recall@k / top-k metrics.")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+def run_method() -> dict:
+  """Runs ``--method`` with the parsed flags; returns the JSON it wrote.
+
+  Bad input raises the method's own error (a ``ValueError`` naming the problem); ``main`` turns
+  it into one line.
+  """
   if METHOD.value is None:
     raise app.UsageError(f"--method is required, one of: {', '.join(sorted(METHOD_MODULES))}")
   name = METHOD_MODULES[METHOD.value]
@@ -51,12 +54,19 @@ def main(argv):
     raise app.UsageError(f"--method={METHOD.value}: module {name} is not installed")
   if OUTPUT.value is None:
     raise app.UsageError("--output is required (a JSON path)")
+  result = _MODULES[name].run(METHOD.value)
+  logging.info("wrote %s", OUTPUT.value)
+  return result
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
-    _MODULES[name].run(METHOD.value)
+    run_method()
   except (ValueError, OSError) as e:
     # Bad input (tables, flags, files) is reported as one line naming the problem.
     raise SystemExit(f"select --method={METHOD.value}: error: {e}") from None
-  logging.info("wrote %s", OUTPUT.value)
 
 
 if __name__ == "__main__":

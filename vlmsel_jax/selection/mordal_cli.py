@@ -12,7 +12,16 @@ per vision medoid (the LLM CKA measured through that medoid's warm-up projector)
 (``vlmsel_jax.selection.mordal.search``) sees only a ``train(candidate, fraction)`` callable that
 looks the table up, so it pays only for what it trains; the JSON reports that cost next to
 grid search's (every candidate to 1.0) and the weighted τ of its ranking against the fraction-1.0
-accuracies. Live mode (driving ``vlmsel_jax.train``) is not wired here yet.
+accuracies.
+
+Live mode (``--mordal_live``): the candidates are ``--mordal_candidates=vision|llm,...`` and
+``train(candidate, fraction)`` runs ``vlmsel_jax.train``'s recipe (every flag of that binary
+applies: ``--stage``, ``--data``, ``--workdir``, learning rate, LoRA, ...) for
+``round(fraction · --max_steps)`` steps in ``<--workdir>/<candidate>``, continuing the
+candidate's checkpoint, then measures held-out VQA accuracy on ``--eval_limit`` questions (see
+``selection/mordal_live.py``). The similarity CSVs name the encoders and LLMs by the specs used in
+``--mordal_candidates``. The JSON adds the recorded curves (``<stem>_curves.csv``), which replay
+mode reads.
 """
 
 from __future__ import annotations
@@ -25,8 +34,10 @@ from typing import Any
 import numpy as np
 from absl import flags
 
+from vlmsel_jax import train as train_binary  # noqa: F401  (live mode reads its flags)
 from vlmsel_jax.selection import evaluate
 from vlmsel_jax.selection import mordal
+from vlmsel_jax.selection import mordal_live
 
 _D = mordal.MordalConfig()
 
@@ -65,6 +76,10 @@ MARGIN = flags.DEFINE_float("mordal_early_stop_margin", _D.early_stop_margin,
 MAX_ACCURACY = flags.DEFINE_float("mordal_max_accuracy", _D.max_accuracy,
                                   "Error = this − accuracy in the scaling law (1 for accuracy in "
                                   "[0, 1], 100 for percent).")
+
+LIVE = flags.DEFINE_bool("mordal_live", False, "Train the candidates for real (the "
+                         "vlmsel_jax.train flags give the recipe) instead of replaying --curves.")
+LIVE_CANDIDATES = flags.DEFINE_list("mordal_candidates", [], "Live mode: vision|llm pairs.")
 
 _CURVE_COLUMNS = ("candidate", "vision", "llm", "data_fraction", "accuracy", "cost")
 
@@ -289,6 +304,8 @@ def run(method: str) -> dict:
   """Replays the search from the flags' tables and writes JSON + markdown + plot."""
   del method
   config = _config()
+  if LIVE.value:
+    return run_live(config)
   if not CURVES.value:
     raise mordal.MordalError("--curves is required: only replay mode is available "
                              "(live mode will drive vlmsel_jax.train)")
@@ -297,4 +314,43 @@ def run(method: str) -> dict:
   payload = replay(CURVES.value, VISION_SIMILARITY.value, list(LLM_SIMILARITY.value), config)
   evaluate.write_result_files(flags.FLAGS.output, payload, markdown(payload),
                               lambda path: plot(payload, path))
+  return payload
+
+
+def _llm_similarity(specs: list[str]) -> dict[str, tuple[list[str], np.ndarray]]:
+  if not specs:
+    raise mordal.MordalError("--llm_similarity is required")
+  llm: dict[str, tuple[list[str], np.ndarray]] = {}
+  for spec in specs:
+    key, path = spec.split("=", 1) if "=" in spec else ("*", spec)
+    if key in llm:
+      raise mordal.MordalError(f"--llm_similarity gives {key!r} twice")
+    llm[key] = read_similarity(path.strip())
+  return llm
+
+
+def run_live(config: mordal.MordalConfig) -> dict:
+  """Live mode: the search trains the candidates through the training loop."""
+  candidates = mordal_live.parse_candidates(list(LIVE_CANDIDATES.value))
+  if not candidates:
+    raise mordal.MordalError("--mordal_live needs --mordal_candidates=vision|llm,...")
+  if not VISION_SIMILARITY.value:
+    raise mordal.MordalError("--vision_similarity is required")
+  fv = flags.FLAGS
+  # The training flags name one model pair; live mode swaps in each candidate's.
+  (first_vision, first_llm), _ = next(iter(candidates.items()))
+  fv.vision = fv.vision or first_vision
+  fv.llm = fv.llm or first_llm
+  base = train_binary.config_from_flags()
+  trainer = mordal_live.LiveTrainer(base, candidates, full_steps=base.max_steps,
+                                    eval_limit=fv.eval_limit or None,
+                                    eval_batch_size=fv.eval_batch_size)
+  vision_names, vision_sim = read_similarity(VISION_SIMILARITY.value)
+  result = mordal.search(candidates, vision_names, vision_sim,
+                         _llm_similarity(list(LLM_SIMILARITY.value)), trainer, config)
+  payload = mordal_live.live_payload(result, trainer, config, {
+      "candidates": list(LIVE_CANDIDATES.value), "vision_similarity": VISION_SIMILARITY.value,
+      "llm_similarity": list(LLM_SIMILARITY.value), "workdir": base.workdir})
+  evaluate.write_result_files(fv.output, payload, mordal_live.live_markdown(payload), None,
+                              extra={"_curves.csv": trainer.curves_csv()})
   return payload
