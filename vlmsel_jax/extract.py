@@ -15,18 +15,20 @@ import sys
 from absl import app
 from absl import flags
 
+from vlmsel_jax import flag_util
 from vlmsel_jax import extraction
+from vlmsel_jax import runtime_flags
 from vlmsel_jax import zoo
 
 MODELS = flags.DEFINE_list(
     "models", [], "Models to extract: zoo names (" + ", ".join(zoo.names()) + ") or local paths "
     "(a Hugging Face model directory or a .gguf file).")
-DATA_DIR = flags.DEFINE_string("data_dir", None, "Image folder of the paired dataset.")
-CAPTIONS = flags.DEFINE_string(
-    "captions", None, "JSON-lines file pairing images and captions, one "
-    '{"id": ..., "image": "relative/path.jpg", "caption": "..."} per line (default: '
-    "<data_dir>/captions.jsonl).")
-OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where <name>.safetensors banks are written.")
+DATA_DIR = flag_util.shared(flags.DEFINE_string, "data_dir", None, "Image folder of the paired "
+                            "dataset features are extracted from.")
+CAPTIONS = flag_util.shared(flags.DEFINE_string, "captions", None, "Captions file of --data_dir "
+                            "(default: <data_dir>/captions.jsonl).")
+OUTPUT_DIR = flag_util.shared(flags.DEFINE_string, "output_dir", None, "Where results are "
+                              "written.")
 LAYER = flags.DEFINE_integer(
     "layer", None, "Hidden-state index to read (negative counts from the end; default: -1, the "
     "last layer, for vision models and -2, the second to last, for text models).")
@@ -37,13 +39,15 @@ POOLING = flags.DEFINE_enum(
     "CLS token. Text: mean or last over the caption's tokens (decoders: the caption's own "
     "tokens; minilm-l6: all tokens incl. [CLS]/[SEP], the sentence-transformers convention); "
     "default mean.")
-BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Samples per batch (split over all devices).",
-                                  lower_bound=1)
-DTYPE = flags.DEFINE_enum("dtype", "float32", list(extraction.DTYPES),
-                          "Model dtype; banks are float32 either way.")
+BATCH_SIZE = flag_util.shared(flags.DEFINE_integer, "batch_size", 32, "Samples per batch (global; "
+                              "training: one micro-batch).", lower_bound=1)
+DTYPE = flag_util.shared(flags.DEFINE_enum, "dtype", "float32", "Model dtype (training: of "
+                         "the frozen tower and LLM; trained weights stay float32).",
+                         enum_values=list(extraction.DTYPES))
 MAX_SAMPLES = flags.DEFINE_integer("max_samples", 0, "Use at most this many samples, drawn with "
                                    "--seed (0: all).", lower_bound=0)
-SEED = flags.DEFINE_integer("seed", 0, "Seed of the --max_samples draw.")
+SEED = flag_util.shared(flags.DEFINE_integer, "seed", 0, "Seed of every random choice "
+                        "(extraction: the --max_samples draw).")
 MAX_TEXT_TOKENS = flags.DEFINE_integer("max_text_tokens", 128, "Captions are truncated to this "
                                        "many tokens.", lower_bound=1)
 CHECKPOINT_EVERY = flags.DEFINE_integer(
@@ -52,7 +56,7 @@ CHECKPOINT_EVERY = flags.DEFINE_integer(
 SKIP_BAD_IMAGES = flags.DEFINE_bool(
     "skip_bad_images", False, "Drop samples whose image does not decode (from every bank, so "
     "they stay paired) instead of failing.")
-PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+PROGRESS = flag_util.shared(flags.DEFINE_bool, "progress", True, "Show a progress bar.")
 
 
 class InputError(ValueError):
@@ -70,6 +74,12 @@ def options() -> extraction.ExtractOptions:
 
 def run() -> list[extraction.ExtractResult]:
   """The binary's body: flags → ``extraction.extract``."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:
+    # extraction.py reads every batch on one host and writes banks from it; a multi-host run
+    # would need per-host data loading and process-0-only writes there.
+    raise InputError(f"extraction runs on one host (this run has {jax.process_count()} "
+                     "processes); extract on one host and score the banks on the pod")
   if not MODELS.value:
     raise InputError("no models: pass --models=name_or_path,... (zoo names: "
                      f"{', '.join(zoo.names())})")
@@ -84,6 +94,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
+    runtime_flags.initialize_from_flags()
     results = run()
   except ValueError as e:  # Every input error of the zoo, data, loader and extraction.
     print(f"extract: error: {' '.join(str(e).split())}", file=sys.stderr)

@@ -7,6 +7,10 @@ r"""Scores candidate encoders against an LLM's text features, without training.
       --text_model=smollm2-135m --data_dir=data/pairs --cache_dir=banks --output_dir=runs/score
 
 Writes scores.csv, scores.json, report.md and scores.png into --output_dir (atomically).
+
+On several hosts (a TPU pod slice, or --coordinator_address/--num_processes/--process_id),
+every process runs the same command: GW candidates are sharded over the devices of all hosts,
+each process solves its own, results are gathered, and only process 0 writes --output_dir.
 """
 
 from __future__ import annotations
@@ -19,8 +23,11 @@ import time
 from absl import app
 from absl import flags
 
+from vlmsel_jax import flag_util
 from vlmsel_jax import feature_bank
+from vlmsel_jax import parallel
 from vlmsel_jax import report
+from vlmsel_jax import runtime_flags
 from vlmsel_jax import scoring
 from vlmsel_jax import synthetic
 from vlmsel_jax.scores import checks
@@ -100,15 +107,16 @@ SVCCA_KEEP = flags.DEFINE_float("svcca_keep", 0.99, "Variance kept by SVCCA's SV
                                 lower_bound=0.0, upper_bound=1.0)
 MINIBATCH_SIZE = flags.DEFINE_integer("minibatch_size", 256, "Batch size of minibatch CKA.",
                                       lower_bound=4)
-SEED = flags.DEFINE_integer("seed", 0, "Seed of every random choice (synthetic pool, minibatch "
-                            "order).")
+SEED = flag_util.shared(flags.DEFINE_integer, "seed", 0, "Seed of every random choice "
+                        "(scoring: synthetic pool, minibatch order).")
 GROUND_TRUTH = flags.DEFINE_string(
     "ground_truth", None, "CSV with columns 'candidate' and --ground_truth_column (e.g. trained "
     "VLM accuracy); adds the table of every score's agreement with it.")
 GROUND_TRUTH_COLUMN = flags.DEFINE_string("ground_truth_column", "accuracy",
                                           "Column of --ground_truth holding the accuracy.")
-OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where results are written.")
-PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+OUTPUT_DIR = flag_util.shared(flags.DEFINE_string, "output_dir", None, "Where results are "
+                              "written.")
+PROGRESS = flag_util.shared(flags.DEFINE_bool, "progress", True, "Show a progress bar.")
 VISION_MODELS = flags.DEFINE_list(
     "vision_models", [], "Candidate encoders as model specs (zoo names or local Hugging Face "
     "directories) instead of --candidates: their banks are extracted into --cache_dir first "
@@ -116,10 +124,10 @@ VISION_MODELS = flags.DEFINE_list(
 TEXT_MODEL = flags.DEFINE_string(
     "text_model", None, "The LLM as a model spec (zoo name, Hugging Face directory or .gguf "
     "file) instead of --text; goes with --vision_models.")
-DATA_DIR = flags.DEFINE_string("data_dir", None, "Image folder of the paired dataset that "
-                               "--vision_models and --text_model are run on.")
-CAPTIONS = flags.DEFINE_string("captions", None, "Captions file of --data_dir (default: "
-                               "<data_dir>/captions.jsonl).")
+DATA_DIR = flag_util.shared(flags.DEFINE_string, "data_dir", None, "Image folder of the paired "
+                            "dataset features are extracted from.")
+CAPTIONS = flag_util.shared(flags.DEFINE_string, "captions", None, "Captions file of --data_dir "
+                            "(default: <data_dir>/captions.jsonl).")
 CACHE_DIR = flags.DEFINE_string("cache_dir", None, "Where the banks extracted for "
                                 "--vision_models / --text_model are kept and reused.")
 
@@ -218,6 +226,10 @@ def _load_inputs():
     return pool.names, pool.candidates, pool.text, truth, SYNTHETIC_PREAMBLE
   candidate_paths, text_path = CANDIDATES.value, TEXT.value
   if VISION_MODELS.value or TEXT_MODEL.value:
+    import jax  # pylint: disable=g-import-not-at-top
+    if jax.process_count() > 1:
+      raise InputError("--vision_models/--text_model extract banks on one host only; run "
+                       "vlmsel_jax.extract on one host first and pass --candidates/--text")
     candidate_paths, text_path = _extract_banks()
   if not candidate_paths:
     raise InputError("no candidates: pass --candidates=bank1,bank2,... (or --vision_models, "
@@ -251,7 +263,11 @@ def _load_inputs():
 
 
 def run() -> list[str]:
-  """The binary's body: flags → inputs → scores → files. Returns the written paths."""
+  """The binary's body: flags → inputs → scores → files. Returns the written paths.
+
+  Every process of a multi-process run computes the same result (GW work is split over all
+  devices and gathered); only process 0 writes, and the others return [].
+  """
   if not OUTPUT_DIR.value:
     raise InputError("--output_dir is required")
   settings = _settings()
@@ -261,15 +277,18 @@ def run() -> list[str]:
     truth = read_ground_truth(GROUND_TRUTH.value, GROUND_TRUTH_COLUMN.value)
   start = time.time()
   result = scoring.score_pool(names, feats, text, metric_names, settings, ground_truth=truth,
-                              show_progress=PROGRESS.value)
+                              show_progress=PROGRESS.value and parallel.is_primary())
   import jax  # pylint: disable=g-import-not-at-top
   run_info = {
       "candidates": len(names), "samples": int(text.shape[0]), "metrics": ",".join(metric_names),
       "distance": settings.distance, "scale": settings.scale,
       "gw_solver": settings.gw_options.solver, "seed": settings.seed,
       "devices": f"{jax.device_count()} × {jax.devices()[0].platform}",
+      "processes": jax.process_count(),
       "seconds": round(time.time() - start, 1),
   }
+  if not parallel.is_primary():
+    return []
   title = "Encoder selection: training-free scores" + (" (synthetic demo pool)" if SYNTHETIC_POOL.value else "")
   return report.write_outputs(
       result, OUTPUT_DIR.value, title=title, preamble=preamble, run_info=run_info)
@@ -279,6 +298,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
+    runtime_flags.initialize_from_flags()
     written = run()
   except (InputError, feature_bank.BankError, checks.FeatureError, ValueError) as e:
     print(f"score: error: {e}", file=sys.stderr)

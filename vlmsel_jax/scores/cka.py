@@ -15,7 +15,9 @@ network representations revisited"). This module provides
   Song et al. (2012), as ``cka(..., debiased=True)`` in the reference code;
 * ``MinibatchCKA`` / ``minibatch_cka``: the streaming estimator of Nguyen et al. (2021, "Do wide
   and deep networks learn the same things?"), which averages unbiased HSIC estimates over
-  minibatches so that ``n`` never has to fit in one Gram matrix.
+  minibatches so that ``n`` never has to fit in one Gram matrix;
+  ``streaming_minibatch_cka`` feeds it from any iterator of batches (10⁶ samples and more
+  without holding them, or any n × n matrix, in memory).
 
 Every public function validates its inputs with ``check_pair`` and returns a Python float; the
 numerical cores are jit-compiled and run in float32.
@@ -23,7 +25,7 @@ numerical cores are jit-compiled and run in float32.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Iterable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -384,4 +386,48 @@ def minibatch_cka(x, y, batch_size: int, seed: int = 0) -> float:
                         jnp.asarray(y[:used]).reshape(num_full, batch_size, y.shape[1]))
   if n - used >= MIN_BATCH:
     state = state.update(x[used:], y[used:])
+  return state.result()
+
+
+def streaming_minibatch_cka(batches: Iterable, chunk: int = 64) -> float:
+  """Minibatch linear CKA of a stream of paired batches ``(x_batch, y_batch)``.
+
+  The same estimator as ``MinibatchCKA`` (each batch contributes its unbiased HSIC terms), for
+  inputs too large to hold: batches are consumed as they come (e.g. read from disk or
+  generated), consecutive batches of one shape are folded ``chunk`` at a time in one compiled
+  loop, and memory is O(chunk × m × d + m²) for batches of m rows, whatever the total n.
+  Equals ``minibatch_cka`` on the same batches in the same order.
+
+  Raises:
+    FeatureError: an invalid batch (fewer than 4 rows, NaN, mismatched rows, ...), or no
+      variation accumulated.
+    ValueError: an empty stream or ``chunk`` < 1.
+  """
+  if chunk < 1:
+    raise ValueError(f"chunk must be >= 1, got {chunk}")
+  state = MinibatchCKA().canonical()
+  pending_x: list[np.ndarray] = []
+  pending_y: list[np.ndarray] = []
+
+  def flush(state):
+    if len(pending_x) == 1:
+      state = _minibatch_update(state, jnp.asarray(pending_x[0]), jnp.asarray(pending_y[0]))
+    elif pending_x:
+      state = _scan_batches(state, jnp.asarray(np.stack(pending_x)),
+                            jnp.asarray(np.stack(pending_y)))
+    pending_x.clear()
+    pending_y.clear()
+    return state
+
+  for i, (xb, yb) in enumerate(batches):
+    xb, yb = check_pair(xb, yb, f"x batch {i}", f"y batch {i}", min_samples=MIN_BATCH)
+    if pending_x and (xb.shape != pending_x[0].shape or yb.shape != pending_y[0].shape):
+      state = flush(state)
+    pending_x.append(np.asarray(xb, np.float32))
+    pending_y.append(np.asarray(yb, np.float32))
+    if len(pending_x) == chunk:
+      state = flush(state)
+  state = flush(state)
+  if int(state.num_batches) == 0:
+    raise ValueError("streaming_minibatch_cka: the batch stream is empty")
   return state.result()

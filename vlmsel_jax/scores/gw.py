@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
 from ott.geometry import geometry
+from ott.geometry import low_rank
 from ott.initializers.linear import initializers_lr
 from ott.problems.quadratic import quadratic_problem
 from ott.solvers.linear import sinkhorn
@@ -47,6 +48,7 @@ from ott.solvers.quadratic import gromov_wasserstein_lr as ott_gw_lr
 from vlmsel_jax import parallel
 from vlmsel_jax.scores import checks
 from vlmsel_jax.scores import distances
+from vlmsel_jax.scores import linalg
 
 SOLVERS = ("annealed", "entropic", "cg", "lowrank")
 
@@ -386,7 +388,7 @@ def _record(gw, conv, iters, unit, opts: GWOptions) -> dict[str, Any]:
 
 
 def gw_distance(x, y, *, distance: str = "angular", scale: str = "median",
-                solver: str = "annealed", epsilon: float | None = None,
+                solver: str = "annealed", epsilon: float | None = None, devices=None,
                 **solver_options) -> dict[str, Any]:
   """GW distance between paired feature matrices x (n × d_x) and y (n × d_y).
 
@@ -396,6 +398,9 @@ def gw_distance(x, y, *, distance: str = "angular", scale: str = "median",
     scale: "median" (METHODS §1), "max" or "none".
     solver: one of SOLVERS (see the module docstring).
     epsilon: ε of ``entropic`` / ``lowrank`` (relative units).
+    devices: None (one device) or several devices, possibly of several hosts, to split this
+      one problem over: the n×n cost matrices and the coupling are sharded by rows on a 1-D
+      ``samples`` mesh and XLA partitions the solver's products (see ``_solve_sharded``).
     **solver_options: further ``GWOptions`` fields (anneal_epsilons, cg_iterations, rank, …).
 
   Returns:
@@ -406,10 +411,60 @@ def gw_distance(x, y, *, distance: str = "angular", scale: str = "median",
   x, y = checks.check_pair(x, y, "x", "y")
   _check_distance_args(distance, scale)
   with jax.enable_x64(opts.dtype == np.float64):
+    if devices is not None and len(devices) > 1:
+      return _solve_sharded(x.astype(opts.dtype), y.astype(opts.dtype), distance, scale, opts,
+                            list(devices))
     cx, cy, unit = prepare_costs(x.astype(opts.dtype), y.astype(opts.dtype), distance, scale)
     _check_costs(cx, "x")
     gw, conv, iters = _solve_jit(cx, cy, opts)
     return _record(gw, conv, iters, unit, opts)
+
+
+@functools.lru_cache(maxsize=None)
+def _sharded_programs(mesh: jax.sharding.Mesh, distance: str, scale: str, opts: GWOptions):
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("samples", None))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  costs = jax.jit(functools.partial(prepare_costs, distance=distance, scale=scale),
+                  in_shardings=(replicated, replicated),
+                  out_shardings=(rows, rows, replicated))
+  stage = jax.jit(functools.partial(coupling_stage, opts=opts), in_shardings=(rows, rows),
+                  out_shardings=(rows, replicated, replicated))
+  finish = jax.jit(lambda cx, cy, t, conv, it: (gw_objective(cx, cy, t), conv, it),
+                   in_shardings=(rows, rows, rows, replicated, replicated),
+                   out_shardings=replicated)
+  return costs, stage, finish
+
+
+def _solve_sharded(x, y, distance, scale, opts: GWOptions, devices):
+  """One problem split over ``devices`` (any hosts): rows of every n×n matrix on one device each.
+
+  The cost matrices are built sharded (no host holds them whole), the callback-free coupling
+  stage runs as one GSPMD-partitioned program, and so does the objective. The CG steps call the
+  host (the assignment oracle), which hung inside multi-device programs on XLA:CPU, so when the
+  solver has them they run as a single-device program on every process's first local device,
+  on gathered matrices: that stage needs the whole problem on one device of each host.
+  """
+  n = x.shape[0]
+  if n % len(devices):
+    raise ValueError(f"a sharded GW problem needs n divisible by the {len(devices)} devices, "
+                     f"got n = {n}")
+  mesh = parallel.make_mesh("samples:-1", devices)
+  costs, stage, finish = _sharded_programs(mesh, distance, scale, opts)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  put = lambda v: jax.make_array_from_callback(v.shape, replicated, lambda idx: v[idx])
+  cx, cy, unit = costs(put(x), put(y))
+  if not parallel.gather_to_host(jnp.all(jnp.isfinite(cx))):
+    raise _zero_median_error("x")
+  coupling, conv, iters = stage(cx, cy)
+  unit = parallel.gather_to_host(unit)
+  if not _needs_cg(opts):
+    gw, conv, iters = finish(cx, cy, coupling, conv, iters)
+    return _record(*(parallel.gather_to_host(v) for v in (gw, conv, iters)), unit, opts)
+  local = jax.local_devices()[0]
+  on_one = [jax.device_put(parallel.gather_to_host(v), local)
+            for v in (cx, cy, coupling, conv, iters)]
+  gw, conv, iters = _cg_stage_jit(*on_one, opts)
+  return _record(gw, conv, iters, unit, opts)
 
 
 def _check_distance_args(distance: str, scale: str):
@@ -424,9 +479,13 @@ def _check_costs(cx: jax.Array, name: str):
   # Median scaling divides by the median distance: a bank whose typical pair is at distance zero
   # (more than half the rows identical) cannot be scaled and would give inf/NaN GW.
   if not bool(jnp.all(jnp.isfinite(cx))):
-    raise checks.FeatureError(
-        f"{name}: the median pairwise distance is zero (most samples identical), "
-        "so the distance matrix cannot be scale-aligned")
+    raise _zero_median_error(name)
+
+
+def _zero_median_error(name: str) -> checks.FeatureError:
+  return checks.FeatureError(
+      f"{name}: the median pairwise distance is zero (most samples identical), "
+      "so the distance matrix cannot be scale-aligned")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -493,34 +552,192 @@ def _gw_distances(candidates, y, distance, scale, opts, devices, names, batch_mo
   names = list(names) if names is not None else [f"candidate {i}" for i in range(len(candidates))]
   _check_distance_args(distance, scale)
   y = checks.check_features(y, "text features")
-  cxs, unit = [], None
-  for name, x in zip(names, candidates):
-    x, y = checks.check_pair(x, y, name, "text features")
-    cx, cy, unit = prepare_costs(x.astype(opts.dtype), y.astype(opts.dtype), distance, scale)
-    _check_costs(cx, name)
-    cxs.append(cx)
+  feats = [checks.check_pair(x, y, name, "text features")[0] for name, x in zip(names, candidates)]
   mesh = parallel.candidate_mesh(devices)
-  k = len(cxs)
-  padded = parallel.pad_to_multiple(cxs, mesh.devices.size)
-  stacked = jax.device_put(jnp.stack(padded), jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec(parallel.CANDIDATE_AXIS)))
-  cy = jax.device_put(cy, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  k, n = len(feats), y.shape[0]
+  padded = len(parallel.pad_to_multiple(list(range(k)), mesh.devices.size))
+  spec = jax.sharding.PartitionSpec
+  by_candidate = jax.sharding.NamedSharding(mesh, spec(parallel.CANDIDATE_AXIS))
+  replicated = jax.sharding.NamedSharding(mesh, spec())
+  # Each process builds the cost matrices of its own candidates only, each on the device that
+  # holds it: with several hosts no host ever holds the whole k × n × n stack. Padding slots
+  # repeat the last candidate (parallel.pad_to_multiple) and are dropped at the end.
+  local = by_candidate.addressable_devices_indices_map((padded, n, n))
+  blocks, cys, finite, unit = {}, {}, {}, None
+  for device, index in local.items():
+    rows = range(*index[0].indices(padded))
+    y_dev = jax.device_put(y.astype(opts.dtype), device)
+    cxs = []
+    for i in rows:
+      x_dev = jax.device_put(feats[min(i, k - 1)].astype(opts.dtype), device)
+      cx, cy, unit = prepare_costs(x_dev, y_dev, distance, scale)
+      cxs.append(cx)
+    blocks[device], cys[device] = jnp.stack(cxs), cy
+    finite[device] = jnp.all(jnp.isfinite(blocks[device]), axis=(1, 2))
+  # Every process must raise the same error, so the per-candidate check is gathered first.
+  ok = parallel.gather_to_host(_global(finite, (padded,), by_candidate))
+  for i in range(k):
+    if not ok[i]:
+      raise _zero_median_error(names[i])
+  stacked = _global(blocks, (padded, n, n), by_candidate)
+  cy = _global(cys, (n, n), replicated)
   mode = _resolve_batch_mode(batch_mode, mesh)
   couplings, convs, iters = _batched_coupling_stage(opts, mesh, mode)(stacked, cy)
+  # Programs with host callbacks (CG) and multi-device programs (the stage above, the gathers
+  # below) never run at the same time: each phase is waited for before the next starts.
+  jax.block_until_ready((couplings, convs, iters))
   # The CG steps and the objective, per candidate, on the device that holds it: a
-  # single-device program each (see _batched_coupling_stage for why).
+  # single-device program each (see _batched_coupling_stage for why). Each process runs only
+  # its own (addressable) candidates; the small per-candidate results are then gathered.
   by_device = {}
   for arr in (stacked, cy, couplings, convs, iters):
     for shard in arr.addressable_shards:
       by_device.setdefault(shard.device, []).append(shard)
-  results: dict[int, tuple] = {}
+  out_blocks: dict[Any, list] = {}
   for device, (cx_s, cy_s, t_s, conv_s, it_s) in by_device.items():
     start = cx_s.index[0].start or 0
+    values = []
     for j in range(cx_s.data.shape[0]):
-      i = start + j
-      if i >= k:
-        continue  # Padding.
-      out = _cg_stage_jit(cx_s.data[j], cy_s.data, t_s.data[j], conv_s.data[j], it_s.data[j],
-                          opts)
-      results[i] = tuple(np.asarray(v) for v in out)
-  return [_record(*results[i], unit, opts) for i in range(k)]
+      if start + j >= k:  # Padding: a placeholder, dropped below.
+        values.append((jnp.zeros((), opts.dtype), jnp.array(False), jnp.array(0, jnp.int32)))
+        continue
+      values.append(_cg_stage_jit(cx_s.data[j], cy_s.data, t_s.data[j], conv_s.data[j],
+                                  it_s.data[j], opts))
+    out_blocks[device] = [jax.device_put(jnp.stack([v[f] for v in values]), device)
+                          for f in range(3)]
+  jax.block_until_ready(list(out_blocks.values()))
+  gws, conv, its = (parallel.gather_to_host(_global({d: b[f] for d, b in out_blocks.items()},
+                                                    (padded,), by_candidate))
+                    for f in range(3))
+  return [_record(gws[i], conv[i], its[i], unit, opts) for i in range(k)]
+
+
+def _global(per_device: dict, shape: tuple[int, ...], sharding) -> jax.Array:
+  """One global array from this process's per-device pieces (each already on its device)."""
+  return jax.make_array_from_single_device_arrays(shape, sharding, list(per_device.values()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Large n: low-rank GW on factored costs, nothing n×n.
+
+# Distances whose n×n matrix is an exact low-rank product: 1 − cos = [x̂, 1] · [−x̂, 1]ᵀ.
+FACTORED_DISTANCES = ("cosine",)
+
+
+@jax.tree_util.register_pytree_node_class
+class _FactoredCost(low_rank.LRCGeometry):
+  """ott's LRCGeometry whose largest entry is found in row blocks, never as an n×n matrix.
+
+  ott's k-means initializer rescales the cost by its maximum ("max_cost"); LRCGeometry computes
+  it with a helper that fails on current jax. Same value: the max of cost_1 cost_2ᵀ (+ bias),
+  2048 rows at a time.
+  """
+
+  @property
+  def _max_cost_matrix(self) -> jax.Array:
+    c1, c2 = self._cost_1, self._cost_2
+    block = min(c1.shape[0], 2048)
+    pad = -c1.shape[0] % block  # Padding repeats row 0: the maximum is unchanged.
+    c1 = jnp.concatenate([c1, jnp.broadcast_to(c1[:1], (pad, c1.shape[1]))])
+    blocks = c1.reshape(-1, block, c1.shape[1])
+    return jnp.max(jax.lax.map(lambda b: jnp.max(b @ c2.T), blocks)) + self._bias
+
+
+def _cosine_factors(x: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(A, B), n × (d+1) each, with A Bᵀ = (1 − x̂ x̂ᵀ) / scale (diagonal: 0 up to round-off)."""
+  xn = linalg.unit_rows(x)
+  ones = jnp.ones((x.shape[0], 1), x.dtype)
+  return jnp.concatenate([xn, ones], axis=1) / scale, jnp.concatenate([-xn, ones], axis=1)
+
+
+def sampled_median_distance(x, distance: str = "cosine", pairs: int = 1_000_000,
+                            seed: int = 0) -> float:
+  """Median of the off-diagonal distances of the rows of ``x``, without the n×n matrix.
+
+  Exact (all n(n−1)/2 pairs) when that is at most ``pairs``; otherwise the median of ``pairs``
+  random pairs i ≠ j (seeded), whose error is O(1/√pairs) in quantile: ≈ 1e-3 for the default.
+  """
+  if distance not in FACTORED_DISTANCES:
+    raise ValueError(f"large-n GW supports distance {', '.join(FACTORED_DISTANCES)}, got "
+                     f"{distance!r} (its n×n matrix is not a low-rank product)")
+  x = np.asarray(x, np.float32)
+  n = x.shape[0]
+  if n * (n - 1) // 2 <= pairs:
+    i, j = np.triu_indices(n, k=1)
+  else:
+    rng = np.random.default_rng(seed)
+    i = rng.integers(0, n, pairs)
+    j = (i + rng.integers(1, n, pairs)) % n  # Uniform over j ≠ i.
+  xn = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.finfo(np.float32).tiny)
+  d = np.empty(len(i), np.float64)
+  for s in range(0, len(i), 1 << 20):  # Bounded temporaries: 2^20 pairs × d at a time.
+    sl = slice(s, s + (1 << 20))
+    d[sl] = np.clip(1.0 - np.einsum("ij,ij->i", xn[i[sl]], xn[j[sl]]), 0.0, 2.0)
+  return float(np.median(d))
+
+
+def _factored_objective(a, b, c, e, q, r, g) -> jax.Array:
+  """GW objective of π = Q diag(1/g) Rᵀ for cx = A Bᵀ, cy = C Eᵀ, in O(n (d² + r d)).
+
+  As ``gw_objective``: pᵀ(cx∘cx)p + qᵀ(cy∘cy)q − 2⟨cx π cy, π⟩, where for a rank-(d+1) cx,
+  pᵀ(cx∘cx)p = Σ_ik p_i p_k (a_i·b_k)² = ⟨Aᵀ diag(p) A, Bᵀ diag(p) B⟩.
+  """
+  mm = linalg.mm
+  # Row and column sums of π (exactly, not assuming the solver's Qᵀ1 = Rᵀ1 = g).
+  p, qm = mm(q / g, r.sum(axis=0)), mm(r / g, q.sum(axis=0))
+  quad_x = jnp.sum(mm(a.T * p, a) * mm(b.T * p, b))
+  quad_y = jnp.sum(mm(c.T * qm, c) * mm(e.T * qm, e))
+  k = mm(mm(b.T, q) / g, mm(r.T, c))             # Bᵀ π C, (d_x+1) × (d_y+1)
+  cross = jnp.sum(k * mm(mm(a.T, q) / g, mm(r.T, e)))  # ⟨A K Eᵀ, π⟩
+  return quad_x + quad_y - 2.0 * cross
+
+
+@functools.partial(jax.jit, static_argnames=("rank", "iterations", "seed"))
+def _factored_lowrank(x, y, sx, sy, epsilon, gamma, rank: int, iterations: int, seed: int):
+  a, b = _cosine_factors(x, sx)
+  c, e = _cosine_factors(y, sy)
+  prob = quadratic_problem.QuadraticProblem(_FactoredCost(a, b), _FactoredCost(c, e))
+  solver = ott_gw_lr.LRGromovWasserstein(
+      rank=rank, epsilon=epsilon, gamma=gamma,
+      initializer=initializers_lr.GeneralizedKMeansInitializer(rank=rank),
+      min_iterations=min(iterations, 50), max_iterations=iterations, inner_iterations=10)
+  out = solver(prob, rng=jax.random.key(seed))
+  value = _factored_objective(a, b, c, e, out.q, out.r, out.g)
+  return value, out.converged, jnp.asarray(out.n_iters, jnp.int32)
+
+
+def lowrank_gw_large(x, y, *, distance: str = "cosine", rank: int = 32, epsilon: float = 1e-3,
+                     iterations: int = 500, gamma: float = 100.0, median_pairs: int = 1_000_000,
+                     seed: int = 0, devices=None) -> dict[str, Any]:
+  """Low-rank GW for n too large for n×n matrices (n = 50,000 and up): memory O(n (d + r)).
+
+  The same problem as ``gw_distance(..., solver="lowrank", distance="cosine")`` (median scale
+  alignment, ott-jax low-rank GW, k-means initialization), but the cosine cost matrices are
+  never formed: they are passed to ott as exact rank-(d+1) factors, the medians come from
+  ``sampled_median_distance`` (exact up to ``median_pairs`` pairs) and the reported objective
+  is evaluated from the coupling's factors. Rows (samples) are split over ``devices``
+  (default: every device of every host) on a 1-D ``samples`` mesh, so the factors and the
+  coupling's factors of one large problem are sharded; XLA partitions the solver's products.
+
+  Returns:
+    {"gw", "converged", "iterations", "solver": "lowrank"} as ``gw_distance``.
+  """
+  x, y = checks.check_pair(x, y, "x", "y")
+  mx = sampled_median_distance(x, distance, median_pairs, seed)
+  my = sampled_median_distance(y, distance, median_pairs, seed + 1)
+  for name, m in (("x", mx), ("y", my)):
+    if not m > 0:
+      raise _zero_median_error(name)
+  opts = GWOptions(solver="lowrank", rank=rank, epsilon=epsilon, lowrank_iterations=iterations,
+                   lowrank_gamma=gamma).validate()
+  devices = list(jax.devices() if devices is None else devices)
+  n = x.shape[0]
+  # Rows are split only when they divide evenly; otherwise one device holds the problem.
+  mesh = parallel.make_mesh("samples:-1", devices if n % len(devices) == 0 else devices[:1])
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("samples", None))
+  put = lambda v: jax.make_array_from_callback(v.shape, rows, lambda idx: v[idx])
+  gw, conv, iters = _factored_lowrank(
+      put(x.astype(np.float32)), put(y.astype(np.float32)), jnp.float32(mx), jnp.float32(my),
+      jnp.float32(opts.epsilon), jnp.float32(opts.lowrank_gamma), opts.rank,
+      opts.lowrank_iterations, seed)
+  return _record(gw, conv, iters, my, opts)
