@@ -88,7 +88,7 @@ def test_a_score_binary_writes_one_row_per_candidate(world):
   _run(a_score, _common(world) + ["--stage=1", f"--data={world['folder_train']}",
                                   f"--eval_data={world['folder_test']}",
                                   f"--workdir={world['root'] / 'a'}", "--max_steps=2",
-                                  f"--candidates={world['vit']}@-1,{world['vit']}@-2",
+                                  f"--vision_candidates={world['vit']}@-1,{world['vit']}@-2",
                                   f"--a_score_output={output}"])
   lines = open(output).read().splitlines()
   assert lines[0].startswith("candidate,vision,vision_layer,a_score")

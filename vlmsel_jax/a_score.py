@@ -4,10 +4,10 @@ caption log-likelihood, written as one table.
   python -m vlmsel_jax.a_score --flagfile=configs/a_score_demo.flags
 
 Takes every flag of ``vlmsel_jax.train`` (the stage-1 recipe, shared by all candidates) plus
-``--candidates``: vision specs, each optionally ``@layer`` (the Law paper treats layer choices as
-distinct settings), e.g. ``efficientnet-lite0,efficientnet-lite0@-3,efficientnet-lite1``. Each
-candidate trains in ``<--workdir>/<candidate>`` (resumed if interrupted; a finished run is
-evaluated again without retraining) and the table goes to ``--output`` (CSV, plus JSON beside it).
+``--vision_candidates``: vision specs, each optionally ``@layer`` (the Law paper treats layer
+choices as distinct settings), e.g. ``efficientnet-lite0,efficientnet-lite0@-3``. Each candidate
+trains in ``<--workdir>/<candidate>`` (resumed if interrupted; a finished run is evaluated again
+without retraining) and the table goes to ``--a_score_output`` (CSV, plus JSON beside it).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from vlmsel_jax import train as train_binary
 from vlmsel_jax.training import evaluate_run
 from vlmsel_jax.training import loop
 
-_CANDIDATES = flags.DEFINE_list("candidates", None, "Vision candidates: spec[@layer], ...")
+_CANDIDATES = flags.DEFINE_list("vision_candidates", None, "Vision candidates: "
+                                "spec[@layer], ...")
 _OUTPUT = flags.DEFINE_string("a_score_output", None, "CSV table path (JSON written beside it).")
 
 COLUMNS = ("candidate", "vision", "vision_layer", "a_score", "a_score_std", "pairs", "steps",
@@ -43,7 +44,8 @@ def parse_candidate(text: str) -> tuple[str, int | None]:
   try:
     return spec, int(layer)
   except ValueError:
-    raise app.UsageError(f"--candidates: {text!r}: the part after @ must be a layer index") from None
+    raise app.UsageError(f"--vision_candidates: {text!r}: the part after @ must be a layer "
+                         "index") from None
 
 
 def candidate_name(spec: str, layer: int | None) -> str:
@@ -64,7 +66,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not _CANDIDATES.value:
-    raise app.UsageError("--candidates is required")
+    raise app.UsageError("--vision_candidates is required")
   if not _OUTPUT.value:
     raise app.UsageError("--a_score_output is required (a CSV path)")
   runtime_flags.initialize_from_flags()
@@ -73,7 +75,7 @@ def main(argv):
   candidates = [parse_candidate(c) for c in _CANDIDATES.value]
   names = [candidate_name(s, l) for s, l in candidates]
   if len(set(names)) != len(names):
-    raise app.UsageError(f"--candidates: duplicate candidates in {', '.join(names)}")
+    raise app.UsageError(f"--vision_candidates: duplicate candidates in {', '.join(names)}")
   # --vision is not needed (the candidates are the towers); the rest of train's flags apply.
   if not flags.FLAGS.vision:
     flags.FLAGS.vision = candidates[0][0]

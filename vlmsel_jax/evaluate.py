@@ -24,7 +24,7 @@ _WORKDIR = flag_util.shared(flags.DEFINE_string, "workdir", None, "The run's dir
                             "(checkpoints, metrics, summaries).")
 _DATA = flag_util.shared(flags.DEFINE_string, "eval_data", None, "Held-out data spec "
                          "(default: the test split of the run's training data).")
-_METRICS = flags.DEFINE_list("metrics", None, "a_score and/or vqa (default: a_score for a "
+_METRICS = flags.DEFINE_list("eval_metrics", None, "a_score and/or vqa (default: a_score for a "
                              "stage-1 run, vqa for stage 2).")
 _LIMIT = flag_util.shared(flags.DEFINE_integer, "eval_limit", 0, "Held-out examples "
                           "evaluated (0: all).", lower_bound=0)
