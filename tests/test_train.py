@@ -269,3 +269,13 @@ def test_greedy_decoding_matches_an_unpadded_loop(dirs, tmp_path):
       ids.append(token)
       image.append(False)
     assert got[i] == built.tokenizer.decode(out, skip_special_tokens=True).strip()
+
+
+def test_bfloat16_frozen_models_train_float32_params(dirs, tmp_path):
+  built = loop.build_model(_config(dirs, tmp_path, stage=2, dtype="bfloat16"))
+  frozen_dtypes = {x.dtype for x in jax.tree.leaves(built.frozen)
+                   if jnp.issubdtype(x.dtype, jnp.floating)}
+  assert frozen_dtypes == {jnp.dtype(jnp.bfloat16)}
+  state, losses = _run_steps(built, _fixed_batch(built, "vqa"), _mesh(1, 1), 10)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+  assert losses[-1] < 0.5 * losses[0], losses
