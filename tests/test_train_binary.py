@@ -94,6 +94,7 @@ def test_a_score_binary_writes_one_row_per_candidate(world):
   assert lines[0].startswith("candidate,vision,vision_layer,a_score")
   assert [line.split(",")[0] for line in lines[1:]] == ["vit@-1", "vit@-2"]
   assert [int(line.split(",")[2]) for line in lines[1:]] == [-1, -2]
+  assert all(float(line.split(",")[7]) > 0 for line in lines[1:])  # final training loss
 
 
 def test_train_flag_errors_are_one_line(world):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 import os
 
 from absl import app
@@ -51,6 +52,16 @@ def parse_candidate(text: str) -> tuple[str, int | None]:
 def candidate_name(spec: str, layer: int | None) -> str:
   base = os.path.basename(spec.rstrip("/")) or spec
   return base if layer is None else f"{base}@{layer}"
+
+
+def _final_loss(workdir: str) -> float | None:
+  """The last logged training loss of a run (also when this invocation trained nothing)."""
+  path = os.path.join(workdir, loop.METRICS_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  return json.loads(lines[-1]).get("loss") if lines else None
 
 
 def table_csv(rows: list[dict]) -> str:
@@ -93,7 +104,7 @@ def main(argv):
     rows.append({"candidate": name, "vision": spec, "vision_layer": vlm_config.vision_layer,
                  "a_score": scores["a_score"], "a_score_std": scores["a_score_std"],
                  "pairs": scores["pairs"], "steps": summary.get("steps"),
-                 "final_loss": summary.get("loss"), "workdir": config.workdir})
+                 "final_loss": _final_loss(config.workdir), "workdir": config.workdir})
     if parallel.is_primary():  # Rewritten after each candidate: a kill loses nothing finished.
       atomic.write_text_atomic(_OUTPUT.value, table_csv(rows))
       atomic.write_json_atomic(os.path.splitext(_OUTPUT.value)[0] + ".json", {"rows": rows})
