@@ -20,7 +20,7 @@ from vlmsel_jax.data.records import DataError
 CAPTION_MODES = ("all", "first")
 
 
-class CocoCaptionsSource:
+class CocoCaptionsSource(records.EntrySource):
   """A COCO captions JSON file over an image root, as paired records."""
 
   def __init__(self, json_path: str, image_root: str, *, captions: str = "all",
@@ -100,13 +100,6 @@ class CocoCaptionsSource:
     self._entries = [(rid, files[iid], caption) for rid, iid, caption, _ in kept]
     records.require_records(len(self._entries), json_path, problems)
     self._bad = problems.bad
-
-  @property
-  def bad_records(self) -> records.BadRecords:
-    return self._bad
-
-  def __len__(self) -> int:
-    return len(self._entries)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     rid, file_name, caption = self._entries[index]

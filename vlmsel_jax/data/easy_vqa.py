@@ -170,7 +170,7 @@ def caption(shape: str, color: str) -> str:
   return f"A {color} {shape}."
 
 
-class EasyVqaSource:
+class EasyVqaSource(records.EntrySource):
   """easy-VQA as vqa records (one per question) or paired records (one per image)."""
 
   def __init__(self, split: str = "train", kind: str = "vqa", *,
@@ -205,13 +205,6 @@ class EasyVqaSource:
     self._entries = [entries[i] for i in keep]
     records.require_records(len(self._entries), path, problems)
     self._bad = problems.bad
-
-  @property
-  def bad_records(self) -> records.BadRecords:
-    return self._bad
-
-  def __len__(self) -> int:
-    return len(self._entries)
 
   def answer_of(self, index: int) -> str:
     """The normalized answer of vqa record ``index``, without decoding its image."""

@@ -30,7 +30,7 @@ ROLES = {"human": "user", "gpt": "assistant"}
 KINDS = ("conversation", "paired")
 
 
-class LlavaSource:
+class LlavaSource(records.EntrySource):
   """A LLaVA JSON / JSONL file over an image root, as conversation or paired records."""
 
   def __init__(self, json_path: str, image_root: str, *, kind: str = "conversation",
@@ -100,13 +100,6 @@ class LlavaSource:
                       f"turn (the caption), found {len(answers)}")
       return None
     return rid, image, answers[0].strip()
-
-  @property
-  def bad_records(self) -> records.BadRecords:
-    return self._bad
-
-  def __len__(self) -> int:
-    return len(self._entries)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     where, rid, image, content = self._entries[index]

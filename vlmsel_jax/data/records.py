@@ -93,6 +93,21 @@ class BadRecords:
     return f"{self.skipped} records skipped ({reasons}); first: {self.examples[0]}"
 
 
+class EntrySource:
+  """Base of the sources that hold their checked records as ``self._entries`` and their
+  skipped-record summary as ``self._bad``; subclasses define ``__getitem__``."""
+
+  _entries: list
+  _bad: "BadRecords"
+
+  @property
+  def bad_records(self) -> "BadRecords":
+    return self._bad
+
+  def __len__(self) -> int:
+    return len(self._entries)
+
+
 class Problems:
   """Raises on the first problem, or (``skip=True``) counts it in ``bad`` and carries on."""
 

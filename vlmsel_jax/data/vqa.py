@@ -164,7 +164,7 @@ def _load_list(path: str, key: str) -> tuple[dict[str, Any], list[Any]]:
   return document, document[key]
 
 
-class VqaSource:
+class VqaSource(records.EntrySource):
   """VQA v2 questions (+ annotations) over an image folder, as vqa records.
 
   Records: ``{"id": question id, "image", "question", "answers": the raw human answers,
@@ -241,13 +241,6 @@ class VqaSource:
                      for qid, f, question, answers, _ in entries]
     records.require_records(len(self._entries), questions_path, problems)
     self._bad = problems.bad
-
-  @property
-  def bad_records(self) -> records.BadRecords:
-    return self._bad
-
-  def __len__(self) -> int:
-    return len(self._entries)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     qid, file_name, question, answers, answer = self._entries[index]
