@@ -13,23 +13,19 @@ import os
 from absl import app
 from absl import flags
 
-from vlmsel_jax import flag_util
 from vlmsel_jax import parallel
 from vlmsel_jax import runtime_flags
 from vlmsel_jax.training import checkpoint as ckpt_lib
 from vlmsel_jax.training import evaluate_run
 from vlmsel_jax.training import loop
+from vlmsel_jax.training import run_flags
 
-_WORKDIR = flag_util.shared(flags.DEFINE_string, "workdir", None, "The run's directory "
-                            "(checkpoints, metrics, summaries).")
-_DATA = flag_util.shared(flags.DEFINE_string, "eval_data", None, "Held-out data spec "
-                         "(default: the test split of the run's training data).")
+_WORKDIR = run_flags.WORKDIR
+_DATA = run_flags.EVAL_DATA
 _METRICS = flags.DEFINE_list("eval_metrics", None, "a_score and/or vqa (default: a_score for a "
                              "stage-1 run, vqa for stage 2).")
-_LIMIT = flag_util.shared(flags.DEFINE_integer, "eval_limit", 0, "Held-out examples "
-                          "evaluated (0: all).", lower_bound=0)
-_BATCH = flag_util.shared(flags.DEFINE_integer, "eval_batch_size", 16, "Evaluation batch "
-                          "size.", lower_bound=1)
+_LIMIT = run_flags.EVAL_LIMIT
+_BATCH = run_flags.EVAL_BATCH
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 8, "Longest decoded answer.", lower_bound=1)
 
 

@@ -27,6 +27,7 @@ from vlmsel_jax import runtime_flags  # noqa: F401  (defines the multi-process f
 from vlmsel_jax.models import lora
 from vlmsel_jax.models import vlm
 from vlmsel_jax.training import loop
+from vlmsel_jax.training import run_flags
 from vlmsel_jax.training import step as step_lib
 
 _VISION = flags.DEFINE_string("vision", None, "Vision tower: a zoo name or a local model path.")
@@ -37,10 +38,8 @@ _DATA = flags.DEFINE_string("data", None, "Training data spec (vlmsel_jax.data.r
                             "easy-vqa, llava:FILE.json@IMAGE_ROOT, folder:DIR.")
 _DATA_KIND = flags.DEFINE_enum("data_kind", None, ["paired", "vqa", "conversation"],
                                "Record kind to read (default: paired for stage 1, vqa for 2).")
-_EVAL_DATA = flag_util.shared(flags.DEFINE_string, "eval_data", None, "Held-out data spec "
-                              "(default: the test split of the run's training data).")
-_WORKDIR = flag_util.shared(flags.DEFINE_string, "workdir", None, "The run's directory "
-                            "(checkpoints, metrics, summaries).")
+_EVAL_DATA = run_flags.EVAL_DATA
+_WORKDIR = run_flags.WORKDIR
 _VISION_LAYER = flags.DEFINE_integer("vision_layer", -2, "Tower hidden state used (-2: "
                                      "second-to-last).")
 _IMAGE_TOKENS = flags.DEFINE_enum("image_tokens", "patch", list(vlm.IMAGE_TOKENS),
@@ -87,10 +86,8 @@ _SKIP_BAD = flags.DEFINE_bool("skip_bad_records", False, "Skip (and count) bad r
                               "of stopping.")
 _EVAL = flags.DEFINE_bool("eval", True, "Evaluate at the end (A score for stage 1, VQA accuracy "
                           "for stage 2) and write eval.json.")
-_EVAL_LIMIT = flag_util.shared(flags.DEFINE_integer, "eval_limit", 0, "Held-out examples "
-                               "evaluated (0: all).", lower_bound=0)
-_EVAL_BATCH = flag_util.shared(flags.DEFINE_integer, "eval_batch_size", 16, "Evaluation batch "
-                               "size.", lower_bound=1)
+_EVAL_LIMIT = run_flags.EVAL_LIMIT
+_EVAL_BATCH = run_flags.EVAL_BATCH
 
 
 def config_from_flags() -> loop.TrainConfig:

@@ -195,14 +195,7 @@ def replay(curves_path: str, vision_path: str, llm_specs: list[str],
   """Runs the search on the recorded curves; returns the JSON payload."""
   pairs, curves = read_curves(curves_path)
   vision_names, vision_sim = read_similarity(vision_path)
-  if not llm_specs:
-    raise mordal.MordalError("--llm_similarity is required")
-  llm: dict[str, tuple[list[str], np.ndarray]] = {}
-  for spec in llm_specs:
-    key, path = spec.split("=", 1) if "=" in spec else ("*", spec)
-    if key in llm:
-      raise mordal.MordalError(f"--llm_similarity gives {key!r} twice")
-    llm[key] = read_similarity(path.strip())
+  llm = _llm_similarity(llm_specs)
   result = mordal.search(pairs, vision_names, vision_sim, llm,
                          table_trainer(curves, curves_path), config)
   full = {c: next(v for r, v in per.items() if math.isclose(r, 1.0)) for c, per in curves.items()}

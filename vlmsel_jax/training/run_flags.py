@@ -1,0 +1,13 @@
+"""The flags the training and evaluation binaries share: a run's directory and its evaluation."""
+
+from __future__ import annotations
+
+from absl import flags
+
+WORKDIR = flags.DEFINE_string("workdir", None, "The run's directory (checkpoints, metrics, "
+                              "summaries).")
+EVAL_DATA = flags.DEFINE_string("eval_data", None, "Held-out data spec (default: the test split "
+                                "of the run's training data).")
+EVAL_LIMIT = flags.DEFINE_integer("eval_limit", 0, "Held-out examples evaluated, spread evenly "
+                                  "over the split (0: all).", lower_bound=0)
+EVAL_BATCH = flags.DEFINE_integer("eval_batch_size", 16, "Evaluation batch size.", lower_bound=1)
