@@ -41,6 +41,8 @@ import statistics
 import tempfile
 import time
 
+import cpu_setup
+
 CONFIGS = ("tiny", "small")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -102,18 +104,6 @@ def _parse() -> argparse.Namespace:
       args.threads is not None and args.threads < 1):
     parser.error("--batch_size and --threads must be positive")
   return args
-
-
-def _cpu_model() -> str:
-  """The CPU model name from /proc/cpuinfo, or what ``platform`` knows elsewhere."""
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown CPU"
 
 
 def _write_checkpoints(shape: Shape, directory: str, seed: int) -> tuple[str, str]:
@@ -326,14 +316,8 @@ def _run_config(shape: Shape, args: argparse.Namespace) -> dict:
 
 def main() -> None:
   args = _parse()
-  available = sorted(os.sched_getaffinity(0))
-  threads = min(args.threads or len(available), len(available))
-  if threads < len(available):
-    # Before jax and torch start their thread pools: pinning is what limits XLA's.
-    os.sched_setaffinity(0, available[:threads])
-
-  # A CPU comparison even where jax would pick an accelerator.
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  # Before jax and torch start their thread pools (see cpu_setup).
+  threads, usable = cpu_setup.pin_threads(args.threads)
   # Imported after pinning, for the reason above.
   # pylint: disable=g-import-not-at-top
   import jax
@@ -343,10 +327,7 @@ def main() -> None:
 
   torch.set_num_threads(threads)
   transformers.utils.logging.disable_progress_bar()
-  load = os.getloadavg()
-  print(f"machine: {_cpu_model()} ({platform.machine()}), {platform.system()} "
-        f"{platform.release()}; {os.cpu_count()} logical CPUs, {len(available)} usable, "
-        f"{threads} used; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+  print(cpu_setup.machine_line(threads, usable))
   print(f"python {platform.python_version()}, jax {jax.__version__} ({jax.default_backend()}), "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
         f"transformers {transformers.__version__}")

@@ -68,6 +68,20 @@ def source_ranks(accuracy: Mapping[str, Mapping[str, float]], models: Sequence[s
   return out
 
 
+def _same_keys(have, want, missing_message: str, extra_message: tuple[str, str]) -> None:
+  """Raises DCDError when ``have`` lacks a key of ``want`` or holds one ``want`` lacks.
+
+  The error is ``missing_message`` + the missing keys, or extra_message[0] + the extra keys +
+  extra_message[1].
+  """
+  missing = [k for k in want if k not in have]
+  if missing:
+    raise DCDError(f"{missing_message} {', '.join(missing)}")
+  extra = sorted(set(have) - set(want))
+  if extra:
+    raise DCDError(f"{extra_message[0]} {', '.join(extra)} {extra_message[1]}")
+
+
 def check_inputs(profiles: Mapping[str, Mapping[str, np.ndarray]],
                  accuracy: Mapping[str, Mapping[str, float]]) -> tuple[list[str], list[str]]:
   """(models, tasks) when every model has a profile and an accuracy for every task."""
@@ -78,13 +92,8 @@ def check_inputs(profiles: Mapping[str, Mapping[str, np.ndarray]],
   if len(tasks) < 2:
     raise DCDError(f"leave-one-task-out needs at least 2 tasks, got {len(tasks)}")
   for m in models:
-    missing = [t for t in tasks if t not in profiles[m]]
-    if missing:
-      raise DCDError(f"model {m!r} has no conductance profile for task(s) {', '.join(missing)}")
-    extra = sorted(set(profiles[m]) - set(tasks))
-    if extra:
-      raise DCDError(f"model {m!r} has profiles for task(s) {', '.join(extra)} that have no "
-                     "accuracies")
+    _same_keys(profiles[m], tasks, f"model {m!r} has no conductance profile for task(s)",
+               (f"model {m!r} has profiles for task(s)", "that have no accuracies"))
     lengths = {profiles[m][t].shape for t in tasks}
     if len(lengths) != 1:
       raise DCDError(f"model {m!r}: profiles of different lengths {sorted(lengths)}")
@@ -92,13 +101,8 @@ def check_inputs(profiles: Mapping[str, Mapping[str, np.ndarray]],
       if not np.all(np.isfinite(profiles[m][t])):
         raise DCDError(f"model {m!r}, task {t!r}: non-finite conductance")
   for t in tasks:
-    missing = [m for m in models if m not in accuracy[t]]
-    if missing:
-      raise DCDError(f"task {t!r}: no accuracy for model(s) {', '.join(missing)}")
-    extra = sorted(set(accuracy[t]) - set(models))
-    if extra:
-      raise DCDError(f"task {t!r}: accuracies for model(s) {', '.join(extra)} that have no "
-                     "conductance profile")
+    _same_keys(accuracy[t], models, f"task {t!r}: no accuracy for model(s)",
+               (f"task {t!r}: accuracies for model(s)", "that have no conductance profile"))
   return models, tasks
 
 
