@@ -105,3 +105,17 @@ def test_train_flag_errors_are_one_line(world):
                                   "--data_kind=conversation",
                                   f"--workdir={world['root'] / 'bad'}",
                                   f"--init_from={world['root'] / 'missing'}"])
+
+
+def test_majority_answer_reads_no_image(world, monkeypatch):
+  """The majority baseline comes from the sources' answers alone (no image decoded)."""
+  from vlmsel_jax.data import registry  # pylint: disable=g-import-not-at-top
+  from vlmsel_jax.training import evaluation  # pylint: disable=g-import-not-at-top
+  source = registry.open_source(world["llava_train"], kind="conversation")
+  expected = evaluation.majority_answer_of(fx.ListSource([source[i] for i in range(len(source))]))
+
+  def no_reads(self, index):
+    raise AssertionError(f"record {index} was read")
+
+  monkeypatch.setattr(type(source), "__getitem__", no_reads)
+  assert evaluation.majority_answer_of(source) == expected

@@ -101,6 +101,16 @@ class LlavaSource(records.EntrySource):
       return None
     return rid, image, answers[0].strip()
 
+  def answer_of(self, index: int) -> str:
+    """The last assistant turn of conversation ``index``, without decoding its image."""
+    where, rid, _, content = self._entries[index]
+    if self.kind == "paired":
+      return content  # The caption is the conversation's single assistant turn.
+    turns = [t["content"] for t in content if t["role"] == "assistant"]
+    if not turns:
+      raise DataError(f"id {rid!r} ({self.json_path}: {where}): no assistant turn")
+    return turns[-1]
+
   def __getitem__(self, index: int) -> dict[str, Any]:
     where, rid, image, content = self._entries[index]
     array = records.decode_image(os.path.join(self.image_root, image),

@@ -242,6 +242,10 @@ class VqaSource(records.EntrySource):
     records.require_records(len(self._entries), questions_path, problems)
     self._bad = problems.bad
 
+  def answer_of(self, index: int) -> str:
+    """Record ``index``'s most common normalized answer, without decoding its image."""
+    return self._entries[index][4]
+
   def __getitem__(self, index: int) -> dict[str, Any]:
     qid, file_name, question, answers, answer = self._entries[index]
     image = records.decode_image(os.path.join(self.image_root, file_name),

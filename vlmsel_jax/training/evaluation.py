@@ -174,7 +174,8 @@ def majority_answer_of(source, limit: int | None = None) -> str:
 
 
 def _record_answer(source, i: int) -> str:
-  # Avoid decoding the image when the source can give the answer alone.
+  # Sources with ``answer_of`` (easy-VQA, VQA v2, LLaVA) give the answer without decoding the
+  # image: a baseline over tens of thousands of records must not read every image.
   if hasattr(source, "answer_of"):
     return source.answer_of(i)
   return _answers(source[i])[0]
