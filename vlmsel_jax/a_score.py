@@ -97,8 +97,10 @@ def main(argv):
     config = dataclasses.replace(base, vision=spec, vlm=vlm_config,
                                  workdir=os.path.join(base.workdir, name.replace("/", "_")))
     logging.info("candidate %s: stage 1 in %s", name, config.workdir)
-    summary = loop.train(config)
-    scores = evaluate_run.evaluate(config, data=flags.FLAGS.eval_data, metrics=("a_score",),
+    built = loop.build_model(config)
+    summary = loop.train(config, built=built)
+    scores = evaluate_run.evaluate(config, built=built, data=flags.FLAGS.eval_data,
+                                   metrics=("a_score",),
                                    limit=flags.FLAGS.eval_limit or None,
                                    batch_size=flags.FLAGS.eval_batch_size)
     rows.append({"candidate": name, "vision": spec, "vision_layer": vlm_config.vision_layer,

@@ -121,10 +121,12 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   runtime_flags.initialize_from_flags()
   config = config_from_flags()
-  summary = loop.train(config)
+  # Built once: training and the evaluation after it share the loaded models.
+  built = loop.build_model(config)
+  summary = loop.train(config, built=built)
   if _EVAL.value:
     from vlmsel_jax.training import evaluate_run  # pylint: disable=g-import-not-at-top
-    summary["eval"] = evaluate_run.evaluate(config, data=_EVAL_DATA.value,
+    summary["eval"] = evaluate_run.evaluate(config, built=built, data=_EVAL_DATA.value,
                                             limit=_EVAL_LIMIT.value or None,
                                             batch_size=_EVAL_BATCH.value)
   if parallel.is_primary():

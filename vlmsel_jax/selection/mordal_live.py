@@ -13,16 +13,14 @@ from the recorded curves (``curves_csv``).
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import io
-import csv
 import os
-from typing import Callable
 
 from vlmsel_jax.selection import mordal
 from vlmsel_jax.training import evaluate_run
 from vlmsel_jax.training import loop
-from vlmsel_jax.training import step as step_lib
 
 
 def candidate_name(vision: str, llm: str) -> str:
@@ -51,8 +49,7 @@ class LiveTrainer:
   """``train(candidate, fraction) -> (accuracy, cumulative steps)`` over real training runs."""
 
   def __init__(self, base: loop.TrainConfig, candidates: dict[tuple[str, str], str], *,
-               full_steps: int, eval_limit: int | None, eval_batch_size: int = 16,
-               train_fn: Callable = loop.train, evaluate_fn: Callable = evaluate_run.evaluate):
+               full_steps: int, eval_limit: int | None, eval_batch_size: int = 16):
     if full_steps < 1:
       raise mordal.MordalError(f"full_steps must be >= 1, got {full_steps}")
     self.base = base
@@ -60,8 +57,6 @@ class LiveTrainer:
     self.full_steps = full_steps
     self.eval_limit = eval_limit
     self.eval_batch_size = eval_batch_size
-    self.train_fn = train_fn
-    self.evaluate_fn = evaluate_fn
     self.records: list[dict] = []
 
   def config_for(self, candidate: str, steps: int) -> loop.TrainConfig:
@@ -75,9 +70,10 @@ class LiveTrainer:
       raise mordal.MordalError(f"unknown candidate {candidate!r}")
     steps = max(1, round(fraction * self.full_steps))
     config = self.config_for(candidate, steps)
-    self.train_fn(config)
-    result = self.evaluate_fn(config, metrics=("vqa",), limit=self.eval_limit,
-                              batch_size=self.eval_batch_size, progress=False)
+    built = loop.build_model(config)
+    loop.train(config, built=built)
+    result = evaluate_run.evaluate(config, built=built, metrics=("vqa",), limit=self.eval_limit,
+                                   batch_size=self.eval_batch_size, progress=False)
     accuracy = float(result["vqa_accuracy"])
     vision, llm = self.by_name[candidate]
     self.records.append({"candidate": candidate, "vision": vision, "llm": llm,

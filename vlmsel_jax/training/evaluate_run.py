@@ -34,14 +34,15 @@ def config_from_meta(meta: dict, workdir: str) -> loop.TrainConfig:
 
 def evaluate(config: loop.TrainConfig, *, data: str | None = None, metrics=None,
              limit: int | None = None, batch_size: int = 16, max_new_tokens: int = 8,
-             train_source=None, eval_source=None, progress: bool = True) -> dict:
+             train_source=None, eval_source=None, progress: bool = True,
+             built: loop.Built | None = None) -> dict:
   """Evaluates the latest checkpoint of ``config.workdir``; writes and returns eval.json."""
   from vlmsel_jax.data import registry  # pylint: disable=g-import-not-at-top
   metrics = tuple(metrics or (("a_score",) if config.stage == 1 else ("vqa",)))
   for m in metrics:
     if m not in METRICS:
       raise ValueError(f"unknown evaluation metric {m!r}; use {', '.join(METRICS)}")
-  built = loop.build_model(config)
+  built = loop.build_model(config) if built is None else built
   directory = os.path.join(config.workdir, loop.CHECKPOINT_DIR)
   params, meta = ckpt_lib.restore_params(directory)
   ckpt_lib.check_compatible(meta, config.meta(loop.shapes_of(built.params)), directory)

@@ -195,12 +195,15 @@ class MetricsLog:
         f.write(json.dumps(record) + "\n")
 
 
-def train(config: TrainConfig, *, source=None, stop_after: int | None = None) -> dict:
+def train(config: TrainConfig, *, source=None, built: Built | None = None,
+          stop_after: int | None = None) -> dict:
   """Runs (or resumes) one training run; returns a summary dict.
 
   Args:
     config: The run.
     source: A record source to train on instead of opening ``config.data``.
+    built: ``build_model(config)``, when the caller has it already (it evaluates afterwards
+      with the same model); the trained params are copied, never modified.
     stop_after: Stop after this many steps *of this invocation* without a final save, as a kill
       would (tests use it to simulate an interrupted run).
   """
@@ -210,7 +213,7 @@ def train(config: TrainConfig, *, source=None, stop_after: int | None = None) ->
     raise ValueError(f"data_fraction must be in (0, 1], got {config.data_fraction}")
   os.makedirs(config.workdir, exist_ok=True)
   mesh = parallel.make_mesh(config.mesh)
-  built = build_model(config)
+  built = build_model(config) if built is None else built
   source = open_data(config) if source is None else source
   loader = make_loader(config, source, transform_for(config, built.builder))
 
