@@ -88,11 +88,11 @@ def test_a_score_binary_writes_one_row_per_candidate(world):
   _run(a_score, _common(world) + ["--stage=1", f"--data={world['folder_train']}",
                                   f"--eval_data={world['folder_test']}",
                                   f"--workdir={world['root'] / 'a'}", "--max_steps=2",
-                                  f"--vision_candidates={world['vit']}@-1,{world['vit']}@-2",
+                                  f"--vision_candidates={world['vit']}@-1,{world['vit']}@layer=-2",
                                   f"--a_score_output={output}"])
   lines = open(output).read().splitlines()
   assert lines[0].startswith("candidate,vision,vision_layer,a_score")
-  assert [line.split(",")[0] for line in lines[1:]] == ["vit@-1", "vit@-2"]
+  assert [line.split(",")[0] for line in lines[1:]] == ["vit@layer=-1", "vit@layer=-2"]
   assert [int(line.split(",")[2]) for line in lines[1:]] == [-1, -2]
   assert all(float(line.split(",")[7]) > 0 for line in lines[1:])  # final training loss
 

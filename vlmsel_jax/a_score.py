@@ -4,8 +4,9 @@ caption log-likelihood, written as one table.
   python -m vlmsel_jax.a_score --flagfile=configs/a_score_demo.flags
 
 Takes every flag of ``vlmsel_jax.train`` (the stage-1 recipe, shared by all candidates) plus
-``--vision_candidates``: vision specs, each optionally ``@layer`` (the Law paper treats layer
-choices as distinct settings), e.g. ``efficientnet-lite0,efficientnet-lite0@-3``. Each candidate
+``--vision_candidates``: vision specs, each optionally with a variant (``@layer=-3``, ``@res=160``:
+the Law paper treats layer and resolution choices as distinct settings; see ``vlmsel_jax.zoo``),
+e.g. ``efficientnet-lite0,efficientnet-lite0@layer=-3``. Each candidate
 trains in ``<--workdir>/<candidate>`` (resumed if interrupted; a finished run is evaluated again
 without retraining) and the table goes to ``--a_score_output`` (CSV, plus JSON beside it).
 """
@@ -23,45 +24,21 @@ from absl import flags
 from absl import logging
 
 from vlmsel_jax import atomic
+from vlmsel_jax import flag_util
 from vlmsel_jax import parallel
 from vlmsel_jax import runtime_flags
 from vlmsel_jax import train as train_binary
+from vlmsel_jax import zoo
 from vlmsel_jax.training import evaluate_run
 from vlmsel_jax.training import loop
 
-_CANDIDATES = flags.DEFINE_list("vision_candidates", None, "Vision candidates: "
-                                "spec[@layer], ...")
+_CANDIDATES = flag_util.shared(flags.DEFINE_list, "vision_candidates", None, "Vision "
+                               "candidates: specs with optional variants, e.g. "
+                               "efficientnet-lite0@layer=-3,res=160.")
 _OUTPUT = flags.DEFINE_string("a_score_output", None, "CSV table path (JSON written beside it).")
 
 COLUMNS = ("candidate", "vision", "vision_layer", "a_score", "a_score_std", "pairs", "steps",
            "final_loss", "workdir")
-
-
-def parse_candidate(text: str) -> tuple[str, int | None]:
-  """``"lite0@-2"`` → ("lite0", -2); ``"lite0"`` → ("lite0", None)."""
-  spec, sep, layer = text.strip().rpartition("@") if "@" in text else (text.strip(), "", "")
-  if not sep:
-    return spec, None
-  try:
-    return spec, int(layer)
-  except ValueError:
-    raise app.UsageError(f"--vision_candidates: {text!r}: the part after @ must be a layer "
-                         "index") from None
-
-
-def candidate_name(spec: str, layer: int | None) -> str:
-  base = os.path.basename(spec.rstrip("/")) or spec
-  return base if layer is None else f"{base}@{layer}"
-
-
-def _final_loss(workdir: str) -> float | None:
-  """The last logged training loss of a run (also when this invocation trained nothing)."""
-  path = os.path.join(workdir, loop.METRICS_FILE)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    lines = [line for line in f if line.strip()]
-  return json.loads(lines[-1]).get("loss") if lines else None
 
 
 def table_csv(rows: list[dict]) -> str:
@@ -83,19 +60,22 @@ def main(argv):
   runtime_flags.initialize_from_flags()
   if flags.FLAGS.stage != "1":
     raise app.UsageError("the A score is defined after stage-1 training; use --stage=1")
-  candidates = [parse_candidate(c) for c in _CANDIDATES.value]
-  names = [candidate_name(s, l) for s, l in candidates]
+  candidates = zoo.candidate_list(_CANDIDATES.value)
+  try:
+    names = [zoo.resolve(c).name for c in candidates]
+  except zoo.ZooError as e:
+    raise app.UsageError(f"--vision_candidates: {e}") from None
   if len(set(names)) != len(names):
     raise app.UsageError(f"--vision_candidates: duplicate candidates in {', '.join(names)}")
   # --vision is not needed (the candidates are the towers); the rest of train's flags apply.
   if not flags.FLAGS.vision:
-    flags.FLAGS.vision = candidates[0][0]
+    flags.FLAGS.vision = zoo.split_variant(candidates[0])[0]
   base = train_binary.config_from_flags()
   rows = []
-  for (spec, layer), name in zip(candidates, names):
-    vlm_config = base.vlm if layer is None else dataclasses.replace(base.vlm, vision_layer=layer)
-    config = dataclasses.replace(base, vision=spec, vlm=vlm_config,
+  for spec, name in zip(candidates, names):
+    config = dataclasses.replace(base, vision=spec,
                                  workdir=os.path.join(base.workdir, name.replace("/", "_")))
+    vlm_config = config.vlm
     logging.info("candidate %s: stage 1 in %s", name, config.workdir)
     built = loop.build_model(config)
     summary = loop.train(config, built=built)
@@ -106,7 +86,7 @@ def main(argv):
     rows.append({"candidate": name, "vision": spec, "vision_layer": vlm_config.vision_layer,
                  "a_score": scores["a_score"], "a_score_std": scores["a_score_std"],
                  "pairs": scores["pairs"], "steps": summary.get("steps"),
-                 "final_loss": _final_loss(config.workdir), "workdir": config.workdir})
+                 "final_loss": loop.final_loss(config.workdir), "workdir": config.workdir})
     if parallel.is_primary():  # Rewritten after each candidate: a kill loses nothing finished.
       atomic.write_text_atomic(_OUTPUT.value, table_csv(rows))
       atomic.write_json_atomic(os.path.splitext(_OUTPUT.value)[0] + ".json", {"rows": rows})

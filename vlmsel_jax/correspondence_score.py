@@ -18,6 +18,7 @@ next to other binaries' flags.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -152,15 +153,20 @@ def run(models: Sequence[str], pairs: str, output: str, *, layer: int | None = N
   if not output.endswith(".json"):
     raise ValueError(f"--output={output}: give a .json path (the CSV goes beside it)")
   results = {}
-  for spec in models:
+  for spec in zoo.candidate_list(models):
     resolved = zoo.resolve(spec)
     if resolved.kind != "vision":
       raise ValueError(f"model {spec!r} is a {resolved.kind} model; the C score needs a vision "
                        "encoder")
+    if layer is not None and resolved.variant.layer is not None:
+      raise ValueError(f"model {spec!r} names its layer and --layer={layer} names another; "
+                       "give the layer once")
+    # A variant's layer is the candidate's feature layer; otherwise METHODS' second-to-last.
+    model_layer = resolved.variant.layer if layer is None else layer
     loaded = resolved.load()
     records, total = load_records(pairs, **record_options)
     start = time.time()
-    results[resolved.name] = score_records(loaded, records, layer=layer, method=method,
+    results[resolved.name] = score_records(loaded, records, layer=model_layer, method=method,
                                            temperature=temperature, window=window,
                                            alphas=alphas, total=total, progress=progress)
     results[resolved.name]["seconds"] = round(time.time() - start, 2)
@@ -173,10 +179,53 @@ def run(models: Sequence[str], pairs: str, output: str, *, layer: int | None = N
   return payload
 
 
+def cached_c_scores(specs: Sequence[str], cache_dir: str, *, pairs: str = "homography",
+                    progress: bool = True, **record_options) -> dict[str, dict[str, Any]]:
+  """The C score result (``score_records``) of every vision spec, by model name, cached.
+
+  Each spec is read at its variant's layer (else the default second-to-last layer) and
+  resolution. A result is kept in ``<cache_dir>/c_scores/<name>.json`` with a key of the model
+  files, the variant, the pairs and every option; a later call with the same key reads it back
+  instead of running the model.
+  """
+  out = {}
+  for spec in specs:
+    resolved = zoo.resolve(spec)
+    if resolved.kind != "vision":
+      raise ValueError(f"model {spec!r} is a {resolved.kind} model; the C score needs a vision "
+                       "encoder")
+    options = {k: (list(v) if isinstance(v, (tuple, list)) else v)
+               for k, v in sorted(record_options.items())}
+    key = hashlib.sha256(json.dumps(
+        {"version": 1, "model": resolved.fingerprint(), "pairs": pairs, "options": options,
+         "method": "soft_argmax", "temperature": corr.DEFAULT_TEMPERATURE,
+         "window": corr.DEFAULT_WINDOW, "alphas": list(corr.ALPHAS)},
+        sort_keys=True).encode()).hexdigest()
+    path = os.path.join(cache_dir, "c_scores", resolved.name + ".json")
+    if os.path.isfile(path):
+      try:
+        with open(path) as f:
+          cached = json.load(f)
+        if cached.get("key") == key:
+          out[resolved.name] = cached["result"]
+          continue
+      except (OSError, ValueError, KeyError):
+        pass  # Unreadable: computed again and rewritten.
+    records, total = load_records(pairs, **record_options)
+    result = score_records(resolved.load(), records, layer=resolved.variant.layer, total=total,
+                           progress=progress)
+    atomic.write_json_atomic(path, {"key": key, "spec": spec, "pairs": pairs,
+                                    "options": options, "result": result})
+    out[resolved.name] = result
+  return out
+
+
 def _define_flags() -> dict[str, Any]:
   f = {}
   f["models"] = flags.DEFINE_list("models", [], "Vision encoders: zoo names (efficientnet-lite0, "
-                                  "...) or local Hugging Face ViT-family directories.")
+                                  "...) or local Hugging Face ViT-family directories, optionally "
+                                  "with a variant (efficientnet-lite0@layer=-4,res=320: the "
+                                  "variant's layer is read unless --layer is given).")
   f["pairs"] = flags.DEFINE_string("pairs", "homography",
                                    f"Pair source: {', '.join(PAIR_SOURCES)}.")
   f["output"] = flags.DEFINE_string("output", None, "Output JSON path; the CSV goes beside it.")

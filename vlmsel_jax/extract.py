@@ -22,9 +22,15 @@ from vlmsel_jax import zoo
 
 MODELS = flags.DEFINE_list(
     "models", [], "Models to extract: zoo names (" + ", ".join(zoo.names()) + ") or local paths "
-    "(a Hugging Face model directory or a .gguf file).")
+    "(a Hugging Face model directory or a .gguf file), each optionally with a variant: "
+    "efficientnet-lite0@layer=-3,res=160 (see vlmsel_jax.zoo).")
 DATA_DIR = flag_util.shared(flags.DEFINE_string, "data_dir", None, "Image folder of the paired "
                             "dataset features are extracted from.")
+DATA = flag_util.shared(flags.DEFINE_string, "data", None, "Data spec (vlmsel_jax.data.registry), "
+                        "e.g. easy-vqa, folder:DIR; extraction reads easy-vqa and folder: "
+                        "sources. Instead of --data_dir.")
+DATA_SPLIT = flag_util.shared(flags.DEFINE_string, "data_split", "train", "Split of --data "
+                              "(easy-vqa: train or test).")
 CAPTIONS = flag_util.shared(flags.DEFINE_string, "captions", None, "Captions file of --data_dir "
                             "(default: <data_dir>/captions.jsonl).")
 OUTPUT_DIR = flag_util.shared(flags.DEFINE_string, "output_dir", None, "Where results are "
@@ -44,8 +50,8 @@ BATCH_SIZE = flag_util.shared(flags.DEFINE_integer, "batch_size", 32, "Samples p
 DTYPE = flag_util.shared(flags.DEFINE_enum, "dtype", "float32", "Model dtype (training: of "
                          "the frozen tower and LLM; trained weights stay float32).",
                          enum_values=list(extraction.DTYPES))
-MAX_SAMPLES = flags.DEFINE_integer("max_samples", 0, "Use at most this many samples, drawn with "
-                                   "--seed (0: all).", lower_bound=0)
+MAX_SAMPLES = flag_util.shared(flags.DEFINE_integer, "max_samples", 0, "Use at most this many "
+                              "samples, drawn with --seed (0: all).", lower_bound=0)
 SEED = flag_util.shared(flags.DEFINE_integer, "seed", 0, "Seed of every random choice "
                         "(extraction: the --max_samples draw).")
 MAX_TEXT_TOKENS = flags.DEFINE_integer("max_text_tokens", 128, "Captions are truncated to this "
@@ -83,11 +89,20 @@ def run() -> list[extraction.ExtractResult]:
   if not MODELS.value:
     raise InputError("no models: pass --models=name_or_path,... (zoo names: "
                      f"{', '.join(zoo.names())})")
-  for flag in (DATA_DIR, OUTPUT_DIR):
-    if not flag.value:
-      raise InputError(f"--{flag.name} is required")
-  return extraction.extract(MODELS.value, DATA_DIR.value, OUTPUT_DIR.value,
-                            captions=CAPTIONS.value, options=options())
+  if not OUTPUT_DIR.value:
+    raise InputError("--output_dir is required")
+  return extraction.extract(zoo.candidate_list(MODELS.value), DATA_DIR.value, OUTPUT_DIR.value,
+                            captions=CAPTIONS.value, dataset=paired_dataset(), options=options())
+
+
+def paired_dataset():
+  """The dataset --data names, or None when --data_dir gives the folder (exactly one is set)."""
+  from vlmsel_jax.data import registry  # pylint: disable=g-import-not-at-top
+  if bool(DATA.value) == bool(DATA_DIR.value):
+    raise InputError("give the dataset once: --data=easy-vqa (or folder:DIR), or --data_dir=DIR")
+  if not DATA.value:
+    return None
+  return registry.open_paired_dataset(DATA.value, split=DATA_SPLIT.value)
 
 
 def main(argv):

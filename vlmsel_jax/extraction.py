@@ -342,7 +342,8 @@ def _extract_one(resolved: zoo.Resolved, dataset: paired.PairedDataset, path: st
                        batches_run=batches_run, resumed_rows=start, n=n, dim=features.shape[1])
 
 
-def extract(specs: Sequence[str], data_dir: str, output_dir: str, *, captions: str | None = None,
+def extract(specs: Sequence[str], data_dir: str | None, output_dir: str, *,
+            captions: str | None = None, dataset: paired.PairedDataset | None = None,
             options: ExtractOptions = ExtractOptions(),
             devices: Sequence[jax.Device] | None = None,
             on_batch: Callable[[str, int], None] | None = None) -> list[ExtractResult]:
@@ -350,9 +351,11 @@ def extract(specs: Sequence[str], data_dir: str, output_dir: str, *, captions: s
 
   Args:
     specs: Zoo names or paths (``vlmsel_jax.zoo.resolve``).
-    data_dir: The image folder.
+    data_dir: The image folder (None when ``dataset`` is given).
     output_dir: Where ``<name>.safetensors`` (and, while running, ``<name>.partial.npz``) go.
     captions: The captions file (default ``<data_dir>/captions.jsonl``).
+    dataset: The dataset itself instead of ``data_dir`` (e.g.
+      ``data.registry.open_paired_dataset("easy-vqa")``).
     options: See ``ExtractOptions``.
     devices: Devices of the data-parallel mesh (default: all).
     on_batch: Called as ``on_batch(name, batches_run)`` after each batch (and its checkpoint).
@@ -370,13 +373,20 @@ def extract(specs: Sequence[str], data_dir: str, output_dir: str, *, captions: s
   resolved = [zoo.resolve(s) for s in specs]
   for r in resolved:
     _check_options_for_kind(r, options)
+    if r.variant.layer is not None and options.layer is not None:
+      raise ExtractError(f"model {r.spec!r} names its layer and --layer={options.layer} names "
+                         "another; give the layer once")
   seen: dict[str, str] = {}
   for r in resolved:
     if r.name in seen:
       raise ExtractError(f"models {seen[r.name]!r} and {r.spec!r} would both write "
                          f"{r.name}{BANK_EXT}; give them distinct directory / file names")
     seen[r.name] = r.spec
-  dataset = paired.load_paired(data_dir, captions).sample(options.max_samples, options.seed)
+  if (dataset is None) == (data_dir is None):
+    raise ExtractError("give exactly one of a data folder and a dataset")
+  if dataset is None:
+    dataset = paired.load_paired(data_dir, captions)
+  dataset = dataset.sample(options.max_samples, options.seed)
   data_hash = dataset.fingerprint()
   keys = [cache_key(r, data_hash, options) for r in resolved]
   paths = [os.path.join(output_dir, r.name + BANK_EXT) for r in resolved]
@@ -392,7 +402,7 @@ def extract(specs: Sequence[str], data_dir: str, output_dir: str, *, captions: s
     if bad:
       logging.warning("skipped %d undecodable image(s) of %d", skipped, skipped + len(dataset))
     if not len(dataset):
-      raise paired.DataError(f"{data_dir}: no sample has a decodable image")
+      raise paired.DataError(f"{dataset.root}: no sample has a decodable image")
 
   os.makedirs(output_dir, exist_ok=True)
   mesh = parallel.batch_mesh(devices)

@@ -24,17 +24,20 @@ from vlmsel_jax import parallel
 from vlmsel_jax import atomic
 from vlmsel_jax import flag_util
 from vlmsel_jax import runtime_flags  # noqa: F401  (defines the multi-process flags)
+from vlmsel_jax import zoo
 from vlmsel_jax.models import lora
 from vlmsel_jax.models import vlm
 from vlmsel_jax.training import loop
 from vlmsel_jax.training import run_flags
 from vlmsel_jax.training import step as step_lib
 
-_VISION = flags.DEFINE_string("vision", None, "Vision tower: a zoo name or a local model path.")
+_VISION = flags.DEFINE_string("vision", None, "Vision tower: a zoo name or a local model path, "
+                              "optionally with a variant: efficientnet-lite0@layer=-3,res=160 "
+                              "(its layer replaces --vision_layer).")
 _LLM = flags.DEFINE_string("llm", None, "LLM: a zoo name, a local HF directory or a .gguf file.")
 _STAGE = flags.DEFINE_enum("stage", "1", ["1", "2"], "1: projector on captions; 2: projector + "
                            "LoRA on instruction/VQA data.")
-_DATA = flags.DEFINE_string("data", None, "Training data spec (vlmsel_jax.data.registry), e.g. "
+_DATA = flag_util.shared(flags.DEFINE_string, "data", None, "Data spec (vlmsel_jax.data.registry), e.g. "
                             "easy-vqa, llava:FILE.json@IMAGE_ROOT, folder:DIR.")
 _DATA_KIND = flags.DEFINE_enum("data_kind", None, ["paired", "vqa", "conversation"],
                                "Record kind to read (default: paired for stage 1, vqa for 2).")
@@ -94,6 +97,11 @@ def config_from_flags() -> loop.TrainConfig:
   for flag in (_VISION, _LLM, _DATA, _WORKDIR):
     if not flag.value:
       raise app.UsageError(f"--{flag.name} is required")
+  _, variant = zoo.split_variant(_VISION.value)
+  if (variant.layer is not None and flags.FLAGS["vision_layer"].present
+      and variant.layer != _VISION_LAYER.value):
+    raise app.UsageError(f"--vision={_VISION.value} names layer {variant.layer} and "
+                         f"--vision_layer={_VISION_LAYER.value} another; give the layer once")
   accumulate = _ACCUMULATE.value
   schedule = _SCHEDULE_STEPS.value or max(_MAX_STEPS.value // accumulate, 1)
   try:

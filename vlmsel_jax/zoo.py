@@ -7,6 +7,14 @@ can be checked cheaply; ``load`` builds the NNX model with what extraction needs
 tokenizer of a text model, the image preprocessing of a vision model, and a jittable function that
 maps a batch to one feature vector per sample.
 
+A spec may end in a *variant*: ``@layer=-2``, ``@res=160`` or both (``@layer=-2,res=160``; a
+bare ``@-2`` is ``@layer=-2``). The Law of Vision Representation treats an encoder's input
+resolution and feature layer as distinct candidate settings; a variant is one. ``layer`` becomes
+the model's default hidden state (extraction, the C score and the VLM's image tokens read it);
+``res`` resizes the input of a convolutional tower (EfficientNet-Lite), whose weights take any
+size. The variant is part of the name (``efficientnet-lite0@layer=-2,res=160``) and of the cache
+fingerprint, so each setting gets its own feature bank.
+
 Weights that ship inside a pip package are registered with ``register(name, ZooEntry(...))``; the
 package is located with ``importlib.util.find_spec`` and never imported. Families whose checkpoints
 need their own loader (e.g. a ``.pth`` file) pass ``loader=``. Registered here:
@@ -31,7 +39,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -538,6 +546,101 @@ register("minilm-l6", ZooEntry(
 
 
 @dataclasses.dataclass(frozen=True)
+class Variant:
+  """A candidate setting of one model: which hidden state, at which input resolution.
+
+  Attributes:
+    layer: Hidden-state index that becomes the model's default layer (None: the model's own).
+    res: Input side in pixels of a convolutional vision tower (None: its native size).
+  """
+
+  layer: int | None = None
+  res: int | None = None
+
+  def __post_init__(self):
+    if self.res is not None and not 8 <= self.res <= 4096:
+      raise ZooError(f"res={self.res}: give an input side between 8 and 4096 pixels")
+
+  @property
+  def suffix(self) -> str:
+    """``"@layer=-2,res=160"``; empty for the default setting."""
+    parts = [f"{k}={v}" for k, v in (("layer", self.layer), ("res", self.res)) if v is not None]
+    return "@" + ",".join(parts) if parts else ""
+
+
+_VARIANT_RE = re.compile(r"-?\d+|([a-z_]+=[^,=@]+)(,[a-z_]+=[^,=@]+)*")
+
+
+def split_variant(spec: str) -> tuple[str, Variant]:
+  """``"efficientnet-lite0@layer=-2,res=160"`` → ("efficientnet-lite0", Variant(-2, 160)).
+
+  ``spec@-2`` is ``spec@layer=-2``. A spec without ``@``, or one that is an existing path as a
+  whole, has the default variant.
+
+  Raises:
+    ZooError: an unknown key, a value that is not an integer, or a key given twice.
+  """
+  spec = spec.strip()
+  base, at, text = spec.rpartition("@")
+  if not at or os.path.exists(os.path.expanduser(spec)):
+    return spec, Variant()
+  if not base or not _VARIANT_RE.fullmatch(text):
+    raise ZooError(f"model spec {spec!r}: after '@' give key=value pairs such as "
+                   "layer=-2,res=160 (or a bare layer index)")
+  if re.fullmatch(r"-?\d+", text):
+    return base, Variant(layer=int(text))
+  values: dict[str, int] = {}
+  for item in text.split(","):
+    key, _, value = item.partition("=")
+    if key not in ("layer", "res"):
+      raise ZooError(f"model spec {spec!r}: unknown setting {key!r} (known: layer, res)")
+    if key in values:
+      raise ZooError(f"model spec {spec!r}: {key} is given twice")
+    try:
+      values[key] = int(value)
+    except ValueError:
+      raise ZooError(f"model spec {spec!r}: {key}={value!r} is not an integer") from None
+  return base, Variant(**values)
+
+
+def candidate_list(items: Sequence[str]) -> list[str]:
+  """Specs from a comma-split flag, with each variant's own commas put back.
+
+  absl list flags split ``a@layer=-2,res=160,b`` into ``a@layer=-2``, ``res=160``, ``b``; an
+  item of the form ``key=value`` continues the spec before it when that one has a variant.
+  """
+  specs: list[str] = []
+  for item in (i.strip() for i in items):
+    if not item:
+      continue
+    if specs and "@" in specs[-1] and re.fullmatch(r"[a-z_]+=[^,=@/]*", item):
+      specs[-1] += "," + item
+    else:
+      specs.append(item)
+  return specs
+
+
+def _apply_variant(loaded: LoadedModel, variant: Variant, spec: str) -> LoadedModel:
+  """The loaded model with the variant's default layer and input resolution."""
+  if variant.layer is not None:
+    if not -loaded.num_layers <= variant.layer < loaded.num_layers:
+      raise ZooError(f"model spec {spec!r}: layer {variant.layer} is out of range (the model has "
+                     f"{loaded.num_layers} hidden states: {-loaded.num_layers} .. "
+                     f"{loaded.num_layers - 1})")
+    loaded = dataclasses.replace(loaded, default_layer=variant.layer)
+  if variant.res is not None:
+    if loaded.kind != "vision":
+      raise ZooError(f"model spec {spec!r}: res= applies to vision models only")
+    if not isinstance(loaded.preprocessing, CropFractionPreprocessing):
+      # A ViT's position embeddings fix its grid; interpolating them is a different model.
+      raise ZooError(f"model spec {spec!r}: res= needs a convolutional tower (EfficientNet-Lite), "
+                     "which takes any input size; this model's input size is fixed")
+    loaded = dataclasses.replace(
+        loaded, preprocessing=dataclasses.replace(loaded.preprocessing, size=variant.res))
+  return loaded
+
+
+@dataclasses.dataclass(frozen=True)
 class Resolved:
   """A spec located on disk; nothing loaded yet.
 
@@ -547,6 +650,7 @@ class Resolved:
     path: The weights (directory or file).
     kind: "vision" or "text".
     loader: ``loader(path, name, dtype)``.
+    variant: The setting after ``@`` (its suffix is part of ``name``).
   """
 
   spec: str
@@ -554,6 +658,7 @@ class Resolved:
   path: Path
   kind: str
   loader: Callable[[Path, str, str], LoadedModel]
+  variant: Variant = Variant()
 
   def fingerprint(self) -> dict[str, Any]:
     """Identifies the weights by every file's name, size and mtime (cheap: no reading)."""
@@ -563,11 +668,13 @@ class Resolved:
     for p in files:
       st = p.stat()
       stats.append([p.name, st.st_size, st.st_mtime_ns])
-    return {"spec": self.spec, "path": str(self.path.resolve()), "files": stats}
+    return {"spec": self.spec, "path": str(self.path.resolve()), "files": stats,
+            "variant": dataclasses.asdict(self.variant)}
 
   def load(self, dtype: str = "float32") -> LoadedModel:
     """Builds the model; errors of the checkpoint loader pass through (they name the file)."""
-    return self.loader(self.path, self.name, dtype)
+    loaded = self.loader(self.path, self.name, dtype)
+    return _apply_variant(loaded, self.variant, self.spec)
 
 
 _FAMILY_KINDS = {"vit": "vision", "llama": "text", "bert": "text"}
@@ -595,14 +702,25 @@ def _stem(path: Path) -> str:
 
 
 def resolve(spec: str) -> Resolved:
-  """Locates ``spec`` (a zoo name, an HF directory or a ``.gguf`` file) without loading it.
+  """Locates ``spec`` (a zoo name, an HF directory or a ``.gguf`` file, with an optional
+  ``@variant``) without loading it.
 
   Raises:
     ZooError: an unknown name that is no path either, a registered model whose package is not
       installed (the message gives the ``pip install`` to run), or a path of an unknown format.
     UnsupportedModelError: an HF directory whose model type no family implements.
   """
-  spec = spec.strip()
+  full = spec.strip()
+  spec, variant = split_variant(full)
+  resolved = _resolve_base(spec)
+  if variant.res is not None and resolved.kind != "vision":
+    raise ZooError(f"model spec {full!r}: res= applies to vision models only")
+  return dataclasses.replace(resolved, spec=full, name=resolved.name + variant.suffix,
+                             variant=variant)
+
+
+def _resolve_base(spec: str) -> Resolved:
+  """``resolve`` of a spec without a variant."""
   if spec in _REGISTRY:
     e = _REGISTRY[spec]
     found = importlib.util.find_spec(e.module)

@@ -61,6 +61,13 @@ class TrainConfig:
   skip_bad_records: bool = False
   progress: bool = True
 
+  def __post_init__(self):
+    # A vision spec's own layer (``efficientnet-lite0@layer=-3``) is the candidate setting: it
+    # decides the tower layer, and meta() records it, so a checkpoint says what it was.
+    _, variant = zoo.split_variant(self.vision)
+    if variant.layer is not None and variant.layer != self.vlm.vision_layer:
+      object.__setattr__(self, "vlm", dataclasses.replace(self.vlm, vision_layer=variant.layer))
+
   def kind(self) -> str:
     if self.data_kind:
       return self.data_kind
@@ -144,6 +151,16 @@ def shapes_of(tree: Any) -> dict[str, list[int]]:
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): list(np.shape(x))
           for path, x in flat}
+
+
+def final_loss(workdir: str) -> float | None:
+  """The last logged training loss of a run (also when this invocation trained nothing)."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  return json.loads(lines[-1]).get("loss") if lines else None
 
 
 def transform_for(config: TrainConfig, builder: batches_lib.PromptBuilder
