@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from vlmsel_jax.data import paired
 from vlmsel_jax.data import records
 from vlmsel_jax.data import vqa
 from vlmsel_jax.data.records import DataError
@@ -205,6 +206,22 @@ class EasyVqaSource(records.EntrySource):
     self._entries = [entries[i] for i in keep]
     records.require_records(len(self._entries), path, problems)
     self._bad = problems.bad
+
+  def paired_dataset(self) -> paired.PairedDataset:
+    """The paired records as the image folder + captions dataset feature extraction reads.
+
+    Its fingerprint hashes the split's questions file (which the captions derive from) and each
+    image file's size and modification time.
+    """
+    if self.kind != "paired":
+      raise DataError(f"{self.name}: a paired dataset needs kind='paired'")
+    root = data_dir()
+    samples = tuple(
+        paired.Sample(id=rid, image=os.path.relpath(image_path(self.split, image_id), root),
+                      caption=text, line=0)
+        for rid, image_id, text in self._entries)
+    return paired.PairedDataset(root=root, captions_path=questions_path(self.split),
+                                samples=samples)
 
   def answer_of(self, index: int) -> str:
     """The normalized answer of vqa record ``index``, without decoding its image."""

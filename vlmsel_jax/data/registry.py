@@ -110,3 +110,30 @@ def open_source(spec: str, *, kind: str, split: str = "train",
     raise DataError(f"data spec {spec!r}: expected vqa:<questions.json>[,<annotations.json>]"
                     "@<image root>")
   return vqa.VqaSource(questions, annotations or None, root, skip_bad_records=skip_bad_records)
+
+
+PAIRED_DATASET_PREFIXES = ("easy-vqa", "folder")
+
+
+def open_paired_dataset(spec: str, *, split: str = "train") -> paired.PairedDataset:
+  """The image–caption dataset feature extraction reads, named by a data spec.
+
+  ``folder:/dir`` (an image folder with ``captions.jsonl``) or ``easy-vqa`` (its images, with
+  captions derived from their questions; ``split`` picks the split).
+
+  Raises:
+    DataError: another source (extraction needs image files it can fingerprint), or any problem
+      of the data.
+  """
+  prefix, _, body = spec.partition(":")
+  if prefix not in PAIRED_DATASET_PREFIXES:
+    raise DataError(f"data spec {spec!r}: feature extraction reads "
+                    f"{', '.join(PAIRED_DATASET_PREFIXES)} sources; write other data as an image "
+                    "folder with captions.jsonl and use folder:<dir>")
+  if prefix == "folder":
+    if not body:
+      raise DataError(f"data spec {spec!r}: folder needs a path after 'folder:'")
+    return paired.load_paired(body)
+  if body:
+    raise DataError(f"data spec {spec!r}: easy-vqa takes no argument (use split=...)")
+  return easy_vqa.load(split, "paired").paired_dataset()
