@@ -47,13 +47,31 @@ def report_markdown(result: scoring.PoolScores, *, title: str, preamble: str = "
   lines = [f"# {title}", ""]
   if preamble:
     lines += [preamble.strip(), ""]
+  if result.ground_truth is not None:
+    best = max(result.candidates, key=lambda c: result.ground_truth[c])
+    lines += ["## Headline", ""]
+    if "gw" in result.metrics:
+      pick = result.rankings["gw"][0]
+      lines.append(f"GW selects **{pick}** (ground truth {_fmt(result.ground_truth[pick])}); "
+                   f"the candidate that actually trained best is **{best}** "
+                   f"({_fmt(result.ground_truth[best])}).")
+    else:
+      lines.append(f"The candidate that actually trained best is **{best}** "
+                   f"({_fmt(result.ground_truth[best])}).")
+    lines += ["", "| score | selects | its ground truth | Pearson | Spearman | weighted τ |",
+              "|---|---|---|---|---|---|"]
+    for m in result.metrics:
+      pick, ev = result.rankings[m][0], result.evaluation[m]
+      lines.append(f"| {m} | {pick} | {_fmt(result.ground_truth[pick])} | "
+                   f"{_fmt(ev['pearson'], 3)} | {_fmt(ev['spearman'], 3)} | "
+                   f"{_fmt(ev['weighted_tau'], 3)} |")
+    lines.append("")
   lines += ["## Selection", "", "| metric | predicted best | direction |", "|---|---|---|"]
   for m in result.metrics:
     direction = "higher is better" if scoring.METRICS[m].higher_is_better else "lower is better"
     lines.append(f"| {m} ({scoring.METRICS[m].description}) | **{result.rankings[m][0]}** | "
                  f"{direction} |")
   if result.ground_truth is not None:
-    best = max(result.candidates, key=lambda c: result.ground_truth[c])
     lines += ["", f"Best candidate by ground truth: **{best}** "
               f"({_fmt(result.ground_truth[best])})."]
   lines += ["", "## Scores (rank in parentheses)", ""]

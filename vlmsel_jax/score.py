@@ -129,7 +129,29 @@ DATA_DIR = flag_util.shared(flags.DEFINE_string, "data_dir", None, "Image folder
 CAPTIONS = flag_util.shared(flags.DEFINE_string, "captions", None, "Captions file of --data_dir "
                             "(default: <data_dir>/captions.jsonl).")
 CACHE_DIR = flags.DEFINE_string("cache_dir", None, "Where the banks extracted for "
-                                "--vision_models / --text_model are kept and reused.")
+                                "--vision_models / --text_model (and their C scores) are kept "
+                                "and reused.")
+DATA = flag_util.shared(flags.DEFINE_string, "data", None, "Data spec (vlmsel_jax.data.registry), "
+                        "e.g. easy-vqa, folder:DIR; extraction reads easy-vqa and folder: "
+                        "sources. Instead of --data_dir.")
+DATA_SPLIT = flag_util.shared(flags.DEFINE_string, "data_split", "train", "Split of --data "
+                              "(easy-vqa: train or test).")
+MAX_SAMPLES = flag_util.shared(flags.DEFINE_integer, "max_samples", 0, "Use at most this many "
+                               "samples, drawn with --seed (0: all).", lower_bound=0)
+C_SCORE_PAIRS = flags.DEFINE_string(
+    "c_score_pairs", None, "Also compute the C score (keypoint-correspondence PCK@0.10) of every "
+    "--vision_models candidate on these pairs: homography (warps of the bundled photos), stereo, "
+    "or spair:<root>. Each candidate is read at its variant's layer, else the second-to-last.")
+C_SCORE_IMAGES = flags.DEFINE_list("c_score_images", ["astronaut", "coffee", "chelsea", "rocket"],
+                                   "Photos warped for --c_score_pairs=homography.")
+C_SCORE_PAIRS_PER_IMAGE = flags.DEFINE_integer("c_score_pairs_per_image", 5, "Homographies per "
+                                               "photo.", lower_bound=1)
+C_SCORE_KEYPOINTS = flags.DEFINE_integer("c_score_keypoints", 50, "Keypoints per synthetic pair.",
+                                         lower_bound=1)
+GROUND_TRUTH_SCORES = flags.DEFINE_list(
+    "ground_truth_scores", [], "Columns of --ground_truth that hold scores measured with the "
+    "ground truth and judged like the others (a_score: the A score of the stage-1 projectors the "
+    "ground-truth runs trained); higher is better.")
 
 
 class InputError(ValueError):
@@ -199,20 +221,62 @@ def _extract_banks() -> tuple[list[str], str]:
                      "--candidates/--text")
   if not VISION_MODELS.value or not TEXT_MODEL.value:
     raise InputError("--vision_models and --text_model go together")
-  for flag in (DATA_DIR, CACHE_DIR):
-    if not flag.value:
-      raise InputError(f"--{flag.name} is required with --vision_models")
+  if not CACHE_DIR.value:
+    raise InputError("--cache_dir is required with --vision_models")
+  if bool(DATA.value) == bool(DATA_DIR.value):
+    raise InputError("give the dataset once: --data=easy-vqa (or folder:DIR), or --data_dir=DIR")
+  vision_specs = zoo.candidate_list(VISION_MODELS.value)
   # Kinds are checked before anything is extracted.
-  for flag, specs, kind in ((VISION_MODELS, VISION_MODELS.value, "vision"),
+  for flag, specs, kind in ((VISION_MODELS, vision_specs, "vision"),
                             (TEXT_MODEL, [TEXT_MODEL.value], "text")):
     for spec in specs:
       resolved = zoo.resolve(spec)
       if resolved.kind != kind:
         raise InputError(f"--{flag.name}: {spec} is a {resolved.kind} model")
+  dataset = None
+  if DATA.value:
+    from vlmsel_jax.data import registry  # pylint: disable=g-import-not-at-top
+    dataset = registry.open_paired_dataset(DATA.value, split=DATA_SPLIT.value)
   results = extraction.extract(
-      VISION_MODELS.value + [TEXT_MODEL.value], DATA_DIR.value, CACHE_DIR.value,
-      captions=CAPTIONS.value, options=extraction.ExtractOptions(progress=PROGRESS.value))
+      vision_specs + [TEXT_MODEL.value], DATA_DIR.value if dataset is None else None,
+      CACHE_DIR.value, captions=CAPTIONS.value, dataset=dataset,
+      options=extraction.ExtractOptions(progress=PROGRESS.value,
+                                        max_samples=MAX_SAMPLES.value or None, seed=SEED.value))
   return [r.path for r in results[:-1]], results[-1].path
+
+
+def _c_scores(names: list[str]) -> dict[str, float]:
+  """The C score of every --vision_models candidate (cached beside the banks)."""
+  from vlmsel_jax import correspondence_score  # pylint: disable=g-import-not-at-top
+  from vlmsel_jax import zoo  # pylint: disable=g-import-not-at-top
+  if not VISION_MODELS.value:
+    raise InputError("--c_score_pairs needs the models themselves: give --vision_models")
+  results = correspondence_score.cached_c_scores(
+      zoo.candidate_list(VISION_MODELS.value), CACHE_DIR.value, pairs=C_SCORE_PAIRS.value,
+      progress=PROGRESS.value, seed=SEED.value, homography_images=tuple(C_SCORE_IMAGES.value),
+      pairs_per_image=C_SCORE_PAIRS_PER_IMAGE.value, num_keypoints=C_SCORE_KEYPOINTS.value)
+  missing = [n for n in names if n not in results]
+  if missing:  # Bank names are model names unless --candidate_names renamed them.
+    raise InputError(f"no C score for {', '.join(missing)}; --c_score_pairs keeps the model "
+                     "names (drop --candidate_names)")
+  return {n: results[n]["c_score"] for n in names}
+
+
+def read_score_columns(path: str, columns: list[str], names: list[str]) -> dict[str, dict]:
+  """``{column: {candidate: value}}`` of --ground_truth_scores, for every candidate."""
+  import math  # pylint: disable=g-import-not-at-top
+  unknown = [c for c in columns if c not in scoring.PRECOMPUTED]
+  if unknown:
+    raise InputError(f"--ground_truth_scores: {', '.join(unknown)} is not a score this binary "
+                     f"judges (known: {', '.join(scoring.PRECOMPUTED)})")
+  out = {}
+  for column in columns:
+    values = read_ground_truth(path, column)
+    missing = [n for n in names if n not in values or not math.isfinite(values[n])]
+    if missing:
+      raise InputError(f"{path}: no finite {column} for candidate(s) {', '.join(missing)}")
+    out[column] = {n: values[n] for n in names}
+  return out
 
 
 def _load_inputs():
@@ -259,7 +323,23 @@ def _load_inputs():
     except checks.FeatureError as e:
       raise InputError(str(e)) from None
   truth = read_ground_truth(GROUND_TRUTH.value, GROUND_TRUTH_COLUMN.value) if GROUND_TRUTH.value else None
-  return names, feats, text.features, truth, ""
+  return names, feats, text.features, truth, _preamble(text, names)
+
+
+def _preamble(text: feature_bank.FeatureBank, names: list[str]) -> str:
+  """What was scored: the models, the data, and where the ground truth came from."""
+  if not VISION_MODELS.value:
+    return ""
+  data = DATA.value or DATA_DIR.value
+  lines = [f"{len(names)} vision candidates against the text features of `{TEXT_MODEL.value}` "
+           f"on {text.features.shape[0]} image–caption pairs of `{data}`"
+           + (f" ({DATA_SPLIT.value} split)." if DATA.value else ".")]
+  if C_SCORE_PAIRS.value:
+    lines.append(f"C score on `{C_SCORE_PAIRS.value}` keypoint pairs.")
+  if GROUND_TRUTH.value:
+    lines.append(f"Ground truth: column `{GROUND_TRUTH_COLUMN.value}` of `{GROUND_TRUTH.value}` "
+                 "(trained VLMs; see that file's command, seed and date columns).")
+  return " ".join(lines)
 
 
 def run() -> list[str]:
@@ -268,24 +348,37 @@ def run() -> list[str]:
   Every process of a multi-process run computes the same result (GW work is split over all
   devices and gathered); only process 0 writes, and the others return [].
   """
+  run_start = time.time()
   if not OUTPUT_DIR.value:
     raise InputError("--output_dir is required")
   settings = _settings()
   metric_names = scoring.parse_metrics(METRICS.value)
+  if C_SCORE_PAIRS.value and not CACHE_DIR.value:
+    raise InputError("--c_score_pairs caches its results: give --cache_dir")
+  if GROUND_TRUTH_SCORES.value and not GROUND_TRUTH.value:
+    raise InputError("--ground_truth_scores reads columns of --ground_truth; give it")
   names, feats, text, truth, preamble = _load_inputs()
   if SYNTHETIC_POOL.value and GROUND_TRUTH.value:
     truth = read_ground_truth(GROUND_TRUTH.value, GROUND_TRUTH_COLUMN.value)
   start = time.time()
+  precomputed = {}
+  if GROUND_TRUTH_SCORES.value:
+    precomputed.update(read_score_columns(GROUND_TRUTH.value, GROUND_TRUTH_SCORES.value, names))
+  if C_SCORE_PAIRS.value:
+    precomputed["c_score"] = _c_scores(names)
   result = scoring.score_pool(names, feats, text, metric_names, settings, ground_truth=truth,
-                              show_progress=PROGRESS.value and parallel.is_primary())
+                              show_progress=PROGRESS.value and parallel.is_primary(),
+                              precomputed=precomputed)
   import jax  # pylint: disable=g-import-not-at-top
   run_info = {
-      "candidates": len(names), "samples": int(text.shape[0]), "metrics": ",".join(metric_names),
+      "candidates": len(names), "samples": int(text.shape[0]),
+      "metrics": ",".join(result.metrics),
       "distance": settings.distance, "scale": settings.scale,
       "gw_solver": settings.gw_options.solver, "seed": settings.seed,
       "devices": f"{jax.device_count()} × {jax.devices()[0].platform}",
       "processes": jax.process_count(),
       "seconds": round(time.time() - start, 1),
+      "total_seconds (extraction included)": round(time.time() - run_start, 1),
   }
   if not parallel.is_primary():
     return []

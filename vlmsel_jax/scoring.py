@@ -59,7 +59,12 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("svcca", "SVCCA", True, lambda x, y, s: similarity.svcca(x, y, s.svcca_keep)),
     Metric("mutual_knn", "mutual k-NN alignment", True,
            lambda x, y, s: similarity.mutual_knn(x, y, s.knn_k)),
+    # Not functions of the feature banks: computed elsewhere and passed in as ``precomputed``.
+    Metric("c_score", "C score: keypoint-correspondence PCK@0.10 of patch features", True),
+    Metric("a_score", "A score: held-out caption log-likelihood after stage-1 training "
+           "(needs training)", True),
 )}
+PRECOMPUTED = ("c_score", "a_score")
 DEFAULT_METRICS = ("gw", "cka", "cka_debiased", "cka_rbf", "rsa", "cca", "svcca", "mutual_knn")
 
 
@@ -120,10 +125,14 @@ def score_pool(names: Sequence[str], candidates: Sequence[np.ndarray], text: np.
                metric_names: Sequence[str] = DEFAULT_METRICS,
                settings: ScoreSettings = ScoreSettings(),
                ground_truth: Mapping[str, float] | None = None,
-               show_progress: bool = True) -> PoolScores:
+               show_progress: bool = True,
+               precomputed: Mapping[str, Mapping[str, float]] | None = None) -> PoolScores:
   """Scores each candidate's features against ``text`` (rows paired) with every metric.
 
-  All inputs are validated before any work: a bad candidate fails fast with its name.
+  ``precomputed`` maps a metric of ``PRECOMPUTED`` (e.g. the C score, measured on keypoint pairs
+  rather than the banks) to its value per candidate; those metrics are ranked and judged like
+  the others and appended to ``metric_names``. All inputs are validated before any work: a bad
+  candidate fails fast with its name.
   """
   names = list(names)
   if not names:
@@ -132,7 +141,21 @@ def score_pool(names: Sequence[str], candidates: Sequence[np.ndarray], text: np.
     raise ValueError(f"candidate names must be unique, got {names}")
   if len(names) != len(candidates):
     raise ValueError(f"{len(names)} candidate names but {len(candidates)} feature matrices")
-  metric_names = parse_metrics(metric_names)
+  precomputed = dict(precomputed or {})
+  metric_names = parse_metrics(list(metric_names) + [m for m in precomputed
+                                                     if m not in metric_names])
+  for m in metric_names:
+    if m in PRECOMPUTED and m not in precomputed:
+      raise ValueError(f"metric {m} is not computed from feature banks; pass its values")
+  for m, by_name in precomputed.items():
+    if m not in PRECOMPUTED:
+      raise ValueError(f"metric {m} is computed here; only {', '.join(PRECOMPUTED)} are passed in")
+    missing = [n for n in names if n not in by_name]
+    if missing:
+      raise ValueError(f"{m}: no value for candidate(s) {', '.join(missing)}")
+    bad = [n for n in names if not np.isfinite(by_name[n])]
+    if bad:
+      raise ValueError(f"{m}: non-finite value for candidate(s) {', '.join(bad)}")
   text = checks.check_features(text, "text features")
   feats = [checks.check_pair(x, text, n, "text features")[0] for n, x in zip(names, candidates)]
   if ground_truth is not None:
@@ -148,6 +171,10 @@ def score_pool(names: Sequence[str], candidates: Sequence[np.ndarray], text: np.
       bar.set_postfix_str(m)
       if m == "gw":
         values[m], diagnostics = _gw_values(names, feats, text, settings, bar)
+        continue
+      if m in precomputed:
+        values[m] = {n: float(precomputed[m][n]) for n in names}
+        bar.update(len(names))
         continue
       values[m] = {}
       for name, x in zip(names, feats):
