@@ -1,0 +1,141 @@
+"""The demo pipeline end to end on a shrunken setting: three tiny vision candidates (two ViTs, one
+of them also at another layer) and a tiny LLM on a few easy-vqa samples.
+
+``groundtruth`` trains stage 1 + stage 2 per candidate and writes the ground-truth CSV; a second
+call adds a seed for one candidate (the others are skipped, not retrained) and the summary
+gains its seed-to-seed spread; ``score`` then extracts the banks, computes the training-free
+scores and the C score, reads the ground truth and its A scores, and writes the report that
+says which candidate GW selects and which trained best. Same binaries and flags as
+configs/demo.flags and configs/demo_groundtruth.flags, with tiny models and budgets.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+from absl import flags
+
+import vlm_fixtures as fx
+from vlmsel_jax import groundtruth
+from vlmsel_jax import score
+
+FLAGS = flags.FLAGS
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("easy_vqa") is None,
+                                reason="needs the easy-vqa package: pip install easy-vqa")
+
+
+def _run(module, argv, monkeypatch=None):
+  if monkeypatch is not None:  # The command line groundtruth records.
+    monkeypatch.setattr(sys, "argv", [module.__file__] + argv)
+  FLAGS.unparse_flags()
+  FLAGS([module.__name__] + argv)
+  return module.main([module.__name__])
+
+
+def _rows(path):
+  with open(path, newline="") as f:
+    return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  root = tmp_path_factory.mktemp("demo")
+  vit_a = fx.tiny_vit_dir(str(root / "vit_a"), seed=0)
+  vit_b = fx.tiny_vit_dir(str(root / "vit_b"), seed=1)
+  return {"root": root, "llm": fx.tiny_llm_dir(str(root / "llm")),
+          "candidates": [vit_a, f"{vit_a}@layer=-2", vit_b],
+          "names": ["vit_a", "vit_a@layer=-2", "vit_b"]}
+
+
+def _groundtruth_flags(world, output):
+  return [f"--vision_candidates={','.join(world['candidates'])}", f"--llm={world['llm']}",
+          "--data=easy-vqa", f"--workdir={world['root'] / 'gt'}",
+          f"--groundtruth_output={output}", "--image_tokens=mean", "--lora_rank=4",
+          "--stage1_steps=2", "--stage2_steps=2", "--stage1_batch_size=8",
+          "--stage2_batch_size=8", "--stage1_max_len=16", "--stage2_max_len=48",
+          "--stage1_learning_rate=1e-2", "--stage2_learning_rate=1e-2", "--a_score_limit=8",
+          "--vqa_limit=8", "--eval_batch_size=8", "--save_every=2", "--log_every=1"]
+
+
+def test_groundtruth_then_score_report(world, capsys, monkeypatch):
+  output = str(world["root"] / "truth" / "groundtruth.csv")
+  _run(groundtruth, _groundtruth_flags(world, output) + ["--gt_seeds=0"], monkeypatch)
+  summary = _rows(output)
+  assert [r["candidate"] for r in summary] == world["names"]
+  for row in summary:
+    assert 0.0 <= float(row["accuracy"]) <= 1.0 and float(row["a_score"]) < 0
+    assert row["seeds"] == "0" and row["accuracy_std"] == ""
+    assert row["date"] and row["command"].startswith("python -m vlmsel_jax.groundtruth ")
+    assert row["command"].endswith(" --gt_seeds=0")
+    assert row["questions"] == "8" and row["stage1_steps"] == "2"
+  runs = _rows(groundtruth.runs_path(output))
+  assert [(r["candidate"], r["seed"]) for r in runs] == [(n, "0") for n in world["names"]]
+  # Each run went through both stages in its own workdir; stage 2 started from stage 1.
+  for name in world["names"]:
+    s2 = json.load(open(world["root"] / "gt" / name / "seed0" / "stage2" / "eval.json"))
+    assert s2["questions"] == 8
+
+  # A second seed for one candidate: only that run trains; the summary gets its spread.
+  capsys.readouterr()
+  flags_ = _groundtruth_flags(world, output)
+  flags_[0] = f"--vision_candidates={world['candidates'][0]}"
+  _run(groundtruth, flags_ + ["--gt_seeds=0,1"])
+  printed = capsys.readouterr().out
+  assert "vit_a\tseed 1" in printed and "seed 0\t" not in printed
+  runs = _rows(groundtruth.runs_path(output))
+  assert len(runs) == 4 and (runs[-1]["candidate"], runs[-1]["seed"]) == ("vit_a", "1")
+  summary = {r["candidate"]: r for r in _rows(output)}
+  acc = [float(r["accuracy"]) for r in runs if r["candidate"] == "vit_a"]
+  assert summary["vit_a"]["seeds"] == "0 1"
+  assert float(summary["vit_a"]["accuracy"]) == pytest.approx(np.mean(acc))
+  assert float(summary["vit_a"]["accuracy_std"]) == pytest.approx(np.std(acc, ddof=1), abs=1e-12)
+  spread = json.load(open(output[:-4] + ".json"))["seed_spread"]
+  assert spread["candidates_with_several_seeds"] == 1
+  assert spread["max_seed_gap"] == pytest.approx(max(acc) - min(acc))
+
+  out_dir = world["root"] / "report"
+  argv = [f"--vision_models={','.join(world['candidates'])}", f"--text_model={world['llm']}",
+          "--data=easy-vqa", "--max_samples=24", f"--cache_dir={world['root'] / 'cache'}",
+          "--metrics=gw,cka,rsa,mutual_knn", "--knn_k=3", "--c_score_pairs=homography",
+          "--c_score_images=astronaut", "--c_score_pairs_per_image=1", "--c_score_keypoints=8",
+          f"--ground_truth={output}", "--ground_truth_scores=a_score", "--progress=false",
+          f"--output_dir={out_dir}"]
+  _run(score, argv)
+  result = json.load(open(out_dir / "scores.json"))
+  assert result["candidates"] == world["names"]
+  assert set(result["evaluation"]) == {"gw", "cka", "rsa", "mutual_knn", "a_score", "c_score"}
+  truth = {r["candidate"]: float(r["accuracy"]) for r in _rows(output)}
+  assert result["ground_truth"] == pytest.approx(truth)
+  a_scores = {r["candidate"]: float(r["a_score"]) for r in _rows(output)}
+  assert {c: s["a_score"] for c, s in result["scores"].items()} == pytest.approx(a_scores)
+  assert all(0 <= s["c_score"] <= 100 for s in result["scores"].values())
+  report = open(out_dir / "report.md").read()
+  best = max(truth, key=truth.get)
+  gw_pick = result["rankings"]["gw"][0]
+  assert f"GW selects **{gw_pick}**" in report
+  assert f"the candidate that actually trained best is **{best}**" in report
+  assert "| score | selects | its ground truth | Pearson | Spearman | weighted τ |" in report
+  assert "on 24 image–caption pairs of `easy-vqa`" in report
+  assert os.path.getsize(out_dir / "scores.png") > 10_000
+
+  # A re-run reuses every bank and C score (the cache), and gives the same numbers.
+  _run(score, argv)
+  again = json.load(open(out_dir / "scores.json"))
+  assert again["scores"] == result["scores"]
+
+
+def test_groundtruth_flag_errors(world, tmp_path):
+  base = _groundtruth_flags(world, str(tmp_path / "gt.csv"))
+  with pytest.raises(Exception, match=r"--gt_seeds: give distinct seeds"):
+    _run(groundtruth, base + ["--gt_seeds=1,1"])
+  with pytest.raises(Exception, match=r"--groundtruth_output is required \(a \.csv path\)"):
+    _run(groundtruth, base + [f"--groundtruth_output={tmp_path / 'gt.json'}"])
+  with pytest.raises(Exception, match=r"--vision_candidates: model spec .*unknown setting"):
+    _run(groundtruth, base[1:] + [f"--vision_candidates={world['candidates'][0]}@depth=2"])
