@@ -123,6 +123,9 @@ def test_groundtruth_then_score_report(world, capsys, monkeypatch):
   assert f"the candidate that actually trained best is **{best}**" in report
   assert "| score | selects | its ground truth | Pearson | Spearman | weighted τ |" in report
   assert "on 24 image–caption pairs of `easy-vqa`" in report
+  std = float(summary["vit_a"]["accuracy_std"])
+  assert (f"standard deviation over seeds of 1 candidate(s) trained more than once is "
+          f"{std:.4f} on average") in report
   assert os.path.getsize(out_dir / "scores.png") > 10_000
 
   # A re-run reuses every bank and C score (the cache), and gives the same numbers.

@@ -339,7 +339,28 @@ def _preamble(text: feature_bank.FeatureBank, names: list[str]) -> str:
   if GROUND_TRUTH.value:
     lines.append(f"Ground truth: column `{GROUND_TRUTH_COLUMN.value}` of `{GROUND_TRUTH.value}` "
                  "(trained VLMs; see that file's command, seed and date columns).")
+    spread = _ground_truth_spread(GROUND_TRUTH.value, GROUND_TRUTH_COLUMN.value + "_std")
+    if spread:
+      lines.append(spread)
   return " ".join(lines)
+
+
+def _ground_truth_spread(path: str, column: str) -> str:
+  """A sentence on the ground truth's seed-to-seed noise (its ``<column>_std``), if recorded."""
+  with open(path, newline="") as f:
+    rows = list(csv.DictReader(f))
+  stds = []
+  for row in rows:
+    try:
+      stds.append(float(row.get(column) or "nan"))
+    except ValueError:
+      continue
+  stds = [v for v in stds if v == v]
+  if not stds:
+    return ""
+  return (f"Its seed-to-seed noise: the standard deviation over seeds of {len(stds)} "
+          f"candidate(s) trained more than once is {sum(stds) / len(stds):.4f} on average "
+          f"(largest {max(stds):.4f}); ground-truth differences below that are not resolved.")
 
 
 def run() -> list[str]:
