@@ -57,7 +57,8 @@ def world(tmp_path_factory):
 def _groundtruth_flags(world, output):
   return [f"--vision_candidates={','.join(world['candidates'])}", f"--llm={world['llm']}",
           "--data=easy-vqa", f"--workdir={world['root'] / 'gt'}",
-          f"--groundtruth_output={output}", "--image_tokens=mean", "--lora_rank=4",
+          f"--groundtruth_output={output}", "--vision_layer=-1", "--image_tokens=mean",
+          "--lora_rank=4",
           "--stage1_steps=2", "--stage2_steps=2", "--stage1_batch_size=8",
           "--stage2_batch_size=8", "--stage1_max_len=16", "--stage2_max_len=48",
           "--stage1_learning_rate=1e-2", "--stage2_learning_rate=1e-2", "--a_score_limit=8",
@@ -77,6 +78,10 @@ def test_groundtruth_then_score_report(world, capsys, monkeypatch):
     assert row["questions"] == "8" and row["stage1_steps"] == "2"
   runs = _rows(groundtruth.runs_path(output))
   assert [(r["candidate"], r["seed"]) for r in runs] == [(n, "0") for n in world["names"]]
+  # A spec's own layer, else --vision_layer: the layer the scores' banks are extracted from.
+  assert [r["vision_layer"] for r in runs] == ["-1", "-2", "-1"]
+  assert summary[0]["accuracy"] != summary[1]["accuracy"] or \
+      summary[0]["a_score"] != summary[1]["a_score"]
   # Each run went through both stages in its own workdir; stage 2 started from stage 1.
   for name in world["names"]:
     s2 = json.load(open(world["root"] / "gt" / name / "seed0" / "stage2" / "eval.json"))

@@ -13,10 +13,7 @@ without retraining) and the table goes to ``--a_score_output`` (CSV, plus JSON b
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
-import json
 import os
 
 from absl import app
@@ -28,7 +25,6 @@ from vlmsel_jax import flag_util
 from vlmsel_jax import parallel
 from vlmsel_jax import runtime_flags
 from vlmsel_jax import train as train_binary
-from vlmsel_jax import zoo
 from vlmsel_jax.training import evaluate_run
 from vlmsel_jax.training import loop
 
@@ -42,34 +38,19 @@ COLUMNS = ("candidate", "vision", "vision_layer", "a_score", "a_score_std", "pai
 
 
 def table_csv(rows: list[dict]) -> str:
-  buf = io.StringIO()
-  writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
-  writer.writeheader()
-  for row in rows:
-    writer.writerow({k: row.get(k) for k in COLUMNS})
-  return buf.getvalue()
+  return atomic.csv_text(rows, COLUMNS)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not _CANDIDATES.value:
-    raise app.UsageError("--vision_candidates is required")
   if not _OUTPUT.value:
     raise app.UsageError("--a_score_output is required (a CSV path)")
   runtime_flags.initialize_from_flags()
   if flags.FLAGS.stage != "1":
     raise app.UsageError("the A score is defined after stage-1 training; use --stage=1")
-  candidates = zoo.candidate_list(_CANDIDATES.value)
-  try:
-    names = [zoo.resolve(c).name for c in candidates]
-  except zoo.ZooError as e:
-    raise app.UsageError(f"--vision_candidates: {e}") from None
-  if len(set(names)) != len(names):
-    raise app.UsageError(f"--vision_candidates: duplicate candidates in {', '.join(names)}")
-  # --vision is not needed (the candidates are the towers); the rest of train's flags apply.
-  if not flags.FLAGS.vision:
-    flags.FLAGS.vision = zoo.split_variant(candidates[0])[0]
+  # The candidates are the towers; the rest of train's flags apply to every run.
+  candidates, names = train_binary.vision_candidates(_CANDIDATES.value)
   base = train_binary.config_from_flags()
   rows = []
   for spec, name in zip(candidates, names):

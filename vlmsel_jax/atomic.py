@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import tempfile
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 
 def write_atomic(path: str, write: Callable[[str], None]) -> None:
@@ -37,3 +39,13 @@ def write_text_atomic(path: str, text: str) -> None:
 
 def write_json_atomic(path: str, obj: Any) -> None:
   write_text_atomic(path, json.dumps(obj, indent=2, allow_nan=True) + "\n")
+
+
+def csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+  """``rows`` as CSV text with a header of ``columns`` (keys a row lacks are left empty)."""
+  buf = io.StringIO()
+  writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
+  writer.writeheader()
+  for row in rows:
+    writer.writerow({k: row.get(k) for k in columns})
+  return buf.getvalue()

@@ -17,6 +17,7 @@ from absl import flags
 
 from vlmsel_jax import flag_util
 from vlmsel_jax import extraction
+from vlmsel_jax import extraction_flags as data_flags
 from vlmsel_jax import runtime_flags
 from vlmsel_jax import zoo
 
@@ -24,15 +25,6 @@ MODELS = flags.DEFINE_list(
     "models", [], "Models to extract: zoo names (" + ", ".join(zoo.names()) + ") or local paths "
     "(a Hugging Face model directory or a .gguf file), each optionally with a variant: "
     "efficientnet-lite0@layer=-3,res=160 (see vlmsel_jax.zoo).")
-DATA_DIR = flag_util.shared(flags.DEFINE_string, "data_dir", None, "Image folder of the paired "
-                            "dataset features are extracted from.")
-DATA = flag_util.shared(flags.DEFINE_string, "data", None, "Data spec (vlmsel_jax.data.registry), "
-                        "e.g. easy-vqa, folder:DIR; extraction reads easy-vqa and folder: "
-                        "sources. Instead of --data_dir.")
-DATA_SPLIT = flag_util.shared(flags.DEFINE_string, "data_split", "train", "Split of --data "
-                              "(easy-vqa: train or test).")
-CAPTIONS = flag_util.shared(flags.DEFINE_string, "captions", None, "Captions file of --data_dir "
-                            "(default: <data_dir>/captions.jsonl).")
 OUTPUT_DIR = flag_util.shared(flags.DEFINE_string, "output_dir", None, "Where results are "
                               "written.")
 LAYER = flags.DEFINE_integer(
@@ -50,8 +42,6 @@ BATCH_SIZE = flag_util.shared(flags.DEFINE_integer, "batch_size", 32, "Samples p
 DTYPE = flag_util.shared(flags.DEFINE_enum, "dtype", "float32", "Model dtype (training: of "
                          "the frozen tower and LLM; trained weights stay float32).",
                          enum_values=list(extraction.DTYPES))
-MAX_SAMPLES = flag_util.shared(flags.DEFINE_integer, "max_samples", 0, "Use at most this many "
-                              "samples, drawn with --seed (0: all).", lower_bound=0)
 SEED = flag_util.shared(flags.DEFINE_integer, "seed", 0, "Seed of every random choice "
                         "(extraction: the --max_samples draw).")
 MAX_TEXT_TOKENS = flags.DEFINE_integer("max_text_tokens", 128, "Captions are truncated to this "
@@ -73,7 +63,7 @@ def options() -> extraction.ExtractOptions:
   """The extraction options the flags give."""
   return extraction.ExtractOptions(
       layer=LAYER.value, pooling=POOLING.value, batch_size=BATCH_SIZE.value, dtype=DTYPE.value,
-      max_samples=MAX_SAMPLES.value or None, seed=SEED.value,
+      max_samples=data_flags.MAX_SAMPLES.value or None, seed=SEED.value,
       max_text_tokens=MAX_TEXT_TOKENS.value, checkpoint_every=CHECKPOINT_EVERY.value,
       skip_bad_images=SKIP_BAD_IMAGES.value, progress=PROGRESS.value)
 
@@ -91,18 +81,11 @@ def run() -> list[extraction.ExtractResult]:
                      f"{', '.join(zoo.names())})")
   if not OUTPUT_DIR.value:
     raise InputError("--output_dir is required")
-  return extraction.extract(zoo.candidate_list(MODELS.value), DATA_DIR.value, OUTPUT_DIR.value,
-                            captions=CAPTIONS.value, dataset=paired_dataset(), options=options())
-
-
-def paired_dataset():
-  """The dataset --data names, or None when --data_dir gives the folder (exactly one is set)."""
-  from vlmsel_jax.data import registry  # pylint: disable=g-import-not-at-top
-  if bool(DATA.value) == bool(DATA_DIR.value):
-    raise InputError("give the dataset once: --data=easy-vqa (or folder:DIR), or --data_dir=DIR")
-  if not DATA.value:
-    return None
-  return registry.open_paired_dataset(DATA.value, split=DATA_SPLIT.value)
+  dataset = data_flags.paired_dataset()
+  return extraction.extract(zoo.candidate_list(MODELS.value),
+                            None if dataset else data_flags.DATA_DIR.value, OUTPUT_DIR.value,
+                            captions=data_flags.CAPTIONS.value, dataset=dataset,
+                            options=options())
 
 
 def main(argv):

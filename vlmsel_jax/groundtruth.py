@@ -8,7 +8,10 @@ For every vision candidate (a zoo spec with an optional variant, ``efficientnet-
 and every seed of ``--gt_seeds``: stage 1 (projector on captions), the A score on held-out
 captions, stage 2 (projector + LoRA on VQA, from the stage-1 projector), and VQA accuracy on
 held-out questions, each stage with its own budget (``--stage1_*`` / ``--stage2_*``); every other
-setting is the training binary's flag of the same name, shared by all candidates.
+setting is the training binary's flag of the same name, shared by all candidates. The tower
+layer is the spec's own (``@layer=``), else ``--vision_layer``: to judge training-free scores,
+set it to the layer they were extracted from (``-1`` by default), so that a candidate names the
+same features in both.
 
 Writes two CSVs (atomically, after every run, so a kill loses only the run in flight; a re-run
 skips what is done and resumes a half-trained run from its checkpoint):
@@ -25,7 +28,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime
-import io
 import json
 import os
 import shlex
@@ -76,10 +78,10 @@ _A_LIMIT = flags.DEFINE_integer("a_score_limit", 300, "Held-out captions of the 
 _VQA_LIMIT = flags.DEFINE_integer("vqa_limit", 300, "Held-out questions of the VQA accuracy "
                                   "(0: all).", lower_bound=0)
 
-RUN_COLUMNS = ("candidate", "vision", "seed", "accuracy", "a_score", "majority_accuracy",
-               "questions", "captions", "stage1_steps", "stage2_steps", "stage1_loss",
-               "stage2_loss", "minutes", "date", "command")
-SUMMARY_COLUMNS = ("candidate", "accuracy", "accuracy_std", "seeds", "a_score",
+RUN_COLUMNS = ("candidate", "vision", "vision_layer", "seed", "accuracy", "a_score",
+               "majority_accuracy", "questions", "captions", "stage1_steps", "stage2_steps",
+               "stage1_loss", "stage2_loss", "minutes", "date", "command")
+SUMMARY_COLUMNS = ("candidate", "vision_layer", "accuracy", "accuracy_std", "seeds", "a_score",
                    "majority_accuracy", "questions", "stage1_steps", "stage2_steps", "date",
                    "command")
 
@@ -132,7 +134,8 @@ def run_one(base: loop.TrainConfig, vision: str, name: str, seed: int, root: str
   v = evaluate_run.evaluate(s2, built=built, data=eval_data, metrics=("vqa",),
                             limit=vqa_limit, batch_size=eval_batch_size)
   return {
-      "candidate": name, "vision": vision, "seed": seed, "accuracy": v["vqa_accuracy"],
+      "candidate": name, "vision": vision, "vision_layer": s1.vlm.vision_layer, "seed": seed,
+      "accuracy": v["vqa_accuracy"],
       "a_score": a["a_score"], "majority_accuracy": v.get("majority_accuracy"),
       "questions": v["questions"], "captions": a["pairs"],
       "stage1_steps": summary1.get("step"), "stage2_steps": summary2.get("step"),
@@ -140,15 +143,6 @@ def run_one(base: loop.TrainConfig, vision: str, name: str, seed: int, root: str
       "minutes": round((time.time() - start) / 60, 2),
       "date": datetime.date.today().isoformat(), "command": command,
   }
-
-
-def _csv(rows: list[dict], columns) -> str:
-  buf = io.StringIO()
-  writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-  writer.writeheader()
-  for row in rows:
-    writer.writerow({k: row.get(k) for k in columns})
-  return buf.getvalue()
 
 
 def read_runs(path: str) -> list[dict]:
@@ -171,6 +165,8 @@ def read_runs(path: str) -> list[dict]:
       except ValueError:
         raise GroundTruthError(f"{path}:{line}: a seed, accuracy or A score is not a "
                                "number") from None
+      if row.get("vision_layer") in (None, ""):  # Written before the column existed.
+        row["vision_layer"] = zoo.split_variant(row.get("vision") or row["candidate"])[1].layer
       rows.append(row)
   return rows
 
@@ -196,7 +192,8 @@ def summarize(runs: list[dict], order: list[str]) -> tuple[list[dict], dict]:
       gaps.append(float(acc.max() - acc.min()))
     majority = [r["majority_accuracy"] for r in rows if r["majority_accuracy"] is not None]
     summary.append({
-        "candidate": name, "accuracy": float(acc.mean()), "accuracy_std": std,
+        "candidate": name, "vision_layer": rows[0].get("vision_layer"),
+        "accuracy": float(acc.mean()), "accuracy_std": std,
         "seeds": " ".join(str(r["seed"]) for r in rows),
         "a_score": float(np.mean(a_scores)) if a_scores else None,
         "majority_accuracy": majority[0] if majority else None,
@@ -218,8 +215,8 @@ def runs_path(output: str) -> str:
 def write_tables(output: str, runs: list[dict], order: list[str]) -> dict:
   """Rewrites the runs CSV, the summary CSV and its JSON; returns the spread."""
   summary, spread = summarize(runs, order)
-  atomic.write_text_atomic(runs_path(output), _csv(runs, RUN_COLUMNS))
-  atomic.write_text_atomic(output, _csv(summary, SUMMARY_COLUMNS))
+  atomic.write_text_atomic(runs_path(output), atomic.csv_text(runs, RUN_COLUMNS))
+  atomic.write_text_atomic(output, atomic.csv_text(summary, SUMMARY_COLUMNS))
   atomic.write_json_atomic(os.path.splitext(output)[0] + ".json",
                            {"candidates": summary, "seed_spread": spread})
   return spread
@@ -232,8 +229,6 @@ def _command() -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not _CANDIDATES.value:
-    raise app.UsageError("--vision_candidates is required")
   if not _OUTPUT.value or not _OUTPUT.value.endswith(".csv"):
     raise app.UsageError("--groundtruth_output is required (a .csv path)")
   try:
@@ -242,16 +237,8 @@ def main(argv):
     raise app.UsageError(f"--gt_seeds: not integers: {','.join(_SEEDS.value)}") from None
   if not seeds or len(set(seeds)) != len(seeds):
     raise app.UsageError(f"--gt_seeds: give distinct seeds, got {','.join(_SEEDS.value)}")
-  candidates = zoo.candidate_list(_CANDIDATES.value)
-  try:
-    names = [zoo.resolve(c).name for c in candidates]
-  except zoo.ZooError as e:
-    raise app.UsageError(f"--vision_candidates: {e}") from None
-  if len(set(names)) != len(names):
-    raise app.UsageError(f"--vision_candidates: duplicate candidates in {', '.join(names)}")
+  candidates, names = train_binary.vision_candidates(_CANDIDATES.value)
   runtime_flags.initialize_from_flags()
-  if not flags.FLAGS.vision:
-    flags.FLAGS.vision = zoo.split_variant(candidates[0])[0]
   base = train_binary.config_from_flags()
   stage1 = StageBudget(_STAGE1_STEPS.value, _STAGE1_LR.value, _STAGE1_BATCH.value,
                        _STAGE1_MAX_LEN.value, _STAGE1_WARMUP.value)

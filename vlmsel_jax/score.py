@@ -24,6 +24,7 @@ from absl import app
 from absl import flags
 
 from vlmsel_jax import flag_util
+from vlmsel_jax import extraction_flags as data_flags
 from vlmsel_jax import feature_bank
 from vlmsel_jax import parallel
 from vlmsel_jax import report
@@ -124,20 +125,9 @@ VISION_MODELS = flags.DEFINE_list(
 TEXT_MODEL = flags.DEFINE_string(
     "text_model", None, "The LLM as a model spec (zoo name, Hugging Face directory or .gguf "
     "file) instead of --text; goes with --vision_models.")
-DATA_DIR = flag_util.shared(flags.DEFINE_string, "data_dir", None, "Image folder of the paired "
-                            "dataset features are extracted from.")
-CAPTIONS = flag_util.shared(flags.DEFINE_string, "captions", None, "Captions file of --data_dir "
-                            "(default: <data_dir>/captions.jsonl).")
 CACHE_DIR = flags.DEFINE_string("cache_dir", None, "Where the banks extracted for "
                                 "--vision_models / --text_model (and their C scores) are kept "
                                 "and reused.")
-DATA = flag_util.shared(flags.DEFINE_string, "data", None, "Data spec (vlmsel_jax.data.registry), "
-                        "e.g. easy-vqa, folder:DIR; extraction reads easy-vqa and folder: "
-                        "sources. Instead of --data_dir.")
-DATA_SPLIT = flag_util.shared(flags.DEFINE_string, "data_split", "train", "Split of --data "
-                              "(easy-vqa: train or test).")
-MAX_SAMPLES = flag_util.shared(flags.DEFINE_integer, "max_samples", 0, "Use at most this many "
-                               "samples, drawn with --seed (0: all).", lower_bound=0)
 C_SCORE_PAIRS = flags.DEFINE_string(
     "c_score_pairs", None, "Also compute the C score (keypoint-correspondence PCK@0.10) of every "
     "--vision_models candidate on these pairs: homography (warps of the bundled photos), stereo, "
@@ -223,8 +213,6 @@ def _extract_banks() -> tuple[list[str], str]:
     raise InputError("--vision_models and --text_model go together")
   if not CACHE_DIR.value:
     raise InputError("--cache_dir is required with --vision_models")
-  if bool(DATA.value) == bool(DATA_DIR.value):
-    raise InputError("give the dataset once: --data=easy-vqa (or folder:DIR), or --data_dir=DIR")
   vision_specs = zoo.candidate_list(VISION_MODELS.value)
   # Kinds are checked before anything is extracted.
   for flag, specs, kind in ((VISION_MODELS, vision_specs, "vision"),
@@ -233,15 +221,12 @@ def _extract_banks() -> tuple[list[str], str]:
       resolved = zoo.resolve(spec)
       if resolved.kind != kind:
         raise InputError(f"--{flag.name}: {spec} is a {resolved.kind} model")
-  dataset = None
-  if DATA.value:
-    from vlmsel_jax.data import registry  # pylint: disable=g-import-not-at-top
-    dataset = registry.open_paired_dataset(DATA.value, split=DATA_SPLIT.value)
+  dataset = data_flags.paired_dataset()
   results = extraction.extract(
-      vision_specs + [TEXT_MODEL.value], DATA_DIR.value if dataset is None else None,
-      CACHE_DIR.value, captions=CAPTIONS.value, dataset=dataset,
-      options=extraction.ExtractOptions(progress=PROGRESS.value,
-                                        max_samples=MAX_SAMPLES.value or None, seed=SEED.value))
+      vision_specs + [TEXT_MODEL.value], None if dataset else data_flags.DATA_DIR.value,
+      CACHE_DIR.value, captions=data_flags.CAPTIONS.value, dataset=dataset,
+      options=extraction.ExtractOptions(progress=PROGRESS.value, seed=SEED.value,
+                                        max_samples=data_flags.MAX_SAMPLES.value or None))
   return [r.path for r in results[:-1]], results[-1].path
 
 
@@ -330,10 +315,8 @@ def _preamble(text: feature_bank.FeatureBank, names: list[str]) -> str:
   """What was scored: the models, the data, and where the ground truth came from."""
   if not VISION_MODELS.value:
     return ""
-  data = DATA.value or DATA_DIR.value
   lines = [f"{len(names)} vision candidates against the text features of `{TEXT_MODEL.value}` "
-           f"on {text.features.shape[0]} image–caption pairs of `{data}`"
-           + (f" ({DATA_SPLIT.value} split)." if DATA.value else ".")]
+           f"on {text.features.shape[0]} image–caption pairs of {data_flags.describe()}."]
   if C_SCORE_PAIRS.value:
     lines.append(f"C score on `{C_SCORE_PAIRS.value}` keypoint pairs.")
   if GROUND_TRUTH.value:

@@ -124,6 +124,27 @@ def config_from_flags() -> loop.TrainConfig:
       skip_bad_records=_SKIP_BAD.value)
 
 
+def vision_candidates(values: list[str]) -> tuple[list[str], list[str]]:
+  """A --vision_candidates list → (specs, names), for binaries that train one run per candidate.
+
+  Every spec is resolved (a one-line usage error names a bad one) and names must be distinct.
+  --vision, which those binaries do not need, is set to the first candidate's model when unset,
+  so ``config_from_flags`` can run; each run replaces it with its own candidate.
+  """
+  specs = zoo.candidate_list(values or [])
+  if not specs:
+    raise app.UsageError("--vision_candidates is required")
+  try:
+    names = [zoo.resolve(c).name for c in specs]
+  except zoo.ZooError as e:
+    raise app.UsageError(f"--vision_candidates: {e}") from None
+  if len(set(names)) != len(names):
+    raise app.UsageError(f"--vision_candidates: duplicate candidates in {', '.join(names)}")
+  if not _VISION.value:
+    flags.FLAGS.vision = zoo.split_variant(specs[0])[0]
+  return specs, names
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")

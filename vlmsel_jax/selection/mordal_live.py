@@ -13,11 +13,10 @@ from the recorded curves (``curves_csv``).
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import os
 
+from vlmsel_jax import atomic
 from vlmsel_jax.selection import mordal
 from vlmsel_jax.training import evaluate_run
 from vlmsel_jax.training import loop
@@ -82,17 +81,14 @@ class LiveTrainer:
 
   def curves_csv(self) -> str:
     """What was trained, in the replay table's format (columns of ``--curves``)."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["candidate", "vision", "llm", "data_fraction",
-                                             "accuracy", "cost"], lineterminator="\n")
-    writer.writeheader()
-    seen = set()
+    rows, seen = [], set()
     for row in self.records:
       key = (row["candidate"], row["data_fraction"])
       if key not in seen:
         seen.add(key)
-        writer.writerow(row)
-    return buf.getvalue()
+        rows.append(row)
+    return atomic.csv_text(rows, ["candidate", "vision", "llm", "data_fraction", "accuracy",
+                                  "cost"])
 
 
 def live_payload(result: mordal.MordalResult, trainer: LiveTrainer,
