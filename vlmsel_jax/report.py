@@ -138,6 +138,8 @@ def plot_png(result: scoring.PoolScores, path: str):
       ax.invert_yaxis()
       ax.set_title(m, fontsize=9)
     ax.tick_params(labelsize=7)
+    # Scores such as GW can be ~1e-4: an offset exponent keeps the tick labels short.
+    ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
