@@ -31,6 +31,7 @@ from vlmsel_jax.models import (
 )
 from vlmsel_jax.models.efficientnet import (
     VARIANTS,
+    DepthwiseConv,
     EfficientNetConfig,
     EfficientNetLite,
     load_lite,
@@ -383,3 +384,21 @@ def test_efficientnet_parity_off_native_size_matches_dynamic_padding(checkpoint)
   with pytest.raises(ValueError, match=r"pixel_values must be NHWC \(batch, height, width, 3\); "
                      r"got shape \(1, 3, 41, 23\)"):
     model(jnp.asarray(x))
+
+
+@pytest.mark.parametrize("size, channels, kernel, stride", [
+    (9, 4, 3, 1), (9, 4, 3, 2), (10, 6, 5, 2), (7, 3, 5, 1), (2, 5, 5, 2), (1, 2, 3, 2)])
+def test_depthwise_shifted_sums_equal_xla_grouped_conv(size, channels, kernel, stride):
+  """The CPU default (shifts) against XLA's grouped convolution, odd sizes and padding."""
+  x = jnp.asarray(np.random.default_rng(size).normal(size=(2, size, size + 1, channels)),
+                  jnp.float32)
+  conv = DepthwiseConv(channels, kernel, stride=stride, dtype=jnp.float32,
+                       rngs=nnx.Rngs(0), impl="conv")
+  shifts = DepthwiseConv(channels, kernel, stride=stride, dtype=jnp.float32,
+                         rngs=nnx.Rngs(0), impl="shifts")
+  want, got = conv(x), shifts(x)
+  assert got.shape == want.shape == (2, -(-size // stride), -(-(size + 1) // stride), channels)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match="depthwise impl 'fast' is not one of auto, shifts, conv"):
+    DepthwiseConv(channels, kernel, stride=stride, dtype=jnp.float32, rngs=nnx.Rngs(0),
+                  impl="fast")

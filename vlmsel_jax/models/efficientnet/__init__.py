@@ -2,10 +2,12 @@
 
 from vlmsel_jax.models.efficientnet.modeling import (
     BASE_STAGES,
+    DEPTHWISE_IMPLS,
     POOLINGS,
     SUPPORTED_ARCHITECTURES,
     SUPPORTED_MODEL_TYPES,
     VARIANTS,
+    DepthwiseConv,
     EfficientNetConfig,
     EfficientNetLite,
     EfficientNetOutput,
@@ -22,11 +24,13 @@ from vlmsel_jax.models.efficientnet.pretrained import WEIGHTS_PACKAGES, load_lit
 
 __all__ = [
     "BASE_STAGES",
+    "DEPTHWISE_IMPLS",
     "POOLINGS",
     "SUPPORTED_ARCHITECTURES",
     "SUPPORTED_MODEL_TYPES",
     "VARIANTS",
     "WEIGHTS_PACKAGES",
+    "DepthwiseConv",
     "EfficientNetConfig",
     "EfficientNetLite",
     "EfficientNetOutput",
