@@ -26,6 +26,7 @@ import time
 
 import jax
 import numpy as np
+import timing
 
 from vlmsel_jax.scores import cka
 
@@ -82,15 +83,6 @@ def ref_batch_hsic(x, y):
   return np.array([hsic(k, l), hsic(k, k), hsic(l, l)])
 
 
-def _best(fn, repeats):
-  best, out = float("inf"), None
-  for _ in range(repeats):
-    t = time.perf_counter()
-    out = fn()
-    best = min(best, time.perf_counter() - t)
-  return out, best
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--sizes", default="1000,2000,4000")
@@ -118,9 +110,9 @@ def main():
          lambda: cka.rbf_cka(xf, yf, 0.5)),
     ]
     for name, ref, ours in cases:
-      want, ref_s = _best(ref, args.repeats)
+      want, ref_s = timing.best_of(ref, args.repeats)
       ours()  # Compile.
-      got, ours_s = _best(ours, args.repeats)
+      got, ours_s = timing.best_of(ours, args.repeats)
       print(f"| {n} | {name} | {ref_s:.3f} | {ours_s:.3f} | {ref_s / ours_s:.2f}× | "
             f"{abs(got - want):.1e} |", flush=True)
 

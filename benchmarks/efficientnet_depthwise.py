@@ -16,9 +16,9 @@ so the speeds are of models that compute the same thing. Timing: a warm-up call 
 from __future__ import annotations
 
 import argparse
-import time
 
 import cpu_setup
+import timing
 
 
 def _parse() -> argparse.Namespace:
@@ -32,16 +32,6 @@ def _parse() -> argparse.Namespace:
   if args.batch < 1 or args.steps < 1 or (args.threads is not None and args.threads < 1):
     parser.error("--batch, --steps and --threads must be positive")
   return args
-
-
-def _best(fn, steps: int) -> float:
-  fn()
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return min(times)
 
 
 def main() -> None:
@@ -95,10 +85,12 @@ def main() -> None:
   print(f"max |logits - torch|: shifts {np.abs(got_shifts - want).max():.2e}, "
         f"conv {np.abs(got_conv - want).max():.2e} (largest |logit| {np.abs(want).max():.1f})")
 
-  t_shifts = _best(lambda: shifts(shifts_state, images).block_until_ready(), args.steps)
-  t_conv = _best(lambda: conv(conv_state, images).block_until_ready(), args.steps)
+  # Each was called once above (compiled, warm); each runs its steps back to back.
+  _, t_shifts = timing.best_of(lambda: shifts(shifts_state, images).block_until_ready(),
+                               args.steps)
+  _, t_conv = timing.best_of(lambda: conv(conv_state, images).block_until_ready(), args.steps)
   with torch.no_grad():
-    t_torch = _best(lambda: torch_model(torch_images), args.steps)
+    _, t_torch = timing.best_of(lambda: torch_model(torch_images), args.steps)
   print(f"{'':28s}{'s / batch':>10s}{'images / s':>13s}")
   for label, t in (("ours, depthwise as shifts", t_shifts), ("ours, XLA grouped conv", t_conv),
                    ("torch (package model)", t_torch)):

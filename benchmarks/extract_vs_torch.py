@@ -26,6 +26,7 @@ import tempfile
 import time
 
 import cpu_setup
+import timing
 
 
 def _parse() -> argparse.Namespace:
@@ -104,17 +105,9 @@ def main() -> None:
   print(f"max |ours - torch|: last_hidden_state {diff_last:.2e} (largest |value| {scale:.2f}), "
         f"pooler_output {diff_pool:.2e}")
 
-  def best_of(fn) -> float:
-    best = float("inf")
-    for _ in range(args.steps):
-      t = time.perf_counter()
-      fn()
-      best = min(best, time.perf_counter() - t)
-    return best
-
   # Alternating would interleave cache effects; each model runs its steps back to back.
-  ours_s = best_of(run_ours)
-  torch_s = best_of(run_torch)
+  _, ours_s = timing.best_of(run_ours, args.steps)
+  _, torch_s = timing.best_of(run_torch, args.steps)
   ours_ips = args.batch / ours_s
   torch_ips = args.batch / torch_s
   print(f"jit compile (ours, first call minus a warm call): {max(first_s - warm_s, 0.0):.2f} s")

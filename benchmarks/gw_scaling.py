@@ -43,7 +43,6 @@ def _peak_rss_gib() -> float:
 def _one(config: dict) -> dict:
   """Runs one configuration in this process; returns its numbers."""
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from vlmsel_jax import synthetic  # pylint: disable=g-import-not-at-top
   from vlmsel_jax.scores import gw  # pylint: disable=g-import-not-at-top
   pool = synthetic.make_pool(n=config["n"], seed=0)

@@ -23,18 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import ot
+import timing
 
 from vlmsel_jax import synthetic
 from vlmsel_jax.scores import gw
-
-
-def _timed(fn, repeats: int):
-  best, out = float("inf"), None
-  for _ in range(repeats):
-    t = time.perf_counter()
-    out = fn()
-    best = min(best, time.perf_counter() - t)
-  return out, best
 
 
 def _ours(cx, cy, opts: gw.GWOptions, repeats: int):
@@ -45,7 +37,7 @@ def _ours(cx, cy, opts: gw.GWOptions, repeats: int):
     t = time.perf_counter()
     jax.block_until_ready(solve(a, b))
     first_s = time.perf_counter() - t
-    out, secs = _timed(lambda: jax.block_until_ready(solve(a, b)), repeats)
+    out, secs = timing.best_of(lambda: jax.block_until_ready(solve(a, b)), repeats)
     return float(out[0]), secs, max(first_s - secs, 0.0)
 
 
@@ -77,10 +69,10 @@ def run_size(n: int, candidate: int, repeats: int, seed: int, pot_entropic: bool
     c1, c2, unit = np.asarray(cx), np.asarray(cy), float(unit)
   p = np.full(n, 1.0 / n)
   rows = []
-  ref, ref_s = _timed(lambda: _pot_cg(c1, c2, p), repeats)
+  ref, ref_s = timing.best_of(lambda: _pot_cg(c1, c2, p), repeats)
   rows.append(("POT CG (reference)", ref, ref_s, 0.0))
   if pot_entropic:
-    val, secs = _timed(lambda: _pot_entropic(c1, c2, p, 5e-3), 1)
+    val, secs = timing.best_of(lambda: _pot_entropic(c1, c2, p, 5e-3), 1)
     rows.append(("POT entropic ε=5e-3", val, secs, 0.0))
   for name, opts in OUR_SOLVERS:
     if opts.solver == "lowrank" and n < 1000:

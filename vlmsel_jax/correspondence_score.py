@@ -189,6 +189,7 @@ def cached_c_scores(specs: Sequence[str], cache_dir: str, *, pairs: str = "homog
   instead of running the model.
   """
   out = {}
+  shared = None  # Synthetic pairs (a list) are made once and scored by every model that needs them.
   for spec in specs:
     resolved = zoo.resolve(spec)
     if resolved.kind != "vision":
@@ -211,7 +212,9 @@ def cached_c_scores(specs: Sequence[str], cache_dir: str, *, pairs: str = "homog
           continue
       except (OSError, ValueError, KeyError):
         pass  # Unreadable: computed again and rewritten.
-    records, total = load_records(pairs, **record_options)
+    records, total = shared or load_records(pairs, **record_options)
+    if isinstance(records, list):
+      shared = (records, total)
     result = score_records(resolved.load(), records, layer=resolved.variant.layer, total=total,
                            progress=progress)
     atomic.write_json_atomic(path, {"key": key, "spec": spec, "pairs": pairs,

@@ -264,7 +264,7 @@ def main(argv):
                     eval_data=flags.FLAGS.eval_data, command=command)
       runs.append(row)
       if parallel.is_primary():
-        spread = write_tables(output, runs, names)
+        write_tables(output, runs, names)
       print(f"{name}\tseed {seed}\taccuracy {row['accuracy']:.4f}\tA {row['a_score']:.4f}\t"
             f"{row['minutes']} min", flush=True)
   if parallel.is_primary():

@@ -358,6 +358,28 @@ class MordalResult:
   log: list[dict[str, Any]]
 
 
+def result_fields(result: MordalResult, config: MordalConfig, grid_cost: float
+                  ) -> dict[str, Any]:
+  """The JSON fields every mode's output shares: what was found, paid and trained, and how."""
+  return {
+      "ranking": result.ranking,
+      "top1": result.top1,
+      "cost": result.cost,
+      "grid_cost": grid_cost,
+      "cost_ratio": grid_cost / result.cost if result.cost > 0 else float("inf"),
+      "trained_candidates": len(result.trained),
+      "clusters": [vars(c) for c in result.clusters],
+      "halving_order": result.halving_order,
+      "halving_rounds": result.halving_rounds,
+      "kept_clusters": result.kept_clusters,
+      "estimates": result.estimates,
+      "intra_status": result.intra_status,
+      "trained": {c: {repr(r): a for r, a in sorted(p.items())} for c, p in result.trained.items()},
+      "log": result.log,
+      "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(config).items()},
+  }
+
+
 def search(candidates: Mapping[tuple[str, str], str], vision_names: Sequence[str],
            vision_similarity: np.ndarray,
            llm_similarity: Mapping[str, tuple[Sequence[str], np.ndarray]],

@@ -97,25 +97,12 @@ def live_payload(result: mordal.MordalResult, trainer: LiveTrainer,
   grid_cost = float(n * trainer.full_steps)
   return {
       "mode": "live",
-      "ranking": result.ranking,
-      "top1": result.top1,
-      "cost": result.cost,
-      "grid_cost": grid_cost,
-      "cost_ratio": grid_cost / result.cost if result.cost > 0 else float("inf"),
+      **mordal.result_fields(result, config, grid_cost),
       # Without training every candidate fully there is no ground truth to correlate with; replay
       # the recorded curves after a grid run to get weighted τ.
       "weighted_tau": None,
       "candidates": n,
-      "trained_candidates": len(result.trained),
-      "clusters": [vars(c) for c in result.clusters],
-      "halving_rounds": result.halving_rounds,
-      "kept_clusters": result.kept_clusters,
-      "estimates": result.estimates,
-      "intra_status": result.intra_status,
-      "trained": {c: {repr(r): a for r, a in sorted(p.items())} for c, p in result.trained.items()},
-      "log": result.log,
       "full_steps": trainer.full_steps,
-      "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(config).items()},
       "inputs": inputs,
   }
 
