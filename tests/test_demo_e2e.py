@@ -147,3 +147,46 @@ def test_groundtruth_flag_errors(world, tmp_path):
     _run(groundtruth, base + [f"--groundtruth_output={tmp_path / 'gt.json'}"])
   with pytest.raises(Exception, match=r"--vision_candidates: model spec .*unknown setting"):
     _run(groundtruth, base[1:] + [f"--vision_candidates={world['candidates'][0]}@depth=2"])
+
+
+def test_groundtruth_learning_curves_match_the_uninterrupted_run(world, tmp_path):
+  """--curve_fractions stops stage 2 at each fraction to measure it; the end model is the same."""
+  plain = str(tmp_path / "plain" / "gt.csv")
+  curved = str(tmp_path / "curved" / "gt.csv")
+  pick = [f"--vision_candidates={world['candidates'][0]},{world['candidates'][2]}",
+          "--stage2_steps=4", "--gt_seeds=0"]
+
+  def flags_for(output, workdir):
+    base = [f for f in _groundtruth_flags(world, output)
+            if not f.startswith(("--vision_candidates", "--stage2_steps", "--workdir"))]
+    return base + pick + [f"--workdir={workdir}"]
+
+  _run(groundtruth, flags_for(plain, tmp_path / "plain_runs"))
+  _run(groundtruth, flags_for(curved, tmp_path / "curved_runs") +
+       ["--curve_fractions=0.25,0.5,0.6"])  # 0.5 and 0.6 are both step 2: measured once.
+  plain_runs = {r["candidate"]: r for r in _rows(groundtruth.runs_path(plain))}
+  curved_runs = {r["candidate"]: r for r in _rows(groundtruth.runs_path(curved))}
+  for name in ("vit_a", "vit_b"):
+    for key in ("accuracy", "a_score", "stage2_loss", "stage1_steps", "stage2_steps"):
+      assert curved_runs[name][key] == plain_runs[name][key], (name, key)
+  curve = _rows(groundtruth.curves_path(curved, 0))
+  offset = 2 * 8 * 16 / (8 * 48)  # Stage 1 in stage-2 steps of equal tokens.
+  assert [(r["candidate"], float(r["data_fraction"]), int(r["stage2_steps"])) for r in curve] == [
+      (n, r, s) for n in ("vit_a", "vit_b") for r, s in ((0.25, 1), (0.5, 2), (1.0, 4))]
+  for r in curve:
+    assert float(r["cost"]) == pytest.approx(offset + int(r["stage2_steps"]))
+    assert r["llm"] == world["llm"] and r["seed"] == "0"
+    if float(r["data_fraction"]) == 1.0:
+      assert r["accuracy"] == curved_runs[r["candidate"]]["accuracy"]
+  points = [json.loads(line) for line in
+            open(tmp_path / "curved_runs" / "vit_a" / "seed0" / "stage2" / "curve.jsonl")]
+  assert [p["step"] for p in points] == [1, 2, 4]
+
+  # Finished runs with their curves are skipped; a stage 2 trained without them cannot grow
+  # one after the fact, and says so.
+  _run(groundtruth, flags_for(curved, tmp_path / "curved_runs") + ["--curve_fractions=0.25,0.5"])
+  assert _rows(groundtruth.curves_path(curved, 0)) == curve
+  with pytest.raises(SystemExit):
+    _run(groundtruth, flags_for(plain, tmp_path / "plain_runs") + ["--curve_fractions=0.5"])
+  with pytest.raises(Exception, match=r"--curve_fractions: each must be in \(0, 1\)"):
+    _run(groundtruth, flags_for(plain, tmp_path / "plain_runs") + ["--curve_fractions=1.0"])

@@ -15,6 +15,7 @@ from vlmsel_jax import score
 from vlmsel_jax import synthetic
 from vlmsel_jax.scores import cka
 from vlmsel_jax.scores import gw
+from vlmsel_jax.selection import mordal_cli
 
 FLAGS = flags.FLAGS
 FAST = ["--gw_anneal_iterations=10", "--noprogress"]
@@ -51,7 +52,7 @@ def test_synthetic_pool_outputs(tmp_path):
   written = _run(["--synthetic_pool", "--synthetic_n=60", "--metrics=gw,cka,rsa,mutual_knn",
                   f"--output_dir={out}"])
   assert sorted(os.path.basename(p) for p in written) == [
-      "report.md", "scores.csv", "scores.json", "scores.png"]
+      "report.md", "scores.csv", "scores.json", "scores.png", "vision_cka.csv"]
   data = json.load(open(os.path.join(out, "scores.json")))
   assert data["candidates"][0] == "isometric" and len(data["candidates"]) == 12
   assert set(data["rankings"]) == {"gw", "cka", "rsa", "mutual_knn"}
@@ -81,6 +82,14 @@ def test_banks_are_paired_by_id_and_judged_against_ground_truth(banks, tmp_path)
   assert data["ground_truth"] == {"isometric": 0.61, "warp_1.5_noise_0.3": 0.55, "random": 0.31}
   assert data["evaluation"]["cka"]["spearman"] == pytest.approx(1.0)
   assert "How well each score predicts the ground truth" in open(os.path.join(out, "report.md")).read()
+  # The candidates' CKA with one another, in the square table Mordal's replay reads.
+  names, matrix = mordal_cli.read_similarity(os.path.join(out, "vision_cka.csv"))
+  assert names == data["candidates"]
+  feats = {"isometric": pool.candidates[0], "warp_1.5_noise_0.3": pool.candidates[5],
+           "random": pool.candidates[11]}
+  want = np.array([[cka.linear_cka(feats[a], feats[b]) for b in names] for a in names])
+  np.testing.assert_allclose(matrix, want, atol=1e-6)
+  np.testing.assert_array_equal(np.diag(matrix), 1.0)
 
 
 def _bad_bank(d, name, features, ids=None):

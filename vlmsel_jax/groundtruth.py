@@ -21,6 +21,18 @@ skips what is done and resumes a half-trained run from its checkpoint):
 * ``--groundtruth_output``: one row per candidate, the mean over its seeds (``accuracy``,
   ``a_score``), their spread (``accuracy_std`` with two or more seeds), what ``vlmsel_jax.score
   --ground_truth`` reads. A JSON beside it records the seed-to-seed spread over the pool.
+
+With ``--curve_fractions`` (e.g. ``0.0625,0.125,0.25,0.5``) stage 2 also stops at each fraction
+r of its steps, ``round(r · stage2_steps)``, and measures VQA accuracy there before going on
+(the cosine schedule spans the whole budget and training continues from the checkpoint, so the
+final model is the one an uninterrupted run gives). These learning curves go to
+``<stem>_curves_seed<S>.csv`` in the table ``vlmsel_jax.select --method=mordal --curves`` replays
+(``candidate,vision,llm,data_fraction,accuracy,cost``, fraction 1.0 being the full run). Cost is
+cumulative and counted in stage-2 steps; a candidate's stage 1 is added to it as the stage-2
+steps of equal token count (``stage1_steps · stage1_batch · stage1_max_len / (stage2_batch ·
+stage2_max_len)``), since a search pays stage 1 for every candidate it trains at all. Each point
+is kept in the stage-2 workdir (``curve.jsonl``) as soon as it is measured, so a killed run
+resumes without measuring it again.
 """
 
 from __future__ import annotations
@@ -45,6 +57,7 @@ from vlmsel_jax import parallel
 from vlmsel_jax import runtime_flags
 from vlmsel_jax import train as train_binary
 from vlmsel_jax import zoo
+from vlmsel_jax.training import checkpoint as ckpt_lib
 from vlmsel_jax.training import evaluate_run
 from vlmsel_jax.training import loop
 
@@ -77,10 +90,16 @@ _A_LIMIT = flags.DEFINE_integer("a_score_limit", 300, "Held-out captions of the 
                                 "(0: all).", lower_bound=0)
 _VQA_LIMIT = flags.DEFINE_integer("vqa_limit", 300, "Held-out questions of the VQA accuracy "
                                   "(0: all).", lower_bound=0)
+_CURVE_FRACTIONS = flags.DEFINE_list("curve_fractions", [], "Stage-2 fractions in (0, 1) at which "
+                                     "to also measure VQA accuracy (learning curves for Mordal "
+                                     "replay), e.g. 0.0625,0.125,0.25,0.5.")
 
 RUN_COLUMNS = ("candidate", "vision", "vision_layer", "seed", "accuracy", "a_score",
                "majority_accuracy", "questions", "captions", "stage1_steps", "stage2_steps",
                "stage1_loss", "stage2_loss", "minutes", "date", "command")
+CURVE_COLUMNS = ("candidate", "vision", "llm", "data_fraction", "accuracy", "cost", "seed",
+                 "stage2_steps")
+CURVE_FILE = "curve.jsonl"
 SUMMARY_COLUMNS = ("candidate", "vision_layer", "accuracy", "accuracy_std", "seeds", "a_score",
                    "majority_accuracy", "questions", "stage1_steps", "stage2_steps", "date",
                    "command")
@@ -112,11 +131,75 @@ def stage_config(base: loop.TrainConfig, *, vision: str, stage: int, seed: int, 
       data_kind=None)
 
 
+def fraction_steps(fractions: list[float], steps: int) -> list[tuple[float, int]]:
+  """(fraction, stage-2 step) of every curve point below the full run, the full run last."""
+  points = []
+  for r in sorted(set(fractions)):
+    n = max(1, round(r * steps))
+    if n < steps and all(n != m for _, m in points):
+      points.append((r, n))
+  return points + [(1.0, steps)]
+
+
+def stage1_cost(stage1: StageBudget, stage2: StageBudget) -> float:
+  """Stage 1 in stage-2 steps of the same token count (the curves' cost unit)."""
+  return stage1.steps * stage1.batch_size * stage1.max_len / (stage2.batch_size * stage2.max_len)
+
+
+def read_curve_points(workdir: str) -> dict[int, float]:
+  """Stage-2 step → VQA accuracy already measured in ``workdir`` (its curve.jsonl)."""
+  path = os.path.join(workdir, CURVE_FILE)
+  if not os.path.exists(path):
+    return {}
+  points = {}
+  with open(path) as f:
+    for line in f:
+      line = line.strip()
+      if line:  # A kill mid-write leaves at most a partial last line; it is measured again.
+        try:
+          record = json.loads(line)
+          points[int(record["step"])] = float(record["accuracy"])
+        except (ValueError, KeyError, TypeError):
+          continue
+  return points
+
+
+def train_with_curve(s2: loop.TrainConfig, built, points: list[tuple[float, int]], *,
+                     evaluate_at) -> tuple[dict, dict[int, float]]:
+  """Stage 2 in segments ending at each point's step, measuring accuracy at each.
+
+  ``evaluate_at()`` measures the latest checkpoint. Points measured by an earlier (killed) run
+  are read back from curve.jsonl; a point whose step the run has already passed without
+  measuring it cannot be measured any more, and is an error rather than a silent gap.
+  """
+  measured = read_curve_points(s2.workdir)
+  latest = ckpt_lib.Checkpointer(os.path.join(s2.workdir, loop.CHECKPOINT_DIR), save_every=1,
+                                 keep=1).latest_step() or 0
+  for r, step in points:
+    if step not in measured and step < latest:
+      raise GroundTruthError(
+          f"{s2.workdir}: stage 2 is already at step {latest}, past the curve point at fraction "
+          f"{r:g} (step {step}), which was never measured; remove that directory to train "
+          "stage 2 again with --curve_fractions")
+  summary = {}
+  for r, step in points:
+    summary = loop.train(dataclasses.replace(s2, max_steps=step), built=built)
+    if step not in measured:
+      measured[step] = evaluate_at()
+      if parallel.is_primary():
+        with open(os.path.join(s2.workdir, CURVE_FILE), "a") as f:
+          f.write(json.dumps({"fraction": r, "step": step, "accuracy": measured[step]}) + "\n")
+  return summary, measured
+
+
 def run_one(base: loop.TrainConfig, vision: str, name: str, seed: int, root: str,
             stage1: StageBudget, stage2: StageBudget, *, a_limit: int | None,
             vqa_limit: int | None, eval_batch_size: int, eval_data: str | None,
-            command: str) -> dict:
-  """Stage 1 → A score → stage 2 → VQA accuracy for one candidate and seed; its runs row."""
+            command: str, curve_fractions: list[float] = ()) -> tuple[dict, list[dict]]:
+  """Stage 1 → A score → stage 2 → VQA accuracy for one candidate and seed.
+
+  Returns its runs row and its learning-curve rows (empty without ``curve_fractions``).
+  """
   start = time.time()
   run_dir = os.path.join(root, name.replace("/", "_"), f"seed{seed}")
   s1 = stage_config(base, vision=vision, stage=1, seed=seed,
@@ -130,19 +213,38 @@ def run_one(base: loop.TrainConfig, vision: str, name: str, seed: int, root: str
                     workdir=os.path.join(run_dir, "stage2"), budget=stage2,
                     init_from=s1.workdir)
   built = loop.build_model(s2)
-  summary2 = loop.train(s2, built=built)
-  v = evaluate_run.evaluate(s2, built=built, data=eval_data, metrics=("vqa",),
-                            limit=vqa_limit, batch_size=eval_batch_size)
-  return {
+  last_eval = {}
+
+  def evaluate_vqa() -> float:
+    last_eval.update(evaluate_run.evaluate(s2, built=built, data=eval_data, metrics=("vqa",),
+                                           limit=vqa_limit, batch_size=eval_batch_size))
+    return float(last_eval["vqa_accuracy"])
+
+  curve_rows = []
+  if curve_fractions:
+    points = fraction_steps(list(curve_fractions), stage2.steps)
+    summary2, measured = train_with_curve(s2, built, points, evaluate_at=evaluate_vqa)
+    if not last_eval:  # Every point was measured before a kill; the full run's details again.
+      evaluate_vqa()
+    offset = stage1_cost(stage1, stage2)
+    curve_rows = [{"candidate": name, "vision": vision, "llm": base.llm,
+                   "data_fraction": r, "accuracy": measured[step], "cost": offset + step,
+                   "seed": seed, "stage2_steps": step} for r, step in points]
+  else:
+    summary2 = loop.train(s2, built=built)
+    evaluate_vqa()
+  v = last_eval
+  row = {
       "candidate": name, "vision": vision, "vision_layer": s1.vlm.vision_layer, "seed": seed,
       "accuracy": v["vqa_accuracy"],
       "a_score": a["a_score"], "majority_accuracy": v.get("majority_accuracy"),
       "questions": v["questions"], "captions": a["pairs"],
-      "stage1_steps": summary1.get("step"), "stage2_steps": summary2.get("step"),
+      "stage1_steps": summary1.get("steps"), "stage2_steps": summary2.get("steps"),
       "stage1_loss": loop.final_loss(s1.workdir), "stage2_loss": loop.final_loss(s2.workdir),
       "minutes": round((time.time() - start) / 60, 2),
       "date": datetime.date.today().isoformat(), "command": command,
   }
+  return row, curve_rows
 
 
 def read_runs(path: str) -> list[dict]:
@@ -212,6 +314,18 @@ def runs_path(output: str) -> str:
   return os.path.splitext(output)[0] + "_runs.csv"
 
 
+def curves_path(output: str, seed: int) -> str:
+  return os.path.splitext(output)[0] + f"_curves_seed{seed}.csv"
+
+
+def read_curves(path: str) -> list[dict]:
+  """The rows of a curves CSV as written (strings); [] when it does not exist."""
+  if not os.path.exists(path):
+    return []
+  with open(path, newline="") as f:
+    return list(csv.DictReader(f))
+
+
 def write_tables(output: str, runs: list[dict], order: list[str]) -> dict:
   """Rewrites the runs CSV, the summary CSV and its JSON; returns the spread."""
   summary, spread = summarize(runs, order)
@@ -235,6 +349,14 @@ def main(argv):
     seeds = [int(s) for s in _SEEDS.value]
   except ValueError:
     raise app.UsageError(f"--gt_seeds: not integers: {','.join(_SEEDS.value)}") from None
+  try:
+    curve_fractions = [float(r) for r in _CURVE_FRACTIONS.value]
+  except ValueError:
+    raise app.UsageError(f"--curve_fractions: not numbers: "
+                         f"{','.join(_CURVE_FRACTIONS.value)}") from None
+  if any(not 0.0 < r < 1.0 for r in curve_fractions):
+    raise app.UsageError(f"--curve_fractions: each must be in (0, 1) (the full run is always "
+                         f"measured), got {','.join(_CURVE_FRACTIONS.value)}")
   if not seeds or len(set(seeds)) != len(seeds):
     raise app.UsageError(f"--gt_seeds: give distinct seeds, got {','.join(_SEEDS.value)}")
   candidates, names = train_binary.vision_candidates(_CANDIDATES.value)
@@ -253,18 +375,30 @@ def main(argv):
   done = {(r["candidate"], r["seed"]) for r in runs}
   command = _command()
   for seed in seeds:
+    curves = read_curves(curves_path(output, seed)) if curve_fractions else []
+    with_curve = {r["candidate"] for r in curves}
     for spec, name in zip(candidates, names):
-      if (name, seed) in done:
+      if (name, seed) in done and (not curve_fractions or name in with_curve):
         logging.info("%s seed %d: already in %s", name, seed, runs_path(output))
         continue
       logging.info("%s seed %d: stage 1, A score, stage 2, VQA accuracy", name, seed)
-      row = run_one(base, spec, name, seed, base.workdir, stage1, stage2,
-                    a_limit=_A_LIMIT.value or None, vqa_limit=_VQA_LIMIT.value or None,
-                    eval_batch_size=flags.FLAGS.eval_batch_size,
-                    eval_data=flags.FLAGS.eval_data, command=command)
-      runs.append(row)
+      try:
+        row, curve_rows = run_one(
+            base, spec, name, seed, base.workdir, stage1, stage2,
+            a_limit=_A_LIMIT.value or None, vqa_limit=_VQA_LIMIT.value or None,
+            eval_batch_size=flags.FLAGS.eval_batch_size, eval_data=flags.FLAGS.eval_data,
+            command=command, curve_fractions=curve_fractions)
+      except GroundTruthError as e:
+        print(f"groundtruth: error: {e}", file=sys.stderr)
+        sys.exit(1)
+      # A run measured again for its curve replaces its earlier row.
+      runs = [r for r in runs if (r["candidate"], r["seed"]) != (name, seed)] + [row]
+      curves = [r for r in curves if r["candidate"] != name] + curve_rows
       if parallel.is_primary():
         write_tables(output, runs, names)
+        if curve_rows:
+          atomic.write_text_atomic(curves_path(output, seed),
+                                   atomic.csv_text(curves, CURVE_COLUMNS))
       print(f"{name}\tseed {seed}\taccuracy {row['accuracy']:.4f}\tA {row['a_score']:.4f}\t"
             f"{row['minutes']} min", flush=True)
   if parallel.is_primary():

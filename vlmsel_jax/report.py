@@ -13,7 +13,7 @@ import math
 import os
 import shutil
 import tempfile
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -145,9 +145,21 @@ def plot_png(result: scoring.PoolScores, path: str):
   plt.close(fig)
 
 
+def similarity_csv(names: Sequence[str], matrix: np.ndarray) -> str:
+  """A square matrix as CSV: a header row of names, then one row per name (Mordal's format)."""
+  lines = [",".join(["name", *names])]
+  for name, row in zip(names, matrix):
+    lines.append(",".join([name, *(f"{v:.6f}" for v in row)]))
+  return "\n".join(lines) + "\n"
+
+
 def write_outputs(result: scoring.PoolScores, output_dir: str, *, title: str,
-                  preamble: str = "", run_info: Mapping[str, Any] | None = None) -> list[str]:
-  """Writes the four result files into ``output_dir`` atomically; returns their paths."""
+                  preamble: str = "", run_info: Mapping[str, Any] | None = None,
+                  extra: Mapping[str, str] | None = None) -> list[str]:
+  """Writes the result files (and ``extra``: file name → text) into ``output_dir`` atomically.
+
+  Returns their paths.
+  """
   output_dir = os.path.abspath(output_dir)
   parent = os.path.dirname(output_dir)
   os.makedirs(parent, exist_ok=True)
@@ -164,9 +176,12 @@ def write_outputs(result: scoring.PoolScores, output_dir: str, *, title: str,
     with open(os.path.join(staging, "report.md"), "w") as f:
       f.write(report_markdown(result, title=title, preamble=preamble, run_info=run_info))
     plot_png(result, os.path.join(staging, "scores.png"))
+    for name, text in (extra or {}).items():
+      with open(os.path.join(staging, name), "w") as f:
+        f.write(text)
     os.makedirs(output_dir, exist_ok=True)
     written = []
-    for name in ("scores.json", "scores.csv", "scores.png", "report.md"):
+    for name in ("scores.json", "scores.csv", "scores.png", "report.md", *(extra or {})):
       os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
       written.append(os.path.join(output_dir, name))
     return written

@@ -6,7 +6,9 @@ r"""Scores candidate encoders against an LLM's text features, without training.
   python -m vlmsel_jax.score --vision_models=/models/clip-vit-b32,/models/dinov2-small \
       --text_model=smollm2-135m --data_dir=data/pairs --cache_dir=banks --output_dir=runs/score
 
-Writes scores.csv, scores.json, report.md and scores.png into --output_dir (atomically).
+Writes scores.csv, scores.json, report.md and scores.png into --output_dir (atomically), and
+vision_cka.csv: the candidates' linear CKA with one another, the vision similarity Mordal
+clusters by (``vlmsel_jax.select --method=mordal --vision_similarity``).
 
 On several hosts (a TPU pod slice, or --coordinator_address/--num_processes/--process_id),
 every process runs the same command: GW candidates are sharded over the devices of all hosts,
@@ -20,6 +22,7 @@ import os
 import sys
 import time
 
+import numpy as np
 from absl import app
 from absl import flags
 
@@ -32,6 +35,7 @@ from vlmsel_jax import runtime_flags
 from vlmsel_jax import scoring
 from vlmsel_jax import synthetic
 from vlmsel_jax.scores import checks
+from vlmsel_jax.scores import cka
 from vlmsel_jax.scores import distances
 from vlmsel_jax.scores import gw
 
@@ -388,7 +392,21 @@ def run() -> list[str]:
     return []
   title = "Encoder selection: training-free scores" + (" (synthetic demo pool)" if SYNTHETIC_POOL.value else "")
   return report.write_outputs(
-      result, OUTPUT_DIR.value, title=title, preamble=preamble, run_info=run_info)
+      result, OUTPUT_DIR.value, title=title, preamble=preamble, run_info=run_info,
+      extra={VISION_CKA_FILE: report.similarity_csv(names, candidate_cka(feats))})
+
+
+VISION_CKA_FILE = "vision_cka.csv"
+
+
+def candidate_cka(feats: list[np.ndarray]) -> np.ndarray:
+  """Linear CKA between every two candidates' image features (their own similarity, not the
+  text's): what Mordal clusters vision encoders by (``select --vision_similarity``)."""
+  m = np.eye(len(feats))
+  for i in range(len(feats)):
+    for j in range(i + 1, len(feats)):
+      m[i, j] = m[j, i] = cka.linear_cka(feats[i], feats[j])
+  return m
 
 
 def main(argv):
