@@ -66,10 +66,12 @@ def a_score(model_fn: Callable, builder: batches_lib.PromptBuilder, source, *,
   if n == 0:
     raise ValueError("A score: the evaluation set is empty")
 
+  apply, weights = _apply_and_weights(model_fn)
+
   @jax.jit
-  def per_row(batch):
-    logits = model_fn(batch["pixels"], batch["input_ids"], batch["attention_mask"],
-                      batch["image_mask"])
+  def per_row(weights, batch):
+    logits = apply(weights, batch["pixels"], batch["input_ids"], batch["attention_mask"],
+                   batch["image_mask"])
     return step_lib.token_log_likelihoods(logits, batch["input_ids"], batch["loss_mask"])
 
   values = []
@@ -77,7 +79,7 @@ def a_score(model_fn: Callable, builder: batches_lib.PromptBuilder, source, *,
   for chunk in _progress(chunks, progress, "A score"):
     batch, real = _stack([builder.caption_inputs(source[i], train=False) for i in chunk],
                          batch_size)
-    total, count = jax.device_get(per_row(batch))
+    total, count = jax.device_get(per_row(weights, batch))
     values += list(total[:real] / np.maximum(count[:real], 1))
   values = np.asarray(values, np.float64)
   return {"a_score": float(values.mean()), "a_score_std": float(values.std()), "pairs": n}
@@ -93,10 +95,12 @@ def greedy_answers(model_fn: Callable, builder: batches_lib.PromptBuilder, recor
   if end_of_turn is not None:
     stop.add(end_of_turn)
 
+  apply, weights = _apply_and_weights(model_fn)
+
   @jax.jit
-  def next_token(batch, lengths):
-    logits = model_fn(batch["pixels"], batch["input_ids"], batch["attention_mask"],
-                      batch["image_mask"])
+  def next_token(weights, batch, lengths):
+    logits = apply(weights, batch["pixels"], batch["input_ids"], batch["attention_mask"],
+                   batch["image_mask"])
     last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
     return jnp.argmax(last, axis=-1).astype(jnp.int32)
 
@@ -112,7 +116,7 @@ def greedy_answers(model_fn: Callable, builder: batches_lib.PromptBuilder, recor
       room = lengths < builder.max_len
       if not np.any(room & ~finished):
         break
-      token = np.asarray(jax.device_get(next_token(batch, lengths)))
+      token = np.asarray(jax.device_get(next_token(weights, batch, lengths)))
       for r in range(batch_size):
         if finished[r] or not room[r]:
           finished[r] = True
@@ -188,11 +192,34 @@ def _progress(items, enabled: bool, desc: str):
   return tqdm(items, desc=desc, unit="batch", dynamic_ncols=True)
 
 
-def model_fn_for(graphdef, template, params, frozen) -> Callable:
-  """A pure ``(pixels, ids, mask, image_mask) -> logits`` closing over the model's parts."""
+class BoundModel:
+  """``(pixels, ids, mask, image_mask) -> logits`` of a model given by its parts.
 
-  def fn(pixels, input_ids, attention_mask, image_mask):
-    model = step_lib.model_from(graphdef, template, params, frozen)
+  The evaluators jit ``apply`` with ``weights`` as arguments rather than calling the model with
+  its arrays closed over: closed-over arrays become constants of the compiled program, and with
+  a 135M-parameter LLM that made every evaluation spend over a minute compiling.
+  """
+
+  def __init__(self, graphdef, template, params, frozen):
+    self.graphdef = graphdef
+    self.weights = (template, params, frozen)
+
+  def apply(self, weights, pixels, input_ids, attention_mask, image_mask):
+    template, params, frozen = weights
+    model = step_lib.model_from(self.graphdef, template, params, frozen)
     return model(pixels, input_ids, attention_mask, image_mask)
 
-  return fn
+  def __call__(self, pixels, input_ids, attention_mask, image_mask):
+    return self.apply(self.weights, pixels, input_ids, attention_mask, image_mask)
+
+
+def model_fn_for(graphdef, template, params, frozen) -> BoundModel:
+  """A pure ``(pixels, ids, mask, image_mask) -> logits`` of the model's parts."""
+  return BoundModel(graphdef, template, params, frozen)
+
+
+def _apply_and_weights(model_fn: Callable) -> tuple[Callable, Any]:
+  """``(apply(weights, *inputs), weights)``: a BoundModel's arrays travel as jit arguments."""
+  if isinstance(model_fn, BoundModel):
+    return model_fn.apply, model_fn.weights
+  return (lambda _, *inputs: model_fn(*inputs)), ()
