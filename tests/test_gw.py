@@ -99,6 +99,41 @@ def test_default_solver_is_at_least_as_good_as_pot_cg(pool, index):
   assert got["gw"] <= want * 1.005, (got["gw"], want)
 
 
+def test_rounding_gives_exact_uniform_marginals():
+  """Altschuler et al.'s rounding: exact marginals, non-negative, a coupling left unchanged."""
+  rng = np.random.default_rng(0)
+  t = jnp.asarray(rng.random((7, 5)) / 35 * rng.uniform(0.8, 1.2, (7, 1)))
+  with jax.enable_x64(True):
+    r = np.asarray(gw.round_to_marginals(jnp.asarray(t, jnp.float64)))
+    np.testing.assert_allclose(r.sum(1), 1 / 7, rtol=1e-12)
+    np.testing.assert_allclose(r.sum(0), 1 / 5, rtol=1e-12)
+    assert r.min() >= 0
+    perm = np.eye(6)[rng.permutation(6)] / 6
+    np.testing.assert_allclose(np.asarray(gw.round_to_marginals(jnp.asarray(perm))), perm,
+                               atol=1e-15)
+
+
+@pytest.mark.parametrize("kind", ["random", "ties"])
+def test_assignment_oracle_is_an_optimal_permutation(kind):
+  """The network-simplex oracle returns a permutation as cheap as SciPy's exact assignment."""
+  import scipy.optimize
+  rng = np.random.default_rng(1)
+  cost = rng.random((60, 60)) if kind == "random" else rng.integers(0, 3, (60, 60)) * 1.0
+  cols = gw._assignment_host(cost)
+  assert sorted(cols.tolist()) == list(range(60))
+  rows, want = scipy.optimize.linear_sum_assignment(cost)
+  assert cost[np.arange(60), cols].sum() == pytest.approx(cost[rows, want].sum(), abs=1e-9)
+
+
+def test_assignment_oracle_falls_back_when_the_simplex_gives_no_permutation(monkeypatch):
+  cost = np.random.default_rng(2).random((20, 20))
+  monkeypatch.setattr(gw.ot, "emd", lambda a, b, m, **k: (np.full(m.shape, 1 / 400),
+                                                           {"result_code": 1}))
+  import scipy.optimize
+  np.testing.assert_array_equal(gw._assignment_host(cost),
+                                scipy.optimize.linear_sum_assignment(cost)[1])
+
+
 def test_reported_value_is_unregularized_objective(pool):
   """The entropic solver reports the primal GW of its coupling, in the text space's units."""
   x, y = pool.candidates[1], pool.text

@@ -74,7 +74,11 @@ GW_ANNEAL_ITERATIONS = flags.DEFINE_integer("gw_anneal_iterations", _DEFAULT_GW.
                                             lower_bound=1)
 GW_SINKHORN_ITERATIONS = flags.DEFINE_integer(
     "gw_sinkhorn_iterations", _DEFAULT_GW.sinkhorn_iterations,
-    "Maximum Sinkhorn iterations per linearized problem.", lower_bound=1)
+    "Maximum Sinkhorn iterations per linearized problem of the entropic solver.", lower_bound=1)
+GW_ANNEAL_SINKHORN_ITERATIONS = flags.DEFINE_integer(
+    "gw_anneal_sinkhorn_iterations", _DEFAULT_GW.anneal_sinkhorn_iterations,
+    "Sinkhorn iterations per linearized problem of the annealed solver (warm-started; its "
+    "coupling only seeds the CG polish).", lower_bound=1)
 GW_ITERATIONS = flags.DEFINE_integer("gw_iterations", _DEFAULT_GW.gw_iterations,
                                      "Maximum outer iterations of the entropic solver and of the last annealing stage.",
                                      lower_bound=1)
@@ -181,7 +185,9 @@ def _settings() -> scoring.ScoreSettings:
   opts = gw.GWOptions(
       solver=GW_SOLVER.value, epsilon=GW_EPSILON.value, anneal_epsilons=anneal,
       anneal_iterations=GW_ANNEAL_ITERATIONS.value,
-      sinkhorn_iterations=GW_SINKHORN_ITERATIONS.value, gw_iterations=GW_ITERATIONS.value,
+      sinkhorn_iterations=GW_SINKHORN_ITERATIONS.value,
+      anneal_sinkhorn_iterations=GW_ANNEAL_SINKHORN_ITERATIONS.value,
+      gw_iterations=GW_ITERATIONS.value,
       cg_iterations=GW_CG_ITERATIONS.value, cg_tol=GW_CG_TOL.value, polish=GW_POLISH.value,
       rank=GW_RANK.value, lowrank_iterations=GW_LOWRANK_ITERATIONS.value,
       lowrank_gamma=GW_LOWRANK_GAMMA.value, precision=GW_PRECISION.value)

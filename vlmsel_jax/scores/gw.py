@@ -10,6 +10,10 @@ Solvers (``solver=``):
     warm-started from the previous coupling, then a conditional-gradient polish (below) from the
     entropic coupling. Annealing finds a better basin than CG from the product coupling; the
     polish removes the entropic blur. This reaches POT-CG objectives or lower (benchmarks/).
+    Its linearized problems get only ``anneal_sinkhorn_iterations`` Sinkhorn iterations each,
+    warm-started from the previous potentials: the stage only has to land in a good basin, and
+    the polish then converges on the exact objective. Its coupling is rounded onto the exact
+    marginals (Altschuler et al. 2017) before the polish, so every CG iterate is a coupling.
   * ``"entropic"``: one ott-jax ``GromovWasserstein`` solve at a fixed ε.
   * ``"cg"``: conditional gradient (Frank-Wolfe with exact line search) from the product
     coupling, the method of POT's ``ot.gromov.gromov_wasserstein``.
@@ -23,8 +27,11 @@ GW is multiplied back by median(D^Y)², i.e. it is in the text space's squared u
 
 The linear minimisation oracle of the CG steps is an exact linear assignment: with n×n uniform
 marginals the vertices of the transport polytope are permutations (Birkhoff), so the exact EMD of
-POT's CG is a linear assignment problem. It is solved on the host with SciPy's LAPJV through
-``jax.pure_callback``; everything else runs on the device.
+POT's CG is a linear assignment problem. It is solved on the host through ``jax.pure_callback``
+by POT's network simplex (``ot.emd``, whose basic solutions here are permutations; measured at
+n = 1000 it is 1.2–5.5× faster than SciPy's LAPJV on these gradients), falling back to SciPy's
+``linear_sum_assignment`` if the simplex stops at its iteration cap; everything else runs on
+the device.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import ot
 import scipy.optimize
 from ott.geometry import geometry
 from ott.geometry import low_rank
@@ -62,8 +70,11 @@ class GWOptions:
     epsilon: entropic regularization for ``entropic`` and ``lowrank`` (relative units, above).
     anneal_epsilons: the ε schedule of ``annealed``, largest first.
     anneal_iterations: outer GW iterations of each annealing stage but the last.
-    sinkhorn_iterations: maximum Sinkhorn iterations per linearized problem (warm-started from
-      the previous outer iteration's potentials, so a few hundred suffice).
+    sinkhorn_iterations: maximum Sinkhorn iterations per linearized problem of ``entropic``
+      (warm-started from the previous outer iteration's potentials, so a few hundred suffice).
+    anneal_sinkhorn_iterations: Sinkhorn iterations per linearized problem of ``annealed``
+      (module docstring). Measured on the 12 synthetic problems at n = 250, 500, 1000: 10 gives
+      the same final objectives as 300 (all within 0.5% of or below POT CG) in 40% less time.
     gw_iterations: maximum outer iterations of ``entropic`` and of the last annealing stage.
     cg_iterations: maximum Frank-Wolfe iterations of ``cg`` and of the polish.
     cg_tol: stop CG when the relative decrease of the objective falls below this; None = POT's
@@ -83,6 +94,7 @@ class GWOptions:
   anneal_epsilons: tuple[float, ...] = (1e-2, 5e-3, 2e-3)
   anneal_iterations: int = 10
   sinkhorn_iterations: int = 300
+  anneal_sinkhorn_iterations: int = 10
   gw_iterations: int = 50
   cg_iterations: int = 1000
   cg_tol: float | None = None
@@ -99,8 +111,8 @@ class GWOptions:
       raise ValueError(f"GW epsilon must be > 0, got {self.epsilon}")
     if not self.anneal_epsilons or any(not e > 0 for e in self.anneal_epsilons):
       raise ValueError(f"GW anneal_epsilons must be positive, got {self.anneal_epsilons}")
-    for name in ("anneal_iterations", "sinkhorn_iterations", "gw_iterations", "cg_iterations",
-                 "rank", "lowrank_iterations"):
+    for name in ("anneal_iterations", "sinkhorn_iterations", "anneal_sinkhorn_iterations",
+                 "gw_iterations", "cg_iterations", "rank", "lowrank_iterations"):
       if getattr(self, name) < 1:
         raise ValueError(f"GW {name} must be >= 1, got {getattr(self, name)}")
     if not self.lowrank_gamma > 0:
@@ -145,7 +157,18 @@ def gw_objective(cx: jax.Array, cy: jax.Array, coupling: jax.Array) -> jax.Array
 
 
 def _assignment_host(cost: np.ndarray) -> np.ndarray:
-  _, cols = scipy.optimize.linear_sum_assignment(np.asarray(cost, np.float64))
+  """The minimum-cost permutation of a square matrix: POT's network simplex, else LAPJV."""
+  cost = np.asarray(cost, np.float64)
+  n = cost.shape[0]
+  uniform = np.full(n, 1.0 / n)
+  plan, log = ot.emd(uniform, uniform, cost, numItermax=max(100_000, 50 * n * n), log=True)
+  cols = np.argmax(plan, axis=1)
+  # A basic optimal solution here is a permutation / n; anything else (the iteration cap was
+  # hit, or a degenerate basis left a split row) goes to the exact assignment solver.
+  if log.get("result_code") == 1 and np.array_equal(np.sort(cols), np.arange(n)) and \
+      np.allclose(plan[np.arange(n), cols], 1.0 / n, rtol=1e-6, atol=0.0):
+    return cols.astype(np.int32)
+  _, cols = scipy.optimize.linear_sum_assignment(cost)
   return cols.astype(np.int32)
 
 
@@ -260,12 +283,14 @@ class _WarmStartedGW(ott_gw.GromovWasserstein):
 
 
 def _entropic_stages(cx, cy, epsilons: Sequence[float], stage_iterations: int,
-                     final_iterations: int, sinkhorn_iterations: int):
+                     final_iterations: int, sinkhorn_iterations: int, *, inexact: bool = False):
   """ott-jax entropic GW at each ε in turn, each stage linearized at the previous coupling.
 
   Intermediate stages only move the coupling toward a good basin, so they run a fixed small
   number of outer iterations; the last stage runs to convergence (up to ``final_iterations``),
-  and its convergence is the one reported.
+  and its convergence is the one reported. ``inexact``: the Sinkhorn solves are capped on
+  purpose (``annealed``), so convergence means the outer GW costs settled before
+  ``final_iterations``, not that every Sinkhorn solve converged as ott's flag requires.
   """
   prob = _problem(cx, cy)
   out, init = None, None
@@ -282,8 +307,24 @@ def _entropic_stages(cx, cy, epsilons: Sequence[float], stage_iterations: int,
         min_iterations=min(5, stage_iterations), warm_start=True, store_inner_errors=False,
         init_potentials=potentials)
     out = solver(prob, init=init)
-    iters = iters + jnp.sum(out.costs != -1).astype(jnp.int32)
-  return out.matrix, out.converged, iters
+    stage_iters = jnp.sum(out.costs != -1).astype(jnp.int32)
+    iters = iters + stage_iters
+  converged = stage_iters < final_iterations if inexact else out.converged
+  return out.matrix, converged, iters
+
+
+def round_to_marginals(t: jax.Array) -> jax.Array:
+  """The nearby coupling with exactly uniform marginals (Altschuler et al. 2017, Alg. 2).
+
+  Rows, then columns, are scaled down to at most their target mass, and the missing mass is
+  added back as a rank-one term; entries stay non-negative.
+  """
+  n, m = t.shape
+  r, c = jnp.full((n,), 1.0 / n, t.dtype), jnp.full((m,), 1.0 / m, t.dtype)
+  t = t * jnp.minimum(r / jnp.maximum(t.sum(axis=1), 1e-30), 1.0)[:, None]
+  t = t * jnp.minimum(c / jnp.maximum(t.sum(axis=0), 1e-30), 1.0)[None, :]
+  err_r, err_c = r - t.sum(axis=1), c - t.sum(axis=0)
+  return t + jnp.outer(err_r, err_c) / jnp.maximum(jnp.sum(err_c), 1e-30)
 
 
 def _lowrank(cx, cy, rank: int, epsilon: float, iterations: int, gamma: float):
@@ -309,8 +350,10 @@ def coupling_stage(cx: jax.Array, cy: jax.Array, opts: GWOptions):
   """
   n = cx.shape[0]
   if opts.solver == "annealed":
-    return _entropic_stages(cx, cy, opts.anneal_epsilons, opts.anneal_iterations,
-                            opts.gw_iterations, opts.sinkhorn_iterations)
+    coupling, converged, iters = _entropic_stages(
+        cx, cy, opts.anneal_epsilons, opts.anneal_iterations, opts.gw_iterations,
+        opts.anneal_sinkhorn_iterations, inexact=True)
+    return round_to_marginals(coupling), converged, iters
   if opts.solver == "entropic":
     return _entropic_stages(cx, cy, (opts.epsilon,), opts.gw_iterations, opts.gw_iterations,
                             opts.sinkhorn_iterations)
