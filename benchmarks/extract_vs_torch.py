@@ -2,6 +2,7 @@ r"""Our jit-compiled ViT-B/16 vision tower vs transformers' torch ViTModel, side
 
   python benchmarks/extract_vs_torch.py                       # batch 32, 5 timed steps
   python benchmarks/extract_vs_torch.py --batch=8 --steps=2 --threads=4
+  python benchmarks/extract_vs_torch.py --cpu_devices=1       # ours on one CPU device
 
 Both run THE SAME random weights: a transformers ``ViTModel`` with the ViT-B/16 config (hidden
 768, 12 layers, 12 heads, patch 16, 224x224 images) is randomly initialised, saved with
@@ -10,6 +11,11 @@ Both run THE SAME random weights: a transformers ``ViTModel`` with the ViT-B/16 
 native layout (torch NCHW, ours NHWC; the transpose is done once, outside the timing) and returns
 ``last_hidden_state`` and ``pooler_output``; the largest absolute difference of both is printed
 so the speed comparison is between models that compute the same thing.
+
+Ours runs as ``vlmsel_jax.extract`` does: data-parallel, the batch split over a mesh of
+``--cpu_devices`` CPU devices (default: one per core used), weights replicated. On XLA:CPU one
+device runs the attention's many small (per image and head) matmuls on one thread; one device
+per core runs them on every core, as torch's kernels do with its threads.
 
 Timing: one warm-up call each (for ours the first call, minus a warm call, is the jit compile
 time, reported separately), then ``--steps`` timed calls each; the best is reported as images/s.
@@ -35,10 +41,14 @@ def _parse() -> argparse.Namespace:
   parser.add_argument("--steps", type=int, default=5, help="timed calls per model (best is kept)")
   parser.add_argument("--threads", type=int, default=None,
                       help="CPU threads / cores to use (default: all available)")
+  parser.add_argument("--cpu_devices", type=int, default=None,
+                      help="CPU devices ours splits the batch over (default: --threads)")
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()
   if args.batch < 1 or args.steps < 1 or (args.threads is not None and args.threads < 1):
     parser.error("--batch, --steps and --threads must be positive")
+  if args.cpu_devices is not None and args.cpu_devices < 1:
+    parser.error("--cpu_devices must be positive")
   return args
 
 
@@ -54,12 +64,18 @@ def main() -> None:
   import transformers
   from flax import nnx
 
+  devices = args.cpu_devices or threads
+  jax.config.update("jax_num_cpu_devices", devices)
+  if args.batch % devices:
+    raise SystemExit(f"--batch {args.batch} must be a multiple of the {devices} CPU devices")
+
   from vlmsel_jax.models import load_pretrained
   # pylint: enable=g-import-not-at-top
 
   torch.set_num_threads(threads)
   print(cpu_setup.machine_line(threads, usable))
-  print(f"python {platform.python_version()}, jax {jax.__version__} ({jax.default_backend()}), "
+  print(f"python {platform.python_version()}, jax {jax.__version__} ({jax.default_backend()}, "
+        f"{jax.device_count()} devices, batch split over them), "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
         f"transformers {transformers.__version__}")
 
@@ -76,15 +92,20 @@ def main() -> None:
 
   pixels = np.random.RandomState(args.seed).randn(args.batch, 3, 224, 224).astype(np.float32)
   x_torch = torch.from_numpy(pixels)
-  x_ours = jax.device_put(np.ascontiguousarray(pixels.transpose(0, 2, 3, 1)))
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  by_batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  x_ours = jax.device_put(np.ascontiguousarray(pixels.transpose(0, 2, 3, 1)), by_batch)
+  graphdef, state = nnx.split(ours)
+  state = jax.device_put(state, replicated)
 
-  @nnx.jit
-  def forward(model, x):
-    out = model(x)
+  @jax.jit
+  def forward(state, x):
+    out = nnx.merge(graphdef, state)(x)
     return out.last_hidden_state, out.pooler_output
 
   def run_ours():
-    return jax.block_until_ready(forward(ours, x_ours))
+    return jax.block_until_ready(forward(state, x_ours))
 
   def run_torch():
     with torch.inference_mode():
@@ -112,7 +133,7 @@ def main() -> None:
   torch_ips = args.batch / torch_s
   print(f"jit compile (ours, first call minus a warm call): {max(first_s - warm_s, 0.0):.2f} s")
   print(f"{'':<22}{'s / batch':>12}{'images / s':>13}")
-  print(f"{'ours (jax, jit)':<22}{ours_s:>12.3f}{ours_ips:>13.1f}")
+  print(f"{f'ours (jax, jit, {devices} dev)':<22}{ours_s:>12.3f}{ours_ips:>13.1f}")
   print(f"{'torch (transformers)':<22}{torch_s:>12.3f}{torch_ips:>13.1f}")
   print(f"ratio ours / torch (images/s): {ours_ips / torch_ips:.2f}")
 

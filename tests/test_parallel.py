@@ -135,3 +135,28 @@ def test_gather_to_host_of_a_sharded_array():
 
 def test_is_primary_in_a_single_process():
   assert parallel.is_primary()
+
+
+def _python(code: str, xla_flags: str | None) -> str:
+  import os
+  import subprocess
+  import sys
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  if xla_flags is not None:
+    env["XLA_FLAGS"] = xla_flags
+  env["JAX_PLATFORMS"] = "cpu"
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=120, check=True)
+  return out.stdout.strip().splitlines()[-1]
+
+
+def test_cpu_devices_splits_the_host_before_jax_starts():
+  code = ("import jax; from vlmsel_jax import parallel; n = parallel.set_cpu_devices(3); "
+          "print(n, jax.device_count())")
+  assert _python(code, None) == "3 3"
+  # XLA_FLAGS' count wins (the tests' 8 fake devices), and nothing is changed.
+  assert _python(code, "--xla_force_host_platform_device_count=2") == "0 2"
+  late = ("import jax; from vlmsel_jax import parallel; jax.devices()\n"
+          "try:\n  parallel.set_cpu_devices(3)\nexcept ValueError as e:\n  print(e)")
+  assert _python(late, None) == ("--cpu_devices must be set before JAX starts (devices already "
+                                 "exist)")

@@ -119,6 +119,27 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
          local_device_ids=local_device_ids)
 
 
+def set_cpu_devices(count: int) -> int:
+  """Makes the CPU backend ``count`` devices (-1: one per usable core); returns the count.
+
+  Must run before anything touches a device. A no-op (returning 0) where XLA_FLAGS already
+  forces a host device count (tests set 8). Raises ValueError once devices exist.
+  """
+  if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+    return 0
+  if count == -1:
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  if count < 1:
+    raise ValueError(f"--cpu_devices must be -1, 0 or positive, got {count}")
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  if xla_bridge.backends_are_initialized():
+    if jax.devices("cpu") and len(jax.devices("cpu")) == count:
+      return count
+    raise ValueError("--cpu_devices must be set before JAX starts (devices already exist)")
+  jax.config.update("jax_num_cpu_devices", count)
+  return count
+
+
 def _distributed_is_initialized() -> bool:
   is_init = getattr(jax.distributed, "is_initialized", None)
   return bool(is_init()) if is_init is not None else False
