@@ -102,3 +102,49 @@ def test_alphas_are_captums():
   for method in conductance.METHODS:
     want = am.approximation_parameters(method)[1](51)
     np.testing.assert_allclose(conductance.alphas(method, 50), want, atol=1e-7, err_msg=method)
+
+
+def test_efficientnet_conductance_matches_captum_layer_conductance(tmp_path):
+  """Every MBConv block of a random tiny EfficientNet-Lite, against Captum on the torch model."""
+  elp = pytest.importorskip("efficientnet_lite_pytorch",
+                            reason="needs efficientnet-lite-pytorch (requirements-models.txt)")
+  from vlmsel_jax.models import load_torch_checkpoint  # pylint: disable=g-import-not-at-top
+  overrides = dict(width_coefficient=0.5, depth_coefficient=0.5, image_size=32)
+  torch_model = elp.EfficientNet.from_name("efficientnet-lite0", num_classes=10, **overrides)
+  gen = torch.Generator().manual_seed(0)
+  with torch.no_grad():
+    for module in torch_model.modules():
+      if isinstance(module, torch.nn.BatchNorm2d):
+        c = module.num_features
+        module.weight.copy_(1.0 + 0.2 * torch.randn(c, generator=gen))
+        module.bias.copy_(0.1 * torch.randn(c, generator=gen))
+        module.running_mean.copy_(0.1 * torch.randn(c, generator=gen))
+        module.running_var.copy_(0.5 + torch.rand(c, generator=gen))
+      elif isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+        module.weight.copy_(torch.randn(module.weight.shape, generator=gen)
+                            / module.weight[0].numel() ** 0.5)
+  torch_model.eval()
+  path = tmp_path / "lite0.pth"
+  torch.save(torch_model.state_dict(), path)
+  ours = load_torch_checkpoint(path, {"model_type": "efficientnet_lite", "variant": "lite0",
+                                      "num_classes": 10, **overrides})
+  x = np.random.RandomState(3).randn(2, 3, 32, 32).astype(np.float32)
+  got = conductance.layer_conductance(ours, x.transpose(0, 2, 3, 1), n_steps=20)
+  blocks = list(torch_model._blocks)  # pylint: disable=protected-access
+  assert len(got) == len(blocks) == len(ours.blocks)
+
+  def forward(px):  # The pooled final feature map, what the classifier reads.
+    return torch_model.extract_features(px).mean(dim=(2, 3)).norm(dim=-1)
+
+  for i, block in enumerate(blocks):
+    ref = captum_attr.LayerConductance(forward, block).attribute(
+        torch.tensor(x), baselines=torch.zeros(2, 3, 32, 32), n_steps=20)
+    ref = ref.detach().numpy().transpose(0, 2, 3, 1)
+    assert got[i].shape == ref.shape
+    np.testing.assert_allclose(np.asarray(got[i]), ref, atol=ATOL, rtol=0,
+                               err_msg=f"block {i}")
+    # Spread over many small units, the values are small: also agree relative to their size.
+    err = float(np.abs(np.asarray(got[i]) - ref).max())
+    assert err <= 1e-3 * float(np.abs(ref).max()), (i, err, float(np.abs(ref).max()))
+  with pytest.raises(ValueError, match="an EfficientNet has no CLS token"):
+    conductance.layer_conductance(ours, x.transpose(0, 2, 3, 1), n_steps=2, embedding="cls")

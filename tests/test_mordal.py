@@ -1,5 +1,6 @@
 """Mordal: clustering, successive halving, scaling laws, cost accounting, the replay binary."""
 
+import csv
 import json
 import math
 import os
@@ -296,3 +297,27 @@ def test_live_mode_trains_continuing_checkpoints_and_records_replayable_curves(t
   for name, steps in reached.items():
     _, meta = checkpoint.restore_params(str(tmp_path / "runs" / name / "checkpoints"))
     assert meta["step"] == steps
+
+
+def test_demo_replay_on_the_ground_truths_own_learning_curves(tmp_path):
+  """configs/mordal_demo.flags: the curves are those of the committed ground-truth runs."""
+  out = tmp_path / "demo" / "mordal.json"
+  cwd = os.getcwd()
+  os.chdir(REPO)
+  try:
+    _run([f"--flagfile={os.path.join(REPO, 'configs', 'mordal_demo.flags')}", f"--output={out}"])
+  finally:
+    os.chdir(cwd)
+  data = json.load(open(out))
+  with open(os.path.join(REPO, "configs/data/demo_groundtruth.csv"), newline="") as f:
+    runs = {r["candidate"]: r for r in csv.DictReader(f)}
+  # Fraction 1.0 of every curve is the seed-0 run of the ground truth.
+  with open(os.path.join(REPO, "configs/data/demo_groundtruth_runs.csv"), newline="") as f:
+    seed0 = {r["candidate"]: float(r["accuracy"]) for r in csv.DictReader(f) if r["seed"] == "0"}
+  assert data["truth"] == pytest.approx(seed0) and set(seed0) == set(runs)
+  assert sorted(data["ranking"]) == sorted(runs) and data["candidates"] == 9
+  assert 0 < data["cost"] < data["grid_cost"]
+  names = sorted(seed0)
+  pos = {c: i for i, c in enumerate(data["ranking"])}
+  want_tau = scipy.stats.weightedtau([-pos[c] for c in names], [seed0[c] for c in names])[0]
+  assert data["weighted_tau"] == pytest.approx(want_tau, abs=1e-12)

@@ -1,4 +1,8 @@
-"""Layer conductance of every block of a vision transformer, by integrated gradients in JAX.
+"""Layer conductance of every block of a vision tower, by integrated gradients in JAX.
+
+The towers: our vision transformers (a block is an encoder layer, its units tokens × hidden)
+and EfficientNet-Lite (a block is an MBConv block, its units rows × columns × channels; the
+image embedding is the spatial mean of the final feature map, what its classifier reads).
 
 For an image x, a baseline x' (zeros: the zero image in the model's input space) and the
 forward function F(x) = ‖image embedding(x)‖₂, the conductance of block l's output units is
@@ -10,7 +14,7 @@ the chosen rule (``gausslegendre``, Captum's default, or ``riemann_{left,right,m
 
   cond_l ≈ Σ_{k<n} ∂F/∂h_l(x_{α_k}) ⊙ (h_l(x_{α_{k+1}}) − h_l(x_{α_k})).
 
-The gradient with respect to a block's output comes from ``Vit.__call__``'s ``block_offsets``:
+The gradient with respect to a block's output comes from the tower's ``block_offsets``:
 a zero array added to each block's output, differentiated at zero. One forward and one backward
 pass per α give every block's values and gradients at once. ``block_conductance`` reduces this
 to DCD's per-block profile c_l = mean over images and over the block's units (tokens × hidden)
@@ -26,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vlmsel_jax.models.efficientnet import modeling as efficientnet
 from vlmsel_jax.models.vit import modeling
 
 METHODS = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle",
@@ -51,9 +56,14 @@ def alphas(method: str, n_steps: int) -> np.ndarray:
   raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
 
 
-def embed(output: modeling.VitOutput, embedding: str) -> jax.Array:
+def embed(output, embedding: str) -> jax.Array:
   """The image embedding F's norm is taken of: pooler output, or CLS / patch mean of the final
-  (normed) hidden state."""
+  (normed) hidden state; for EfficientNet the pooled final feature map ("pooler" or "mean")."""
+  if isinstance(output, efficientnet.EfficientNetOutput):
+    if embedding == "cls":
+      raise ValueError("an EfficientNet has no CLS token; use embedding 'pooler' or 'mean' (the "
+                       "pooled final feature map)")
+    return efficientnet.select_features(output, layer=-1, pooling="mean")
   if embedding == "pooler":
     return modeling.select_features(output, pooling="pooler")
   if embedding in ("cls", "mean"):
@@ -61,13 +71,25 @@ def embed(output: modeling.VitOutput, embedding: str) -> jax.Array:
   raise ValueError(f"embedding {embedding!r} is not one of {', '.join(EMBEDDINGS)}")
 
 
-def layer_conductance(model: modeling.Vit, pixels, *, n_steps: int = 50,
+def _blocks_of(output) -> tuple:
+  """Every block's output (what ``block_offsets`` is added to), block 0 first."""
+  if isinstance(output, efficientnet.EfficientNetOutput):
+    return output.block_outputs
+  return output.hidden_states[1:]
+
+
+def _num_blocks(model) -> int:
+  return len(model.blocks) if isinstance(model, efficientnet.EfficientNetLite) else \
+      len(model.layers)
+
+
+def layer_conductance(model, pixels, *, n_steps: int = 50,
                       method: str = "gausslegendre", embedding: str = "pooler",
                       baseline=None) -> list[jax.Array]:
   """Conductance of every block's output units for each image.
 
   Args:
-    model: the vision transformer.
+    model: a ``Vit`` or an ``EfficientNetLite``.
     pixels: (batch, height, width, channels) preprocessed images (NHWC).
     n_steps: integration steps (Captum's ``n_steps``).
     method: the quadrature rule, one of ``METHODS``.
@@ -75,7 +97,8 @@ def layer_conductance(model: modeling.Vit, pixels, *, n_steps: int = 50,
     baseline: the reference input, same shape as ``pixels``; default zeros.
 
   Returns:
-    One (batch, tokens, hidden) array per encoder block, block 0 first.
+    One array per block, block 0 first: (batch, tokens, hidden) for a ViT, (batch, rows,
+    columns, channels) for an EfficientNet.
   """
   pixels = jnp.asarray(pixels, jnp.float32)
   base = jnp.zeros_like(pixels) if baseline is None else jnp.asarray(baseline, jnp.float32)
@@ -83,19 +106,25 @@ def layer_conductance(model: modeling.Vit, pixels, *, n_steps: int = 50,
     raise ValueError(f"baseline shape {base.shape} differs from the images' {pixels.shape}")
   if embedding not in EMBEDDINGS:
     raise ValueError(f"embedding {embedding!r} is not one of {', '.join(EMBEDDINGS)}")
+  if isinstance(model, efficientnet.EfficientNetLite) and embedding == "cls":
+    raise ValueError("an EfficientNet has no CLS token; use embedding 'pooler' or 'mean' (the "
+                     "pooled final feature map)")
   points = jnp.asarray(alphas(method, n_steps), jnp.float32)
   graphdef, state = nnx.split(model)
-  return list(_conductance(graphdef, state, pixels, base, points, embedding))
+  return list(_conductance(graphdef, state, pixels, base, points, embedding,
+                           _num_blocks(model)))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "embedding"))
-def _conductance(graphdef, state, pixels, base, points, embedding):
+@functools.partial(jax.jit, static_argnames=("graphdef", "embedding", "num_blocks"))
+def _conductance(graphdef, state, pixels, base, points, embedding, num_blocks):
   def norm_and_blocks(offsets, x):
     out = nnx.merge(graphdef, state)(x, block_offsets=offsets)
     total = jnp.sum(jnp.linalg.norm(embed(out, embedding).astype(jnp.float32), axis=-1))
-    return total, out.hidden_states[1:]
+    return total, _blocks_of(out)
 
-  shapes = jax.eval_shape(lambda x: nnx.merge(graphdef, state)(x).hidden_states[1:], pixels)
+  scalar_zeros = tuple(jnp.zeros((), jnp.float32) for _ in range(num_blocks))
+  shapes = jax.eval_shape(
+      lambda x: _blocks_of(nnx.merge(graphdef, state)(x, block_offsets=scalar_zeros)), pixels)
   zeros = tuple(jnp.zeros(s.shape, s.dtype) for s in shapes)
   grad_fn = jax.grad(norm_and_blocks, has_aux=True)
 
@@ -116,12 +145,12 @@ def _conductance(graphdef, state, pixels, base, points, embedding):
   return acc
 
 
-def block_conductance(model: modeling.Vit, images, *, batch_size: int = 8, n_steps: int = 50,
+def block_conductance(model, images, *, batch_size: int = 8, n_steps: int = 50,
                       method: str = "gausslegendre", embedding: str = "pooler") -> np.ndarray:
   """DCD's profile c_l: mean over ``images`` and over block l's units of |conductance|.
 
   Args:
-    model: the vision transformer.
+    model: a ``Vit`` or an ``EfficientNetLite``.
     images: (n, height, width, channels) preprocessed images of one task.
     batch_size: images per integrated-gradients batch (memory: batch × tokens × hidden × blocks).
 

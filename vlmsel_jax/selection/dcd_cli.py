@@ -6,8 +6,10 @@ r"""``--method=dcd``: Directional Conductance Divergence, leave-one-task-out.
   python -m vlmsel_jax.select --method=dcd --dcd_conductance=runs/dcd/dcd_conductance.csv \
       --dcd_accuracy=accuracy.csv --output=runs/dcd2/dcd.json    # reuse computed profiles
 
-The models are vision transformers (zoo names or Hugging Face directories; DCD is defined on
-transformer blocks), each task an image folder. ``--dcd_accuracy`` is a CSV
+The models are vision towers: vision transformers (zoo names or Hugging Face directories; DCD
+is defined on transformer blocks) or EfficientNet-Lite (``efficientnet-lite0`` and its
+variants, e.g. ``efficientnet-lite1@res=128``), whose blocks are its MBConv blocks; each task is
+an image folder. ``--dcd_accuracy`` is a CSV
 ``candidate,task,accuracy`` whose candidates are the models' names. Writes the JSON, ``<stem>.md``,
 ``<stem>.png``, ``<stem>_conductance.csv`` (model,task,block,conductance: the profiles, reusable
 with --dcd_conductance) and ``<stem>_scores.csv`` (candidate,task,score with score = −predicted
@@ -29,8 +31,8 @@ from PIL import Image
 from vlmsel_jax.selection import dcd
 from vlmsel_jax.selection import evaluate
 
-MODELS = flags.DEFINE_list("dcd_models", [], "Vision transformers: zoo names or Hugging Face "
-                           "directories.")
+MODELS = flags.DEFINE_list("dcd_models", [], "Vision towers: ViT zoo names or Hugging Face "
+                           "directories, or EfficientNet-Lite specs (blocks = MBConv blocks).")
 TASKS = flags.DEFINE_list("dcd_tasks", [], "Tasks as name=image_folder, one per task.")
 ACCURACY = flags.DEFINE_string("dcd_accuracy", None, "CSV candidate,task,accuracy: every "
                                "model's true accuracy on every task (candidate = model name).")
@@ -74,6 +76,7 @@ def compute_profiles(specs: list[str], task_specs: list[str], seed: int
                      ) -> dict[str, dict[str, np.ndarray]]:
   """Loads each model and task folder; returns model → task → block-conductance profile."""
   from vlmsel_jax import zoo  # pylint: disable=g-import-not-at-top
+  from vlmsel_jax.models.efficientnet import modeling as efficientnet  # pylint: disable=g-import-not-at-top
   from vlmsel_jax.models.vit import modeling  # pylint: disable=g-import-not-at-top
   from vlmsel_jax.selection import conductance  # pylint: disable=g-import-not-at-top
 
@@ -89,9 +92,9 @@ def compute_profiles(specs: list[str], task_specs: list[str], seed: int
   out: dict[str, dict[str, np.ndarray]] = {}
   for spec in specs:
     loaded = zoo.load(spec)
-    if not isinstance(loaded.model, modeling.Vit):
-      raise dcd.DCDError(f"{spec}: DCD attributes through transformer blocks; this is a "
-                         f"{type(loaded.model).__name__}, not a vision transformer")
+    if not isinstance(loaded.model, (modeling.Vit, efficientnet.EfficientNetLite)):
+      raise dcd.DCDError(f"{spec}: DCD attributes through the blocks of a vision tower (a ViT "
+                         f"or an EfficientNet-Lite); this is a {type(loaded.model).__name__}")
     if loaded.name in out:
       raise dcd.DCDError(f"two models are named {loaded.name!r}")
     out[loaded.name] = {}

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -376,6 +376,9 @@ class EfficientNetOutput:
 
   logits: jax.Array
   hidden_states: tuple[jax.Array, ...]
+  # Every MBConv block's output, block 0 first; filled only when ``block_offsets`` is given
+  # (layer conductance attributes through every block).
+  block_outputs: tuple[jax.Array, ...] = ()
 
 
 class EfficientNetLite(nnx.Module):
@@ -400,12 +403,17 @@ class EfficientNetLite(nnx.Module):
     self.head_bn = _batch_norm(HEAD_CHANNELS, c, dtype, rngs)
     self.fc = nnx.Linear(HEAD_CHANNELS, c.num_classes, dtype=dtype, param_dtype=dtype, rngs=rngs)
 
-  def __call__(self, pixel_values: jax.Array) -> EfficientNetOutput:
+  def __call__(self, pixel_values: jax.Array,
+               block_offsets: Sequence[jax.Array] | None = None) -> EfficientNetOutput:
     """Classifies a batch of preprocessed images.
 
     Args:
       pixel_values: (batch, height, width, 3) images, NHWC, prepared by ``preprocess``. Any size
         runs; at ``config.image_size`` the result equals the torch package's.
+      block_offsets: Optional, one array per MBConv block, each broadcastable to that block's
+        output and added to it; the output then also holds every block's output. Zeros change
+        nothing: differentiating at zero gives the gradient with respect to each block's output
+        (``selection.conductance``).
 
     Returns:
       An ``EfficientNetOutput`` with the logits and every stage's feature map.
@@ -417,17 +425,24 @@ class EfficientNetLite(nnx.Module):
       raise ValueError(f"pixel_values must be NHWC (batch, height, width, 3); got shape "
                        f"{tuple(pixel_values.shape)}")
     x = jax.nn.relu6(self.stem_bn(self.stem_conv(pixel_values.astype(self.dtype))))
+    if block_offsets is not None and len(block_offsets) != len(self.blocks):
+      raise ValueError(f"block_offsets has {len(block_offsets)} arrays for {len(self.blocks)} "
+                       "blocks")
     ends = set(self.config.stage_ends)
-    hidden = []
+    hidden, blocks = [], []
     for i, block in enumerate(self.blocks):
       x = block(x)
+      if block_offsets is not None:
+        x = x + block_offsets[i]
+        blocks.append(x)
       if i in ends:
         hidden.append(x)
     x = jax.nn.relu6(self.head_bn(self.head_conv(x)))
     hidden.append(x)
     # Dropout before the classifier is training-only.
     logits = self.fc(jnp.mean(x, axis=(1, 2)))
-    return EfficientNetOutput(logits=logits, hidden_states=tuple(hidden))
+    return EfficientNetOutput(logits=logits, hidden_states=tuple(hidden),
+                              block_outputs=tuple(blocks))
 
 
 def select_features(output: EfficientNetOutput, layer: int = -1,
