@@ -28,3 +28,28 @@ def assert_outputs_match(ours, ref, tol_of=lambda _: F32_ATOL):
     err = float(np.abs(a - b).max())
     tol = tol_of(b)
     assert err <= tol, f"{name}: max abs error {err:.3g} > {tol:.3g}"
+
+
+def randomise_torch_cnn(model, seed: int = 0):
+  """Gives every weight and BatchNorm statistic of a torch CNN a random value; returns it in eval.
+
+  Default init leaves BN at scale 1, bias 0, mean 0, var 1, which would hide a swapped or
+  missing statistic. Conv weights are scaled by 1/sqrt(fan-in) to keep activations O(1).
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for module in model.modules():
+      if isinstance(module, torch.nn.BatchNorm2d):
+        c = module.num_features
+        module.weight.copy_(1.0 + 0.2 * torch.randn(c, generator=gen))
+        module.bias.copy_(0.1 * torch.randn(c, generator=gen))
+        module.running_mean.copy_(0.1 * torch.randn(c, generator=gen))
+        module.running_var.copy_(0.5 + torch.rand(c, generator=gen))
+      elif isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+        w = module.weight
+        fan_in = w[0].numel()
+        w.copy_(torch.randn(w.shape, generator=gen) / fan_in ** 0.5)
+        if module.bias is not None:
+          module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=gen))
+  return model.eval()

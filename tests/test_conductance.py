@@ -1,6 +1,7 @@
 """Layer conductance in JAX against Captum's LayerConductance on the same tiny torch ViTs."""
 
 import numpy as np
+import parity_util
 import pytest
 import torch
 import transformers
@@ -111,19 +112,7 @@ def test_efficientnet_conductance_matches_captum_layer_conductance(tmp_path):
   from vlmsel_jax.models import load_torch_checkpoint  # pylint: disable=g-import-not-at-top
   overrides = dict(width_coefficient=0.5, depth_coefficient=0.5, image_size=32)
   torch_model = elp.EfficientNet.from_name("efficientnet-lite0", num_classes=10, **overrides)
-  gen = torch.Generator().manual_seed(0)
-  with torch.no_grad():
-    for module in torch_model.modules():
-      if isinstance(module, torch.nn.BatchNorm2d):
-        c = module.num_features
-        module.weight.copy_(1.0 + 0.2 * torch.randn(c, generator=gen))
-        module.bias.copy_(0.1 * torch.randn(c, generator=gen))
-        module.running_mean.copy_(0.1 * torch.randn(c, generator=gen))
-        module.running_var.copy_(0.5 + torch.rand(c, generator=gen))
-      elif isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
-        module.weight.copy_(torch.randn(module.weight.shape, generator=gen)
-                            / module.weight[0].numel() ** 0.5)
-  torch_model.eval()
+  parity_util.randomise_torch_cnn(torch_model)
   path = tmp_path / "lite0.pth"
   torch.save(torch_model.state_dict(), path)
   ours = load_torch_checkpoint(path, {"model_type": "efficientnet_lite", "variant": "lite0",

@@ -17,6 +17,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import parity_util
 import pytest
 import torch
 from flax import nnx
@@ -63,33 +64,9 @@ CASES = {
 }
 
 
-def _randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-  """Gives every weight and BatchNorm statistic a random value, so a mis-routed tensor shows.
-
-  Default init leaves BN at scale 1, bias 0, mean 0, var 1, which would hide a swapped or
-  missing statistic. Conv weights are scaled by 1/sqrt(fan-in) to keep activations O(1).
-  """
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for module in model.modules():
-      if isinstance(module, torch.nn.BatchNorm2d):
-        c = module.num_features
-        module.weight.copy_(1.0 + 0.2 * torch.randn(c, generator=gen))
-        module.bias.copy_(0.1 * torch.randn(c, generator=gen))
-        module.running_mean.copy_(0.1 * torch.randn(c, generator=gen))
-        module.running_var.copy_(0.5 + torch.rand(c, generator=gen))
-      elif isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
-        w = module.weight
-        fan_in = w[0].numel()
-        w.copy_(torch.randn(w.shape, generator=gen) / fan_in ** 0.5)
-        if module.bias is not None:
-          module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=gen))
-  return model.eval()
-
-
 def _torch_model(case: str) -> torch.nn.Module:
   variant, overrides = CASES[case]
-  return _randomise(TorchEfficientNet.from_name(f"efficientnet-{variant}",
+  return parity_util.randomise_torch_cnn(TorchEfficientNet.from_name(f"efficientnet-{variant}",
                                                 num_classes=NUM_CLASSES, **overrides))
 
 

@@ -6,7 +6,6 @@ Tiny random models (tests/vlm_fixtures.py) on a coloured-square dataset; CPU, 8 
 from __future__ import annotations
 
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
