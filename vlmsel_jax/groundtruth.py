@@ -173,8 +173,7 @@ def train_with_curve(s2: loop.TrainConfig, built, points: list[tuple[float, int]
   measuring it cannot be measured any more, and is an error rather than a silent gap.
   """
   measured = read_curve_points(s2.workdir)
-  latest = ckpt_lib.Checkpointer(os.path.join(s2.workdir, loop.CHECKPOINT_DIR), save_every=1,
-                                 keep=1).latest_step() or 0
+  latest = ckpt_lib.latest_step(os.path.join(s2.workdir, loop.CHECKPOINT_DIR)) or 0
   for r, step in points:
     if step not in measured and step < latest:
       raise GroundTruthError(

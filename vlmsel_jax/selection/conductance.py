@@ -106,9 +106,6 @@ def layer_conductance(model, pixels, *, n_steps: int = 50,
     raise ValueError(f"baseline shape {base.shape} differs from the images' {pixels.shape}")
   if embedding not in EMBEDDINGS:
     raise ValueError(f"embedding {embedding!r} is not one of {', '.join(EMBEDDINGS)}")
-  if isinstance(model, efficientnet.EfficientNetLite) and embedding == "cls":
-    raise ValueError("an EfficientNet has no CLS token; use embedding 'pooler' or 'mean' (the "
-                     "pooled final feature map)")
   points = jnp.asarray(alphas(method, n_steps), jnp.float32)
   graphdef, state = nnx.split(model)
   return list(_conductance(graphdef, state, pixels, base, points, embedding,

@@ -116,6 +116,18 @@ def conform(raw: Any, like: Any, where: str = "") -> Any:
   return raw
 
 
+def latest_step(directory: str) -> int | None:
+  """The step of ``directory``'s latest complete checkpoint; None when it holds none."""
+  if not os.path.isdir(directory):
+    return None
+  manager = ocp.CheckpointManager(os.path.abspath(directory),
+                                  item_names=("state", "data", "meta"))
+  try:
+    return manager.latest_step()
+  finally:
+    manager.close()
+
+
 def restore_params(directory: str) -> tuple[Any, dict]:
   """The trained params (as host arrays) and meta (plus "step") of ``directory``'s latest
   checkpoint.
