@@ -53,16 +53,15 @@ def pairwise_distances(x: jax.Array, distance: str = "angular") -> jax.Array:
   return jnp.where(jnp.eye(n, dtype=bool), 0.0, d)
 
 
-def _off_diagonal(d: jax.Array) -> jax.Array:
-  n = d.shape[0]
-  iu = jnp.triu_indices(n, k=1)
-  return d[iu]
-
-
 @jax.jit
 def median_off_diagonal(d: jax.Array) -> jax.Array:
-  """Median of the strictly upper-triangular entries (the distinct pairs) of a symmetric matrix."""
-  return jnp.median(_off_diagonal(d))
+  """Median of the strictly upper-triangular entries (the distinct pairs) of a symmetric matrix.
+
+  Selected by a mask, without gathering the triangle or sorting it.
+  """
+  n = d.shape[0]
+  upper = jnp.arange(n)[:, None] < jnp.arange(n)[None, :]
+  return linalg.median(d, upper)
 
 
 @functools.partial(jax.jit, static_argnames=("scale",))
