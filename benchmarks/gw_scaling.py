@@ -108,12 +108,13 @@ def main():
   if args.mode in ("n", "large_dense"):
     sizes = [args.n] if args.mode == "large_dense" else [int(s) for s in args.sizes.split(",")]
     warm = args.mode == "n"
-    print("| n | first call s (incl. compile) | warm s | peak RSS GiB | GW |\n"
-          "|---|---|---|---|---|")
+    print("| n | first call s (incl. compile) | warm s | peak RSS GiB | GW | converged | "
+          "iterations |\n|---|---|---|---|---|---|---|")
     for n in sizes:
       r = _spawn({"kind": "dense", "n": n, "opts": extra, "warm": warm})
+      res = r["result"][0]
       print(f"| {n} | {r['seconds']} | {r['warm_seconds']} | {r['peak_rss_gib']} | "
-            f"{r['result'][0]['gw']:.5f} |", flush=True)
+            f"{res['gw']:.5f} | {res['converged']} | {res['iterations']} |", flush=True)
   elif args.mode == "candidates":
     print(f"n = {args.n}\n| candidates | first call s | warm s | warm s / candidate | "
           "peak RSS GiB |\n|---|---|---|---|---|")
