@@ -388,3 +388,82 @@ def test_smollm2_extraction_matches_one_caption_at_a_time(setup, tmp_path):
     assert np.abs(row - want).max() <= 1e-3 * max(1.0, np.abs(want).max())
   # Distinct captions give distinct features.
   assert np.linalg.matrix_rank(bank.features) == 8
+
+
+def _free_port() -> int:
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _run_two_processes(argv: list[str], timeout: int = 300) -> list[subprocess.CompletedProcess]:
+  """The extract binary as 2 local processes × 2 CPU devices, as a pod runs it per worker."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  port = _free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "vlmsel_jax.extract"] + argv +
+      [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  results = []
+  try:
+    for p in procs:
+      out, err = p.communicate(timeout=timeout)
+      results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+  finally:
+    for p in procs:  # A hung or failed peer must not outlive the test.
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  for i, r in enumerate(results):
+    assert r.returncode == 0, f"process {i} failed:\n{r.stderr[-3000:]}"
+  return results
+
+
+def _printed(result: subprocess.CompletedProcess) -> list[str]:
+  """Stdout lines of the binary itself (the CPU collectives library prints "[Gloo] ..." there)."""
+  return [line for line in result.stdout.splitlines() if not line.startswith("[Gloo]")]
+
+
+def test_multiprocess_extract_matches_single_process(setup, tmp_path):
+  # Batch 5 on 4 devices: padded to 8, 4 rows per host, the last batch (2 rows) mostly padding;
+  # each host decodes only the images of its own devices.
+  out = tmp_path / "banks"
+  argv = [f"--models={setup['specs'][0]},{setup['specs'][2]}", f"--data_dir={setup['data']}",
+          f"--output_dir={out}", "--batch_size=5", "--checkpoint_every=1", "--noprogress"]
+  first = _run_two_processes(argv)
+  assert [line.split("\t")[1:] for line in _printed(first[0])] == [["extracted", "12x32"],
+                                                                     ["extracted", "12x64"]]
+  assert not _printed(first[1])
+  assert sorted(os.listdir(out)) == ["clip.safetensors", "llama.safetensors"]  # no partials
+  for name in ("clip", "llama"):
+    two_hosts, one_host = _bank(setup, name, out), _bank(setup, name)
+    np.testing.assert_array_equal(two_hosts.ids, one_host.ids)
+    assert np.abs(two_hosts.features - one_host.features).max() <= 1e-5, name
+  # A re-run is a cache hit on every host (process 0's answer, broadcast).
+  again = _run_two_processes(argv)
+  assert [line.split("\t")[1:] for line in _printed(again[0])] == [["cached", "12x32"],
+                                                                     ["cached", "12x64"]]
+  assert not _printed(again[1])
+
+
+def test_multiprocess_extract_resumes_where_process_0s_partial_file_stops(setup, tmp_path):
+  spec = setup["specs"][0]
+  options = extraction.ExtractOptions(batch_size=5, checkpoint_every=1, progress=False)
+
+  def kill_after_1(name, batches):
+    if batches == 1:
+      raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    extraction.extract([spec], str(setup["data"]), str(tmp_path), options=options,
+                       on_batch=kill_after_1)
+  assert sorted(os.listdir(tmp_path)) == ["clip.partial.npz"]
+  runs = _run_two_processes([f"--models={spec}", f"--data_dir={setup['data']}",
+                             f"--output_dir={tmp_path}", "--batch_size=5", "--checkpoint_every=1",
+                             "--noprogress"])
+  assert "resuming after 5 of 12 rows" in runs[0].stderr
+  assert sorted(os.listdir(tmp_path)) == ["clip.safetensors"]
+  assert np.abs(_bank(setup, "clip", tmp_path).features - _bank(setup, "clip").features
+                ).max() <= 1e-5

@@ -18,6 +18,7 @@ from absl import flags
 from vlmsel_jax import flag_util
 from vlmsel_jax import extraction
 from vlmsel_jax import extraction_flags as data_flags
+from vlmsel_jax import parallel
 from vlmsel_jax import runtime_flags
 from vlmsel_jax import zoo
 
@@ -70,12 +71,6 @@ def options() -> extraction.ExtractOptions:
 
 def run() -> list[extraction.ExtractResult]:
   """The binary's body: flags → ``extraction.extract``."""
-  import jax  # pylint: disable=g-import-not-at-top
-  if jax.process_count() > 1:
-    # extraction.py reads every batch on one host and writes banks from it; a multi-host run
-    # would need per-host data loading and process-0-only writes there.
-    raise InputError(f"extraction runs on one host (this run has {jax.process_count()} "
-                     "processes); extract on one host and score the banks on the pod")
   if not MODELS.value:
     raise InputError("no models: pass --models=name_or_path,... (zoo names: "
                      f"{', '.join(zoo.names())})")
@@ -97,8 +92,9 @@ def main(argv):
   except ValueError as e:  # Every input error of the zoo, data, loader and extraction.
     print(f"extract: error: {' '.join(str(e).split())}", file=sys.stderr)
     sys.exit(1)
-  for r in results:
-    print(f"{r.path}\t{'cached' if r.cached else 'extracted'}\t{r.n}x{r.dim}")
+  if parallel.is_primary():  # The bank paths are process 0's; other hosts say nothing.
+    for r in results:
+      print(f"{r.path}\t{'cached' if r.cached else 'extracted'}\t{r.n}x{r.dim}")
 
 
 if __name__ == "__main__":

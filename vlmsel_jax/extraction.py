@@ -13,6 +13,13 @@ key matches the existing bank does nothing. Resume: every ``checkpoint_every`` b
 done so far are written atomically to ``<name>.partial.npz`` (arrays ``partial_features``,
 ``rows``, ``cache_key``: not a bank, ``load_bank`` rejects it); a re-run with the same key starts
 after them, and the file is removed once the bank is written.
+
+Several hosts (``jax.distributed``, e.g. a TPU pod slice running the binary on every worker): the
+mesh spans every device of every host, each process decodes only the images its own devices
+hold (captions are tokenized whole, since a batch's padded length depends on all of them), the
+features are gathered to every host, and process 0 alone reads and writes the partial file and
+the bank; whether a bank is up to date and where a resumed run starts are process 0's answers,
+broadcast to the others, so hosts with their own disks agree.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import auto as tqdm
@@ -255,6 +263,35 @@ def _pad_rows(inputs: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]
   return {k: np.concatenate([v, np.repeat(v[-1:], extra, axis=0)]) for k, v in inputs.items()}
 
 
+def _global_batch(make: Callable[[Sequence[int]], dict[str, np.ndarray]], rows: list[int],
+                  padded: int, sharding: NamedSharding, whole: bool) -> dict[str, jax.Array]:
+  """Dataset ``rows``, padded to ``padded`` by repeating the last, as arrays split by ``sharding``.
+
+  On one process the whole batch is made and put. On several, each makes only the rows of its
+  own devices unless ``whole`` (text: the padded length depends on every caption of the batch).
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(_pad_rows(make(rows), padded), sharding)
+  ids = rows + [rows[-1]] * (padded - len(rows))
+  if whole:
+    full = _pad_rows(make(rows), padded)
+    return {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
+            for k, v in full.items()}
+  held = sharding.addressable_devices_indices_map((padded,))
+  local = sorted({r for index in held.values() for r in range(*index[0].indices(padded))})
+  position = {r: i for i, r in enumerate(local)}
+  made = make([ids[r] for r in local])
+
+  def rows_of(v: np.ndarray):
+    def piece(index):
+      wanted = range(*index[0].indices(padded))
+      return v[[position[r] for r in wanted]][(slice(None),) + tuple(index[1:])]
+    return piece
+
+  return {k: jax.make_array_from_callback((padded,) + v.shape[1:], sharding, rows_of(v))
+          for k, v in made.items()}
+
+
 def _extract_one(resolved: zoo.Resolved, dataset: paired.PairedDataset, path: str, key: str,
                  options: ExtractOptions, mesh: jax.sharding.Mesh,
                  data_hash: str, skipped: int,
@@ -265,9 +302,12 @@ def _extract_one(resolved: zoo.Resolved, dataset: paired.PairedDataset, path: st
   layer, pooling = _layer_and_pooling(loaded, options)
   n = len(dataset)
   partial_path = os.path.join(os.path.dirname(path), name + PARTIAL_SUFFIX)
-  done = _read_partial(partial_path, key)
+  primary = parallel.is_primary()
+  done = _read_partial(partial_path, key) if primary else None
   chunks = [done] if done is not None and done.shape[0] else []
   start = done.shape[0] if done is not None else 0
+  if jax.process_count() > 1:  # Process 0's partial file decides where every host starts.
+    start = int(multihost_utils.broadcast_one_to_all(np.int32(start)))
   if start:
     logging.info("%s: resuming after %d of %d rows (%s)", name, start, n, partial_path)
 
@@ -291,15 +331,16 @@ def _extract_one(resolved: zoo.Resolved, dataset: paired.PairedDataset, path: st
           else _ImageBatches(loaded, dataset, executor))
   bar = tqdm.tqdm(total=math.ceil(n / options.batch_size),
                   initial=math.ceil(start / options.batch_size),
-                  desc=name, unit="batch", disable=not options.progress)
+                  desc=name, unit="batch", disable=not (options.progress and primary))
   batches_run = 0
 
   def finish(rows: int, out: jax.Array) -> None:
     nonlocal batches_run
-    chunks.append(np.asarray(out)[:rows])
+    chunks.append(parallel.gather_to_host(out)[:rows])  # A collective across hosts.
     batches_run += 1
     bar.update(1)
-    if batches_run % options.checkpoint_every == 0 and sum(c.shape[0] for c in chunks) < n:
+    if (primary and batches_run % options.checkpoint_every == 0
+        and sum(c.shape[0] for c in chunks) < n):
       _write_partial(partial_path, np.concatenate(chunks), key)
     if on_batch is not None:
       on_batch(name, batches_run)
@@ -308,9 +349,9 @@ def _extract_one(resolved: zoo.Resolved, dataset: paired.PairedDataset, path: st
     pending = None
     for first in starts:
       rows = list(range(first, min(first + options.batch_size, n)))
-      inputs = _pad_rows(make(rows), padded)
+      inputs = _global_batch(make, rows, padded, by_batch, whole=loaded.kind == "text")
       # Dispatch is asynchronous: the next batch is prepared on the host while this one runs.
-      out = step(state, jax.device_put(inputs, by_batch))
+      out = step(state, inputs)
       if pending is not None:
         finish(*pending)
       pending = (len(rows), out)
@@ -321,7 +362,8 @@ def _extract_one(resolved: zoo.Resolved, dataset: paired.PairedDataset, path: st
     executor.shutdown(wait=False, cancel_futures=True)
 
   features = np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
-  if features.shape[0] != n:
+  # Only process 0 holds the resumed rows (from its partial file).
+  if features.shape[0] + (0 if primary else start) != n:
     raise ExtractError(f"{name}: extracted {features.shape[0]} rows for {n} samples")
   metadata = {
       "name": name, "model": resolved.spec, "kind": loaded.kind, "layer": str(layer),
@@ -333,9 +375,10 @@ def _extract_one(resolved: zoo.Resolved, dataset: paired.PairedDataset, path: st
     metadata["preprocessing"] = json.dumps(loaded.preprocessing.to_dict())
   else:
     metadata["max_text_tokens"] = str(options.max_text_tokens)
-  feature_bank.save_bank(path, features, dataset.ids, metadata)
-  if os.path.exists(partial_path):
-    os.remove(partial_path)
+  if primary:
+    feature_bank.save_bank(path, features, dataset.ids, metadata)
+    if os.path.exists(partial_path):
+      os.remove(partial_path)
   logging.info("%s: wrote %s (%d x %d, %d batches run)", name, path, n, features.shape[1],
                batches_run)
   return ExtractResult(name=name, spec=resolved.spec, kind=loaded.kind, path=path, cached=False,
@@ -392,6 +435,8 @@ def extract(specs: Sequence[str], data_dir: str | None, output_dir: str, *,
   paths = [os.path.join(output_dir, r.name + BANK_EXT) for r in resolved]
   existing = [bank_info(p) for p in paths]
   todo = [info[0] != k for info, k in zip(existing, keys)]
+  if jax.process_count() > 1:  # Process 0's banks decide, whatever the other hosts' disks hold.
+    todo = [bool(t) for t in multihost_utils.broadcast_one_to_all(np.asarray(todo))]
 
   skipped = 0
   if any(todo) and options.skip_bad_images:
@@ -404,14 +449,17 @@ def extract(specs: Sequence[str], data_dir: str | None, output_dir: str, *,
     if not len(dataset):
       raise paired.DataError(f"{dataset.root}: no sample has a decodable image")
 
-  os.makedirs(output_dir, exist_ok=True)
+  if parallel.is_primary():
+    os.makedirs(output_dir, exist_ok=True)
   mesh = parallel.batch_mesh(devices)
   results = []
   for r, key, path, needed, (_, shape) in zip(resolved, keys, paths, todo, existing):
     if not needed:
       logging.info("%s: cache hit, %s is up to date; nothing to do", r.name, path)
+      # Another host's disk may not hold process 0's bank: (0, 0) there.
+      n, dim = shape if len(shape) == 2 else (0, 0)
       results.append(ExtractResult(name=r.name, spec=r.spec, kind=r.kind, path=path, cached=True,
-                                   batches_run=0, resumed_rows=0, n=shape[0], dim=shape[1]))
+                                   batches_run=0, resumed_rows=0, n=n, dim=dim))
       continue
     results.append(_extract_one(r, dataset, path, key, options, mesh, data_hash, skipped,
                                 on_batch))

@@ -287,8 +287,10 @@ def _load_inputs():
   if VISION_MODELS.value or TEXT_MODEL.value:
     import jax  # pylint: disable=g-import-not-at-top
     if jax.process_count() > 1:
-      raise InputError("--vision_models/--text_model extract banks on one host only; run "
-                       "vlmsel_jax.extract on one host first and pass --candidates/--text")
+      raise InputError("--vision_models/--text_model work on one process only (process 0 "
+                       "alone writes the banks, and every host must read them); run "
+                       "vlmsel_jax.extract first (on one host or all), give every host the "
+                       "banks, and pass --candidates/--text")
     candidate_paths, text_path = _extract_banks()
   if not candidate_paths:
     raise InputError("no candidates: pass --candidates=bank1,bank2,... (or --vision_models, "
