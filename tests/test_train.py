@@ -270,6 +270,33 @@ def test_greedy_decoding_matches_an_unpadded_loop(dirs, tmp_path):
     assert got[i] == built.tokenizer.decode(out, skip_special_tokens=True).strip()
 
 
+def test_evaluations_of_one_structure_compile_once_and_use_each_models_weights(dirs, tmp_path):
+  built = loop.build_model(_config(dirs, tmp_path))
+  records = [fx.shape_records(3, "vqa")[i] for i in range(3)]
+  first = evaluation.model_fn_for(built.graphdef, built.template, built.params, built.frozen)
+  want_first = evaluation.greedy_answers(first, built.builder, records, batch_size=2,
+                                         max_new_tokens=2)
+  compiled = evaluation._next_token._cache_size()  # pylint: disable=protected-access
+  # The same structure with other trained weights (a later curve point, another seed).
+  params = jax.tree.map(lambda p: p + 0.5 * jnp.sign(p), built.params)
+  second = evaluation.model_fn_for(built.graphdef, built.template, params, built.frozen)
+  got_second = evaluation.greedy_answers(second, built.builder, records, batch_size=2,
+                                         max_new_tokens=2)
+  assert evaluation._next_token._cache_size() == compiled  # pylint: disable=protected-access
+  assert got_second != want_first  # The new weights were used, not the first model's.
+  # ...and each answer is that model's own: the same as calling it directly.
+  for model, got in ((first, want_first), (second, got_second)):
+    for i, record in enumerate(records):
+      row = built.builder.generation_inputs(record)
+      n = int(row["length"])
+      logits = model(row["pixels"][None], row["input_ids"][None, :n],
+                     np.ones((1, n), np.int32), row["image_mask"][None, :n])
+      token = int(np.argmax(np.asarray(logits)[0, -1]))
+      if token != built.tokenizer.eos_token_id:
+        assert got[i].startswith(built.tokenizer.decode([token], skip_special_tokens=True)
+                                 .strip()), (i, got[i])
+
+
 def test_bfloat16_frozen_models_train_float32_params(dirs, tmp_path):
   built = loop.build_model(_config(dirs, tmp_path, stage=2, dtype="bfloat16"))
   frozen_dtypes = {x.dtype for x in jax.tree.leaves(built.frozen)
