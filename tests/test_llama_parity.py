@@ -199,3 +199,31 @@ def test_llama_config_from_hf_reads_legacy_rope_fields():
 def test_llama_config_from_hf_rejects_unsupported(field, value, match):
   with pytest.raises(ValueError, match=match):
     LlamaConfig.from_hf({"model_type": "llama", **TINY, field: value})
+
+
+@pytest.mark.parametrize("case", ["llama", "qwen2_sliding", "mistral_sliding"])
+def test_cached_decoding_equals_the_full_forward_of_the_grown_sequence(tmp_path, case):
+  # Right-padded prompts of different lengths, then 4 tokens appended one at a time, each at its
+  # row's own position: prefill + decode must give the logits a full forward pass gives at that
+  # position (which the parity tests above tie to transformers). The sliding cases have a
+  # window of 3, shorter than the sequences, so the decode mask's window matters.
+  config_cls, overrides = CASES[case]
+  _torch_checkpoint(tmp_path, config_cls, **overrides)
+  model = load_pretrained(tmp_path)
+  rng = np.random.RandomState(2)
+  seq, lengths = 12, np.array([5, 8, 3], np.int32)
+  ids = rng.randint(0, TINY["vocab_size"], size=(3, seq)).astype(np.int32)
+  mask = (np.arange(seq)[None] < lengths[:, None]).astype(np.int32)
+  logits, cache = nnx.jit(lambda m, i, a: m.prefill(i, a))(model, ids, mask)
+  full = _forward(model, ids, mask).logits
+  for r, n in enumerate(lengths):  # The prefill's own logits at the real positions.
+    np.testing.assert_allclose(np.asarray(logits)[r, :n], np.asarray(full)[r, :n], atol=1e-5)
+  decode = nnx.jit(lambda m, t, i, c: m.decode(t, i, c))
+  for _ in range(4):
+    token = rng.randint(0, TINY["vocab_size"], size=3).astype(np.int32)
+    ids[np.arange(3), lengths] = token
+    mask[np.arange(3), lengths] = 1
+    step_logits, cache = decode(model, token, lengths, cache)
+    full = np.asarray(_forward(model, ids, mask).logits)
+    np.testing.assert_allclose(np.asarray(step_logits), full[np.arange(3), lengths], atol=1e-5)
+    lengths = lengths + 1

@@ -276,13 +276,14 @@ def test_evaluations_of_one_structure_compile_once_and_use_each_models_weights(d
   first = evaluation.model_fn_for(built.graphdef, built.template, built.params, built.frozen)
   want_first = evaluation.greedy_answers(first, built.builder, records, batch_size=2,
                                          max_new_tokens=2)
-  compiled = evaluation._next_token._cache_size()  # pylint: disable=protected-access
+  programs = (evaluation._prefill_next_token, evaluation._decode_next_token)  # pylint: disable=protected-access
+  compiled = [p._cache_size() for p in programs]
   # The same structure with other trained weights (a later curve point, another seed).
   params = jax.tree.map(lambda p: p + 0.5 * jnp.sign(p), built.params)
   second = evaluation.model_fn_for(built.graphdef, built.template, params, built.frozen)
   got_second = evaluation.greedy_answers(second, built.builder, records, batch_size=2,
                                          max_new_tokens=2)
-  assert evaluation._next_token._cache_size() == compiled  # pylint: disable=protected-access
+  assert [p._cache_size() for p in programs] == compiled
   assert got_second != want_first  # The new weights were used, not the first model's.
   # ...and each answer is that model's own: the same as calling it directly.
   for model, got in ((first, want_first), (second, got_second)):
@@ -295,6 +296,21 @@ def test_evaluations_of_one_structure_compile_once_and_use_each_models_weights(d
       if token != built.tokenizer.eos_token_id:
         assert got[i].startswith(built.tokenizer.decode([token], skip_special_tokens=True)
                                  .strip()), (i, got[i])
+
+
+def test_cached_greedy_decoding_equals_re_running_the_model_every_step(dirs, tmp_path):
+  built = loop.build_model(_config(dirs, tmp_path))
+  # Weights moved off their initialisation so answers run several tokens before a stop token.
+  params = jax.tree.map(lambda p: p + 0.3 * jnp.sign(p), built.params)
+  bound = evaluation.model_fn_for(built.graphdef, built.template, params, built.frozen)
+  records = [fx.shape_records(7, "vqa")[i] for i in range(7)]  # 2 batches of 4, one padded
+  cached = evaluation.greedy_answers(bound, built.builder, records, batch_size=4,
+                                     max_new_tokens=6)
+  # A plain function takes the uncached path: the whole model on the grown sequence each step.
+  full = evaluation.greedy_answers(lambda *inputs: bound(*inputs), built.builder, records,
+                                   batch_size=4, max_new_tokens=6)
+  assert cached == full
+  assert max(len(built.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in full) >= 3
 
 
 def test_bfloat16_frozen_models_train_float32_params(dirs, tmp_path):

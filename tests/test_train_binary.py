@@ -15,6 +15,8 @@ import vlm_fixtures as fx
 from vlmsel_jax import a_score
 from vlmsel_jax import evaluate
 from vlmsel_jax import train
+from vlmsel_jax.training import checkpoint as ckpt_lib
+from vlmsel_jax.training import evaluate_run
 
 FLAGS = flags.FLAGS
 
@@ -71,10 +73,25 @@ def test_stage1_then_stage2_then_evaluate(world, capsys):
   _run(train, _common(world) + ["--stage=2", f"--data={world['llava_train']}",
                                 "--data_kind=conversation", f"--eval_data={world['llava_test']}",
                                 f"--workdir={s2}", f"--init_from={s1}", "--max_steps=3",
-                                "--lora_rank=4"])
+                                "--lora_rank=4", "--system_prompt=Answer in one word.",
+                                "--max_len=48"])
   result = json.load(open(os.path.join(s2, "eval.json")))
   assert result["questions"] == 8 and 0.0 <= result["vqa_accuracy"] <= 1.0
   assert "majority_accuracy" in result
+  # The evaluate binary rebuilds the run's own prompts (system prompt included) from its
+  # checkpoint, and so gives the answers training's own evaluation gave.
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(s2, "checkpoints"), save_every=1, keep=1)
+  meta = checkpointer.read_meta(checkpointer.latest_step())
+  checkpointer.close()
+  assert evaluate_run.config_from_meta(meta, s2).system_prompt == "Answer in one word."
+  _run(evaluate, [f"--workdir={s2}", f"--eval_data={world['llava_test']}", "--eval_limit=8",
+                  "--eval_batch_size=4"])
+  assert json.load(open(os.path.join(s2, "eval.json")))["examples"] == result["examples"]
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as bad:
+    _run(evaluate, [f"--workdir={s2}", f"--eval_data=folder:{world['root'] / 'missing'}"])
+  assert bad.value.code == 1
+  assert capsys.readouterr().err.strip().splitlines()[-1].startswith("evaluate: error: data spec")
 
   capsys.readouterr()
   _run(evaluate, [f"--workdir={s1}", f"--eval_data={world['folder_test']}", "--eval_limit=8"])

@@ -7,8 +7,10 @@ majority-answer baseline, and writes ``eval.json`` into the workdir.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -27,6 +29,7 @@ _METRICS = flags.DEFINE_list("eval_metrics", None, "a_score and/or vqa (default:
 _LIMIT = run_flags.EVAL_LIMIT
 _BATCH = run_flags.EVAL_BATCH
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 8, "Longest decoded answer.", lower_bound=1)
+_SYSTEM = run_flags.SYSTEM_PROMPT
 
 
 def main(argv):
@@ -43,9 +46,15 @@ def main(argv):
   meta = checkpointer.read_meta(step)
   checkpointer.close()
   config = evaluate_run.config_from_meta(meta, _WORKDIR.value)
-  out = evaluate_run.evaluate(config, data=_DATA.value, metrics=_METRICS.value,
-                              limit=_LIMIT.value or None, batch_size=_BATCH.value,
-                              max_new_tokens=_MAX_NEW.value)
+  if _SYSTEM.value is not None:
+    config = dataclasses.replace(config, system_prompt=_SYSTEM.value)
+  try:
+    out = evaluate_run.evaluate(config, data=_DATA.value, metrics=_METRICS.value,
+                                limit=_LIMIT.value or None, batch_size=_BATCH.value,
+                                max_new_tokens=_MAX_NEW.value)
+  except (ValueError, ckpt_lib.CheckpointError) as e:  # Data, prompt and checkpoint errors.
+    print(f"evaluate: error: {' '.join(str(e).split())}", file=sys.stderr)
+    sys.exit(1)
   if parallel.is_primary():
     print(json.dumps({k: v for k, v in out.items() if k != "examples"}, indent=1))
 

@@ -74,8 +74,7 @@ _SEED = flag_util.shared(flags.DEFINE_integer, "seed", 0, "Seed of every random 
                          "(training: initialisation and data order).")
 _MAX_LEN = flags.DEFINE_integer("max_len", 128, "Tokens per example (image tokens included).",
                                 lower_bound=2)
-_SYSTEM = flags.DEFINE_string("system_prompt", None, "System message for chat prompts (default: "
-                              "the chat template's own).")
+_SYSTEM = run_flags.SYSTEM_PROMPT
 _DTYPE = flag_util.shared(flags.DEFINE_enum, "dtype", "float32", "Model dtype (training: of "
                           "the frozen tower and LLM; trained weights stay float32).",
                           enum_values=["float32", "bfloat16"])

@@ -29,7 +29,8 @@ def config_from_meta(meta: dict, workdir: str) -> loop.TrainConfig:
       lora_rank=lora_meta.get("rank", 8), lora_alpha=lora_meta.get("alpha", 16.0),
       lora_targets=tuple(lora_meta.get("targets", ())) or loop.TrainConfig.lora_targets,
       full_finetune=int(meta["stage"]) == 2 and not lora_meta, seed=int(meta.get("seed", 0)),
-      max_len=int(meta["max_len"]), dtype=meta.get("dtype", "float32"))
+      max_len=int(meta["max_len"]), dtype=meta.get("dtype", "float32"),
+      system_prompt=meta.get("system_prompt"), data_kind=meta.get("data_kind"))
 
 
 def evaluate(config: loop.TrainConfig, *, data: str | None = None, metrics=None,

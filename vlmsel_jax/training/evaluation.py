@@ -91,6 +91,9 @@ def greedy_answers(model_fn: Callable, builder: batches_lib.PromptBuilder, recor
     stop.add(end_of_turn)
 
   static, weights = _static_and_weights(model_fn)
+  # A model given by its parts decodes from a key/value cache: the prompt (and image) run once,
+  # then one token per step. A plain function is re-run on the grown sequence every step.
+  cached = isinstance(static, nnx.GraphDef)
   answers = []
   chunks = list(_batched(list(range(len(records))), batch_size))
   for chunk in _progress(chunks, progress, "VQA"):
@@ -99,11 +102,21 @@ def greedy_answers(model_fn: Callable, builder: batches_lib.PromptBuilder, recor
     batch.pop("loss_mask")
     generated = [[] for _ in range(batch_size)]
     finished = np.zeros(batch_size, bool)
-    for _ in range(max_new_tokens):
+    cache = token = None
+    for step in range(max_new_tokens):
       room = lengths < builder.max_len
       if not np.any(room & ~finished):
         break
-      token = np.asarray(jax.device_get(_next_token(static, weights, batch, lengths)))
+      if not cached:
+        token = _next_token(static, weights, batch, lengths)
+      elif step == 0:
+        token, cache = _prefill_next_token(static, weights, batch, lengths)
+      else:
+        # Last step's token goes in at its own position (rows that stopped re-write their last
+        # slot; their outputs are ignored).
+        token, cache = _decode_next_token(static, weights, token,
+                                          np.maximum(lengths - 1, 0).astype(np.int32), cache)
+      token = np.asarray(jax.device_get(token))
       for r in range(batch_size):
         if finished[r] or not room[r]:
           finished[r] = True
@@ -228,6 +241,21 @@ def _next_token(static, weights, batch, lengths) -> jax.Array:
   logits = _logits(static, weights, batch)
   last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
   return jnp.argmax(last, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _prefill_next_token(graphdef, weights, batch, lengths):
+  model = step_lib.model_from(graphdef, *weights)
+  logits, cache = model.prefill(batch["pixels"], batch["input_ids"], batch["attention_mask"],
+                                batch["image_mask"])
+  last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+  return jnp.argmax(last, axis=-1).astype(jnp.int32), cache
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
+def _decode_next_token(graphdef, weights, token, index, cache):
+  logits, cache = step_lib.model_from(graphdef, *weights).decode(token, index, cache)
+  return jnp.argmax(logits, axis=-1).astype(jnp.int32), cache
 
 
 @functools.partial(jax.jit, static_argnums=0)

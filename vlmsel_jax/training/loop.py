@@ -83,6 +83,9 @@ class TrainConfig:
         "trainable_shapes": trainable_shapes, "dtype": self.dtype, "seed": self.seed,
         "data": self.data, "data_fraction": self.data_fraction,
         "batch_size": self.batch_size, "max_len": self.max_len,
+        # Not compatibility keys (checkpoints from before they were recorded still load), but
+        # evaluation must read the data and build the prompts the way the run trained.
+        "data_kind": self.data_kind, "system_prompt": self.system_prompt,
     }
 
 

@@ -11,3 +11,7 @@ EVAL_DATA = flags.DEFINE_string("eval_data", None, "Held-out data spec (default:
 EVAL_LIMIT = flags.DEFINE_integer("eval_limit", 0, "Held-out examples evaluated, spread evenly "
                                   "over the split (0: all).", lower_bound=0)
 EVAL_BATCH = flags.DEFINE_integer("eval_batch_size", 16, "Evaluation batch size.", lower_bound=1)
+SYSTEM_PROMPT = flags.DEFINE_string(
+    "system_prompt", None, "System message of the chat prompts. Training: default the chat "
+    "template's own. Evaluation: default the one the run trained with (its checkpoint records "
+    "it; give it for runs saved before it was recorded).")

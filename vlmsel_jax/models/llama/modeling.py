@@ -256,22 +256,42 @@ class Attention(nnx.Module):
     self.num_kv_heads = c.num_kv_heads
     self.head_dim = c.head_dim
 
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+  def _rotated_qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
     b, t, _ = x.shape
-    kv, groups, dh = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
+    kv, dh = self.num_kv_heads, self.head_dim
     q = self.q_proj(x).reshape(b, t, self.num_heads, dh)
     k = self.k_proj(x).reshape(b, t, kv, dh)
     v = self.v_proj(x).reshape(b, t, kv, dh)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    q = q * cos + rotate_half(q) * sin
-    k = k * cos + rotate_half(k) * sin
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+
+  def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    b, t = q.shape[:2]
+    kv, groups, dh = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
     # Query head h reads kv head h // groups, the order of transformers' repeat_kv.
     q = q.reshape(b, t, kv, groups, dh)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k) * (dh ** -0.5)
     scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, self.num_heads * dh)
     return self.o_proj(out)
+
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    q, k, v = self._rotated_qkv(x, cos, sin)
+    return self._attend(q, k, v, mask)
+
+  def prefill(self, x, cos, sin, mask) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """``__call__`` that also returns the rotated keys and values: the decoding cache."""
+    q, k, v = self._rotated_qkv(x, cos, sin)
+    return self._attend(q, k, v, mask), (k, v)
+
+  def decode(self, x, cos, sin, mask, cache, index) -> tuple[jax.Array, tuple]:
+    """One new token per row, (b, 1, d), written into ``cache`` at row r's ``index[r]``."""
+    q, k, v = self._rotated_qkv(x, cos, sin)
+    rows = jnp.arange(x.shape[0])
+    keys = cache[0].at[rows, index].set(k[:, 0])
+    values = cache[1].at[rows, index].set(v[:, 0])
+    return self._attend(q, keys, values, mask), (keys, values)
 
 
 class MLP(nnx.Module):
@@ -300,6 +320,16 @@ class DecoderLayer(nnx.Module):
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
     h = x + self.attn(self.input_norm(x), cos, sin, mask)
     return h + self.mlp(self.post_attn_norm(h))
+
+  def prefill(self, x, cos, sin, mask):
+    a, cache = self.attn.prefill(self.input_norm(x), cos, sin, mask)
+    h = x + a
+    return h + self.mlp(self.post_attn_norm(h)), cache
+
+  def decode(self, x, cos, sin, mask, cache, index):
+    a, cache = self.attn.decode(self.input_norm(x), cos, sin, mask, cache, index)
+    h = x + a
+    return h + self.mlp(self.post_attn_norm(h)), cache
 
 
 class LlamaOutput(NamedTuple):
@@ -349,25 +379,74 @@ class Llama(nnx.Module):
     Returns:
       A ``LlamaOutput`` with the logits and all hidden states.
     """
+    x, cos, sin, masks = self._inputs(input_ids, attention_mask, positions, inputs_embeds)
+    hidden = [x]
+    for kind, layer in zip(self.config.layer_types, self.layers):
+      x = layer(x, cos, sin, masks[kind])
+      hidden.append(x)
+    x = self.final_norm(x)
+    # transformers replaces the last layer's output with the normed one in output_hidden_states.
+    hidden[-1] = x
+    return LlamaOutput(logits=self._logits(x), hidden_states=tuple(hidden))
+
+  def _inputs(self, input_ids, attention_mask, positions, inputs_embeds):
+    """(embeddings, RoPE cos, RoPE sin, mask per layer kind) of a forward pass."""
     c = self.config
     if (input_ids is None) == (inputs_embeds is None):
       raise ValueError("Llama: pass exactly one of input_ids and inputs_embeds")
     b, t = input_ids.shape if inputs_embeds is None else inputs_embeds.shape[:2]
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-    freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(rope_inv_freq(c))
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    cos, sin = jnp.cos(emb).astype(self.dtype), jnp.sin(emb).astype(self.dtype)
+    cos, sin = self._rope(positions)
     masks = {kind: attention_mask_for(kind, t, attention_mask, c.sliding_window)
              for kind in set(c.layer_types)}
-
     x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
-    hidden = [x]
-    for kind, layer in zip(c.layer_types, self.layers):
-      x = layer(x, cos, sin, masks[kind])
-      hidden.append(x)
-    x = self.final_norm(x)
-    # transformers replaces the last layer's output with the normed one in output_hidden_states.
-    hidden[-1] = x
-    logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
-    return LlamaOutput(logits=logits, hidden_states=tuple(hidden))
+    return x, cos, sin, masks
+
+  def _rope(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(rope_inv_freq(self.config))
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(self.dtype), jnp.sin(emb).astype(self.dtype)
+
+  def _logits(self, x: jax.Array) -> jax.Array:
+    return self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+
+  # Cached decoding: ``prefill`` runs a right-padded prompt batch once and keeps every layer's
+  # rotated keys and values; ``decode`` then adds one token per row at that row's own position,
+  # attending to the row's cached keys up to it. Together they give the logits a full forward
+  # pass over the grown sequence gives, for a fraction of its cost.
+
+  def prefill(self, input_ids: jax.Array | None, attention_mask: jax.Array | None = None,
+              inputs_embeds: jax.Array | None = None) -> tuple[jax.Array, tuple]:
+    """(logits (batch, seq, vocab), cache): ``__call__``'s logits and every layer's (k, v)."""
+    x, cos, sin, masks = self._inputs(input_ids, attention_mask, None, inputs_embeds)
+    cache = []
+    for kind, layer in zip(self.config.layer_types, self.layers):
+      x, kv = layer.prefill(x, cos, sin, masks[kind])
+      cache.append(kv)
+    return self._logits(self.final_norm(x)), tuple(cache)
+
+  def decode(self, token_ids: jax.Array, index: jax.Array, cache: tuple
+             ) -> tuple[jax.Array, tuple]:
+    """(logits (batch, vocab), cache) of one new token per row.
+
+    Args:
+      token_ids: (batch,) the tokens to append.
+      index: (batch,) each row's position for its token (its current length): the token's RoPE
+        position and cache slot; the row attends to cache slots 0..index.
+      cache: ``prefill``'s (or the previous ``decode``'s) cache; slots past each row's index are
+        ignored, so a right-padded prompt's padding never reaches the new tokens.
+    """
+    c = self.config
+    cos, sin = self._rope(index[:, None])
+    slots = jnp.arange(cache[0][0].shape[1])[None, :]
+    visible = slots <= index[:, None]
+    masks = {kind: (visible & (slots > index[:, None] - c.sliding_window)
+                    if kind == SLIDING_ATTENTION else visible)[:, None, None, None, :]
+             for kind in set(c.layer_types)}
+    x = self.embed_tokens(token_ids[:, None])
+    new_cache = []
+    for kind, layer, kv in zip(c.layer_types, self.layers, cache):
+      x, kv = layer.decode(x, cos, sin, masks[kind], kv, index)
+      new_cache.append(kv)
+    return self._logits(self.final_norm(x))[:, 0], tuple(new_cache)

@@ -148,3 +148,14 @@ class VLM(nnx.Module):
     """(batch, seq, vocab) next-token logits."""
     embeds = self.embed(pixels, input_ids, image_mask)
     return self.llm(None, attention_mask, inputs_embeds=embeds).logits
+
+  def prefill(self, pixels: jax.Array, input_ids: jax.Array, attention_mask: jax.Array,
+              image_mask: jax.Array) -> tuple[jax.Array, tuple]:
+    """``__call__``'s logits and the LLM's decoding cache (``Llama.prefill``)."""
+    embeds = self.embed(pixels, input_ids, image_mask)
+    return self.llm.prefill(None, attention_mask, inputs_embeds=embeds)
+
+  def decode(self, token_ids: jax.Array, index: jax.Array, cache: tuple
+             ) -> tuple[jax.Array, tuple]:
+    """One generated text token per row (``Llama.decode``): the image is in the cache already."""
+    return self.llm.decode(token_ids, index, cache)
