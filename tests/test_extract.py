@@ -23,6 +23,7 @@ from absl import flags as absl_flags
 from flax import nnx
 from PIL import Image, ImageDraw
 
+import multiprocess_util
 from vlmsel_jax import extraction
 from vlmsel_jax import feature_bank as fb
 from vlmsel_jax import score
@@ -390,32 +391,13 @@ def test_smollm2_extraction_matches_one_caption_at_a_time(setup, tmp_path):
   assert np.linalg.matrix_rank(bank.features) == 8
 
 
-def _free_port() -> int:
-  import socket  # pylint: disable=g-import-not-at-top
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _run_two_processes(argv: list[str], timeout: int = 300) -> list[subprocess.CompletedProcess]:
   """The extract binary as 2 local processes × 2 CPU devices, as a pod runs it per worker."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu")
-  port = _free_port()
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "vlmsel_jax.extract"] + argv +
-      [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  results = []
-  try:
-    for p in procs:
-      out, err = p.communicate(timeout=timeout)
-      results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
-  finally:
-    for p in procs:  # A hung or failed peer must not outlive the test.
-      if p.poll() is None:
-        p.kill()
-        p.wait()
+  port = multiprocess_util.free_port()
+  results = multiprocess_util.run_processes(
+      [[sys.executable, "-m", "vlmsel_jax.extract"] + argv +
+       [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
+       for i in range(2)], devices=2, timeout=timeout)
   for i, r in enumerate(results):
     assert r.returncode == 0, f"process {i} failed:\n{r.stderr[-3000:]}"
   return results

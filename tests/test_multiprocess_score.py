@@ -8,13 +8,13 @@ a timeout so a hang (e.g. a host callback inside a multi-device program) fails t
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+import multiprocess_util
 from vlmsel_jax import feature_bank as fb
 from vlmsel_jax import scoring
 from vlmsel_jax import synthetic
@@ -24,12 +24,6 @@ N = 160  # Above the ~150 where host callbacks in multi-device programs hung (gw
 K = 16  # The 12-candidate synthetic pool, cycled with different row subsets.
 TIMEOUT_S = 240
 FLAGS = ["--metrics=gw,cka", "--gw_anneal_iterations=5", "--gw_iterations=20", "--noprogress"]
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def _pool():
@@ -55,34 +49,15 @@ def _banks(tmp_path_factory):
   return names, feats, text, paths, text_path, d
 
 
-def _env(devices: int) -> dict:
-  env = dict(os.environ)
-  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-  for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
-    env.pop(name, None)
-  return env
-
-
 def _run_processes(argvs: list[list[str]]) -> list[subprocess.CompletedProcess]:
-  procs = [subprocess.Popen([sys.executable, "-m", "vlmsel_jax.score"] + argv, env=_env(4),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for argv in argvs]
-  results = []
-  try:
-    for p in procs:
-      out, err = p.communicate(timeout=TIMEOUT_S)
-      results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
-  finally:
-    for p in procs:  # A hung or failed peer must not outlive the test.
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  return results
+  return multiprocess_util.run_processes(
+      [[sys.executable, "-m", "vlmsel_jax.score"] + argv for argv in argvs], devices=4,
+      timeout=TIMEOUT_S)
 
 
 def test_multiprocess_score_matches_single_process(banks):
   names, feats, text, paths, text_path, d = banks
-  port = _free_port()
+  port = multiprocess_util.free_port()
   argvs = [[f"--candidates={','.join(paths)}", f"--text={text_path}",
             f"--output_dir={d / f'out{i}'}", f"--coordinator_address=127.0.0.1:{port}",
             "--num_processes=2", f"--process_id={i}"] + FLAGS for i in range(2)]
@@ -112,7 +87,7 @@ def test_multiprocess_half_specified_settings_fail_with_one_line(banks):
   _, _, _, paths, text_path, d = banks
   r = subprocess.run([sys.executable, "-m", "vlmsel_jax.score", f"--candidates={paths[0]}",
                       f"--text={text_path}", f"--output_dir={d / 'bad'}", "--num_processes=2"]
-                     + FLAGS, env=_env(1), capture_output=True, text=True, timeout=TIMEOUT_S)
+                     + FLAGS, env=multiprocess_util.cpu_env(1), capture_output=True, text=True, timeout=TIMEOUT_S)
   assert r.returncode == 1
   last = r.stderr.strip().splitlines()[-1]
   assert last.startswith("score: error: distributed settings are incomplete: num_processes=2 "
@@ -136,9 +111,9 @@ print("RESULT " + json.dumps(out))
 @pytest.mark.slow  # ~45 s on 2 cores: two more JAX start-ups and a cross-process solve.
 def test_multiprocess_one_problem_sharded_over_both_hosts():
   """One 160 × 160 problem: rows of every n×n matrix split over the 8 devices of 2 processes."""
-  port = _free_port()
+  port = multiprocess_util.free_port()
   procs = [subprocess.Popen([sys.executable, "-c", WORKER, f"127.0.0.1:{port}", str(i)],
-                            env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=multiprocess_util.cpu_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True) for i in range(2)]
   outs = []
   try:

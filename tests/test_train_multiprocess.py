@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
 
+import multiprocess_util
 import vlm_fixtures as fx
 from vlmsel_jax.models import vlm
 from vlmsel_jax.training import checkpoint
@@ -20,33 +19,17 @@ from vlmsel_jax.training import step as step_lib
 WORKER = os.path.join(os.path.dirname(__file__), "multiprocess_train_worker.py")
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (fake) devices")
 def test_multiprocess_training_matches_single_process(tmp_path):
   llm_dir = fx.tiny_llm_dir(str(tmp_path / "llm"))
   vit_dir = fx.tiny_vit_dir(str(tmp_path / "vit"))
-  address = f"localhost:{_free_port()}"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
+  address = f"localhost:{multiprocess_util.free_port()}"
   out = str(tmp_path / "multi.npz")
-  procs = [subprocess.Popen([sys.executable, WORKER, address, "2", str(i), llm_dir, vit_dir,
-                             str(tmp_path / "multi"), out], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  logs = []
-  for p in procs:
-    try:
-      logs.append(p.communicate(timeout=420)[0])
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      pytest.fail("multi-process training timed out")
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, log[-3000:]
+  results = multiprocess_util.run_processes(
+      [[sys.executable, WORKER, address, "2", str(i), llm_dir, vit_dir, str(tmp_path / "multi"),
+        out] for i in range(2)], devices=4, timeout=420, merge_stderr=True)
+  for r in results:
+    assert r.returncode == 0, r.stdout[-3000:]
 
   # The same run in this process, on 8 devices with the same mesh.
   config = loop.TrainConfig(
