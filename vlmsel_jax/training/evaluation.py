@@ -195,22 +195,19 @@ def _progress(items, enabled: bool, desc: str):
 class BoundModel:
   """``(pixels, ids, mask, image_mask) -> logits`` of a model given by its parts.
 
-  The evaluators jit ``apply`` with ``weights`` as arguments rather than calling the model with
-  its arrays closed over: closed-over arrays become constants of the compiled program, and with
-  a 135M-parameter LLM that made every evaluation spend over a minute compiling.
+  The evaluators jit the model's structure (``graphdef``, static) with ``weights`` as arguments
+  rather than calling the model with its arrays closed over: closed-over arrays become constants
+  of the compiled program, and with a 135M-parameter LLM that made every evaluation spend over a
+  minute compiling.
   """
 
   def __init__(self, graphdef, template, params, frozen):
     self.graphdef = graphdef
     self.weights = (template, params, frozen)
 
-  def apply(self, weights, pixels, input_ids, attention_mask, image_mask):
-    template, params, frozen = weights
-    model = step_lib.model_from(self.graphdef, template, params, frozen)
-    return model(pixels, input_ids, attention_mask, image_mask)
-
   def __call__(self, pixels, input_ids, attention_mask, image_mask):
-    return self.apply(self.weights, pixels, input_ids, attention_mask, image_mask)
+    return step_lib.model_from(self.graphdef, *self.weights)(pixels, input_ids, attention_mask,
+                                                            image_mask)
 
 
 def model_fn_for(graphdef, template, params, frozen) -> BoundModel:
@@ -236,11 +233,15 @@ def _logits(static, weights, batch) -> jax.Array:
 # arrays, which the cache would keep alive): every evaluation of models of one structure reuses
 # one compiled program, so the curve points of a ground-truth run compile once instead of once
 # each (29 s for SmolLM2-135M).
-@functools.partial(jax.jit, static_argnums=0)
-def _next_token(static, weights, batch, lengths) -> jax.Array:
-  logits = _logits(static, weights, batch)
+def _argmax_at_last(logits: jax.Array, lengths: jax.Array) -> jax.Array:
+  """Each row's most likely next token after its last real position (``lengths - 1``)."""
   last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
   return jnp.argmax(last, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _next_token(static, weights, batch, lengths) -> jax.Array:
+  return _argmax_at_last(_logits(static, weights, batch), lengths)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -248,8 +249,7 @@ def _prefill_next_token(graphdef, weights, batch, lengths):
   model = step_lib.model_from(graphdef, *weights)
   logits, cache = model.prefill(batch["pixels"], batch["input_ids"], batch["attention_mask"],
                                 batch["image_mask"])
-  last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-  return jnp.argmax(last, axis=-1).astype(jnp.int32), cache
+  return _argmax_at_last(logits, lengths), cache
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=4)

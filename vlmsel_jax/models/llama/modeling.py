@@ -210,6 +210,16 @@ def rotate_half(x: jax.Array) -> jax.Array:
   return jnp.concatenate([-x2, x1], axis=-1)
 
 
+def _visible(query_positions: jax.Array, key_positions: jax.Array, kind: str,
+             sliding_window: int | None) -> jax.Array:
+  """Whether each query position may see each key position: causal, and on
+  ``"sliding_attention"`` layers only the last ``sliding_window`` positions."""
+  mask = key_positions <= query_positions
+  if kind == SLIDING_ATTENTION:
+    mask &= key_positions > query_positions - sliding_window
+  return mask
+
+
 def attention_mask_for(kind: str, seq: int, padding: jax.Array | None,
                        sliding_window: int | None) -> jax.Array:
   """Boolean mask (batch or 1, 1, 1, q, k): True where a query may attend to a key.
@@ -217,12 +227,8 @@ def attention_mask_for(kind: str, seq: int, padding: jax.Array | None,
   Causal over the sequence axis, minus padded keys (``padding`` is (batch, seq) of 1/0), minus
   keys ``sliding_window`` or more tokens back on ``"sliding_attention"`` layers.
   """
-  q_idx = jnp.arange(seq)[:, None]
-  k_idx = jnp.arange(seq)[None, :]
-  mask = k_idx <= q_idx
-  if kind == SLIDING_ATTENTION:
-    mask &= k_idx > q_idx - sliding_window
-  mask = mask[None, None, None]
+  mask = _visible(jnp.arange(seq)[:, None], jnp.arange(seq)[None, :], kind,
+                  sliding_window)[None, None, None]
   if padding is not None:
     mask = mask & (padding != 0)[:, None, None, None, :]
   return mask
@@ -440,9 +446,7 @@ class Llama(nnx.Module):
     c = self.config
     cos, sin = self._rope(index[:, None])
     slots = jnp.arange(cache[0][0].shape[1])[None, :]
-    visible = slots <= index[:, None]
-    masks = {kind: (visible & (slots > index[:, None] - c.sliding_window)
-                    if kind == SLIDING_ATTENTION else visible)[:, None, None, None, :]
+    masks = {kind: _visible(index[:, None], slots, kind, c.sliding_window)[:, None, None, None, :]
              for kind in set(c.layer_types)}
     x = self.embed_tokens(token_ids[:, None])
     new_cache = []
