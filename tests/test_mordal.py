@@ -109,6 +109,40 @@ def test_intra_cluster_early_stops_the_member_that_cannot_reach_the_leader():
   assert ledger.total == pytest.approx(20.0)
 
 
+@pytest.mark.parametrize("m2_full", [0.64, 0.60])
+def test_intra_cluster_resumes_a_member_stopped_by_a_leader_that_came_in_lower(m2_full):
+  # M1: 0.50, 0.60 at 1/4, 1/2 -> errors 0.5, 0.4 -> extrapolation 1 - 0.4 * 0.8 = 0.68;
+  #     its full run measures 0.62.
+  # M2: 0.45, 0.55 -> errors 0.55, 0.45 -> 1 - 0.45 * (0.45 / 0.55) = 0.631818...
+  # At 1/2 M2 (0.632) < leader M1 (0.68): stopped. M1's full run (0.62) is below 0.632, so M2
+  # resumes from 1/2 and is measured at 1.0.
+  table = {"M1": {0.25: (0.50, 2.0), 0.5: (0.60, 4.0), 1.0: (0.62, 8.0)},
+           "M2": {0.25: (0.45, 2.0), 0.5: (0.55, 4.0), 1.0: (m2_full, 8.0)}}
+  calls = []
+  ledger = mordal.Ledger(_table_train(table, calls))
+  config = mordal.MordalConfig(fractions=(0.25, 0.5, 1.0), min_points=2)
+  estimates, status = mordal.intra_cluster(["M1", "M2"], ledger, config)
+  assert status["M2"]["extrapolated"] == pytest.approx(1 - 0.45 * 0.45 / 0.55, abs=1e-12)
+  assert calls == [("M1", 0.25), ("M2", 0.25), ("M1", 0.5), ("M2", 0.5), ("M1", 1.0),
+                   ("M2", 1.0)]
+  assert status["M2"] == {"status": "trained to 1.0", "reached": 1.0, "resumed": 1,
+                          "extrapolated": status["M2"]["extrapolated"]}
+  assert status["M1"]["resumed"] == 0
+  assert estimates == pytest.approx({"M1": 0.62, "M2": m2_full}, abs=1e-12)
+  assert ledger.total == pytest.approx(16.0)  # Resuming pays 1/2 -> 1 only (4), not 8 again.
+
+
+def test_intra_cluster_keeps_stopped_a_member_below_the_measured_leader():
+  # As above, but M1's full run (0.65) is above M2's extrapolation (0.632): M2 stays stopped.
+  table = {"M1": {0.25: (0.50, 2.0), 0.5: (0.60, 4.0), 1.0: (0.65, 8.0)},
+           "M2": {0.25: (0.45, 2.0), 0.5: (0.55, 4.0), 1.0: (0.70, 8.0)}}
+  ledger = mordal.Ledger(_table_train(table))
+  config = mordal.MordalConfig(fractions=(0.25, 0.5, 1.0), min_points=2)
+  estimates, status = mordal.intra_cluster(["M1", "M2"], ledger, config)
+  assert status["M2"]["status"] == "stopped early at fraction 0.5"
+  assert status["M2"]["resumed"] == 0 and ledger.total == pytest.approx(12.0)
+
+
 def test_ledger_charges_increments_and_checkpoints_only_go_forward():
   table = {"x": {0.25: (0.3, 4.0), 0.5: (0.4, 7.0), 1.0: (0.5, 12.0)}}
   ledger = mordal.Ledger(_table_train(table))

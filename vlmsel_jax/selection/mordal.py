@@ -17,7 +17,8 @@ The search (METHODS.md §3), as a pure function of its inputs and one callable:
    the growing fractions ``fractions`` (1/16, 1/8, … 1). Once a member has ``min_points`` points,
    log(error) = a + b·log(r) is fitted by least squares (error = ``max_accuracy`` − accuracy) and
    extrapolated to r = 1; a member whose extrapolation is below the leader's estimate (minus
-   ``early_stop_margin``) is stopped.
+   ``early_stop_margin``) is stopped. When the leader's measured full-data accuracy comes in
+   below a stopped member's extrapolation, that member resumes from its checkpoint.
 
 The ranking puts the members of the kept clusters first (by their full-data accuracy when
 trained to r = 1, else their extrapolation), then the other clusters in the order successive
@@ -83,6 +84,8 @@ class MordalConfig:
     fr = list(self.fractions)
     if not fr or fr != sorted(set(fr)) or fr[0] <= 0.0 or not math.isclose(fr[-1], 1.0):
       raise MordalError(f"fractions must increase strictly from above 0 to 1.0, got {fr}")
+    if not self.early_stop_margin >= 0.0:
+      raise MordalError(f"early_stop_margin must be >= 0, got {self.early_stop_margin}")
     if self.min_points < 2:
       raise MordalError(f"min_points must be at least 2 (a line needs two), got {self.min_points}")
 
@@ -303,42 +306,70 @@ def intra_cluster(members: Sequence[str], ledger: Ledger, config: MordalConfig
                   ) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
   """Scaling-law evaluation of ``members`` with early stopping.
 
+  A member is stopped once its extrapolation is below the leader's estimate (less the margin).
+  The leader's estimate is itself an extrapolation until the leader reaches r = 1, and its
+  measured full-data accuracy may come in lower; a stopped member whose extrapolation is not
+  below the best measured full-data accuracy (less the margin) was stopped by a promise the
+  leader did not keep, so it is resumed from its checkpoint and goes on through the fractions
+  under the same rule. Every member either reaches r = 1 or is stopped below a measured full
+  run, so the best estimate is always a measured one.
+
   Returns:
     (candidate → estimate of its full-data accuracy, candidate → {"status", "reached",
-    "extrapolated"}). The estimate is the measured accuracy at r = 1 when reached, else the
-    extrapolation (with ≥ ``min_points`` points), else the last measured accuracy.
+    "extrapolated", "resumed"}). The estimate is the measured accuracy at r = 1 when reached,
+    else the extrapolation (with ≥ ``min_points`` points), else the last measured accuracy.
   """
   active = list(members)
   stopped: dict[str, float] = {}
+  resumed: dict[str, int] = {}
   estimate: dict[str, float] = {}
   extrapolated: dict[str, float] = {}
-  for r in config.fractions:
-    for m in active:
-      if ledger.reached(m) < r and not math.isclose(ledger.reached(m), r):
-        ledger.train(m, r, "intra-cluster")
-    for m in active:
-      pts = sorted(ledger.points[m].items())
-      if math.isclose(pts[-1][0], 1.0):
-        estimate[m] = pts[-1][1]
-      elif len(pts) >= config.min_points:
-        extrapolated[m] = extrapolate([p[0] for p in pts], [p[1] for p in pts],
-                                      max_accuracy=config.max_accuracy)
-        estimate[m] = extrapolated[m]
-      else:
-        estimate[m] = pts[-1][1]
-    fitted = [m for m in active if m in extrapolated or math.isclose(ledger.reached(m), 1.0)]
-    if fitted:
-      leader = max(estimate[m] for m in fitted)
-      for m in list(active):
-        if (m in extrapolated and not math.isclose(ledger.reached(m), 1.0)
-            and estimate[m] < leader - config.early_stop_margin):
-          active.remove(m)
-          stopped[m] = r
+
+  def finished(m: str) -> bool:
+    return math.isclose(ledger.reached(m), 1.0)
+
+  while True:
+    for r in config.fractions:
+      trained_now = False
+      for m in active:
+        if ledger.reached(m) < r and not math.isclose(ledger.reached(m), r):
+          ledger.train(m, r, "intra-cluster")
+          trained_now = True
+      if not trained_now and estimate:
+        continue  # A resumed member's earlier fractions: nothing new to judge.
+      for m in active:
+        pts = sorted(ledger.points[m].items())
+        if finished(m):
+          estimate[m] = pts[-1][1]
+        elif len(pts) >= config.min_points:
+          extrapolated[m] = extrapolate([p[0] for p in pts], [p[1] for p in pts],
+                                        max_accuracy=config.max_accuracy)
+          estimate[m] = extrapolated[m]
+        else:
+          estimate[m] = pts[-1][1]
+      fitted = [m for m in active if m in extrapolated or finished(m)]
+      if fitted:
+        leader = max(estimate[m] for m in fitted)
+        for m in list(active):
+          if (m in extrapolated and not finished(m)
+              and estimate[m] < leader - config.early_stop_margin):
+            active.remove(m)
+            stopped[m] = r
+    best = max((estimate[m] for m in members if finished(m)), default=-math.inf)
+    revive = [m for m in members if m in stopped
+              and not estimate[m] < best - config.early_stop_margin]
+    if not revive:
+      break
+    for m in revive:
+      del stopped[m]
+      resumed[m] = resumed.get(m, 0) + 1
+    active = [m for m in members if finished(m) or m in revive]
   status = {}
   for m in members:
     status[m] = {"status": (f"stopped early at fraction {ledger.reached(m):g}" if m in stopped
                             else "trained to 1.0"),
-                 "reached": ledger.reached(m), "extrapolated": extrapolated.get(m)}
+                 "reached": ledger.reached(m), "extrapolated": extrapolated.get(m),
+                 "resumed": resumed.get(m, 0)}
   return estimate, status
 
 
