@@ -333,24 +333,35 @@ def test_live_mode_trains_continuing_checkpoints_and_records_replayable_curves(t
     assert meta["step"] == steps
 
 
-def test_demo_replay_on_the_ground_truths_own_learning_curves(tmp_path):
-  """configs/mordal_demo.flags: the curves are those of the committed ground-truth runs."""
-  out = tmp_path / "demo" / "mordal.json"
+# The README's tables of Mordal on our trainings: (flagfile, ground-truth stem, candidates,
+# its pick, cost, grid cost).
+OWN_TRAININGS = [
+    ("mordal_demo.flags", "demo_groundtruth", 9, "efficientnet-lite0@layer=-2", 920.0, 1200.0),
+    ("mordal_trained.flags", "mordal_groundtruth", 12, "efficientnet-lite0", 1600.0, 2560.0),
+]
+
+
+@pytest.mark.parametrize("flagfile,stem,count,top1,cost,grid_cost", OWN_TRAININGS)
+def test_replay_on_the_ground_truths_own_learning_curves(tmp_path, flagfile, stem, count, top1,
+                                                         cost, grid_cost):
+  """The curves are those of the committed ground-truth runs; the README's results."""
+  out = tmp_path / "replay" / "mordal.json"
   cwd = os.getcwd()
   os.chdir(REPO)
   try:
-    _run([f"--flagfile={os.path.join(REPO, 'configs', 'mordal_demo.flags')}", f"--output={out}"])
+    _run([f"--flagfile={os.path.join(REPO, 'configs', flagfile)}", f"--output={out}"])
   finally:
     os.chdir(cwd)
   data = json.load(open(out))
-  with open(os.path.join(REPO, "configs/data/demo_groundtruth.csv"), newline="") as f:
+  with open(os.path.join(REPO, f"configs/data/{stem}.csv"), newline="") as f:
     runs = {r["candidate"]: r for r in csv.DictReader(f)}
   # Fraction 1.0 of every curve is the seed-0 run of the ground truth.
-  with open(os.path.join(REPO, "configs/data/demo_groundtruth_runs.csv"), newline="") as f:
+  with open(os.path.join(REPO, f"configs/data/{stem}_runs.csv"), newline="") as f:
     seed0 = {r["candidate"]: float(r["accuracy"]) for r in csv.DictReader(f) if r["seed"] == "0"}
   assert data["truth"] == pytest.approx(seed0) and set(seed0) == set(runs)
-  assert sorted(data["ranking"]) == sorted(runs) and data["candidates"] == 9
-  assert 0 < data["cost"] < data["grid_cost"]
+  assert sorted(data["ranking"]) == sorted(runs) and data["candidates"] == count
+  assert (data["top1"], data["cost"], data["grid_cost"]) == (top1, pytest.approx(cost),
+                                                             pytest.approx(grid_cost))
   names = sorted(seed0)
   pos = {c: i for i, c in enumerate(data["ranking"])}
   want_tau = scipy.stats.weightedtau([-pos[c] for c in names], [seed0[c] for c in names])[0]
