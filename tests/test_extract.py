@@ -404,8 +404,9 @@ def _run_two_processes(argv: list[str], timeout: int = 300) -> list[subprocess.C
 
 
 def _printed(result: subprocess.CompletedProcess) -> list[str]:
-  """Stdout lines of the binary itself (the CPU collectives library prints "[Gloo] ..." there)."""
-  return [line for line in result.stdout.splitlines() if not line.startswith("[Gloo]")]
+  """The binary's own stdout records (tab-separated), without what the CPU collectives library
+  prints there from its own threads ("[Gloo] ..." lines and, at times, a bare line break)."""
+  return [line for line in result.stdout.splitlines() if "\t" in line and "[Gloo]" not in line]
 
 
 def test_multiprocess_extract_matches_single_process(setup, tmp_path):
