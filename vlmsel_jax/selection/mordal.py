@@ -320,7 +320,7 @@ def intra_cluster(members: Sequence[str], ledger: Ledger, config: MordalConfig
     else the extrapolation (with ≥ ``min_points`` points), else the last measured accuracy.
   """
   active = list(members)
-  stopped: dict[str, float] = {}
+  stopped: set[str] = set()
   resumed: dict[str, int] = {}
   estimate: dict[str, float] = {}
   extrapolated: dict[str, float] = {}
@@ -354,14 +354,14 @@ def intra_cluster(members: Sequence[str], ledger: Ledger, config: MordalConfig
           if (m in extrapolated and not finished(m)
               and estimate[m] < leader - config.early_stop_margin):
             active.remove(m)
-            stopped[m] = r
+            stopped.add(m)
     best = max((estimate[m] for m in members if finished(m)), default=-math.inf)
     revive = [m for m in members if m in stopped
               and not estimate[m] < best - config.early_stop_margin]
     if not revive:
       break
     for m in revive:
-      del stopped[m]
+      stopped.discard(m)
       resumed[m] = resumed.get(m, 0) + 1
     active = [m for m in members if finished(m) or m in revive]
   status = {}
