@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 from safetensors import SafetensorError, safe_open
 
-from vlmsel_jax.models import bert, efficientnet, llama, vit
+from vlmsel_jax.models import bert, efficientnet, gemma3, llama, vit
 from vlmsel_jax.models.transforms import Transform, apply
 
 KeyTable = Mapping[str, tuple[str | None, Transform]]
@@ -73,6 +73,14 @@ FAMILIES: tuple[Family, ...] = (
         config_from_hf=llama.LlamaConfig.from_hf,
         build=llama.Llama,
         key_table=llama.key_table,
+    ),
+    Family(
+        name="gemma3",
+        model_types=gemma3.SUPPORTED_MODEL_TYPES,
+        architectures=gemma3.SUPPORTED_ARCHITECTURES,
+        config_from_hf=gemma3.Gemma3Config.from_hf,
+        build=gemma3.Gemma3,
+        key_table=gemma3.key_table,
     ),
     Family(
         name="vit",

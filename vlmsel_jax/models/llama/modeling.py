@@ -210,7 +210,7 @@ def rotate_half(x: jax.Array) -> jax.Array:
   return jnp.concatenate([-x2, x1], axis=-1)
 
 
-def _visible(query_positions: jax.Array, key_positions: jax.Array, kind: str,
+def visible_keys(query_positions: jax.Array, key_positions: jax.Array, kind: str,
              sliding_window: int | None) -> jax.Array:
   """Whether each query position may see each key position: causal, and on
   ``"sliding_attention"`` layers only the last ``sliding_window`` positions."""
@@ -227,7 +227,7 @@ def attention_mask_for(kind: str, seq: int, padding: jax.Array | None,
   Causal over the sequence axis, minus padded keys (``padding`` is (batch, seq) of 1/0), minus
   keys ``sliding_window`` or more tokens back on ``"sliding_attention"`` layers.
   """
-  mask = _visible(jnp.arange(seq)[:, None], jnp.arange(seq)[None, :], kind,
+  mask = visible_keys(jnp.arange(seq)[:, None], jnp.arange(seq)[None, :], kind,
                   sliding_window)[None, None, None]
   if padding is not None:
     mask = mask & (padding != 0)[:, None, None, None, :]
@@ -368,6 +368,10 @@ class Llama(nnx.Module):
         config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype, param_dtype=dtype,
         rngs=rngs)
 
+  def embed(self, input_ids: jax.Array) -> jax.Array:
+    """(batch, seq, hidden) token embeddings: what ``inputs_embeds`` holds for text tokens."""
+    return self.embed_tokens(input_ids)
+
   def __call__(self, input_ids: jax.Array | None, attention_mask: jax.Array | None = None,
                positions: jax.Array | None = None,
                inputs_embeds: jax.Array | None = None) -> LlamaOutput:
@@ -406,7 +410,7 @@ class Llama(nnx.Module):
     cos, sin = self._rope(positions)
     masks = {kind: attention_mask_for(kind, t, attention_mask, c.sliding_window)
              for kind in set(c.layer_types)}
-    x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+    x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
     return x, cos, sin, masks
 
   def _rope(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -446,9 +450,10 @@ class Llama(nnx.Module):
     c = self.config
     cos, sin = self._rope(index[:, None])
     slots = jnp.arange(cache[0][0].shape[1])[None, :]
-    masks = {kind: _visible(index[:, None], slots, kind, c.sliding_window)[:, None, None, None, :]
+    masks = {kind: visible_keys(index[:, None], slots, kind,
+                                c.sliding_window)[:, None, None, None, :]
              for kind in set(c.layer_types)}
-    x = self.embed_tokens(token_ids[:, None])
+    x = self.embed(token_ids[:, None])
     new_cache = []
     for kind, layer, kv in zip(c.layer_types, self.layers, cache):
       x, kv = layer.decode(x, cos, sin, masks[kind], kv, index)

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vlmsel_jax.models.gemma3 import modeling as gemma3
 from vlmsel_jax.models.llama import modeling as llama
 
 PROJECTORS = ("mlp2x_gelu", "linear")
@@ -123,7 +124,7 @@ def splice_image_tokens(text_embeds: jax.Array, image_tokens: jax.Array,
 class VLM(nnx.Module):
   """Vision tower + projector + LLM."""
 
-  def __init__(self, tower: nnx.Module, llm: llama.Llama, config: VLMConfig, *,
+  def __init__(self, tower: nnx.Module, llm: llama.Llama | gemma3.Gemma3, config: VLMConfig, *,
                image_size: tuple[int, int], rngs: nnx.Rngs):
     self.tower = tower
     self.llm = llm
@@ -140,7 +141,7 @@ class VLM(nnx.Module):
   def embed(self, pixels: jax.Array, input_ids: jax.Array, image_mask: jax.Array) -> jax.Array:
     """(batch, seq, hidden) LLM input embeddings with the image tokens spliced in."""
     image = self.projector(image_features(self.tower, pixels, self.config))
-    text = self.llm.embed_tokens(input_ids)
+    text = self.llm.embed(input_ids)
     return splice_image_tokens(text, image, image_mask)
 
   def __call__(self, pixels: jax.Array, input_ids: jax.Array, attention_mask: jax.Array,

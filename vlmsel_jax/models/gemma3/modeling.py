@@ -1,0 +1,407 @@
+"""Gemma 3's text decoder (``Gemma3ForCausalLM``, ``model_type: gemma3_text``) as a Flax NNX module.
+
+Gemma 3 shares the Llama family's skeleton (token embedding, rotary embeddings, grouped-query
+attention, gated MLP, tied LM head) and changes most of its details, so it is a family of its own:
+
+* RMSNorm scales by ``1 + weight`` and rounds once, after scaling, in float32;
+* the token embeddings are multiplied by sqrt(hidden_size) (text tokens only: a VLM's projected
+  image tokens enter unscaled, as in transformers' Gemma 3 VLM);
+* queries and keys are RMS-normed per head before the rotation, and attention scores are scaled
+  by ``query_pre_attn_scalar ** -0.5`` rather than ``head_dim ** -0.5``;
+* every layer norms the attention and MLP outputs too (four norms per layer);
+* the MLP is GeGLU with tanh-approximated GELU;
+* sliding-window layers (five of every six) and full-attention layers use different RoPE bases.
+
+The numerics follow transformers' torch implementation, so hidden states match it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vlmsel_jax.models import hf_config
+from vlmsel_jax.models.llama.modeling import (
+    FULL_ATTENTION,
+    SLIDING_ATTENTION,
+    LlamaOutput,
+    attention_mask_for,
+    rotate_half,
+    visible_keys,
+)
+
+SUPPORTED_MODEL_TYPES = ("gemma3_text",)
+SUPPORTED_ARCHITECTURES = ("Gemma3ForCausalLM",)
+ROPE_TYPES = ("default", "linear")
+
+# Gemma 3's output is the Llama family's: logits and every hidden state.
+Gemma3Output = LlamaOutput
+
+
+@dataclasses.dataclass(frozen=True)
+class Gemma3Config:
+  """Architecture hyper-parameters of a Gemma 3 text decoder.
+
+  Attributes:
+    vocab_size: Number of token ids.
+    hidden_size: Width of the residual stream.
+    intermediate_size: Width of the GeGLU MLP.
+    num_layers: Number of decoder layers.
+    num_heads: Number of query heads.
+    num_kv_heads: Number of key/value heads; divides ``num_heads``.
+    head_dim: Width of one head.
+    query_pre_attn_scalar: Attention scores are scaled by its inverse square root.
+    rms_norm_eps: Epsilon inside every RMSNorm.
+    rope_theta: RoPE base of the full-attention layers.
+    rope_local_theta: RoPE base of the sliding-window layers.
+    rope_factor: Linear RoPE scaling of the full-attention layers (1: none).
+    rope_local_factor: Linear RoPE scaling of the sliding-window layers (1: none).
+    sliding_window: Attention window of the sliding layers.
+    layer_types: Per layer, ``"full_attention"`` or ``"sliding_attention"``.
+    final_logit_softcapping: Logits become ``c·tanh(z/c)`` when set.
+    tie_word_embeddings: Whether the LM head reuses the token embedding (Gemma 3: yes).
+    max_position_embeddings: Longest context the checkpoint was trained for.
+    model_type: The transformers ``model_type`` the config came from.
+  """
+
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  query_pre_attn_scalar: float
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 1_000_000.0
+  rope_local_theta: float = 10_000.0
+  rope_factor: float = 1.0
+  rope_local_factor: float = 1.0
+  sliding_window: int = 4096
+  layer_types: tuple[str, ...] = ()
+  final_logit_softcapping: float | None = None
+  tie_word_embeddings: bool = True
+  max_position_embeddings: int = 32768
+  model_type: str = "gemma3_text"
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of "
+                       f"num_kv_heads ({self.num_kv_heads})")
+    if not self.layer_types:
+      # transformers' default: every sixth layer attends globally.
+      object.__setattr__(self, "layer_types", tuple(
+          FULL_ATTENTION if (i + 1) % 6 == 0 else SLIDING_ATTENTION
+          for i in range(self.num_layers)))
+    object.__setattr__(self, "layer_types", tuple(self.layer_types))
+    if len(self.layer_types) != self.num_layers:
+      raise ValueError(f"layer_types has {len(self.layer_types)} entries for "
+                       f"{self.num_layers} layers")
+    unknown = set(self.layer_types) - {FULL_ATTENTION, SLIDING_ATTENTION}
+    if unknown:
+      raise ValueError(f"unknown layer_types {sorted(unknown)}; expected "
+                       f"{FULL_ATTENTION!r} or {SLIDING_ATTENTION!r}")
+    if self.sliding_window < 1:
+      raise ValueError(f"sliding_window must be positive, got {self.sliding_window}")
+
+  @classmethod
+  def from_hf(cls, config: Mapping[str, Any] | str | os.PathLike) -> Gemma3Config:
+    """Reads a transformers ``Gemma3TextConfig`` (a dict, ``config.json`` or its directory).
+
+    Understands the transformers 5 per-layer-type ``rope_parameters`` and the older
+    ``rope_theta`` / ``rope_local_base_freq`` / ``rope_scaling`` fields.
+
+    Raises:
+      ValueError: not a ``gemma3_text`` config, or a feature this implementation lacks
+        (bidirectional attention, a RoPE type other than default / linear, an activation other
+        than tanh-approximated GELU, attention biases or attention-logit soft-capping).
+    """
+    c = dict(hf_config.read_config(config))
+    model_type = c.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+      raise ValueError(f"model_type {model_type!r} is not a Gemma 3 text model; supported: "
+                       f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    act = c.get("hidden_activation", "gelu_pytorch_tanh")
+    if act != "gelu_pytorch_tanh":
+      raise ValueError(f"hidden_activation {act!r} is not supported; Gemma 3 uses "
+                       "'gelu_pytorch_tanh'")
+    if c.get("use_bidirectional_attention", False):
+      raise ValueError("use_bidirectional_attention is not supported; only the causal decoder is")
+    if c.get("attn_logit_softcapping") is not None:
+      # transformers' Gemma3Attention never applies it, so no checkpoint was trained with it.
+      raise ValueError("attn_logit_softcapping is not supported; Gemma 3 attention has none")
+    if c.get("attention_bias", False):
+      raise ValueError("attention_bias is not supported; Gemma 3 has none")
+    num_heads = c["num_attention_heads"]
+    (theta, factor), (local_theta, local_factor) = _rope_from_hf(c)
+    return cls(
+        vocab_size=c["vocab_size"],
+        hidden_size=c["hidden_size"],
+        intermediate_size=c["intermediate_size"],
+        num_layers=c["num_hidden_layers"],
+        num_heads=num_heads,
+        num_kv_heads=c.get("num_key_value_heads") or num_heads,
+        head_dim=c.get("head_dim") or c["hidden_size"] // num_heads,
+        query_pre_attn_scalar=float(c.get("query_pre_attn_scalar", 256)),
+        rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_local_theta=local_theta,
+        rope_factor=factor,
+        rope_local_factor=local_factor,
+        sliding_window=int(c.get("sliding_window") or 4096),
+        layer_types=tuple(c.get("layer_types") or ()),
+        final_logit_softcapping=c.get("final_logit_softcapping"),
+        tie_word_embeddings=bool(c.get("tie_word_embeddings", True)),
+        max_position_embeddings=int(c.get("max_position_embeddings", 32768)),
+        model_type=model_type,
+    )
+
+
+def _rope_from_hf(c: Mapping[str, Any]) -> tuple[tuple[float, float], tuple[float, float]]:
+  """((theta, linear factor) of full-attention layers, (theta, factor) of sliding layers)."""
+  params = c.get("rope_parameters")
+  if isinstance(params, Mapping) and any(isinstance(v, Mapping) for v in params.values()):
+    per_type = {k: dict(v or {}) for k, v in params.items()}
+  else:  # The older layout: one rope_scaling for the global layers, a base for the local ones.
+    scaling = dict(params or c.get("rope_scaling") or {})
+    per_type = {
+        FULL_ATTENTION: {**scaling, "rope_theta": scaling.get(
+            "rope_theta", c.get("rope_theta", 1_000_000.0))},
+        SLIDING_ATTENTION: {"rope_type": "default",
+                            "rope_theta": c.get("rope_local_base_freq", 10_000.0)},
+    }
+
+  def one(kind: str, default_theta: float) -> tuple[float, float]:
+    p = per_type.get(kind) or {}
+    rope_type = p.get("rope_type", p.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+      raise ValueError(f"{kind} rope_type {rope_type!r} is not implemented; supported: "
+                       f"{', '.join(ROPE_TYPES)}")
+    factor = float(p.get("factor", 1.0)) if rope_type == "linear" else 1.0
+    return float(p.get("rope_theta", default_theta)), factor
+
+  return one(FULL_ATTENTION, 1_000_000.0), one(SLIDING_ATTENTION, 10_000.0)
+
+
+def rope_inv_freq(head_dim: int, theta: float, factor: float = 1.0) -> np.ndarray:
+  """RoPE inverse frequencies (head_dim // 2,) in float32, as transformers computes them; the
+  linear scaling divides them by ``factor``."""
+  inv_freq = np.float32(1.0) / (
+      np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))
+  return (inv_freq / np.float32(factor)).astype(np.float32)
+
+
+class RMSNorm(nnx.Module):
+  """Gemma's RMSNorm: ``x / rms(x) · (1 + weight)``, all in float32, rounded once at the end."""
+
+  def __init__(self, dim: int, eps: float, *, dtype: Any):
+    # Zero-initialised, like transformers: a fresh norm is the identity scaling.
+    self.scale = nnx.Param(jnp.zeros((dim,), dtype))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return (normed * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
+
+
+def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
+  return x if cap is None else jnp.tanh(x / cap) * cap
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention with per-head query/key norms and rotary embeddings."""
+
+  def __init__(self, config: Gemma3Config, *, dtype: Any, rngs: nnx.Rngs):
+    c = config
+    kw = dict(use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
+    self.q_proj = nnx.Linear(c.hidden_size, c.num_heads * c.head_dim, **kw)
+    self.k_proj = nnx.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, **kw)
+    self.v_proj = nnx.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, **kw)
+    self.o_proj = nnx.Linear(c.num_heads * c.head_dim, c.hidden_size, **kw)
+    self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype=dtype)
+    self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype=dtype)
+    self.num_heads = c.num_heads
+    self.num_kv_heads = c.num_kv_heads
+    self.head_dim = c.head_dim
+    self.scaling = c.query_pre_attn_scalar ** -0.5
+
+  def _rotated_qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
+    b, t, _ = x.shape
+    kv, dh = self.num_kv_heads, self.head_dim
+    q = self.q_norm(self.q_proj(x).reshape(b, t, self.num_heads, dh))
+    k = self.k_norm(self.k_proj(x).reshape(b, t, kv, dh))
+    v = self.v_proj(x).reshape(b, t, kv, dh)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+
+  def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    b, t = q.shape[:2]
+    kv, groups, dh = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
+    # Query head h reads kv head h // groups, the order of transformers' repeat_kv.
+    q = q.reshape(b, t, kv, groups, dh)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k) * self.scaling
+    scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, self.num_heads * dh)
+    return self.o_proj(out)
+
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    q, k, v = self._rotated_qkv(x, cos, sin)
+    return self._attend(q, k, v, mask)
+
+  def prefill(self, x, cos, sin, mask) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """``__call__`` that also returns the normed, rotated keys and the values: the cache."""
+    q, k, v = self._rotated_qkv(x, cos, sin)
+    return self._attend(q, k, v, mask), (k, v)
+
+  def decode(self, x, cos, sin, mask, cache, index) -> tuple[jax.Array, tuple]:
+    """One new token per row, (b, 1, d), written into ``cache`` at row r's ``index[r]``."""
+    q, k, v = self._rotated_qkv(x, cos, sin)
+    rows = jnp.arange(x.shape[0])
+    keys = cache[0].at[rows, index].set(k[:, 0])
+    values = cache[1].at[rows, index].set(v[:, 0])
+    return self._attend(q, keys, values, mask), (keys, values)
+
+
+class MLP(nnx.Module):
+  """GeGLU feed-forward block: down(gelu_tanh(gate(x)) * up(x))."""
+
+  def __init__(self, config: Gemma3Config, *, dtype: Any, rngs: nnx.Rngs):
+    c = config
+    kw = dict(use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
+    self.gate_proj = nnx.Linear(c.hidden_size, c.intermediate_size, **kw)
+    self.up_proj = nnx.Linear(c.hidden_size, c.intermediate_size, **kw)
+    self.down_proj = nnx.Linear(c.intermediate_size, c.hidden_size, **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.down_proj(jax.nn.gelu(self.gate_proj(x), approximate=True) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+  """x + post_attn_norm(attn(input_norm(x))), then h + post_mlp_norm(mlp(pre_mlp_norm(h)))."""
+
+  def __init__(self, config: Gemma3Config, *, dtype: Any, rngs: nnx.Rngs):
+    c = config
+    self.input_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
+    self.attn = Attention(c, dtype=dtype, rngs=rngs)
+    self.post_attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
+    self.pre_mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
+    self.mlp = MLP(c, dtype=dtype, rngs=rngs)
+    self.post_mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
+
+  def _mlp_block(self, h: jax.Array) -> jax.Array:
+    return h + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(h)))
+
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    return self._mlp_block(x + self.post_attn_norm(self.attn(self.input_norm(x), cos, sin, mask)))
+
+  def prefill(self, x, cos, sin, mask):
+    a, cache = self.attn.prefill(self.input_norm(x), cos, sin, mask)
+    return self._mlp_block(x + self.post_attn_norm(a)), cache
+
+  def decode(self, x, cos, sin, mask, cache, index):
+    a, cache = self.attn.decode(self.input_norm(x), cos, sin, mask, cache, index)
+    return self._mlp_block(x + self.post_attn_norm(a)), cache
+
+
+class Gemma3(nnx.Module):
+  """A Gemma 3 causal language model (text only)."""
+
+  def __init__(self, config: Gemma3Config, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    self.config = config
+    self.dtype = jnp.dtype(dtype)
+    self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype,
+                                  param_dtype=dtype, rngs=rngs)
+    self.layers = nnx.List(
+        [DecoderLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_layers)])
+    self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+    self.lm_head = None if config.tie_word_embeddings else nnx.Linear(
+        config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype, param_dtype=dtype,
+        rngs=rngs)
+
+  def embed(self, input_ids: jax.Array) -> jax.Array:
+    """(batch, seq, hidden) text-token embeddings, scaled by sqrt(hidden_size).
+
+    The scale is rounded to the parameter dtype first, as transformers does (bfloat16 turns
+    sqrt(640) = 25.298 into 25.25).
+    """
+    scale = jnp.asarray(np.float32(self.config.hidden_size) ** np.float32(0.5)).astype(self.dtype)
+    return self.embed_tokens(input_ids) * scale
+
+  def __call__(self, input_ids: jax.Array | None, attention_mask: jax.Array | None = None,
+               positions: jax.Array | None = None,
+               inputs_embeds: jax.Array | None = None) -> Gemma3Output:
+    """Runs the model on a batch; arguments and outputs as ``Llama.__call__``.
+
+    ``inputs_embeds`` are used as given (no sqrt(hidden) scaling): build text rows with
+    ``embed``.
+    """
+    x, cos_sin, masks = self._inputs(input_ids, attention_mask, positions, inputs_embeds)
+    hidden = [x]
+    for kind, layer in zip(self.config.layer_types, self.layers):
+      x = layer(x, *cos_sin[kind], masks[kind])
+      hidden.append(x)
+    x = self.final_norm(x)
+    hidden[-1] = x  # transformers records the normed output as the last hidden state.
+    return Gemma3Output(logits=self._logits(x), hidden_states=tuple(hidden))
+
+  def _inputs(self, input_ids, attention_mask, positions, inputs_embeds):
+    """(embeddings, RoPE (cos, sin) per layer kind, mask per layer kind) of a forward pass."""
+    c = self.config
+    if (input_ids is None) == (inputs_embeds is None):
+      raise ValueError("Gemma3: pass exactly one of input_ids and inputs_embeds")
+    b, t = input_ids.shape if inputs_embeds is None else inputs_embeds.shape[:2]
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    kinds = set(c.layer_types)
+    cos_sin = {kind: self._rope(positions, kind) for kind in kinds}
+    masks = {kind: attention_mask_for(kind, t, attention_mask, c.sliding_window)
+             for kind in kinds}
+    x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+    return x, cos_sin, masks
+
+  def _rope(self, positions: jax.Array, kind: str) -> tuple[jax.Array, jax.Array]:
+    c = self.config
+    theta, factor = ((c.rope_local_theta, c.rope_local_factor) if kind == SLIDING_ATTENTION
+                     else (c.rope_theta, c.rope_factor))
+    inv_freq = jnp.asarray(rope_inv_freq(c.head_dim, theta, factor))
+    freqs = positions[..., None].astype(jnp.float32) * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(self.dtype), jnp.sin(emb).astype(self.dtype)
+
+  def _logits(self, x: jax.Array) -> jax.Array:
+    logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+    return _softcap(logits, self.config.final_logit_softcapping)
+
+  def prefill(self, input_ids: jax.Array | None, attention_mask: jax.Array | None = None,
+              inputs_embeds: jax.Array | None = None) -> tuple[jax.Array, tuple]:
+    """(logits (batch, seq, vocab), cache), as ``Llama.prefill``."""
+    x, cos_sin, masks = self._inputs(input_ids, attention_mask, None, inputs_embeds)
+    cache = []
+    for kind, layer in zip(self.config.layer_types, self.layers):
+      x, kv = layer.prefill(x, *cos_sin[kind], masks[kind])
+      cache.append(kv)
+    return self._logits(self.final_norm(x)), tuple(cache)
+
+  def decode(self, token_ids: jax.Array, index: jax.Array, cache: tuple
+             ) -> tuple[jax.Array, tuple]:
+    """(logits (batch, vocab), cache) of one new token per row, as ``Llama.decode``."""
+    c = self.config
+    slots = jnp.arange(cache[0][0].shape[1])[None, :]
+    kinds = set(c.layer_types)
+    cos_sin = {kind: self._rope(index[:, None], kind) for kind in kinds}
+    masks = {kind: visible_keys(index[:, None], slots, kind,
+                                c.sliding_window)[:, None, None, None, :] for kind in kinds}
+    x = self.embed(token_ids[:, None])
+    new_cache = []
+    for kind, layer, kv in zip(c.layer_types, self.layers, cache):
+      x, kv = layer.decode(x, *cos_sin[kind], masks[kind], kv, index)
+      new_cache.append(kv)
+    return self._logits(self.final_norm(x))[:, 0], tuple(new_cache)
