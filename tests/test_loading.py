@@ -150,7 +150,7 @@ def test_loading_unsupported_model_type(ckpt):
   with pytest.raises(UnsupportedModelError,
                      match=r"model_type 'gpt2' \(architectures \['GPT2LMHeadModel'\]\) is not "
                      r"supported; supported model_type: bert, clip, clip_vision_model, dinov2, "
-                     r"dinov2_with_registers, efficientnet_lite, llama, mistral, qwen2, siglip, "
+                     r"dinov2_with_registers, efficientnet_lite, gemma3_text, llama, mistral, qwen2, siglip, "
                      r"siglip_vision_model, vit$"):
     load_pretrained(ckpt)
 
