@@ -160,7 +160,7 @@ def test_loading_unsupported_architecture(ckpt):
   with pytest.raises(UnsupportedModelError,
                      match=r"architectures \['LlamaForSequenceClassification'\] are not "
                      r"supported; supported architectures: BertModel, CLIPModel, CLIPVisionModel, "
-                     r"Dinov2Model, Dinov2WithRegistersModel, EfficientNet, LlamaForCausalLM, "
+                     r"Dinov2Model, Dinov2WithRegistersModel, EfficientNet, Gemma3ForCausalLM, LlamaForCausalLM, "
                      r"MistralForCausalLM, Qwen2ForCausalLM, SiglipModel, SiglipVisionModel, "
                      r"ViTModel$"):
     load_pretrained(ckpt)
