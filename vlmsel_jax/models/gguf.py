@@ -1,4 +1,4 @@
-"""GGUF (llama.cpp) checkpoints of the llama architecture as a weight source for the zoo.
+"""GGUF (llama.cpp) checkpoints of the llama and gemma3 architectures as a weight source for the zoo.
 
 A GGUF file holds the weights (possibly block-quantized), the hyper-parameters and the tokenizer
 of one model, all under llama.cpp's names. ``GGUFFile`` reads one with the ``gguf`` package and
@@ -8,6 +8,9 @@ GGUF's dimension order (``ne[0]`` is the innermost axis, so a torch ``(out, in)`
 as ``[in, out]``), renames ``blk.N.attn_q.weight`` & co. to ``model.layers.N.self_attn.q_proj
 .weight`` & co., and undoes the row permutation llama.cpp's converter applies to the q/k
 projections (llama.cpp rotates interleaved pairs of a head, transformers rotates its two halves).
+Gemma 3 files need no permutation (llama.cpp rotates them the transformers way) but store every
+RMSNorm weight plus one (llama.cpp's norm multiplies by the weight, Gemma's by 1 + weight), which
+is subtracted again here.
 
 Typical use::
 
@@ -42,7 +45,9 @@ from vlmsel_jax.models.loading import (
 
 # Tensor types this module dequantizes. The block formats are ggml's: Q8_0 is 32 int8 values and
 # one float16 scale per block, Q4_0 32 4-bit values (offset 8) and a scale, Q4_1 32 4-bit values,
-# a scale and a minimum.
+# a scale and a minimum, Q5_0 32 5-bit values (offset 16) and a scale; the k-quants Q4_K and Q6_K
+# are 256-value super-blocks of 4-bit (8 sub-blocks, 6-bit scales and minimums) and 6-bit
+# (16 sub-blocks, int8 scales, offset 32) values.
 SUPPORTED_TENSOR_TYPES = (
     GGMLQuantizationType.F32,
     GGMLQuantizationType.F16,
@@ -50,9 +55,12 @@ SUPPORTED_TENSOR_TYPES = (
     GGMLQuantizationType.Q8_0,
     GGMLQuantizationType.Q4_0,
     GGMLQuantizationType.Q4_1,
+    GGMLQuantizationType.Q5_0,
+    GGMLQuantizationType.Q4_K,
+    GGMLQuantizationType.Q6_K,
 )
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
 
 # GGUF tensor name regex -> Hugging Face Llama key template (``\1`` is the layer, ``\2`` the
 # weight/bias suffix).
@@ -70,6 +78,20 @@ _TENSOR_NAMES = {
     r"blk\.([0-9]+)\.attn_norm\.weight": r"model.layers.\1.input_layernorm.weight",
     r"blk\.([0-9]+)\.ffn_norm\.weight": r"model.layers.\1.post_attention_layernorm.weight",
 }
+
+# Gemma 3 has four norms per layer and per-head q/k norms; llama.cpp's ``ffn_norm`` is the norm
+# before the MLP there.
+_GEMMA3_TENSOR_NAMES = {
+    **{k: v for k, v in _TENSOR_NAMES.items() if "ffn_norm" not in k},
+    r"blk\.([0-9]+)\.attn_q_norm\.weight": r"model.layers.\1.self_attn.q_norm.weight",
+    r"blk\.([0-9]+)\.attn_k_norm\.weight": r"model.layers.\1.self_attn.k_norm.weight",
+    r"blk\.([0-9]+)\.post_attention_norm\.weight":
+        r"model.layers.\1.post_attention_layernorm.weight",
+    r"blk\.([0-9]+)\.ffn_norm\.weight": r"model.layers.\1.pre_feedforward_layernorm.weight",
+    r"blk\.([0-9]+)\.post_ffw_norm\.weight":
+        r"model.layers.\1.post_feedforward_layernorm.weight",
+}
+_NAME_TABLES = {"llama": _TENSOR_NAMES, "gemma3": _GEMMA3_TENSOR_NAMES}
 
 # tokenizer.ggml.pre values -> how text is split before byte-level BPE. llama.cpp's "smollm" is
 # single digits, then the GPT-2 regex; "llama-bpe" is Llama 3's regex.
@@ -134,9 +156,10 @@ def unpermute_rotary(weight: np.ndarray, num_heads: int) -> np.ndarray:
           .swapaxes(1, 2).reshape(weight.shape))
 
 
-def hf_key(gguf_name: str) -> str:
-  """The Hugging Face Llama key for a GGUF tensor name; unknown names come back unchanged."""
-  for pattern, template in _TENSOR_NAMES.items():
+def hf_key(gguf_name: str, architecture: str = "llama") -> str:
+  """The Hugging Face key for a GGUF tensor name of ``architecture``; unknown names come back
+  unchanged."""
+  for pattern, template in _NAME_TABLES[architecture].items():
     m = re.fullmatch(pattern, gguf_name)
     if m:
       return m.expand(template)
@@ -161,7 +184,7 @@ def _field_value(field: Any) -> Any:
 
 
 class GGUFFile:
-  """A llama-architecture GGUF file as a source of (Hugging Face key, float32 array) pairs.
+  """A llama or gemma3 GGUF file as a source of (Hugging Face key, float32 array) pairs.
 
   Opening checks the file (readable, llama architecture, only supported tensor types, no feature
   the NNX Llama lacks) and builds the config; tensors are dequantized one at a time while
@@ -224,18 +247,20 @@ class GGUFFile:
           f"{', '.join(t.name for t in SUPPORTED_TENSOR_TYPES)}")
 
   def _build_config(self) -> dict[str, Any]:
-    """The transformers-style config dict for the llama metadata (and tensor list)."""
+    """The transformers-style config dict for the metadata (and tensor list)."""
     arch = self.architecture
     names = {t.name for t in self.reader.tensors}
 
     def unsupported(what: str) -> UnsupportedModelError:
-      return UnsupportedModelError(f"{self.path}: {what} is not supported by the NNX Llama")
+      model = "NNX Gemma 3" if arch == "gemma3" else "NNX Llama"
+      return UnsupportedModelError(f"{self.path}: {what} is not supported by the {model}")
 
     if self.get(f"{arch}.expert_count", 0):
       raise unsupported(f"a mixture of experts ({arch}.expert_count = "
                         f"{self.get(f'{arch}.expert_count')})")
     scaling = self.get(f"{arch}.rope.scaling.type", "none")
-    if scaling != "none":
+    # Gemma 3's long-context checkpoints scale the global layers' RoPE linearly.
+    if scaling != "none" and not (arch == "gemma3" and scaling == "linear"):
       raise unsupported(f"RoPE scaling {scaling!r}")
     if "rope_freqs.weight" in names:
       # llama.cpp stores Llama 3.1's rope rescaling as per-frequency factors, not its parameters.
@@ -269,9 +294,7 @@ class GGUFFile:
                                     f"{arch}.vocab_size, tokenizer.ggml.tokens or token_embd)")
         vocab_size = int(embed.shape[-1])
 
-    config = {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
+    common = {
         "vocab_size": int(vocab_size),
         "hidden_size": hidden,
         "intermediate_size": int(self._required(f"{arch}.feed_forward_length")),
@@ -279,27 +302,64 @@ class GGUFFile:
         "num_attention_heads": num_heads,
         "num_key_value_heads": int(num_kv_heads),
         "head_dim": head_dim,
-        "hidden_act": "silu",
         "rms_norm_eps": float(self._required(f"{arch}.attention.layer_norm_rms_epsilon")),
-        "rope_parameters": {"rope_type": "default",
-                            "rope_theta": float(self.get(f"{arch}.rope.freq_base", 10000.0))},
         "max_position_embeddings": int(self.get(f"{arch}.context_length", 2048)),
         # llama.cpp's converter drops the head of a tied model, so its absence means tied.
         "tie_word_embeddings": "output.weight" not in names,
-        "attention_bias": "blk.0.attn_q.bias" in names,
-        "mlp_bias": "blk.0.ffn_gate.bias" in names,
     }
+    if arch == "gemma3":
+      config = {**common, **self._gemma3_config(common, scaling)}
+    else:
+      config = {
+          **common,
+          "model_type": "llama",
+          "architectures": ["LlamaForCausalLM"],
+          "hidden_act": "silu",
+          "rope_parameters": {"rope_type": "default",
+                              "rope_theta": float(self.get(f"{arch}.rope.freq_base", 10000.0))},
+          "attention_bias": "blk.0.attn_q.bias" in names,
+          "mlp_bias": "blk.0.ffn_gate.bias" in names,
+      }
     for key in ("bos_token_id", "eos_token_id", "padding_token_id"):
       value = self.get(f"tokenizer.ggml.{key}")
       if value is not None:
         config[key.replace("padding", "pad")] = int(value)
     return config
 
+  def _gemma3_config(self, common: dict[str, Any], scaling: str) -> dict[str, Any]:
+    """The ``Gemma3TextConfig`` fields llama.cpp's gemma3 metadata implies.
+
+    llama.cpp hard-codes what the file does not store: every sixth layer attends globally, the
+    sliding layers' RoPE base is 10000, and attention scores are scaled by head_dim ** -0.5
+    except in the 62-layer (27B) model, which uses (hidden / heads) ** -0.5.
+    """
+    layers = common["num_hidden_layers"]
+    full = {"rope_type": "default",
+            "rope_theta": float(self.get("gemma3.rope.freq_base", 1_000_000.0))}
+    if scaling == "linear":
+      full = {**full, "rope_type": "linear",
+              "factor": float(self._required("gemma3.rope.scaling.factor"))}
+    scalar = (common["hidden_size"] // common["num_attention_heads"] if layers == 62
+              else common["head_dim"])
+    return {
+        "model_type": "gemma3_text",
+        "architectures": ["Gemma3ForCausalLM"],
+        "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": scalar,
+        "sliding_window": int(self._required("gemma3.attention.sliding_window")),
+        "layer_types": ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                        for i in range(layers)],
+        "rope_parameters": {"full_attention": full,
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+        "final_logit_softcapping": self.get("gemma3.final_logit_softcapping"),
+    }
+
   def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
     c = self.config
     rotary_heads = {"q_proj": c["num_attention_heads"], "k_proj": c["num_key_value_heads"]}
+    gemma = self.architecture == "gemma3"
     for t in self.reader.tensors:
-      key = hf_key(t.name)
+      key = hf_key(t.name, self.architecture)
       # GGUF lists ne[0] (the innermost, contiguous axis) first: numpy order is the reverse.
       shape = tuple(int(n) for n in reversed(t.shape))
       try:
@@ -309,7 +369,9 @@ class GGUFFile:
       except ValueError as e:  # a data size that does not fit the stated type and shape
         raise CheckpointFileError(f"{self.path}: tensor {t.name!r} {_type_name(t.tensor_type)} "
                                   f"{shape} is corrupt ({_one_line(e)})") from None
-      proj = re.search(r"self_attn\.(q_proj|k_proj)\.", key)
+      if gemma and key.endswith("norm.weight"):
+        value = value - np.float32(1.0)  # llama.cpp stores Gemma's 1 + weight.
+      proj = None if gemma else re.search(r"self_attn\.(q_proj|k_proj)\.", key)
       if proj:
         try:
           value = unpermute_rotary(value, rotary_heads[proj.group(1)])
@@ -319,8 +381,11 @@ class GGUFFile:
               f"({_one_line(e)})") from None
       yield key, value
 
-  def tokenizer(self) -> transformers.PreTrainedTokenizerFast:
+  def tokenizer(self) -> transformers.PreTrainedTokenizerBase:
     """Builds the file's byte-level BPE tokenizer (``tokenizer.ggml.model == "gpt2"``).
+
+    A Gemma 3 file's SentencePiece vocabulary (``"llama"``, scores instead of merges) is
+    converted by transformers' GGUF tokenizer conversion instead.
 
     Vocabulary, merges, control / user-defined tokens, special token ids, BOS/EOS insertion and
     the chat template come from the metadata; the pre-tokenizer follows ``tokenizer.ggml.pre``.
@@ -330,6 +395,8 @@ class GGUFFile:
       CheckpointFileError: the vocabulary or merges are missing or malformed.
     """
     kind = self.get("tokenizer.ggml.model")
+    if kind == "llama" and self.architecture == "gemma3":
+      return self._converted_tokenizer()
     if kind != "gpt2":
       raise UnsupportedModelError(
           f"{self.path}: tokenizer.ggml.model {kind!r} is not supported; only 'gpt2' "
@@ -391,6 +458,15 @@ class GGUFFile:
       fast.chat_template = template
     return fast
 
+  def _converted_tokenizer(self) -> transformers.PreTrainedTokenizerBase:
+    """transformers' tokenizer for the file (it reads the metadata, never the tensors)."""
+    try:
+      return transformers.AutoTokenizer.from_pretrained(
+          str(self.path.parent), gguf_file=self.path.name, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise CheckpointFileError(
+          f"{self.path}: cannot build the tokenizer ({_one_line(e)})") from None
+
   def _pre_tokenizer(self) -> pre_tokenizers.PreTokenizer:
     """The split rule ``tokenizer.ggml.pre`` names, followed by the byte-level mapping."""
     if self.get("tokenizer.ggml.add_space_prefix", False):
@@ -416,11 +492,11 @@ class GGUFFile:
 
 
 def load_gguf_model(path: str | os.PathLike, *, dtype: Any = "float32") -> nnx.Module:
-  """Loads the weights of a llama-architecture GGUF file as an NNX ``Llama``.
+  """Loads the weights of a llama / gemma3 GGUF file as an NNX ``Llama`` / ``Gemma3``.
 
   Raises:
     CheckpointFileError: the file is missing, truncated or corrupt (the message names it).
-    UnsupportedModelError: not the llama architecture, or a feature the NNX Llama lacks;
+    UnsupportedModelError: not the llama / gemma3 architecture, or a feature the module lacks;
       ``UnsupportedQuantizationError`` for tensor types outside ``SUPPORTED_TENSOR_TYPES``.
     CheckpointError: the tensors do not fit the model (every problem listed).
   """
@@ -429,8 +505,8 @@ def load_gguf_model(path: str | os.PathLike, *, dtype: Any = "float32") -> nnx.M
 
 
 def load_gguf(path: str | os.PathLike, dtype: Any = "float32"
-              ) -> tuple[nnx.Module, dict[str, Any], transformers.PreTrainedTokenizerFast]:
-  """Loads a llama-architecture GGUF file: (NNX model, transformers-style config, tokenizer).
+              ) -> tuple[nnx.Module, dict[str, Any], transformers.PreTrainedTokenizerBase]:
+  """Loads a llama / gemma3 GGUF file: (NNX model, transformers-style config, tokenizer).
 
   Args:
     path: The ``.gguf`` file.
