@@ -303,6 +303,21 @@ def test_gemma3_270m_gguf_parity_with_transformers():
   assert float((ours.argmax(-1) == theirs.argmax(-1)).mean()) >= 0.99
   err = float(np.abs(ours - theirs).max())
   assert err <= GEMMA3_LOGITS_ATOL, err
+  # The file has no chat template (a pretrained checkpoint); the zoo gives it Gemma's turns.
+  chat = [{"role": "system", "content": "Answer briefly."},
+          {"role": "user", "content": "<image>\nWhat shape is it?"},
+          {"role": "assistant", "content": "circle"}]
+  tok = loaded.tokenizer
+  assert tok.apply_chat_template(chat[:2], tokenize=False, add_generation_prompt=True) == (
+      "<bos><start_of_turn>user\nAnswer briefly.\n\n<image>\nWhat shape is it?<end_of_turn>\n"
+      "<start_of_turn>model\n")
+  assert tok.apply_chat_template(chat, tokenize=False) == (
+      "<bos><start_of_turn>user\nAnswer briefly.\n\n<image>\nWhat shape is it?<end_of_turn>\n"
+      "<start_of_turn>model\ncircle<end_of_turn>\n")
+  # <bos>, <start_of_turn> and <end_of_turn> are single tokens, not spelled out.
+  rendered = tok(tok.apply_chat_template(chat, tokenize=False), add_special_tokens=False).input_ids
+  assert rendered[:2] == [2, tok.convert_tokens_to_ids("<start_of_turn>")]
+  assert rendered.count(tok.convert_tokens_to_ids("<end_of_turn>")) == 2
   # A real language model: it predicts this English text far better than chance (log 262144 =
   # 12.5 nats).
   log_probs = ours[0, :-1] - np.logaddexp.reduce(ours[0, :-1], axis=-1, keepdims=True)

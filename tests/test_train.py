@@ -313,6 +313,27 @@ def test_cached_greedy_decoding_equals_re_running_the_model_every_step(dirs, tmp
   assert max(len(built.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in full) >= 3
 
 
+def test_a_gemma3_llm_trains_only_projector_and_lora_and_decodes_from_its_cache(dirs, tmp_path):
+  gemma_dirs = {**dirs, "llm": fx.tiny_gemma3_dir(str(tmp_path / "gemma3"))}
+  built = loop.build_model(_config(gemma_dirs, tmp_path / "run", stage=2))
+  before = _leaves_by_path(nnx.state(built.model))
+  state, losses = _run_steps(built, _fixed_batch(built, "vqa"), _mesh(1, 1), 15)
+  assert losses[-1] < 0.5 * losses[0], losses
+  model = step_lib.model_from(built.graphdef, built.template, state.params, built.frozen)
+  after = _leaves_by_path(nnx.state(model))
+  changed = {k for k in before if not np.array_equal(before[k], after[k])}
+  assert any("projector" in k for k in changed) and any("lora_b" in k for k in changed)
+  assert all("projector" in k or "lora_" in k for k in changed), changed
+  params = jax.tree.map(lambda p: p + 0.3 * jnp.sign(p), built.params)
+  bound = evaluation.model_fn_for(built.graphdef, built.template, params, built.frozen)
+  records = [fx.shape_records(7, "vqa")[i] for i in range(7)]
+  cached = evaluation.greedy_answers(bound, built.builder, records, batch_size=4,
+                                     max_new_tokens=6)
+  full = evaluation.greedy_answers(lambda *inputs: bound(*inputs), built.builder, records,
+                                   batch_size=4, max_new_tokens=6)
+  assert cached == full
+
+
 def test_bfloat16_frozen_models_train_float32_params(dirs, tmp_path):
   built = loop.build_model(_config(dirs, tmp_path, stage=2, dtype="bfloat16"))
   frozen_dtypes = {x.dtype for x in jax.tree.leaves(built.frozen)

@@ -1,7 +1,7 @@
 """Tiny on-disk models and data for the VLM training tests.
 
 ``tiny_llm_dir`` writes a random 2-layer Llama (transformers ``save_pretrained``) with a word-level
-tokenizer that has a ChatML chat template; ``tiny_vit_dir`` a random 2-layer ViT with its
+tokenizer that has a ChatML chat template (``tiny_gemma3_dir`` a random 3-layer Gemma 3 with it); ``tiny_vit_dir`` a random 2-layer ViT with its
 preprocessor config; ``shape_records`` a small in-memory image–caption/VQA dataset whose answers
 are decidable from the image (colour of a filled square), so training has something to learn.
 """
@@ -47,6 +47,20 @@ def tiny_llm_dir(path: str, seed: int = 0, vocab_size: int = 32) -> str:
       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
       tie_word_embeddings=False, initializer_range=0.3)
   transformers.LlamaForCausalLM(config).save_pretrained(path)
+  tiny_tokenizer().save_pretrained(path)
+  return path
+
+
+def tiny_gemma3_dir(path: str, seed: int = 0, vocab_size: int = 32) -> str:
+  """A random 3-layer Gemma 3 (sliding window 4, shorter than the prompts) with the tiny
+  tokenizer."""
+  torch.manual_seed(seed)
+  config = transformers.Gemma3TextConfig(
+      vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+      num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+      sliding_window=4, max_position_embeddings=256, initializer_range=0.3,
+      layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+  transformers.Gemma3ForCausalLM(config).save_pretrained(path)
   tiny_tokenizer().save_pretrained(path)
   return path
 

