@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from vlmsel_jax.models import hf_config
+from vlmsel_jax.models.llama import modeling as llama_modeling
 from vlmsel_jax.models.llama.modeling import (
     FULL_ATTENTION,
     SLIDING_ATTENTION,
@@ -215,21 +216,20 @@ def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
   return x if cap is None else jnp.tanh(x / cap) * cap
 
 
-class Attention(nnx.Module):
-  """Grouped-query attention with per-head query/key norms and rotary embeddings."""
+class Attention(llama_modeling.Attention):
+  """The Llama family's grouped-query attention with per-head query/key norms before the
+  rotation and scores scaled by ``query_pre_attn_scalar ** -0.5``; ``_attend``, ``prefill`` and
+  ``decode`` are the Llama family's."""
 
   def __init__(self, config: Gemma3Config, *, dtype: Any, rngs: nnx.Rngs):
     c = config
-    kw = dict(use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
-    self.q_proj = nnx.Linear(c.hidden_size, c.num_heads * c.head_dim, **kw)
-    self.k_proj = nnx.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, **kw)
-    self.v_proj = nnx.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, **kw)
-    self.o_proj = nnx.Linear(c.num_heads * c.head_dim, c.hidden_size, **kw)
+    # No biases: Gemma 3 has none (from_hf refuses attention_bias).
+    super().__init__(llama_modeling.LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_layers=c.num_layers, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
+        head_dim=c.head_dim), dtype=dtype, rngs=rngs)
     self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype=dtype)
     self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype=dtype)
-    self.num_heads = c.num_heads
-    self.num_kv_heads = c.num_kv_heads
-    self.head_dim = c.head_dim
     self.scaling = c.query_pre_attn_scalar ** -0.5
 
   def _rotated_qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
@@ -240,34 +240,6 @@ class Attention(nnx.Module):
     v = self.v_proj(x).reshape(b, t, kv, dh)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
-
-  def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    b, t = q.shape[:2]
-    kv, groups, dh = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
-    # Query head h reads kv head h // groups, the order of transformers' repeat_kv.
-    q = q.reshape(b, t, kv, groups, dh)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k) * self.scaling
-    scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, self.num_heads * dh)
-    return self.o_proj(out)
-
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-    q, k, v = self._rotated_qkv(x, cos, sin)
-    return self._attend(q, k, v, mask)
-
-  def prefill(self, x, cos, sin, mask) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """``__call__`` that also returns the normed, rotated keys and the values: the cache."""
-    q, k, v = self._rotated_qkv(x, cos, sin)
-    return self._attend(q, k, v, mask), (k, v)
-
-  def decode(self, x, cos, sin, mask, cache, index) -> tuple[jax.Array, tuple]:
-    """One new token per row, (b, 1, d), written into ``cache`` at row r's ``index[r]``."""
-    q, k, v = self._rotated_qkv(x, cos, sin)
-    rows = jnp.arange(x.shape[0])
-    keys = cache[0].at[rows, index].set(k[:, 0])
-    values = cache[1].at[rows, index].set(v[:, 0])
-    return self._attend(q, keys, values, mask), (keys, values)
 
 
 class MLP(nnx.Module):

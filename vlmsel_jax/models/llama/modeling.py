@@ -261,6 +261,7 @@ class Attention(nnx.Module):
     self.num_heads = c.num_heads
     self.num_kv_heads = c.num_kv_heads
     self.head_dim = c.head_dim
+    self.scaling = c.head_dim ** -0.5
 
   def _rotated_qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
     b, t, _ = x.shape
@@ -276,7 +277,7 @@ class Attention(nnx.Module):
     kv, groups, dh = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
     # Query head h reads kv head h // groups, the order of transformers' repeat_kv.
     q = q.reshape(b, t, kv, groups, dh)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k) * (dh ** -0.5)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k) * self.scaling
     scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, self.num_heads * dh)
