@@ -1,7 +1,8 @@
 """Gemma 3's text decoder (``Gemma3ForCausalLM``, ``model_type: gemma3_text``) as a Flax NNX module.
 
 Gemma 3 shares the Llama family's skeleton (token embedding, rotary embeddings, grouped-query
-attention, gated MLP, tied LM head) and changes most of its details, so it is a family of its own:
+attention, gated MLP, tied LM head), so its modules subclass the Llama family's and override
+what Gemma changes; it is a family of its own for the loader (config, key table):
 
 * RMSNorm scales by ``1 + weight`` and rounds once, after scaling, in float32;
 * the token embeddings are multiplied by sqrt(hidden_size) (text tokens only: a VLM's projected
@@ -32,9 +33,7 @@ from vlmsel_jax.models.llama.modeling import (
     FULL_ATTENTION,
     SLIDING_ATTENTION,
     LlamaOutput,
-    attention_mask_for,
     rotate_half,
-    visible_keys,
 )
 
 SUPPORTED_MODEL_TYPES = ("gemma3_text",)
@@ -283,10 +282,15 @@ class DecoderLayer(nnx.Module):
     return self._mlp_block(x + self.post_attn_norm(a)), cache
 
 
-class Gemma3(nnx.Module):
-  """A Gemma 3 causal language model (text only)."""
+class Gemma3(llama_modeling.Llama):
+  """A Gemma 3 causal language model (text only).
 
-  def __init__(self, config: Gemma3Config, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+  The forward pass, ``prefill`` and ``decode`` are the Llama family's; Gemma's layers, its
+  scaled text embeddings, per-kind RoPE bases and logit soft-capping are what differ.
+  """
+
+  def __init__(self, config: Gemma3Config, *, dtype: Any = jnp.float32,
+               rngs: nnx.Rngs):  # pylint: disable=super-init-not-called
     self.config = config
     self.dtype = jnp.dtype(dtype)
     self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype,
@@ -302,78 +306,17 @@ class Gemma3(nnx.Module):
     """(batch, seq, hidden) text-token embeddings, scaled by sqrt(hidden_size).
 
     The scale is rounded to the parameter dtype first, as transformers does (bfloat16 turns
-    sqrt(640) = 25.298 into 25.25).
+    sqrt(640) = 25.298 into 25.25). ``inputs_embeds`` passed to the forward pass are used as
+    given, unscaled: a VLM builds its text rows with ``embed`` and splices image tokens in.
     """
     scale = jnp.asarray(np.float32(self.config.hidden_size) ** np.float32(0.5)).astype(self.dtype)
     return self.embed_tokens(input_ids) * scale
 
-  def __call__(self, input_ids: jax.Array | None, attention_mask: jax.Array | None = None,
-               positions: jax.Array | None = None,
-               inputs_embeds: jax.Array | None = None) -> Gemma3Output:
-    """Runs the model on a batch; arguments and outputs as ``Llama.__call__``.
-
-    ``inputs_embeds`` are used as given (no sqrt(hidden) scaling): build text rows with
-    ``embed``.
-    """
-    x, cos_sin, masks = self._inputs(input_ids, attention_mask, positions, inputs_embeds)
-    hidden = [x]
-    for kind, layer in zip(self.config.layer_types, self.layers):
-      x = layer(x, *cos_sin[kind], masks[kind])
-      hidden.append(x)
-    x = self.final_norm(x)
-    hidden[-1] = x  # transformers records the normed output as the last hidden state.
-    return Gemma3Output(logits=self._logits(x), hidden_states=tuple(hidden))
-
-  def _inputs(self, input_ids, attention_mask, positions, inputs_embeds):
-    """(embeddings, RoPE (cos, sin) per layer kind, mask per layer kind) of a forward pass."""
+  def _inv_freq(self, kind: str) -> np.ndarray:
     c = self.config
-    if (input_ids is None) == (inputs_embeds is None):
-      raise ValueError("Gemma3: pass exactly one of input_ids and inputs_embeds")
-    b, t = input_ids.shape if inputs_embeds is None else inputs_embeds.shape[:2]
-    if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-    kinds = set(c.layer_types)
-    cos_sin = {kind: self._rope(positions, kind) for kind in kinds}
-    masks = {kind: attention_mask_for(kind, t, attention_mask, c.sliding_window)
-             for kind in kinds}
-    x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
-    return x, cos_sin, masks
-
-  def _rope(self, positions: jax.Array, kind: str) -> tuple[jax.Array, jax.Array]:
-    c = self.config
-    theta, factor = ((c.rope_local_theta, c.rope_local_factor) if kind == SLIDING_ATTENTION
-                     else (c.rope_theta, c.rope_factor))
-    inv_freq = jnp.asarray(rope_inv_freq(c.head_dim, theta, factor))
-    freqs = positions[..., None].astype(jnp.float32) * inv_freq
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb).astype(self.dtype), jnp.sin(emb).astype(self.dtype)
+    if kind == SLIDING_ATTENTION:
+      return rope_inv_freq(c.head_dim, c.rope_local_theta, c.rope_local_factor)
+    return rope_inv_freq(c.head_dim, c.rope_theta, c.rope_factor)
 
   def _logits(self, x: jax.Array) -> jax.Array:
-    logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
-    return _softcap(logits, self.config.final_logit_softcapping)
-
-  def prefill(self, input_ids: jax.Array | None, attention_mask: jax.Array | None = None,
-              inputs_embeds: jax.Array | None = None) -> tuple[jax.Array, tuple]:
-    """(logits (batch, seq, vocab), cache), as ``Llama.prefill``."""
-    x, cos_sin, masks = self._inputs(input_ids, attention_mask, None, inputs_embeds)
-    cache = []
-    for kind, layer in zip(self.config.layer_types, self.layers):
-      x, kv = layer.prefill(x, *cos_sin[kind], masks[kind])
-      cache.append(kv)
-    return self._logits(self.final_norm(x)), tuple(cache)
-
-  def decode(self, token_ids: jax.Array, index: jax.Array, cache: tuple
-             ) -> tuple[jax.Array, tuple]:
-    """(logits (batch, vocab), cache) of one new token per row, as ``Llama.decode``."""
-    c = self.config
-    slots = jnp.arange(cache[0][0].shape[1])[None, :]
-    kinds = set(c.layer_types)
-    cos_sin = {kind: self._rope(index[:, None], kind) for kind in kinds}
-    masks = {kind: visible_keys(index[:, None], slots, kind,
-                                c.sliding_window)[:, None, None, None, :] for kind in kinds}
-    x = self.embed(token_ids[:, None])
-    new_cache = []
-    for kind, layer, kv in zip(c.layer_types, self.layers, cache):
-      x, kv = layer.decode(x, *cos_sin[kind], masks[kind], kv, index)
-      new_cache.append(kv)
-    return self._logits(self.final_norm(x))[:, 0], tuple(new_cache)
+    return _softcap(super()._logits(x), self.config.final_logit_softcapping)

@@ -390,10 +390,10 @@ class Llama(nnx.Module):
     Returns:
       A ``LlamaOutput`` with the logits and all hidden states.
     """
-    x, cos, sin, masks = self._inputs(input_ids, attention_mask, positions, inputs_embeds)
+    x, rope, masks = self._inputs(input_ids, attention_mask, positions, inputs_embeds)
     hidden = [x]
     for kind, layer in zip(self.config.layer_types, self.layers):
-      x = layer(x, cos, sin, masks[kind])
+      x = layer(x, *rope[kind], masks[kind])
       hidden.append(x)
     x = self.final_norm(x)
     # transformers replaces the last layer's output with the normed one in output_hidden_states.
@@ -401,23 +401,31 @@ class Llama(nnx.Module):
     return LlamaOutput(logits=self._logits(x), hidden_states=tuple(hidden))
 
   def _inputs(self, input_ids, attention_mask, positions, inputs_embeds):
-    """(embeddings, RoPE cos, RoPE sin, mask per layer kind) of a forward pass."""
+    """(embeddings, RoPE (cos, sin) per layer kind, mask per layer kind) of a forward pass."""
     c = self.config
     if (input_ids is None) == (inputs_embeds is None):
-      raise ValueError("Llama: pass exactly one of input_ids and inputs_embeds")
+      raise ValueError(f"{type(self).__name__}: pass exactly one of input_ids and inputs_embeds")
     b, t = input_ids.shape if inputs_embeds is None else inputs_embeds.shape[:2]
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-    cos, sin = self._rope(positions)
     masks = {kind: attention_mask_for(kind, t, attention_mask, c.sliding_window)
              for kind in set(c.layer_types)}
     x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
-    return x, cos, sin, masks
+    return x, self._rope(positions), masks
 
-  def _rope(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-    freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(rope_inv_freq(self.config))
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb).astype(self.dtype), jnp.sin(emb).astype(self.dtype)
+  def _inv_freq(self, kind: str) -> np.ndarray:
+    """RoPE inverse frequencies of layers of ``kind`` (one set for every kind here)."""
+    del kind
+    return rope_inv_freq(self.config)
+
+  def _rope(self, positions: jax.Array) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """RoPE (cos, sin) at ``positions`` for each layer kind."""
+    tables = {}
+    for kind in set(self.config.layer_types):
+      freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(self._inv_freq(kind))
+      emb = jnp.concatenate([freqs, freqs], axis=-1)
+      tables[kind] = jnp.cos(emb).astype(self.dtype), jnp.sin(emb).astype(self.dtype)
+    return tables
 
   def _logits(self, x: jax.Array) -> jax.Array:
     return self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
@@ -430,10 +438,10 @@ class Llama(nnx.Module):
   def prefill(self, input_ids: jax.Array | None, attention_mask: jax.Array | None = None,
               inputs_embeds: jax.Array | None = None) -> tuple[jax.Array, tuple]:
     """(logits (batch, seq, vocab), cache): ``__call__``'s logits and every layer's (k, v)."""
-    x, cos, sin, masks = self._inputs(input_ids, attention_mask, None, inputs_embeds)
+    x, rope, masks = self._inputs(input_ids, attention_mask, None, inputs_embeds)
     cache = []
     for kind, layer in zip(self.config.layer_types, self.layers):
-      x, kv = layer.prefill(x, cos, sin, masks[kind])
+      x, kv = layer.prefill(x, *rope[kind], masks[kind])
       cache.append(kv)
     return self._logits(self.final_norm(x)), tuple(cache)
 
@@ -449,7 +457,7 @@ class Llama(nnx.Module):
         ignored, so a right-padded prompt's padding never reaches the new tokens.
     """
     c = self.config
-    cos, sin = self._rope(index[:, None])
+    rope = self._rope(index[:, None])
     slots = jnp.arange(cache[0][0].shape[1])[None, :]
     masks = {kind: visible_keys(index[:, None], slots, kind,
                                 c.sliding_window)[:, None, None, None, :]
@@ -457,6 +465,6 @@ class Llama(nnx.Module):
     x = self.embed(token_ids[:, None])
     new_cache = []
     for kind, layer, kv in zip(c.layer_types, self.layers, cache):
-      x, kv = layer.decode(x, cos, sin, masks[kind], kv, index)
+      x, kv = layer.decode(x, *rope[kind], masks[kind], kv, index)
       new_cache.append(kv)
     return self._logits(self.final_norm(x))[:, 0], tuple(new_cache)
