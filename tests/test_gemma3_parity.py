@@ -146,6 +146,10 @@ def test_gemma3_cached_decoding_equals_the_full_forward_of_the_grown_sequence(tm
   full = _forward(model, ids, mask).logits
   for r, n in enumerate(lengths):
     np.testing.assert_allclose(np.asarray(logits)[r, :n], np.asarray(full)[r, :n], atol=1e-5)
+  # With ``last``, only each row's logits at its last real position: the same values.
+  at_last, _ = nnx.jit(lambda m, i, a, l: m.prefill(i, a, last=l))(model, ids, mask, lengths - 1)
+  np.testing.assert_allclose(np.asarray(at_last),
+                             np.asarray(logits)[np.arange(3), lengths - 1], atol=1e-5)
   decode = nnx.jit(lambda m, t, i, c: m.decode(t, i, c))
   for _ in range(4):
     token = rng.randint(0, TINY["vocab_size"], size=3).astype(np.int32)

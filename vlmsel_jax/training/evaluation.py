@@ -251,8 +251,8 @@ def _next_token(static, weights, batch, lengths) -> jax.Array:
 def _prefill_next_token(graphdef, weights, batch, lengths):
   model = step_lib.model_from(graphdef, *weights)
   logits, cache = model.prefill(batch["pixels"], batch["input_ids"], batch["attention_mask"],
-                                batch["image_mask"])
-  return _argmax_at_last(logits, lengths), cache
+                                batch["image_mask"], last=lengths - 1)
+  return jnp.argmax(logits, axis=-1).astype(jnp.int32), cache
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=4)

@@ -436,13 +436,21 @@ class Llama(nnx.Module):
   # pass over the grown sequence gives, for a fraction of its cost.
 
   def prefill(self, input_ids: jax.Array | None, attention_mask: jax.Array | None = None,
-              inputs_embeds: jax.Array | None = None) -> tuple[jax.Array, tuple]:
-    """(logits (batch, seq, vocab), cache): ``__call__``'s logits and every layer's (k, v)."""
+              inputs_embeds: jax.Array | None = None, last: jax.Array | None = None
+              ) -> tuple[jax.Array, tuple]:
+    """(logits, cache): ``__call__``'s logits and every layer's (k, v).
+
+    The logits are (batch, seq, vocab), or with ``last`` ((batch,) positions) only each row's
+    logits at its position, (batch, vocab): greedy decoding needs no others, and the LM head
+    over every position is most of a prefill's cost when the vocabulary is large.
+    """
     x, rope, masks = self._inputs(input_ids, attention_mask, None, inputs_embeds)
     cache = []
     for kind, layer in zip(self.config.layer_types, self.layers):
       x, kv = layer.prefill(x, *rope[kind], masks[kind])
       cache.append(kv)
+    if last is not None:
+      x = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
     return self._logits(self.final_norm(x)), tuple(cache)
 
   def decode(self, token_ids: jax.Array, index: jax.Array, cache: tuple

@@ -151,10 +151,11 @@ class VLM(nnx.Module):
     return self.llm(None, attention_mask, inputs_embeds=embeds).logits
 
   def prefill(self, pixels: jax.Array, input_ids: jax.Array, attention_mask: jax.Array,
-              image_mask: jax.Array) -> tuple[jax.Array, tuple]:
-    """``__call__``'s logits and the LLM's decoding cache (``Llama.prefill``)."""
+              image_mask: jax.Array, last: jax.Array | None = None) -> tuple[jax.Array, tuple]:
+    """``__call__``'s logits (only at ``last`` when given) and the LLM's decoding cache
+    (``Llama.prefill``)."""
     embeds = self.embed(pixels, input_ids, image_mask)
-    return self.llm.prefill(None, attention_mask, inputs_embeds=embeds)
+    return self.llm.prefill(None, attention_mask, inputs_embeds=embeds, last=last)
 
   def decode(self, token_ids: jax.Array, index: jax.Array, cache: tuple
              ) -> tuple[jax.Array, tuple]:
