@@ -22,7 +22,6 @@ import os
 import sys
 import time
 
-import numpy as np
 from absl import app
 from absl import flags
 
@@ -401,20 +400,10 @@ def run() -> list[str]:
   title = "Encoder selection: training-free scores" + (" (synthetic demo pool)" if SYNTHETIC_POOL.value else "")
   return report.write_outputs(
       result, OUTPUT_DIR.value, title=title, preamble=preamble, run_info=run_info,
-      extra={VISION_CKA_FILE: report.similarity_csv(names, candidate_cka(feats))})
+      extra={VISION_CKA_FILE: report.similarity_csv(names, cka.linear_cka_matrix(feats))})
 
 
 VISION_CKA_FILE = "vision_cka.csv"
-
-
-def candidate_cka(feats: list[np.ndarray]) -> np.ndarray:
-  """Linear CKA between every two candidates' image features (their own similarity, not the
-  text's): what Mordal clusters vision encoders by (``select --vision_similarity``)."""
-  m = np.eye(len(feats))
-  for i in range(len(feats)):
-    for j in range(i + 1, len(feats)):
-      m[i, j] = m[j, i] = cka.linear_cka(feats[i], feats[j])
-  return m
 
 
 def main(argv):

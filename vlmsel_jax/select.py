@@ -26,6 +26,7 @@ METHOD_MODULES = {
     "ac_policy": "vlmsel_jax.selection.ac_cli",
     "evaluate": "vlmsel_jax.selection.evaluate_cli",
     "mordal": "vlmsel_jax.selection.mordal_cli",
+    "mordal_llm_similarity": "vlmsel_jax.selection.llm_similarity_cli",
     "dcd": "vlmsel_jax.selection.dcd_cli",
 }
 

@@ -87,6 +87,16 @@ def linear_cka(x, y) -> float:
   return float(_linear_cka_core(jnp.asarray(x), jnp.asarray(y)))
 
 
+def linear_cka_matrix(feats) -> np.ndarray:
+  """Symmetric (m, m) matrix of linear CKA between every two of ``m`` feature matrices (the same
+  n samples, any widths), ones on the diagonal: the similarity Mordal clusters models by."""
+  m = np.eye(len(feats))
+  for i in range(len(feats)):
+    for j in range(i + 1, len(feats)):
+      m[i, j] = m[j, i] = linear_cka(feats[i], feats[j])
+  return m
+
+
 def _sq_distances(x: jax.Array) -> jax.Array:
   """All squared Euclidean distances between rows of ``x`` (n x n, exact zeros on the diagonal)."""
   # Distances are translation invariant; centering first keeps the norm-expansion below from
