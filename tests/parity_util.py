@@ -53,3 +53,23 @@ def randomise_torch_cnn(model, seed: int = 0):
         if module.bias is not None:
           module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=gen))
   return model.eval()
+
+
+def decoder_inputs(batch=2, seq=7, vocab=128):
+  """Token ids and a padding mask for decoder-LM parity: row 0 right-padded by 2, row 1
+  left-padded by 2."""
+  ids = np.random.RandomState(1).randint(0, vocab, size=(batch, seq)).astype(np.int32)
+  mask = np.ones((batch, seq), np.int32)
+  mask[0, -2:] = 0
+  mask[1, :2] = 0
+  return ids, mask
+
+
+def torch_decoder_outputs(model, ids, mask=None):
+  """(hidden states, logits) of a transformers torch causal LM, as float32 numpy arrays."""
+  import torch  # pylint: disable=g-import-not-at-top
+  with torch.no_grad():
+    out = model(torch.tensor(ids, dtype=torch.long),
+                attention_mask=None if mask is None else torch.tensor(mask, dtype=torch.long),
+                output_hidden_states=True)
+  return [h.float().numpy() for h in out.hidden_states], out.logits.float().numpy()

@@ -15,6 +15,8 @@ import torch
 import transformers
 from flax import nnx
 
+from parity_util import decoder_inputs as _inputs
+from parity_util import torch_decoder_outputs as _torch_outputs
 from vlmsel_jax.models import load_pretrained
 from vlmsel_jax.models.gemma3 import Gemma3, Gemma3Config
 
@@ -39,23 +41,6 @@ def _torch_checkpoint(path, seed=0, **overrides):
       p.copy_(torch.randn_like(p) * 0.05)
   model.save_pretrained(path)
   return model
-
-
-def _inputs(batch=2, seq=7, vocab=128):
-  """Token ids and a padding mask: row 0 right-padded by 2, row 1 left-padded by 2."""
-  ids = np.random.RandomState(1).randint(0, vocab, size=(batch, seq)).astype(np.int32)
-  mask = np.ones((batch, seq), np.int32)
-  mask[0, -2:] = 0
-  mask[1, :2] = 0
-  return ids, mask
-
-
-def _torch_outputs(model, ids, mask=None):
-  with torch.no_grad():
-    out = model(torch.tensor(ids, dtype=torch.long),
-                attention_mask=None if mask is None else torch.tensor(mask, dtype=torch.long),
-                output_hidden_states=True)
-  return [h.float().numpy() for h in out.hidden_states], out.logits.float().numpy()
 
 
 _forward = nnx.jit(lambda model, ids, mask: model(ids, attention_mask=mask))
