@@ -23,7 +23,7 @@ from flax import nnx
 
 from vlmsel_jax.scores import cka
 from vlmsel_jax.selection import mordal_live
-from vlmsel_jax.training import checkpoint as ckpt_lib
+from vlmsel_jax.training import evaluate_run
 from vlmsel_jax.training import evaluation
 from vlmsel_jax.training import loop
 from vlmsel_jax.training import step as step_lib
@@ -88,12 +88,9 @@ def llm_similarity(base: loop.TrainConfig, vision: str, llms: Sequence[str], wor
   feats, runs = {}, {}
   for llm in llms:
     config = warmup_config(base, vision, llm, workdir)
-    runs[llm] = loop.train(config, source=train_source)
-    built = loop.build_model(config)
-    directory = os.path.join(config.workdir, loop.CHECKPOINT_DIR)
-    params, meta = ckpt_lib.restore_params(directory)
-    ckpt_lib.check_compatible(meta, config.meta(loop.shapes_of(built.params)), directory)
-    params = jax.tree.map(jnp.asarray, ckpt_lib.conform(params, built.params))
+    built = loop.build_model(config)  # once: the warm-up and the representations share it
+    runs[llm] = loop.train(config, source=train_source, built=built)
+    params, _ = evaluate_run.latest_params(config, built)
     feats[llm] = image_representations(built, params, records, layer=layer,
                                        batch_size=batch_size)
   return llms, cka.linear_cka_matrix([feats[llm] for llm in llms]), runs

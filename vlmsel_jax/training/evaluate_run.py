@@ -7,6 +7,7 @@ needs only the workdir. Held-out data defaults to the test split of the run's tr
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import jax
 
@@ -33,6 +34,15 @@ def config_from_meta(meta: dict, workdir: str) -> loop.TrainConfig:
       system_prompt=meta.get("system_prompt"), data_kind=meta.get("data_kind"))
 
 
+def latest_params(config: loop.TrainConfig, built: loop.Built) -> tuple[Any, dict]:
+  """(trained params as jax arrays, checkpoint meta) of ``config.workdir``'s latest checkpoint,
+  checked against the run ``built`` is."""
+  directory = os.path.join(config.workdir, loop.CHECKPOINT_DIR)
+  params, meta = ckpt_lib.restore_params(directory)
+  ckpt_lib.check_compatible(meta, config.meta(loop.shapes_of(built.params)), directory)
+  return jax.tree.map(jax.numpy.asarray, ckpt_lib.conform(params, built.params)), meta
+
+
 def evaluate(config: loop.TrainConfig, *, data: str | None = None, metrics=None,
              limit: int | None = None, batch_size: int = 16, max_new_tokens: int = 8,
              train_source=None, eval_source=None, progress: bool = True,
@@ -44,12 +54,8 @@ def evaluate(config: loop.TrainConfig, *, data: str | None = None, metrics=None,
     if m not in METRICS:
       raise ValueError(f"unknown evaluation metric {m!r}; use {', '.join(METRICS)}")
   built = loop.build_model(config) if built is None else built
-  directory = os.path.join(config.workdir, loop.CHECKPOINT_DIR)
-  params, meta = ckpt_lib.restore_params(directory)
-  ckpt_lib.check_compatible(meta, config.meta(loop.shapes_of(built.params)), directory)
-  params = ckpt_lib.conform(params, built.params)
-  model_fn = evaluation.model_fn_for(built.graphdef, built.template,
-                                     jax.tree.map(jax.numpy.asarray, params), built.frozen)
+  params, meta = latest_params(config, built)
+  model_fn = evaluation.model_fn_for(built.graphdef, built.template, params, built.frozen)
   spec = data or config.data
   out = {"workdir": config.workdir, "checkpoint_step": meta.get("step"), "data": spec}
   for metric in metrics:
