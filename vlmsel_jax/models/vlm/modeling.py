@@ -59,15 +59,19 @@ class VLMConfig:
 
 
 def tower_grid(tower: nnx.Module, pixels: jax.Array, layer: int) -> jax.Array:
-  """(batch, rows, cols, dim) patch features of a ViT-family or EfficientNet tower at ``layer``."""
-  from vlmsel_jax.models import efficientnet  # pylint: disable=g-import-not-at-top
-  from vlmsel_jax.models import vit  # pylint: disable=g-import-not-at-top
-  if isinstance(tower, efficientnet.EfficientNetLite):
+  """(batch, rows, cols, dim) patch features of a ViT-family, EfficientNet or handcrafted
+  (pixel patches, HOG) tower at ``layer``."""
+  # pylint: disable=g-import-not-at-top
+  from vlmsel_jax.models import efficientnet
+  from vlmsel_jax.models import handcrafted
+  from vlmsel_jax.models import vit
+  # pylint: enable=g-import-not-at-top
+  if isinstance(tower, (efficientnet.EfficientNetLite, handcrafted.PixelPatches, handcrafted.Hog)):
     return tower(pixels).hidden_states[layer]
   if isinstance(tower, vit.Vit):
     return vit.select_features(tower(pixels), layer, "patch_grid")
-  raise TypeError(f"{type(tower).__name__} is not a supported vision tower (ViT family or "
-                  "EfficientNet-Lite)")
+  raise TypeError(f"{type(tower).__name__} is not a supported vision tower (ViT family, "
+                  "EfficientNet-Lite, pixel patches or HOG)")
 
 
 def image_features(tower: nnx.Module, pixels: jax.Array, config: VLMConfig) -> jax.Array:
