@@ -122,6 +122,12 @@ def test_zoo_loads_both_towers_with_variants_and_their_patch_grids():
     grid = patch_grid.patch_grid(loaded, pixels, loaded.default_layer)
     assert features.shape == (1, dim) and grid.shape == (1, *grid_shape, dim)
     np.testing.assert_allclose(features, grid.mean(axis=(1, 2)), rtol=1e-6)
+  # With no layer named, a patch grid of a trained tower is its second-to-last layer; a
+  # handcrafted tower's is its own output (pixel patches have no other).
+  loaded = zoo.load("pixel-patches@res=32")
+  pixels = jnp.asarray(loaded.preprocessing(image))[None]
+  assert patch_grid.default_layer(loaded) == -1
+  assert patch_grid.patch_grid_fn(loaded)(pixels).shape == (1, 2, 2, 768)
   # The "weights" are the defining module, so a cached bank follows the code.
   assert zoo.resolve("hog").path.name == "modeling.py"
   with pytest.raises(zoo.ZooError, match="layer -3 is out of range"):

@@ -101,7 +101,7 @@ def score_records(loaded: zoo.LoadedModel, records: Iterable[dict[str, Any]], *,
   if 0.10 in alphas:
     result["c_score"] = result["pck@0.10"]
   result.update(keypoints=count, pairs=pairs, grid=list(grid_shape),
-                layer=pg.DEFAULT_LAYER if layer is None else layer,
+                layer=pg.default_layer(loaded) if layer is None else layer,
                 per_category={c: {**{n: float(100.0 * h / v[1]) for n, h in zip(names, v[0])},
                                   "keypoints": v[1]} for c, v in sorted(by_cat.items())})
   return result

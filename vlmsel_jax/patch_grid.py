@@ -55,6 +55,12 @@ def _family(loaded: zoo.LoadedModel) -> str:
                    "vision encoders do")
 
 
+def default_layer(loaded: zoo.LoadedModel) -> int:
+  """``DEFAULT_LAYER`` (second-to-last) for trained towers; a handcrafted tower's own output
+  (-1), which has no classification head after it to avoid."""
+  return -1 if _family(loaded) == "handcrafted" else DEFAULT_LAYER
+
+
 def _check_layer(loaded: zoo.LoadedModel, layer: int) -> None:
   if not -loaded.num_layers <= layer < loaded.num_layers:
     raise ValueError(f"layer {layer} is out of range for {loaded.name!r}: use "
@@ -68,8 +74,9 @@ def patch_grid(loaded: zoo.LoadedModel, pixels: jax.Array,
   Args:
     loaded: A vision model from ``zoo.load`` (ViT family, EfficientNet-Lite, pixel patches, HOG).
     pixels: (B, H, W, 3) preprocessed images, NHWC.
-    layer: Index into the model's ``hidden_states``; None means ``DEFAULT_LAYER`` (-2, the
-      second-to-last layer; see the module docstring for what that is in a CNN).
+    layer: Index into the model's ``hidden_states``; None means ``default_layer(loaded)``: -2,
+      the second-to-last layer (see the module docstring for what that is in a CNN), or -1 for
+      a handcrafted tower.
 
   Returns:
     (B, h, w, D) float features, unnormalised.
@@ -78,7 +85,7 @@ def patch_grid(loaded: zoo.LoadedModel, pixels: jax.Array,
     ValueError: a model that is neither family, or a layer out of range.
   """
   family = _family(loaded)
-  layer = DEFAULT_LAYER if layer is None else layer
+  layer = default_layer(loaded) if layer is None else layer
   _check_layer(loaded, layer)
   # pylint: disable=g-import-not-at-top
   if family == "vit":
@@ -95,7 +102,7 @@ def patch_grid_fn(loaded: zoo.LoadedModel,
                   layer: int | None = None) -> Callable[[jax.Array], jax.Array]:
   """``pixels -> patch_grid(loaded, pixels, layer)`` compiled with ``jax.jit`` (once per shape)."""
   _family(loaded)
-  layer = DEFAULT_LAYER if layer is None else layer
+  layer = default_layer(loaded) if layer is None else layer
   _check_layer(loaded, layer)
   graphdef, state = nnx.split(loaded.model)
 
