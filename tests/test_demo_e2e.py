@@ -24,6 +24,8 @@ from absl import flags
 import vlm_fixtures as fx
 from vlmsel_jax import groundtruth
 from vlmsel_jax import score
+from vlmsel_jax.training import checkpoint as ckpt_lib
+from vlmsel_jax.training import loop
 
 FLAGS = flags.FLAGS
 
@@ -190,3 +192,33 @@ def test_groundtruth_learning_curves_match_the_uninterrupted_run(world, tmp_path
     _run(groundtruth, flags_for(plain, tmp_path / "plain_runs") + ["--curve_fractions=0.5"])
   with pytest.raises(Exception, match=r"--curve_fractions: each must be in \(0, 1\)"):
     _run(groundtruth, flags_for(plain, tmp_path / "plain_runs") + ["--curve_fractions=1.0"])
+
+
+def test_groundtruth_grid_of_vision_and_llm_candidates(world, tmp_path):
+  """--llm_candidates trains every (vision, LLM) pair, named <vision>+<llm>, each with its LLM."""
+  llm_b = fx.tiny_llm_dir(str(tmp_path / "llm_b"), seed=1)
+  output = str(tmp_path / "grid" / "gt.csv")
+  argv = [f for f in _groundtruth_flags(world, output)
+          if not f.startswith(("--vision_candidates", "--llm=", "--workdir"))]
+  argv += [f"--vision_candidates={world['candidates'][0]}",
+           f"--llm_candidates={world['llm']},{llm_b}", f"--workdir={tmp_path / 'grid_runs'}",
+           "--gt_seeds=0", "--curve_fractions=0.5"]
+  _run(groundtruth, argv)
+  names = ["vit_a+llm", "vit_a+llm_b"]
+  runs = _rows(groundtruth.runs_path(output))
+  assert [(r["candidate"], r["vision"], r["llm"]) for r in runs] == [
+      (names[0], world["candidates"][0], world["llm"]), (names[1], world["candidates"][0], llm_b)]
+  assert [r["candidate"] for r in _rows(output)] == names
+  curve = _rows(groundtruth.curves_path(output, 0))
+  assert [(r["candidate"], r["llm"]) for r in curve] == [
+      (names[0], world["llm"]), (names[0], world["llm"]), (names[1], llm_b), (names[1], llm_b)]
+  # Each pair's checkpoints were trained with its own LLM.
+  for name, llm in zip(names, (world["llm"], llm_b)):
+    for stage in ("stage1", "stage2"):
+      _, meta = ckpt_lib.restore_params(
+          str(tmp_path / "grid_runs" / name / "seed0" / stage / loop.CHECKPOINT_DIR))
+      assert meta["llm"] == llm
+  with pytest.raises(Exception, match=r"--llm_candidates: duplicate LLMs in llm, llm"):
+    _run(groundtruth, argv[:-3] + [f"--llm_candidates={world['llm']},{world['llm']}"])
+  with pytest.raises(Exception, match=r"--llm_candidates: .* is a vision model, not an LLM"):
+    _run(groundtruth, argv[:-3] + [f"--llm_candidates={world['candidates'][2]}"])

@@ -22,6 +22,11 @@ skips what is done and resumes a half-trained run from its checkpoint):
   ``a_score``), their spread (``accuracy_std`` with two or more seeds), what ``vlmsel_jax.score
   --ground_truth`` reads. A JSON beside it records the seed-to-seed spread over the pool.
 
+With ``--llm_candidates`` (LLM specs) every vision candidate trains with every LLM: the grid of
+(encoder, LLM) pairs a selection method searches. A pair is named ``<vision>+<llm>`` (the zoo
+names, variants included) in every table and workdir; without the flag the one ``--llm`` is used
+and a candidate is named by its vision spec alone.
+
 With ``--curve_fractions`` (e.g. ``0.0625,0.125,0.25,0.5``) stage 2 also stops at each fraction
 r of its steps, ``round(r · stage2_steps)``, and measures VQA accuracy there before going on
 (the cosine schedule spans the whole budget and training continues from the checkpoint, so the
@@ -64,6 +69,8 @@ from vlmsel_jax.training import loop
 _CANDIDATES = flag_util.shared(flags.DEFINE_list, "vision_candidates", None, "Vision "
                                "candidates: specs with optional variants, e.g. "
                                "efficientnet-lite0@layer=-3,res=160.")
+_LLMS = flags.DEFINE_list("llm_candidates", [], "LLM specs: every vision candidate trains with "
+                          "each, as the candidate <vision>+<llm>. Empty: the one --llm.")
 _OUTPUT = flags.DEFINE_string("groundtruth_output", None, "Per-candidate CSV (the runs CSV and a "
                               "JSON summary go beside it).")
 _SEEDS = flags.DEFINE_list("gt_seeds", ["0"], "Seeds: every candidate trains once per seed "
@@ -94,7 +101,7 @@ _CURVE_FRACTIONS = flags.DEFINE_list("curve_fractions", [], "Stage-2 fractions i
                                      "to also measure VQA accuracy (learning curves for Mordal "
                                      "replay), e.g. 0.0625,0.125,0.25,0.5.")
 
-RUN_COLUMNS = ("candidate", "vision", "vision_layer", "seed", "accuracy", "a_score",
+RUN_COLUMNS = ("candidate", "vision", "llm", "vision_layer", "seed", "accuracy", "a_score",
                "majority_accuracy", "questions", "captions", "stage1_steps", "stage2_steps",
                "stage1_loss", "stage2_loss", "minutes", "date", "command")
 CURVE_COLUMNS = ("candidate", "vision", "llm", "data_fraction", "accuracy", "cost", "seed",
@@ -119,15 +126,17 @@ class StageBudget:
 
 
 def stage_config(base: loop.TrainConfig, *, vision: str, stage: int, seed: int, workdir: str,
-                 budget: StageBudget, init_from: str | None = None) -> loop.TrainConfig:
-  """``base`` (the training flags) turned into one stage of one candidate's run."""
+                 budget: StageBudget, init_from: str | None = None,
+                 llm: str | None = None) -> loop.TrainConfig:
+  """``base`` (the training flags) turned into one stage of one candidate's run (its vision
+  spec, and its LLM spec when given)."""
   accumulate = base.optim.accumulate
   optim = dataclasses.replace(base.optim, learning_rate=budget.learning_rate,
                               warmup_ratio=budget.warmup_ratio,
                               schedule_steps=max(budget.steps // accumulate, 1))
   return dataclasses.replace(
-      base, vision=vision, stage=stage, seed=seed, workdir=workdir, init_from=init_from,
-      max_steps=budget.steps, batch_size=budget.batch_size, max_len=budget.max_len, optim=optim,
+      base, vision=vision, llm=llm or base.llm, stage=stage, seed=seed, workdir=workdir,
+      init_from=init_from, max_steps=budget.steps, batch_size=budget.batch_size, max_len=budget.max_len, optim=optim,
       data_kind=None)
 
 
@@ -194,15 +203,18 @@ def train_with_curve(s2: loop.TrainConfig, built, points: list[tuple[float, int]
 def run_one(base: loop.TrainConfig, vision: str, name: str, seed: int, root: str,
             stage1: StageBudget, stage2: StageBudget, *, a_limit: int | None,
             vqa_limit: int | None, eval_batch_size: int, eval_data: str | None,
-            command: str, curve_fractions: list[float] = ()) -> tuple[dict, list[dict]]:
-  """Stage 1 → A score → stage 2 → VQA accuracy for one candidate and seed.
+            command: str, curve_fractions: list[float] = (),
+            llm: str | None = None) -> tuple[dict, list[dict]]:
+  """Stage 1 → A score → stage 2 → VQA accuracy for one candidate and seed (with ``llm``, else
+  ``base.llm``).
 
   Returns its runs row and its learning-curve rows (empty without ``curve_fractions``).
   """
   start = time.time()
+  llm = llm or base.llm
   run_dir = os.path.join(root, name.replace("/", "_"), f"seed{seed}")
   s1 = stage_config(base, vision=vision, stage=1, seed=seed,
-                    workdir=os.path.join(run_dir, "stage1"), budget=stage1)
+                    workdir=os.path.join(run_dir, "stage1"), budget=stage1, llm=llm)
   built = loop.build_model(s1)
   summary1 = loop.train(s1, built=built)
   a = evaluate_run.evaluate(s1, built=built, data=eval_data, metrics=("a_score",),
@@ -210,7 +222,7 @@ def run_one(base: loop.TrainConfig, vision: str, name: str, seed: int, root: str
   del built
   s2 = stage_config(base, vision=vision, stage=2, seed=seed,
                     workdir=os.path.join(run_dir, "stage2"), budget=stage2,
-                    init_from=s1.workdir)
+                    init_from=s1.workdir, llm=llm)
   built = loop.build_model(s2)
   last_eval = {}
 
@@ -226,7 +238,7 @@ def run_one(base: loop.TrainConfig, vision: str, name: str, seed: int, root: str
     if not last_eval:  # Every point was measured before a kill; the full run's details again.
       evaluate_vqa()
     offset = stage1_cost(stage1, stage2)
-    curve_rows = [{"candidate": name, "vision": vision, "llm": base.llm,
+    curve_rows = [{"candidate": name, "vision": vision, "llm": llm,
                    "data_fraction": r, "accuracy": measured[step], "cost": offset + step,
                    "seed": seed, "stage2_steps": step} for r, step in points]
   else:
@@ -234,7 +246,8 @@ def run_one(base: loop.TrainConfig, vision: str, name: str, seed: int, root: str
     evaluate_vqa()
   v = last_eval
   row = {
-      "candidate": name, "vision": vision, "vision_layer": s1.vlm.vision_layer, "seed": seed,
+      "candidate": name, "vision": vision, "llm": llm, "vision_layer": s1.vlm.vision_layer,
+      "seed": seed,
       "accuracy": v["vqa_accuracy"],
       "a_score": a["a_score"], "majority_accuracy": v.get("majority_accuracy"),
       "questions": v["questions"], "captions": a["pairs"],
@@ -335,6 +348,36 @@ def write_tables(output: str, runs: list[dict], order: list[str]) -> dict:
   return spread
 
 
+def llm_grid(visions: list[str], vision_names: list[str], llms: list[str]
+             ) -> tuple[list[tuple[str, str | None]], list[str]]:
+  """(vision spec, LLM spec or None) of every candidate, and its name: the vision candidates
+  alone (LLM None: the one --llm) without ``llms``, else every (vision, LLM) pair, vision-major,
+  named ``<vision>+<llm>``. --llm is set to the first LLM when unset, so the training flags
+  parse; each run replaces it with its own.
+
+  Raises:
+    app.UsageError: an LLM spec that does not resolve, is not a text model, or is repeated.
+  """
+  specs = [x.strip() for x in llms if x.strip()]
+  if not specs:
+    return [(v, None) for v in visions], list(vision_names)
+  try:
+    resolved = [zoo.resolve(x) for x in specs]
+  except zoo.ZooError as e:
+    raise app.UsageError(f"--llm_candidates: {e}") from None
+  for r in resolved:
+    if r.kind != "text":
+      raise app.UsageError(f"--llm_candidates: {r.spec!r} is a {r.kind} model, not an LLM")
+  llm_names = [r.name for r in resolved]
+  if len(set(llm_names)) != len(llm_names):
+    raise app.UsageError(f"--llm_candidates: duplicate LLMs in {', '.join(llm_names)}")
+  if not flags.FLAGS.llm:
+    flags.FLAGS.llm = specs[0]
+  pairs = [(v, llm) for v in visions for llm in specs]
+  names = [f"{v}+{n}" for v in vision_names for n in llm_names]
+  return pairs, names
+
+
 def _command() -> str:
   return "python -m vlmsel_jax.groundtruth " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
@@ -358,7 +401,8 @@ def main(argv):
                          f"measured), got {','.join(_CURVE_FRACTIONS.value)}")
   if not seeds or len(set(seeds)) != len(seeds):
     raise app.UsageError(f"--gt_seeds: give distinct seeds, got {','.join(_SEEDS.value)}")
-  candidates, names = train_binary.vision_candidates(_CANDIDATES.value)
+  visions, vision_names = train_binary.vision_candidates(_CANDIDATES.value)
+  pairs, names = llm_grid(visions, vision_names, _LLMS.value)
   runtime_flags.initialize_from_flags()
   base = train_binary.config_from_flags()
   stage1 = StageBudget(_STAGE1_STEPS.value, _STAGE1_LR.value, _STAGE1_BATCH.value,
@@ -376,7 +420,7 @@ def main(argv):
   for seed in seeds:
     curves = read_curves(curves_path(output, seed)) if curve_fractions else []
     with_curve = {r["candidate"] for r in curves}
-    for spec, name in zip(candidates, names):
+    for (spec, llm), name in zip(pairs, names):
       if (name, seed) in done and (not curve_fractions or name in with_curve):
         logging.info("%s seed %d: already in %s", name, seed, runs_path(output))
         continue
@@ -386,7 +430,7 @@ def main(argv):
             base, spec, name, seed, base.workdir, stage1, stage2,
             a_limit=_A_LIMIT.value or None, vqa_limit=_VQA_LIMIT.value or None,
             eval_batch_size=flags.FLAGS.eval_batch_size, eval_data=flags.FLAGS.eval_data,
-            command=command, curve_fractions=curve_fractions)
+            command=command, curve_fractions=curve_fractions, llm=llm)
       except GroundTruthError as e:
         print(f"groundtruth: error: {e}", file=sys.stderr)
         sys.exit(1)
