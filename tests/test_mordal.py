@@ -337,8 +337,8 @@ def test_live_mode_trains_continuing_checkpoints_and_records_replayable_curves(t
 # its pick, cost, grid cost).
 OWN_TRAININGS = [
     ("mordal_demo.flags", "demo_groundtruth", 9, "efficientnet-lite0@layer=-2", 920.0, 1200.0),
-    ("mordal_trained.flags", "mordal_groundtruth", 20, "efficientnet-lite2@res=96",
-     7400.0 / 3, 12800.0 / 3),
+    ("mordal_trained.flags", "mordal_groundtruth", 26, "efficientnet-lite2@res=96",
+     9560.0 / 3, 16640.0 / 3),
 ]
 
 
