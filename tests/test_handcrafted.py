@@ -151,27 +151,14 @@ def test_a_vlm_with_a_hog_tower_trains_only_its_projector(tmp_path):
       batch_size=8, max_steps=8, max_len=32, save_every=2, log_every=1,
       mesh="data:-1,fsdp:1", progress=False)
   built = loop.build_model(config)
-  source = fx.shape_records(8, "paired")
-  rows = [built.builder.caption_inputs(source[i]) for i in range(8)]
-  batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-  batch["mask"] = np.ones(8, bool)
+  batch = fx.fixed_batch(built, "paired")
   # 3x3 blocks of the 32 px image, one token each, 36 HOG dimensions into the projector.
   assert built.model.config.vision_layer == -1
   pixels = jnp.asarray(batch["pixels"])
   assert vlm.image_features(built.model.tower, pixels, built.model.config).shape == (8, 9, 36)
-  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), ("data", "fsdp"))
-  tx = step_lib.OptimConfig(learning_rate=1e-2, schedule_steps=100, warmup_ratio=0.0).make()
-  state, state_sh = step_lib.init_state(built.params, tx, mesh)
-  frozen_sh = step_lib.tree_shardings(built.frozen, mesh)
-  frozen = jax.device_put(built.frozen, frozen_sh)
-  gb = step_lib.global_batch(batch, mesh)
-  fn = step_lib.make_train_step(built.graphdef, built.template, tx, mesh, state_sh, frozen_sh,
-                                {k: v.sharding for k, v in gb.items()})
-  losses = []
-  for _ in range(15):
-    state, metrics = fn(state, frozen, gb)
-    losses.append(float(metrics["loss"]))
+  state, losses = fx.run_train_steps(built, batch, fx.mesh(1, 1), 15)
   assert losses[-1] < 0.5 * losses[0], losses
   paths = [jax.tree_util.keystr(p) for p, _ in
            jax.tree_util.tree_flatten_with_path(state.params)[0]]
   assert paths and all("projector" in p for p in paths), paths
+

@@ -41,35 +41,6 @@ def _config(dirs, workdir, **overrides):
   return loop.TrainConfig(**base)
 
 
-def _fixed_batch(built: loop.Built, kind: str, n: int = 8) -> dict[str, np.ndarray]:
-  source = fx.shape_records(n, kind)
-  make = built.builder.caption_inputs if kind == "paired" else built.builder.chat_inputs
-  rows = [make(source[i]) for i in range(n)]
-  batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-  batch["mask"] = np.ones(n, bool)
-  return batch
-
-
-def _run_steps(built, batch, mesh, steps, lr=1e-2):
-  tx = step_lib.OptimConfig(learning_rate=lr, schedule_steps=100, warmup_ratio=0.0).make()
-  state, state_sh = step_lib.init_state(built.params, tx, mesh)
-  frozen_sh = step_lib.tree_shardings(built.frozen, mesh)
-  frozen = jax.device_put(built.frozen, frozen_sh)
-  gb = step_lib.global_batch(batch, mesh)
-  fn = step_lib.make_train_step(built.graphdef, built.template, tx, mesh, state_sh, frozen_sh,
-                                {k: v.sharding for k, v in gb.items()})
-  losses = []
-  for _ in range(steps):
-    state, metrics = fn(state, frozen, gb)
-    losses.append(float(metrics["loss"]))
-  return state, losses
-
-
-def _mesh(data, fsdp):
-  devices = np.asarray(jax.devices()[:data * fsdp]).reshape(data, fsdp)
-  return jax.sharding.Mesh(devices, ("data", "fsdp"))
-
-
 def _leaves_by_path(state) -> dict[str, np.ndarray]:
   flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0]
   return {jax.tree_util.keystr(p): np.asarray(x) for p, x in flat}
@@ -107,7 +78,7 @@ def test_splice_places_image_tokens_in_order():
 
 def test_loss_decreases_on_a_fixed_batch(dirs, tmp_path):
   built = loop.build_model(_config(dirs, tmp_path, stage=2))
-  _, losses = _run_steps(built, _fixed_batch(built, "vqa"), _mesh(1, 1), 15)
+  _, losses = fx.run_train_steps(built, fx.fixed_batch(built, "vqa"), fx.mesh(1, 1), 15)
   assert losses[-1] < 0.5 * losses[0], losses
 
 
@@ -115,7 +86,7 @@ def test_stage1_leaves_every_non_projector_parameter_bit_identical(dirs, tmp_pat
   built = loop.build_model(_config(dirs, tmp_path, stage=1))
   assert set(built.params) == {"projector"}
   before = _leaves_by_path(nnx.state(built.model))
-  state, _ = _run_steps(built, _fixed_batch(built, "paired"), _mesh(1, 1), 3)
+  state, _ = fx.run_train_steps(built, fx.fixed_batch(built, "paired"), fx.mesh(1, 1), 3)
   model = step_lib.model_from(built.graphdef, built.template, state.params, built.frozen)
   after = _leaves_by_path(nnx.state(model))
   assert before.keys() == after.keys()
@@ -126,7 +97,7 @@ def test_stage1_leaves_every_non_projector_parameter_bit_identical(dirs, tmp_pat
 def test_stage2_changes_only_projector_and_lora_parameters(dirs, tmp_path):
   built = loop.build_model(_config(dirs, tmp_path, stage=2))
   before = _leaves_by_path(nnx.state(built.model))
-  state, _ = _run_steps(built, _fixed_batch(built, "vqa"), _mesh(1, 1), 3)
+  state, _ = fx.run_train_steps(built, fx.fixed_batch(built, "vqa"), fx.mesh(1, 1), 3)
   model = step_lib.model_from(built.graphdef, built.template, state.params, built.frozen)
   after = _leaves_by_path(nnx.state(model))
   changed = {k for k in before if not np.array_equal(before[k], after[k])}
@@ -136,10 +107,10 @@ def test_stage2_changes_only_projector_and_lora_parameters(dirs, tmp_path):
 
 def test_sharded_step_on_8_devices_matches_1_device(dirs, tmp_path):
   built = loop.build_model(_config(dirs, tmp_path, stage=2))
-  batch = _fixed_batch(built, "vqa")
-  ref, ref_losses = _run_steps(built, batch, _mesh(1, 1), 3)
+  batch = fx.fixed_batch(built, "vqa")
+  ref, ref_losses = fx.run_train_steps(built, batch, fx.mesh(1, 1), 3)
   for data, fsdp in ((1, 8), (2, 4)):
-    got, losses = _run_steps(built, batch, _mesh(data, fsdp), 3)
+    got, losses = fx.run_train_steps(built, batch, fx.mesh(data, fsdp), 3)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(ref.params)):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
@@ -317,7 +288,7 @@ def test_a_gemma3_llm_trains_only_projector_and_lora_and_decodes_from_its_cache(
   gemma_dirs = {**dirs, "llm": fx.tiny_gemma3_dir(str(tmp_path / "gemma3"))}
   built = loop.build_model(_config(gemma_dirs, tmp_path / "run", stage=2))
   before = _leaves_by_path(nnx.state(built.model))
-  state, losses = _run_steps(built, _fixed_batch(built, "vqa"), _mesh(1, 1), 15)
+  state, losses = fx.run_train_steps(built, fx.fixed_batch(built, "vqa"), fx.mesh(1, 1), 15)
   assert losses[-1] < 0.5 * losses[0], losses
   model = step_lib.model_from(built.graphdef, built.template, state.params, built.frozen)
   after = _leaves_by_path(nnx.state(model))
@@ -339,6 +310,6 @@ def test_bfloat16_frozen_models_train_float32_params(dirs, tmp_path):
   frozen_dtypes = {x.dtype for x in jax.tree.leaves(built.frozen)
                    if jnp.issubdtype(x.dtype, jnp.floating)}
   assert frozen_dtypes == {jnp.dtype(jnp.bfloat16)}
-  state, losses = _run_steps(built, _fixed_batch(built, "vqa"), _mesh(1, 1), 10)
+  state, losses = fx.run_train_steps(built, fx.fixed_batch(built, "vqa"), fx.mesh(1, 1), 10)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
   assert losses[-1] < 0.5 * losses[0], losses

@@ -3,7 +3,8 @@
 ``tiny_llm_dir`` writes a random 2-layer Llama (transformers ``save_pretrained``) with a word-level
 tokenizer that has a ChatML chat template (``tiny_gemma3_dir`` a random 3-layer Gemma 3 with it); ``tiny_vit_dir`` a random 2-layer ViT with its
 preprocessor config; ``shape_records`` a small in-memory image–caption/VQA dataset whose answers
-are decidable from the image (colour of a filled square), so training has something to learn.
+are decidable from the image (colour of a filled square), so training has something to learn;
+``fixed_batch`` / ``run_train_steps`` / ``mesh`` run jitted train steps on one batch of it.
 """
 
 from __future__ import annotations
@@ -11,12 +12,15 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import numpy as np
 import torch
 import transformers
 from tokenizers import Tokenizer
 from tokenizers import models as tok_models
 from tokenizers import pre_tokenizers
+
+from vlmsel_jax.training import step as step_lib
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220),
            "yellow": (230, 220, 30)}
@@ -113,3 +117,35 @@ def shape_records(n: int, kind: str, seed: int = 0) -> ListSource:
       out.append({"id": str(i), "image": image, "question": "what colour is the square ?",
                   "answers": [colour], "answer": colour})
   return ListSource(out, name=f"shapes-{kind}")
+
+
+def fixed_batch(built, kind: str, n: int = 8) -> dict[str, np.ndarray]:
+  """n records of ``shape_records`` as one training batch (``kind``: "paired" or "vqa")."""
+  source = shape_records(n, kind)
+  make = built.builder.caption_inputs if kind == "paired" else built.builder.chat_inputs
+  rows = [make(source[i]) for i in range(n)]
+  batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+  batch["mask"] = np.ones(n, bool)
+  return batch
+
+
+def run_train_steps(built, batch, mesh, steps, lr=1e-2):
+  """``steps`` jitted train steps of ``built`` on one fixed batch: (final state, losses)."""
+  tx = step_lib.OptimConfig(learning_rate=lr, schedule_steps=100, warmup_ratio=0.0).make()
+  state, state_sh = step_lib.init_state(built.params, tx, mesh)
+  frozen_sh = step_lib.tree_shardings(built.frozen, mesh)
+  frozen = jax.device_put(built.frozen, frozen_sh)
+  gb = step_lib.global_batch(batch, mesh)
+  fn = step_lib.make_train_step(built.graphdef, built.template, tx, mesh, state_sh, frozen_sh,
+                                {k: v.sharding for k, v in gb.items()})
+  losses = []
+  for _ in range(steps):
+    state, metrics = fn(state, frozen, gb)
+    losses.append(float(metrics["loss"]))
+  return state, losses
+
+
+def mesh(data, fsdp):
+  """A (data, fsdp) mesh of the first data·fsdp devices."""
+  devices = np.asarray(jax.devices()[:data * fsdp]).reshape(data, fsdp)
+  return jax.sharding.Mesh(devices, ("data", "fsdp"))
