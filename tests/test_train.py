@@ -82,6 +82,46 @@ def test_loss_decreases_on_a_fixed_batch(dirs, tmp_path):
   assert losses[-1] < 0.5 * losses[0], losses
 
 
+def test_gathered_token_loss_equals_the_full_head_loss():
+  rng = np.random.default_rng(0)
+  b, t, d, v = 3, 9, 5, 11
+  hidden = jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(d, v)), jnp.float32)
+  ids = jnp.asarray(rng.integers(0, v, size=(b, t)))
+  mask = jnp.asarray(rng.random((b, t)) < 0.4).at[2].set(False)  # One row without targets.
+  full = step_lib.token_loss(hidden @ w, ids, mask)
+  most = step_lib.count_targets(np.asarray(mask))
+  for k in (most, most + 3, 100):
+    got = step_lib.gathered_token_loss(hidden, lambda h: h @ w, ids, mask, k)
+    np.testing.assert_allclose(got, full, rtol=1e-6)
+  # Fewer slots than targets: the later targets are dropped, which is why the loop refuses it.
+  dropped = step_lib.gathered_token_loss(hidden, lambda h: h @ w, ids, mask, most - 1)
+  assert float(dropped[1]) < float(full[1])
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_max_targets_trains_exactly_as_the_full_head(dirs, tmp_path, family):
+  use = dirs if family == "llama" else {**dirs, "llm": fx.tiny_gemma3_dir(str(tmp_path / "g"))}
+  built = loop.build_model(_config(use, tmp_path / "run", stage=2))
+  batch = fx.fixed_batch(built, "vqa")
+  ref, ref_losses = fx.run_train_steps(built, batch, fx.mesh(1, 1), 3)
+  k = step_lib.count_targets(batch["loss_mask"])
+  got, losses = fx.run_train_steps(built, batch, fx.mesh(1, 1), 3, max_targets=k)
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  # Three Adam steps at lr 1e-2: float32 rounding in the smallest gradients moves a parameter by
+  # up to ~1e-5 (Adam divides by the gradient's own scale).
+  for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(ref.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=5e-5)
+
+
+def test_a_row_with_more_targets_than_max_targets_stops_the_run(dirs, tmp_path):
+  source = fx.shape_records(16, "vqa")
+  config = _config(dirs, tmp_path, stage=2, max_targets=1)
+  with pytest.raises(ValueError, match=r"step 1: a batch row has \d+ target tokens, more than "
+                     r"--max_targets=1"):
+    loop.train(config, source=source)
+
+
 def test_stage1_leaves_every_non_projector_parameter_bit_identical(dirs, tmp_path):
   built = loop.build_model(_config(dirs, tmp_path, stage=1))
   assert set(built.params) == {"projector"}

@@ -128,7 +128,7 @@ def test_lite0_variant_bank_is_the_model_at_that_size_and_layer(photo_folder, tm
 def test_variant_errors_name_the_spec(tmp_path):
   vit = fx.tiny_vit_dir(str(tmp_path / "vit"))
   llm = fx.tiny_llm_dir(str(tmp_path / "llm"))
-  with pytest.raises(zoo.ZooError, match=r"res= needs a convolutional tower"):
+  with pytest.raises(zoo.ZooError, match=r"res= needs a tower that takes any input size"):
     zoo.load(f"{vit}@res=64")
   with pytest.raises(zoo.ZooError, match=r"res= applies to vision models only"):
     zoo.resolve(f"{llm}@res=64")

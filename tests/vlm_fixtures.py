@@ -129,7 +129,7 @@ def fixed_batch(built, kind: str, n: int = 8) -> dict[str, np.ndarray]:
   return batch
 
 
-def run_train_steps(built, batch, mesh, steps, lr=1e-2):
+def run_train_steps(built, batch, mesh, steps, lr=1e-2, max_targets=0):
   """``steps`` jitted train steps of ``built`` on one fixed batch: (final state, losses)."""
   tx = step_lib.OptimConfig(learning_rate=lr, schedule_steps=100, warmup_ratio=0.0).make()
   state, state_sh = step_lib.init_state(built.params, tx, mesh)
@@ -137,7 +137,7 @@ def run_train_steps(built, batch, mesh, steps, lr=1e-2):
   frozen = jax.device_put(built.frozen, frozen_sh)
   gb = step_lib.global_batch(batch, mesh)
   fn = step_lib.make_train_step(built.graphdef, built.template, tx, mesh, state_sh, frozen_sh,
-                                {k: v.sharding for k, v in gb.items()})
+                                {k: v.sharding for k, v in gb.items()}, max_targets=max_targets)
   losses = []
   for _ in range(steps):
     state, metrics = fn(state, frozen, gb)

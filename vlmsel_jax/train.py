@@ -84,6 +84,11 @@ _KEEP = flags.DEFINE_integer("keep", 2, "Checkpoints kept.", lower_bound=1)
 _LOG_EVERY = flags.DEFINE_integer("log_every", 10, "Log metrics every N steps.", lower_bound=1)
 _INIT_FROM = flags.DEFINE_string("init_from", None, "Workdir of a run whose latest projector "
                                  "initialises this one (stage 2 from stage 1).")
+_MAX_TARGETS = flags.DEFINE_integer(
+    "max_targets", 0, "Apply the LM head only at up to this many target (caption / answer) "
+    "positions per example, the same loss for a fraction of the head's cost with a large "
+    "vocabulary; an example with more targets stops the run. 0: at every position.",
+    lower_bound=0)
 _SKIP_BAD = flags.DEFINE_bool("skip_bad_records", False, "Skip (and count) bad records instead "
                               "of stopping.")
 _EVAL = flags.DEFINE_bool("eval", True, "Evaluate at the end (A score for stage 1, VQA accuracy "
@@ -120,7 +125,7 @@ def config_from_flags() -> loop.TrainConfig:
       seed=_SEED.value, max_len=_MAX_LEN.value, system_prompt=_SYSTEM.value, dtype=_DTYPE.value,
       mesh=_MESH.value, save_every=_SAVE_EVERY.value, keep=_KEEP.value,
       log_every=_LOG_EVERY.value, init_from=_INIT_FROM.value,
-      skip_bad_records=_SKIP_BAD.value)
+      skip_bad_records=_SKIP_BAD.value, max_targets=_MAX_TARGETS.value)
 
 
 def vision_candidates(values: list[str]) -> tuple[list[str], list[str]]:

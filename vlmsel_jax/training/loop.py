@@ -60,6 +60,9 @@ class TrainConfig:
   init_from: str | None = None
   skip_bad_records: bool = False
   progress: bool = True
+  # > 0: the LM head runs only at up to this many target positions per row (step.py's
+  # gathered_token_loss); the same loss, and a batch row with more targets is an error.
+  max_targets: int = 0
 
   def __post_init__(self):
     # A vision spec's own layer (``efficientnet-lite0@layer=-3``) is the candidate setting: it
@@ -229,6 +232,8 @@ def train(config: TrainConfig, *, source=None, built: Built | None = None,
   """
   if config.max_steps < 1:
     raise ValueError(f"max_steps must be >= 1, got {config.max_steps}")
+  if config.max_targets < 0:
+    raise ValueError(f"max_targets must be >= 0, got {config.max_targets}")
   if not 0 < config.data_fraction <= 1:
     raise ValueError(f"data_fraction must be in (0, 1], got {config.data_fraction}")
   os.makedirs(config.workdir, exist_ok=True)
@@ -272,7 +277,14 @@ def train(config: TrainConfig, *, source=None, built: Built | None = None,
     if train_step is None:
       batch_sh = {k: v.sharding for k, v in gb.items()}
       train_step = step_lib.make_train_step(built.graphdef, built.template, tx, mesh, state_sh,
-                                            frozen_sh, batch_sh)
+                                            frozen_sh, batch_sh,
+                                            max_targets=config.max_targets)
+    if config.max_targets:
+      most = step_lib.count_targets(batch["loss_mask"])
+      if most > config.max_targets:
+        raise ValueError(f"step {step + 1}: a batch row has {most} target tokens, more than "
+                         f"--max_targets={config.max_targets}; raise it, or give 0 (the LM head "
+                         "at every position)")
     state, metrics = train_step(state, frozen, gb)
     done_here += 1
     interval_tokens += int(np.sum(batch["attention_mask"])) * jax.process_count()

@@ -116,6 +116,35 @@ def token_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array
   return jnp.sum(nll * mask), jnp.sum(mask)
 
 
+def gathered_token_loss(hidden: jax.Array, head: Callable[[jax.Array], jax.Array],
+                        input_ids: jax.Array, loss_mask: jax.Array, max_targets: int
+                        ) -> tuple[jax.Array, jax.Array]:
+  """``token_loss`` with the LM head applied only where a target is predicted.
+
+  Per row, the first ``max_targets`` positions whose next token is a target are gathered from
+  ``hidden`` (the final normed hidden states) and only they go through ``head``: a caption or an
+  answer is a few tokens of the sequence, and with a large vocabulary (Gemma 3: 262,144) the head
+  at every position is most of a step. Equal to ``token_loss`` when no row has more than
+  ``max_targets`` targets; the caller must ensure that (``count_targets``), since further
+  targets would be dropped.
+  """
+  mask = loss_mask[:, 1:]
+  k = min(max_targets, mask.shape[1])
+  # Target positions first (in order), then the rest; stable, so the first k are the targets.
+  order = jnp.argsort(jnp.logical_not(mask).astype(jnp.int32), axis=1, stable=True)[:, :k]
+  valid = jnp.take_along_axis(mask, order, axis=1).astype(jnp.float32)
+  picked = jnp.take_along_axis(hidden[:, :-1], order[..., None], axis=1)
+  logits = head(picked).astype(jnp.float32)
+  targets = jnp.take_along_axis(input_ids[:, 1:], order, axis=1)
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  return jnp.sum(nll * valid), jnp.sum(valid)
+
+
+def count_targets(loss_mask: np.ndarray) -> int:
+  """The most target tokens any row of a (host) batch has: what ``max_targets`` must cover."""
+  return int(np.asarray(loss_mask)[:, 1:].sum(axis=1).max(initial=0))
+
+
 def token_log_likelihoods(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array
                           ) -> tuple[jax.Array, jax.Array]:
   """Per row: (sum of target-token log-probabilities, number of target tokens)."""
@@ -173,19 +202,24 @@ jax.tree_util.register_dataclass(TrainState, data_fields=["step", "params", "opt
 
 def make_train_step(graphdef, template: nnx.State, tx: optax.GradientTransformation,
                     mesh: jax.sharding.Mesh, state_shardings: Any, frozen_shardings: Any,
-                    batch_shardings: Any) -> Callable:
+                    batch_shardings: Any, *, max_targets: int = 0) -> Callable:
   """A jitted ``step(state, frozen, batch) -> (state, metrics)``; ``state`` is donated.
 
   ``batch`` holds ``pixels``, ``input_ids``, ``attention_mask``, ``image_mask``, ``loss_mask``
   and ``mask`` (False on padding rows). The loss is the mean NLL over the batch's target tokens.
+  ``max_targets`` > 0 applies the LM head only at (up to that many) target positions per row
+  (``gathered_token_loss``); 0 applies it everywhere.
   """
 
   def loss_fn(params, frozen, batch):
     model = model_from(graphdef, template, params, frozen)
-    logits = model(batch["pixels"], batch["input_ids"], batch["attention_mask"],
-                   batch["image_mask"])
+    inputs = (batch["pixels"], batch["input_ids"], batch["attention_mask"], batch["image_mask"])
     loss_mask = batch["loss_mask"] & batch["mask"][:, None]
-    total, count = token_loss(logits, batch["input_ids"], loss_mask)
+    if max_targets:
+      total, count = gathered_token_loss(model.final_hidden(*inputs), model.head,
+                                         batch["input_ids"], loss_mask, max_targets)
+    else:
+      total, count = token_loss(model(*inputs), batch["input_ids"], loss_mask)
     return total / jnp.maximum(count, 1.0), count
 
   def step(state: TrainState, frozen, batch):

@@ -154,6 +154,17 @@ class VLM(nnx.Module):
     embeds = self.embed(pixels, input_ids, image_mask)
     return self.llm(None, attention_mask, inputs_embeds=embeds).logits
 
+  def final_hidden(self, pixels: jax.Array, input_ids: jax.Array, attention_mask: jax.Array,
+                   image_mask: jax.Array) -> jax.Array:
+    """(batch, seq, hidden) final normed hidden states, what ``head`` maps to logits (the
+    logits the LLM also returns are unused, and a jitted caller's compiler drops them)."""
+    embeds = self.embed(pixels, input_ids, image_mask)
+    return self.llm(None, attention_mask, inputs_embeds=embeds).hidden_states[-1]
+
+  def head(self, hidden: jax.Array) -> jax.Array:
+    """The LLM's output head (Gemma 3's final soft-capping included) on final hidden states."""
+    return self.llm._logits(hidden)  # pylint: disable=protected-access
+
   def prefill(self, pixels: jax.Array, input_ids: jax.Array, attention_mask: jax.Array,
               image_mask: jax.Array, last: jax.Array | None = None) -> tuple[jax.Array, tuple]:
     """``__call__``'s logits (only at ``last`` when given) and the LLM's decoding cache
