@@ -126,18 +126,18 @@ class StageBudget:
 
 
 def stage_config(base: loop.TrainConfig, *, vision: str, stage: int, seed: int, workdir: str,
-                 budget: StageBudget, init_from: str | None = None,
-                 llm: str | None = None) -> loop.TrainConfig:
+                 budget: StageBudget, llm: str,
+                 init_from: str | None = None) -> loop.TrainConfig:
   """``base`` (the training flags) turned into one stage of one candidate's run (its vision
-  spec, and its LLM spec when given)."""
+  and LLM specs)."""
   accumulate = base.optim.accumulate
   optim = dataclasses.replace(base.optim, learning_rate=budget.learning_rate,
                               warmup_ratio=budget.warmup_ratio,
                               schedule_steps=max(budget.steps // accumulate, 1))
   return dataclasses.replace(
-      base, vision=vision, llm=llm or base.llm, stage=stage, seed=seed, workdir=workdir,
-      init_from=init_from, max_steps=budget.steps, batch_size=budget.batch_size, max_len=budget.max_len, optim=optim,
-      data_kind=None)
+      base, vision=vision, llm=llm, stage=stage, seed=seed, workdir=workdir,
+      init_from=init_from, max_steps=budget.steps, batch_size=budget.batch_size,
+      max_len=budget.max_len, optim=optim, data_kind=None)
 
 
 def fraction_steps(fractions: list[float], steps: int) -> list[tuple[float, int]]:

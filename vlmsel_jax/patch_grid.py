@@ -48,7 +48,7 @@ def _family(loaded: zoo.LoadedModel) -> str:
     return "vit"
   if isinstance(loaded.model, efficientnet.EfficientNetLite):
     return "efficientnet"
-  if isinstance(loaded.model, (handcrafted.PixelPatches, handcrafted.Hog)):
+  if isinstance(loaded.model, handcrafted.TOWERS):
     return "handcrafted"
   raise ValueError(f"model {loaded.name!r} ({type(loaded.model).__name__}) has no patch grid: "
                    "only ViT-family, EfficientNet-Lite and handcrafted (pixel patches, HOG) "

@@ -3,6 +3,7 @@
 from vlmsel_jax.models.handcrafted.modeling import (
     BLOCK_NORMS,
     POOLINGS,
+    TOWERS,
     HandcraftedOutput,
     Hog,
     HogConfig,
@@ -16,6 +17,7 @@ from vlmsel_jax.models.handcrafted.modeling import (
 __all__ = [
     "BLOCK_NORMS",
     "POOLINGS",
+    "TOWERS",
     "HandcraftedOutput",
     "Hog",
     "HogConfig",

@@ -170,6 +170,10 @@ class Hog(nnx.Module):
     return HandcraftedOutput(hidden_states=(histograms, normalize_blocks(histograms, self.config)))
 
 
+# Every tower here, for callers that dispatch on the tower's type.
+TOWERS = (PixelPatches, Hog)
+
+
 def select_features(output: HandcraftedOutput, layer: int = -1,
                     pooling: str = "mean") -> jax.Array:
   """``"mean"``: the spatial mean of ``hidden_states[layer]`` (batch, dim); ``"patch_grid"``:

@@ -66,7 +66,7 @@ def tower_grid(tower: nnx.Module, pixels: jax.Array, layer: int) -> jax.Array:
   from vlmsel_jax.models import handcrafted
   from vlmsel_jax.models import vit
   # pylint: enable=g-import-not-at-top
-  if isinstance(tower, (efficientnet.EfficientNetLite, handcrafted.PixelPatches, handcrafted.Hog)):
+  if isinstance(tower, (efficientnet.EfficientNetLite, *handcrafted.TOWERS)):
     return tower(pixels).hidden_states[layer]
   if isinstance(tower, vit.Vit):
     return vit.select_features(tower(pixels), layer, "patch_grid")
@@ -151,8 +151,7 @@ class VLM(nnx.Module):
   def __call__(self, pixels: jax.Array, input_ids: jax.Array, attention_mask: jax.Array,
                image_mask: jax.Array) -> jax.Array:
     """(batch, seq, vocab) next-token logits."""
-    embeds = self.embed(pixels, input_ids, image_mask)
-    return self.llm(None, attention_mask, inputs_embeds=embeds).logits
+    return self.head(self.final_hidden(pixels, input_ids, attention_mask, image_mask))
 
   def final_hidden(self, pixels: jax.Array, input_ids: jax.Array, attention_mask: jax.Array,
                    image_mask: jax.Array) -> jax.Array:
