@@ -278,6 +278,35 @@ def test_replay_bad_tables_are_one_clear_error(tmp_path, case, match):
     mordal_cli.replay(curves, v, [l], config)
 
 
+def test_replay_of_two_files_is_the_replay_of_their_union(tmp_path):
+  """One grid per LLM, given as two files, is one pool: the same search as one concatenated file."""
+  one = ["a,v1,l1,0.5,0.40,1", "a,v1,l1,1.0,0.50,2", "b,v2,l1,0.5,0.30,1", "b,v2,l1,1.0,0.60,2"]
+  two = ["a+l2,v1,l2,0.5,0.20,1", "a+l2,v1,l2,1.0,0.45,2", "b+l2,v2,l2,0.5,0.35,1",
+         "b+l2,v2,l2,1.0,0.70,2"]
+  header = "candidate,vision,llm,data_fraction,accuracy,cost\n"
+  (tmp_path / "one.csv").write_text(header + "\n".join(one) + "\n")
+  (tmp_path / "two.csv").write_text(header + "\n".join(two) + "\n")
+  (tmp_path / "both.csv").write_text(header + "\n".join(one + two) + "\n")
+  v = _matrix(tmp_path, "v.csv", ["v1", "v2"], [[1.0, 0.2], [0.2, 1.0]])
+  l = _matrix(tmp_path, "l.csv", ["l1", "l2"], [[1.0, 0.1], [0.1, 1.0]])
+  config = mordal.MordalConfig(initial_budget=0.5, fractions=(0.5, 1.0), min_points=2,
+                               vision_threshold=0.5, llm_threshold=0.5, top_clusters=2)
+  split = mordal_cli.replay([str(tmp_path / "one.csv"), str(tmp_path / "two.csv")], v, [l], config)
+  union = mordal_cli.replay(str(tmp_path / "both.csv"), v, [l], config)
+  assert split["inputs"]["curves"] == [str(tmp_path / "one.csv"), str(tmp_path / "two.csv")]
+  del split["inputs"], union["inputs"]
+  assert split == union
+  assert len(split["clusters"]) == 4 and split["candidates"] == 4
+  assert split["best"] == "b+l2" and split["grid_cost"] == 8.0
+  # A candidate in both files is an error naming both.
+  (tmp_path / "dup.csv").write_text(header + "\n".join(one[:2]) + "\n")
+  with pytest.raises(mordal.MordalError, match=r"dup.csv:2: candidate 'a' is also in .*one.csv"):
+    mordal_cli.read_curves([str(tmp_path / "one.csv"), str(tmp_path / "dup.csv")])
+  (tmp_path / "empty.csv").write_text(header)
+  with pytest.raises(mordal.MordalError, match=r"empty.csv: no rows"):
+    mordal_cli.read_curves([str(tmp_path / "one.csv"), str(tmp_path / "empty.csv")])
+
+
 # --- live mode -----------------------------------------------------------------------------------
 
 def test_live_mode_trains_continuing_checkpoints_and_records_replayable_curves(tmp_path):

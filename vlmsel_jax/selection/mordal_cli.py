@@ -29,7 +29,7 @@ from __future__ import annotations
 import csv
 import math
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from absl import flags
@@ -41,10 +41,10 @@ from vlmsel_jax.selection import mordal_live
 
 _D = mordal.MordalConfig()
 
-CURVES = flags.DEFINE_string(
-    "curves", None, "Replay table: CSV candidate,vision,llm,data_fraction,accuracy,cost "
+CURVES = flags.DEFINE_list(
+    "curves", [], "Replay table: CSV candidate,vision,llm,data_fraction,accuracy,cost "
     "(cumulative cost to reach that fraction; fraction 1.0 = the full run, needed for every "
-    "candidate).")
+    "candidate). Several comma-separated files are one pool (e.g. one grid per LLM).")
 VISION_SIMILARITY = flags.DEFINE_string(
     "vision_similarity", None, "Square CKA matrix between vision encoders (CSV, header row and "
     "first column of names).")
@@ -113,45 +113,61 @@ def read_similarity(path: str) -> tuple[list[str], np.ndarray]:
   return names, matrix
 
 
-def read_curves(path: str) -> tuple[dict[tuple[str, str], str], dict[str, dict[float, tuple[float, float]]]]:
-  """The replay table → ((vision, llm) → candidate, candidate → fraction → (accuracy, cost))."""
-  if not os.path.isfile(path):
-    raise mordal.MordalError(f"{path}: file not found")
+def read_curves(paths: str | Sequence[str]
+                ) -> tuple[dict[tuple[str, str], str], dict[str, dict[float, tuple[float, float]]]]:
+  """The replay table(s) → ((vision, llm) → candidate, candidate → fraction → (accuracy, cost)).
+
+  Several files are one pool (e.g. one grid per LLM): a candidate name or a (vision, llm) pair may
+  appear in only one of them.
+  """
+  paths = [paths] if isinstance(paths, str) else list(paths)
+  if not paths:
+    raise mordal.MordalError("no curves file given")
   pairs: dict[tuple[str, str], str] = {}
   of: dict[str, tuple[str, str]] = {}
+  source: dict[str, str] = {}
   curves: dict[str, dict[float, tuple[float, float]]] = {}
-  with open(path, newline="", encoding="utf-8") as f:
-    reader = csv.DictReader(f)
-    fields = reader.fieldnames or []
-    for column in _CURVE_COLUMNS:
-      if column not in fields:
-        raise mordal.MordalError(f"{path}: no '{column}' column (columns: "
-                                 f"{', '.join(fields) or 'none'})")
-    for line, row in enumerate(reader, start=2):
-      where = f"{path}:{line}"
-      cand, vision, llm = (row[c].strip() for c in ("candidate", "vision", "llm"))
-      if not cand or not vision or not llm:
-        raise mordal.MordalError(f"{where}: empty candidate, vision or llm name")
-      if of.setdefault(cand, (vision, llm)) != (vision, llm):
-        raise mordal.MordalError(f"{where}: candidate {cand!r} is ({vision}, {llm}) here but "
-                                 f"{of[cand]} earlier")
-      if pairs.setdefault((vision, llm), cand) != cand:
-        raise mordal.MordalError(f"{where}: ({vision}, {llm}) is both {pairs[(vision, llm)]!r} "
-                                 f"and {cand!r}")
-      r = evaluate.parse_float(row["data_fraction"], where, "data_fraction", mordal.MordalError)
-      if not 0.0 < r <= 1.0:
-        raise mordal.MordalError(f"{where}: data_fraction {r:g} is not in (0, 1]")
-      acc = evaluate.parse_float(row["accuracy"], where, "accuracy", mordal.MordalError)
-      cost = evaluate.parse_float(row["cost"], where, "cost", mordal.MordalError)
-      if cost < 0.0:
-        raise mordal.MordalError(f"{where}: negative cost {cost:g}")
-      per = curves.setdefault(cand, {})
-      if any(math.isclose(r, q, rel_tol=1e-9) for q in per):
-        raise mordal.MordalError(f"{where}: {cand!r} has fraction {r:g} twice")
-      per[r] = (acc, cost)
-  if not curves:
-    raise mordal.MordalError(f"{path}: no rows")
+  for path in paths:
+    if not os.path.isfile(path):
+      raise mordal.MordalError(f"{path}: file not found")
+    with open(path, newline="", encoding="utf-8") as f:
+      reader = csv.DictReader(f)
+      fields = reader.fieldnames or []
+      for column in _CURVE_COLUMNS:
+        if column not in fields:
+          raise mordal.MordalError(f"{path}: no '{column}' column (columns: "
+                                   f"{', '.join(fields) or 'none'})")
+      rows = 0
+      for line, row in enumerate(reader, start=2):
+        rows += 1
+        where = f"{path}:{line}"
+        cand, vision, llm = (row[c].strip() for c in ("candidate", "vision", "llm"))
+        if not cand or not vision or not llm:
+          raise mordal.MordalError(f"{where}: empty candidate, vision or llm name")
+        if source.setdefault(cand, path) != path:
+          raise mordal.MordalError(f"{where}: candidate {cand!r} is also in {source[cand]}; "
+                                   "each candidate's curve must come from one file")
+        if of.setdefault(cand, (vision, llm)) != (vision, llm):
+          raise mordal.MordalError(f"{where}: candidate {cand!r} is ({vision}, {llm}) here but "
+                                   f"{of[cand]} earlier")
+        if pairs.setdefault((vision, llm), cand) != cand:
+          raise mordal.MordalError(f"{where}: ({vision}, {llm}) is both "
+                                   f"{pairs[(vision, llm)]!r} and {cand!r}")
+        r = evaluate.parse_float(row["data_fraction"], where, "data_fraction", mordal.MordalError)
+        if not 0.0 < r <= 1.0:
+          raise mordal.MordalError(f"{where}: data_fraction {r:g} is not in (0, 1]")
+        acc = evaluate.parse_float(row["accuracy"], where, "accuracy", mordal.MordalError)
+        cost = evaluate.parse_float(row["cost"], where, "cost", mordal.MordalError)
+        if cost < 0.0:
+          raise mordal.MordalError(f"{where}: negative cost {cost:g}")
+        per = curves.setdefault(cand, {})
+        if any(math.isclose(r, q, rel_tol=1e-9) for q in per):
+          raise mordal.MordalError(f"{where}: {cand!r} has fraction {r:g} twice")
+        per[r] = (acc, cost)
+      if not rows:
+        raise mordal.MordalError(f"{path}: no rows")
   for cand, per in curves.items():
+    path = source[cand]
     if not any(math.isclose(r, 1.0) for r in per):
       raise mordal.MordalError(f"{path}: {cand!r} has no data_fraction 1.0 row (the full run "
                                "every ranking is judged against)")
@@ -190,14 +206,15 @@ def _config() -> mordal.MordalConfig:
       max_accuracy=MAX_ACCURACY.value)
 
 
-def replay(curves_path: str, vision_path: str, llm_specs: list[str],
+def replay(curves_paths: str | Sequence[str], vision_path: str, llm_specs: list[str],
            config: mordal.MordalConfig) -> dict[str, Any]:
-  """Runs the search on the recorded curves; returns the JSON payload."""
-  pairs, curves = read_curves(curves_path)
+  """Runs the search on the recorded curves (one file or several); returns the JSON payload."""
+  curves_paths = [curves_paths] if isinstance(curves_paths, str) else list(curves_paths)
+  pairs, curves = read_curves(curves_paths)
   vision_names, vision_sim = read_similarity(vision_path)
   llm = _llm_similarity(llm_specs)
   result = mordal.search(pairs, vision_names, vision_sim, llm,
-                         table_trainer(curves, curves_path), config)
+                         table_trainer(curves, ", ".join(curves_paths)), config)
   full = {c: next(v for r, v in per.items() if math.isclose(r, 1.0)) for c, per in curves.items()}
   truth = {c: acc for c, (acc, _) in full.items()}
   grid_cost = float(sum(cost for _, cost in full.values()))
@@ -211,7 +228,7 @@ def replay(curves_path: str, vision_path: str, llm_specs: list[str],
       "top1_regret": truth[best] - truth[result.top1],
       "candidates": len(truth),
       "truth": truth,
-      "inputs": {"curves": curves_path, "vision_similarity": vision_path,
+      "inputs": {"curves": curves_paths, "vision_similarity": vision_path,
                  "llm_similarity": list(llm_specs)},
   }
 
@@ -220,7 +237,8 @@ def markdown(p: dict[str, Any]) -> str:
   f = evaluate.fmt
   lines = [
       "# Mordal search (replay on recorded learning curves)", "",
-      f"Curves: `{p['inputs']['curves']}`. Cost counts only what the search trained, with "
+      f"Curves: {', '.join(f'`{c}`' for c in p['inputs']['curves'])}. Cost counts only what "
+      "the search trained, with "
       "checkpoint reuse (taking a candidate from fraction r1 to r2 costs cost(r2) − cost(r1)).",
       "", "| | value |", "|---|---|",
       f"| predicted best | **{p['top1']}** (accuracy {f(p['top1_accuracy'])}) |",
@@ -285,11 +303,10 @@ def run(method: str) -> dict:
   if LIVE.value:
     return run_live(config)
   if not CURVES.value:
-    raise mordal.MordalError("--curves is required: only replay mode is available "
-                             "(live mode will drive vlmsel_jax.train)")
+    raise mordal.MordalError("--curves is required (or --mordal_live to train the candidates)")
   if not VISION_SIMILARITY.value:
     raise mordal.MordalError("--vision_similarity is required")
-  payload = replay(CURVES.value, VISION_SIMILARITY.value, list(LLM_SIMILARITY.value), config)
+  payload = replay(list(CURVES.value), VISION_SIMILARITY.value, list(LLM_SIMILARITY.value), config)
   evaluate.write_result_files(flags.FLAGS.output, payload, markdown(payload),
                               lambda path: plot(payload, path))
   return payload
