@@ -307,6 +307,27 @@ def test_replay_of_two_files_is_the_replay_of_their_union(tmp_path):
     mordal_cli.read_curves([str(tmp_path / "one.csv"), str(tmp_path / "empty.csv")])
 
 
+def test_llm_similarity_per_medoid_whose_names_and_paths_contain_equals_signs(tmp_path):
+  """Variant specs (``v@layer=-5``) and the CSV names made from them both contain "="."""
+  rows = ["a,v@layer=-5,l1,0.5,0.4,1", "a,v@layer=-5,l1,1.0,0.5,2", "b,w,l1,0.5,0.3,1",
+          "b,w,l1,1.0,0.6,2", "c,v@layer=-5,l2,0.5,0.2,1", "c,v@layer=-5,l2,1.0,0.7,2",
+          "d,w,l2,0.5,0.1,1", "d,w,l2,1.0,0.2,2"]
+  curves = _curves(tmp_path, rows)
+  v = _matrix(tmp_path, "v.csv", ["v@layer=-5", "w"], [[1.0, 0.1], [0.1, 1.0]])
+  # Through v@layer=-5 the LLMs are alike (one LLM cluster), through w they differ (two).
+  near = _matrix(tmp_path, "llm_v_layer=-5.csv", ["l1", "l2"], [[1.0, 0.9], [0.9, 1.0]])
+  far = _matrix(tmp_path, "llm_w.csv", ["l1", "l2"], [[1.0, 0.1], [0.1, 1.0]])
+  config = mordal.MordalConfig(initial_budget=0.5, fractions=(0.5, 1.0), min_points=2,
+                               vision_threshold=0.5, llm_threshold=0.5, top_clusters=3)
+  out = mordal_cli.replay(curves, v, [f"v@layer=-5={near}", f"w={far}"], config)
+  sizes = sorted((c["vision_medoid"], len(c["members"])) for c in out["clusters"])
+  assert sizes == [("v@layer=-5", 2), ("w", 1), ("w", 1)]
+  with pytest.raises(mordal.MordalError, match=r"--llm_similarity 'w=nowhere.csv': no such file"):
+    mordal_cli.replay(curves, v, [f"v@layer=-5={near}", "w=nowhere.csv"], config)
+  with pytest.raises(mordal.MordalError, match=r"no LLM similarity matrix for vision medoid 'w'"):
+    mordal_cli.replay(curves, v, [f"v@layer=-5={near}"], config)
+
+
 # --- live mode -----------------------------------------------------------------------------------
 
 def test_live_mode_trains_continuing_checkpoints_and_records_replayable_curves(tmp_path):

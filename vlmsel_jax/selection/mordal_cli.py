@@ -317,11 +317,30 @@ def _llm_similarity(specs: list[str]) -> dict[str, tuple[list[str], np.ndarray]]
     raise mordal.MordalError("--llm_similarity is required")
   llm: dict[str, tuple[list[str], np.ndarray]] = {}
   for spec in specs:
-    key, path = spec.split("=", 1) if "=" in spec else ("*", spec)
+    key, path = _llm_similarity_entry(spec.strip())
     if key in llm:
       raise mordal.MordalError(f"--llm_similarity gives {key!r} twice")
     llm[key] = read_similarity(path.strip())
   return llm
+
+
+def _llm_similarity_entry(spec: str) -> tuple[str, str]:
+  """``PATH`` → ("*", PATH); ``MEDOID=PATH`` → (MEDOID, PATH).
+
+  Medoid names (``efficientnet-lite2@layer=-5``) and paths may both contain "=", so the entry is
+  split where the right-hand side is an existing file.
+  """
+  splits = [(spec[:i], spec[i + 1:]) for i, ch in enumerate(spec)
+            if ch == "=" and i > 0 and os.path.isfile(spec[i + 1:])]
+  if os.path.isfile(spec):
+    splits.append(("*", spec))
+  if len(splits) == 1:
+    return splits[0]
+  if not splits:
+    raise mordal.MordalError(f"--llm_similarity {spec!r}: no such file (give PATH or "
+                             "MEDOID=PATH)")
+  raise mordal.MordalError(f"--llm_similarity {spec!r} is ambiguous: it reads as "
+                           + " or ".join(f"{k}={p}" if k != "*" else p for k, p in splits))
 
 
 def run_live(config: mordal.MordalConfig) -> dict:
