@@ -183,6 +183,13 @@ def test_groundtruth_learning_curves_match_the_uninterrupted_run(world, tmp_path
   points = [json.loads(line) for line in
             open(tmp_path / "curved_runs" / "vit_a" / "seed0" / "stage2" / "curve.jsonl")]
   assert [p["step"] for p in points] == [1, 2, 4]
+  # Each point keeps its first greedy answers, the full run's equal to its eval.json's.
+  eval_json = json.load(open(tmp_path / "curved_runs" / "vit_a" / "seed0" / "stage2" /
+                             "eval.json"))
+  assert all(len(p["examples"]) == min(groundtruth.CURVE_EXAMPLES, len(eval_json["examples"]))
+             and set(p["examples"][0]) == {"question", "prediction", "answer"} for p in points)
+  assert [e["prediction"] for e in points[-1]["examples"]] == [
+      e["prediction"] for e in eval_json["examples"][:groundtruth.CURVE_EXAMPLES]]
 
   # Finished runs with their curves are skipped; a stage 2 trained without them cannot grow
   # one after the fact, and says so.

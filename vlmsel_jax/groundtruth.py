@@ -36,8 +36,8 @@ final model is the one an uninterrupted run gives). These learning curves go to
 cumulative and counted in stage-2 steps; a candidate's stage 1 is added to it as the stage-2
 steps of equal token count (``stage1_steps · stage1_batch · stage1_max_len / (stage2_batch ·
 stage2_max_len)``), since a search pays stage 1 for every candidate it trains at all. Each point
-is kept in the stage-2 workdir (``curve.jsonl``) as soon as it is measured, so a killed run
-resumes without measuring it again.
+is kept in the stage-2 workdir (``curve.jsonl``, with its first few greedy answers) as soon as it
+is measured, so a killed run resumes without measuring it again.
 """
 
 from __future__ import annotations
@@ -107,6 +107,7 @@ RUN_COLUMNS = ("candidate", "vision", "llm", "vision_layer", "seed", "accuracy",
 CURVE_COLUMNS = ("candidate", "vision", "llm", "data_fraction", "accuracy", "cost", "seed",
                  "stage2_steps")
 CURVE_FILE = "curve.jsonl"
+CURVE_EXAMPLES = 5  # Greedy answers kept with each curve point.
 SUMMARY_COLUMNS = ("candidate", "vision_layer", "accuracy", "accuracy_std", "seeds", "a_score",
                    "majority_accuracy", "questions", "stage1_steps", "stage2_steps", "date",
                    "command")
@@ -177,9 +178,12 @@ def train_with_curve(s2: loop.TrainConfig, built, points: list[tuple[float, int]
                      evaluate_at) -> tuple[dict, dict[int, float]]:
   """Stage 2 in segments ending at each point's step, measuring accuracy at each.
 
-  ``evaluate_at()`` measures the latest checkpoint. Points measured by an earlier (killed) run
-  are read back from curve.jsonl; a point whose step the run has already passed without
-  measuring it cannot be measured any more, and is an error rather than a silent gap.
+  ``evaluate_at()`` measures the latest checkpoint: its VQA evaluation (``vqa_accuracy`` and
+  ``examples``, the first greedy answers). Each point goes to curve.jsonl with its first
+  ``CURVE_EXAMPLES`` answers, so that what a model says early in training can be read later (the
+  checkpoints of early points are not kept). Points measured by an earlier (killed) run are read
+  back from curve.jsonl; a point whose step the run has already passed without measuring it
+  cannot be measured any more, and is an error rather than a silent gap.
   """
   measured = read_curve_points(s2.workdir)
   latest = ckpt_lib.latest_step(os.path.join(s2.workdir, loop.CHECKPOINT_DIR)) or 0
@@ -193,10 +197,14 @@ def train_with_curve(s2: loop.TrainConfig, built, points: list[tuple[float, int]
   for r, step in points:
     summary = loop.train(dataclasses.replace(s2, max_steps=step), built=built)
     if step not in measured:
-      measured[step] = evaluate_at()
+      result = evaluate_at()
+      measured[step] = float(result["vqa_accuracy"])
       if parallel.is_primary():
+        examples = [{k: e.get(k) for k in ("question", "prediction", "answer")}
+                    for e in result.get("examples", [])[:CURVE_EXAMPLES]]
         with open(os.path.join(s2.workdir, CURVE_FILE), "a") as f:
-          f.write(json.dumps({"fraction": r, "step": step, "accuracy": measured[step]}) + "\n")
+          f.write(json.dumps({"fraction": r, "step": step, "accuracy": measured[step],
+                              "examples": examples}) + "\n")
   return summary, measured
 
 
@@ -226,10 +234,10 @@ def run_one(base: loop.TrainConfig, vision: str, name: str, seed: int, root: str
   built = loop.build_model(s2)
   last_eval = {}
 
-  def evaluate_vqa() -> float:
+  def evaluate_vqa() -> dict:
     last_eval.update(evaluate_run.evaluate(s2, built=built, data=eval_data, metrics=("vqa",),
                                            limit=vqa_limit, batch_size=eval_batch_size))
-    return float(last_eval["vqa_accuracy"])
+    return last_eval
 
   curve_rows = []
   if curve_fractions:
