@@ -129,9 +129,13 @@ def fixed_batch(built, kind: str, n: int = 8) -> dict[str, np.ndarray]:
   return batch
 
 
-def run_train_steps(built, batch, mesh, steps, lr=1e-2, max_targets=0):
-  """``steps`` jitted train steps of ``built`` on one fixed batch: (final state, losses)."""
-  tx = step_lib.OptimConfig(learning_rate=lr, schedule_steps=100, warmup_ratio=0.0).make()
+def run_train_steps(built, batch, mesh, steps, lr=1e-2, max_targets=0, tx=None):
+  """``steps`` jitted train steps of ``built`` on one fixed batch: (final state, losses).
+
+  ``tx``: the optimizer (default: the training loop's AdamW at ``lr``, constant after no warm-up).
+  """
+  if tx is None:
+    tx = step_lib.OptimConfig(learning_rate=lr, schedule_steps=100, warmup_ratio=0.0).make()
   state, state_sh = step_lib.init_state(built.params, tx, mesh)
   frozen_sh = step_lib.tree_shardings(built.frozen, mesh)
   frozen = jax.device_put(built.frozen, frozen_sh)
