@@ -383,17 +383,19 @@ def test_live_mode_trains_continuing_checkpoints_and_records_replayable_curves(t
     assert meta["step"] == steps
 
 
-# The README's tables of Mordal on our trainings: (flagfile, ground-truth stem, candidates,
+# The README's tables of Mordal on our trainings: (flagfile, ground-truth stems, candidates,
 # its pick, cost, grid cost).
 OWN_TRAININGS = [
-    ("mordal_demo.flags", "demo_groundtruth", 9, "efficientnet-lite0@layer=-2", 920.0, 1200.0),
-    ("mordal_trained.flags", "mordal_groundtruth", 26, "efficientnet-lite2@res=96",
+    ("mordal_demo.flags", ["demo_groundtruth"], 9, "efficientnet-lite0@layer=-2", 920.0, 1200.0),
+    ("mordal_trained.flags", ["mordal_groundtruth"], 26, "efficientnet-lite2@res=96",
      9560.0 / 3, 16640.0 / 3),
+    ("mordal_two_llms.flags", ["mordal_groundtruth", "mordal_groundtruth_gemma3"], 40,
+     "efficientnet-lite2@res=96", 9940.0 / 3, 40 * 640.0 / 3),
 ]
 
 
-@pytest.mark.parametrize("flagfile,stem,count,top1,cost,grid_cost", OWN_TRAININGS)
-def test_replay_on_the_ground_truths_own_learning_curves(tmp_path, flagfile, stem, count, top1,
+@pytest.mark.parametrize("flagfile,stems,count,top1,cost,grid_cost", OWN_TRAININGS)
+def test_replay_on_the_ground_truths_own_learning_curves(tmp_path, flagfile, stems, count, top1,
                                                          cost, grid_cost):
   """The curves are those of the committed ground-truth runs; the README's results."""
   out = tmp_path / "replay" / "mordal.json"
@@ -404,11 +406,14 @@ def test_replay_on_the_ground_truths_own_learning_curves(tmp_path, flagfile, ste
   finally:
     os.chdir(cwd)
   data = json.load(open(out))
-  with open(os.path.join(REPO, f"configs/data/{stem}.csv"), newline="") as f:
-    runs = {r["candidate"]: r for r in csv.DictReader(f)}
-  # Fraction 1.0 of every curve is the seed-0 run of the ground truth.
-  with open(os.path.join(REPO, f"configs/data/{stem}_runs.csv"), newline="") as f:
-    seed0 = {r["candidate"]: float(r["accuracy"]) for r in csv.DictReader(f) if r["seed"] == "0"}
+  runs, seed0 = {}, {}
+  for stem in stems:
+    with open(os.path.join(REPO, f"configs/data/{stem}.csv"), newline="") as f:
+      runs.update({r["candidate"]: r for r in csv.DictReader(f)})
+    # Fraction 1.0 of every curve is the seed-0 run of the ground truth.
+    with open(os.path.join(REPO, f"configs/data/{stem}_runs.csv"), newline="") as f:
+      seed0.update({r["candidate"]: float(r["accuracy"]) for r in csv.DictReader(f)
+                    if r["seed"] == "0"})
   assert data["truth"] == pytest.approx(seed0) and set(seed0) == set(runs)
   assert sorted(data["ranking"]) == sorted(runs) and data["candidates"] == count
   assert (data["top1"], data["cost"], data["grid_cost"]) == (top1, pytest.approx(cost),
