@@ -117,3 +117,4 @@ def test_select_binary_writes_a_matrix_the_mordal_search_reads(models, tmp_path,
   np.testing.assert_allclose(matrix, np.asarray(entry["cka"]), atol=1e-6)
   assert json.loads(out.read_text())["images"] == 16
   assert all(v is not None for v in entry["warmup_loss"].values())
+  assert entry["vision_layer"] == -2  # --vision_layer, since the tower's name gives none

@@ -60,11 +60,16 @@ def run(method: str) -> dict:
         base, vision, LLMS.value, base.workdir, records, layer=LAYER.value,
         batch_size=fv.eval_batch_size)
     extra[_csv_suffix(vision)] = report.similarity_csv(names, matrix)
+    # The tower layer the warm-ups saw: the medoid's own (@layer=), else --vision_layer; it must
+    # be the layer the candidate of that name was trained with.
+    warmup = llm_similarity.warmup_config(base, vision, names[0], base.workdir)
+    vision_layer = warmup.vlm.vision_layer
     payload["vision"][vision] = {
-        "cka": matrix.tolist(), "csv_suffix": _csv_suffix(vision),
+        "cka": matrix.tolist(), "csv_suffix": _csv_suffix(vision), "vision_layer": vision_layer,
         "warmup_workdirs": {llm: runs[llm]["workdir"] for llm in names},
         "warmup_loss": {llm: loop.final_loss(runs[llm]["workdir"]) for llm in names}}
-    lines += [f"## Through `{vision}`", "", "| | " + " | ".join(names) + " |",
+    lines += [f"## Through `{vision}` (tower layer {vision_layer})", "",
+              "| | " + " | ".join(names) + " |",
               "|---" * (len(names) + 1) + "|"]
     lines += [f"| {a} | " + " | ".join(f"{v:.3f}" for v in row) + " |"
               for a, row in zip(names, matrix)]
