@@ -38,6 +38,14 @@ def test_runs_file_round_trip_and_errors(tmp_path):
   back = groundtruth.read_runs(groundtruth.runs_path(output))
   assert [(r["candidate"], r["seed"], r["accuracy"]) for r in back] == [("a", 0, 0.6),
                                                                         ("a", 1, 0.65)]
+  # Numbers come back as numbers, so a resumed run's summary JSON is the same as one written in a
+  # single process.
+  assert [{k: r[k] for k in ("questions", "stage1_steps", "stage2_steps")} for r in back] == [
+      {"questions": 300, "stage1_steps": 80, "stage2_steps": 80}] * 2
+  json_path = str(tmp_path / "gt.json")
+  first = open(json_path).read()
+  groundtruth.write_tables(output, back, ["a"])
+  assert open(json_path).read() == first
   assert groundtruth.read_runs(str(tmp_path / "absent.csv")) == []
   bad = tmp_path / "bad_runs.csv"
   bad.write_text("candidate,seed,accuracy\na,0,0.5\n")
@@ -46,4 +54,7 @@ def test_runs_file_round_trip_and_errors(tmp_path):
     groundtruth.read_runs(str(bad))
   bad.write_text("candidate,seed,accuracy,a_score\na,zero,0.5,-1\n")
   with pytest.raises(groundtruth.GroundTruthError, match=r"bad_runs.csv:2: a seed, accuracy"):
+    groundtruth.read_runs(str(bad))
+  bad.write_text("candidate,seed,accuracy,a_score,questions\na,0,0.5,-1,many\n")
+  with pytest.raises(groundtruth.GroundTruthError, match=r"bad_runs.csv:2: .* count"):
     groundtruth.read_runs(str(bad))

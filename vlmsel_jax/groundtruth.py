@@ -267,6 +267,11 @@ def run_one(base: loop.TrainConfig, vision: str, name: str, seed: int, root: str
   return row, curve_rows
 
 
+_FLOAT_RUN_COLUMNS = ("accuracy", "a_score", "majority_accuracy", "stage1_loss", "stage2_loss",
+                      "minutes")
+_INT_RUN_COLUMNS = ("vision_layer", "questions", "captions", "stage1_steps", "stage2_steps")
+
+
 def read_runs(path: str) -> list[dict]:
   """The rows of a runs CSV (numbers parsed); [] when it does not exist."""
   if not os.path.exists(path):
@@ -282,11 +287,16 @@ def read_runs(path: str) -> list[dict]:
     for line, row in enumerate(reader, start=2):
       try:
         row["seed"] = int(row["seed"])
-        for key in ("accuracy", "a_score", "majority_accuracy"):
+        # Every numeric column back as a number, so that a resumed run's summary JSON has
+        # the same types as one written in a single process.
+        for key in _FLOAT_RUN_COLUMNS:
           row[key] = float(row[key]) if row.get(key) not in (None, "") else None
+        for key in _INT_RUN_COLUMNS:
+          if row.get(key) not in (None, ""):
+            row[key] = int(row[key])
       except ValueError:
-        raise GroundTruthError(f"{path}:{line}: a seed, accuracy or A score is not a "
-                               "number") from None
+        raise GroundTruthError(f"{path}:{line}: a seed, accuracy, A score, layer, count or "
+                               "time is not a number") from None
       if row.get("vision_layer") in (None, ""):  # Written before the column existed.
         row["vision_layer"] = zoo.split_variant(row.get("vision") or row["candidate"])[1].layer
       rows.append(row)
