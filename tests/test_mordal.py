@@ -389,10 +389,12 @@ OWN_TRAININGS = [
     ("mordal_demo.flags", ["demo_groundtruth"], 9, "efficientnet-lite0@layer=-2", 920.0, 1200.0),
     ("mordal_trained.flags", ["mordal_groundtruth"], 26, "efficientnet-lite2@res=96",
      9560.0 / 3, 16640.0 / 3),
-    ("mordal_two_llms.flags", ["mordal_groundtruth", "mordal_groundtruth_gemma3"], 48,
-     "efficientnet-lite2@res=96", 9940.0 / 3, 48 * 640.0 / 3),
-    ("mordal_two_llms_t05.flags", ["mordal_groundtruth", "mordal_groundtruth_gemma3"], 48,
-     "efficientnet-lite0@layer=-4", 7160.0 / 3, 48 * 640.0 / 3),
+    ("mordal_two_llms.flags", ["mordal_groundtruth", "mordal_groundtruth_gemma3"], 52,
+     "efficientnet-lite2@res=96", 9940.0 / 3, 52 * 640.0 / 3),
+    ("mordal_two_llms_t05.flags", ["mordal_groundtruth", "mordal_groundtruth_gemma3"], 52,
+     "efficientnet-lite0@layer=-4", 7800.0 / 3, 52 * 640.0 / 3),
+    ("mordal_two_llms_halving_at_half.flags", ["mordal_groundtruth", "mordal_groundtruth_gemma3"],
+     52, "efficientnet-lite1@res=96+gemma3-270m", 10040.0 / 3, 52 * 640.0 / 3),
 ]
 
 
