@@ -32,8 +32,12 @@ def test_one_problem_sharded_over_devices_equals_one_device(pool, kwargs):
   x, y = pool.candidates[5], pool.text
   want = gw.gw_distance(x, y, **kwargs)
   got = gw.gw_distance(x, y, devices=jax.devices(), **kwargs)  # Rows of 120 × 120 over 8.
-  # The partitioned products add in another order: float32 round-off only.
-  np.testing.assert_allclose(got["gw"], want["gw"], rtol=1e-5)
+  # The partitioned products add in another order: float32 round-off only. The default solver
+  # agrees to 1e-5; the unpolished entropic solver carries the round-off through exp(-cost / ε)
+  # of every outer iteration, and ends 1.5e-5 apart on an AMD EPYC (within 1e-5 on the CPUs
+  # earlier runs had), so it gets 5e-5.
+  rtol = 5e-5 if kwargs.get("solver") == "entropic" else 1e-5
+  np.testing.assert_allclose(got["gw"], want["gw"], rtol=rtol)
   assert (got["iterations"], got["converged"]) == (want["iterations"], want["converged"])
 
 
