@@ -104,6 +104,10 @@ _CURVE_FRACTIONS = flags.DEFINE_list("curve_fractions", [], "Stage-2 fractions i
 RUN_COLUMNS = ("candidate", "vision", "llm", "vision_layer", "seed", "accuracy", "a_score",
                "majority_accuracy", "questions", "captions", "stage1_steps", "stage2_steps",
                "stage1_loss", "stage2_loss", "minutes", "date", "command")
+# The numeric ones among them, which read_runs parses back.
+_FLOAT_RUN_COLUMNS = ("accuracy", "a_score", "majority_accuracy", "stage1_loss", "stage2_loss",
+                      "minutes")
+_INT_RUN_COLUMNS = ("vision_layer", "questions", "captions", "stage1_steps", "stage2_steps")
 CURVE_COLUMNS = ("candidate", "vision", "llm", "data_fraction", "accuracy", "cost", "seed",
                  "stage2_steps")
 CURVE_FILE = "curve.jsonl"
@@ -265,11 +269,6 @@ def run_one(base: loop.TrainConfig, vision: str, name: str, seed: int, root: str
       "date": datetime.date.today().isoformat(), "command": command,
   }
   return row, curve_rows
-
-
-_FLOAT_RUN_COLUMNS = ("accuracy", "a_score", "majority_accuracy", "stage1_loss", "stage2_loss",
-                      "minutes")
-_INT_RUN_COLUMNS = ("vision_layer", "questions", "captions", "stage1_steps", "stage2_steps")
 
 
 def read_runs(path: str) -> list[dict]:
