@@ -2,10 +2,11 @@
 
 A *source* is any iterable of ``(checkpoint key, numpy array)`` pairs plus the config dict that
 describes the model; ``HFDirectory`` is the one for Hugging Face directories (``config.json`` and
-a single or sharded safetensors checkpoint). The loader builds the model abstractly with
-``nnx.eval_shape`` (no memory for random weights), routes every tensor through the family's key
-table, collects *every* problem (unexpected key, missing parameter, shape mismatch) and raises
-once with the full list, then merges the state into a real model.
+a single or sharded safetensors checkpoint, or ``pytorch_model.bin`` files when there is none).
+The loader builds the model abstractly with ``nnx.eval_shape`` (no memory for random weights),
+routes every tensor through the family's key table, collects *every* problem (unexpected key,
+missing parameter, shape mismatch) and raises once with the full list, then merges the state into
+a real model.
 
 Typical use::
 
@@ -29,6 +30,9 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 
 from vlmsel_jax.models import bert, efficientnet, gemma3, llama, vit
+# CheckpointFileError is defined with the torch-free .pth reader, which imports nothing of this
+# package, so that the reader can raise it without an import cycle; it is this module's error too.
+from vlmsel_jax.models.pth import CheckpointFileError, read_torch_state_dict
 from vlmsel_jax.models.transforms import Transform, apply
 
 KeyTable = Mapping[str, tuple[str | None, Transform]]
@@ -43,10 +47,6 @@ class CheckpointError(ValueError):
     self.problems = list(problems)
     lines = "\n".join(f"  - {p}" for p in self.problems)
     super().__init__(f"{source}: {len(self.problems)} problem(s) loading the checkpoint:\n{lines}")
-
-
-class CheckpointFileError(ValueError):
-  """A checkpoint file that is missing, truncated or corrupt; the message names the file."""
 
 
 class UnsupportedModelError(ValueError):
@@ -176,12 +176,14 @@ class HFDirectory:
   """A Hugging Face model directory as a source of (key, numpy array) pairs.
 
   Holds ``config.json`` and either ``model.safetensors`` or a sharded checkpoint described by
-  ``model.safetensors.index.json``. Iterating yields every tensor of every shard.
+  ``model.safetensors.index.json``; without either, PyTorch's ``pytorch_model.bin`` or the shards
+  ``pytorch_model.bin.index.json`` lists (read without torch, see ``pth``). Safetensors win when
+  both are there, as in transformers. Iterating yields every tensor of every shard.
 
   Attributes:
     path: The directory.
     config: The parsed ``config.json``.
-    files: The safetensors files, in the order they are read.
+    files: The weight files (``.safetensors`` or ``.bin``), in the order they are read.
   """
 
   def __init__(self, path: str | os.PathLike):
@@ -192,25 +194,32 @@ class HFDirectory:
     self.files = self._weight_files()
 
   def _weight_files(self) -> list[Path]:
-    index = self.path / "model.safetensors.index.json"
-    if index.is_file():
-      weight_map = _read_json(index).get("weight_map")
-      if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointFileError(f"{index}: has no 'weight_map'")
-      files = [self.path / name for name in sorted(set(weight_map.values()))]
-      for f in files:
-        if not f.is_file():
-          raise CheckpointFileError(f"{f}: shard listed in {index.name} does not exist")
-      return files
-    single = self.path / "model.safetensors"
-    if single.is_file():
-      return [single]
-    raise CheckpointFileError(f"{single}: no such file (nor model.safetensors.index.json); only "
-                              "safetensors checkpoints are supported")
+    for single_name in ("model.safetensors", "pytorch_model.bin"):
+      index = self.path / f"{single_name}.index.json"
+      if index.is_file():
+        return self._shards(index)
+      single = self.path / single_name
+      if single.is_file():
+        return [single]
+    raise CheckpointFileError(
+        f"{self.path / 'model.safetensors'}: no such file (nor model.safetensors.index.json, "
+        "pytorch_model.bin or pytorch_model.bin.index.json)")
+
+  def _shards(self, index: Path) -> list[Path]:
+    """The shard files an index's ``weight_map`` names, each once, sorted."""
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+      raise CheckpointFileError(f"{index}: has no 'weight_map'")
+    files = [self.path / name for name in sorted(set(weight_map.values()))]
+    for f in files:
+      if not f.is_file():
+        raise CheckpointFileError(f"{f}: shard listed in {index.name} does not exist")
+    return files
 
   def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
     for f in self.files:
-      yield from read_safetensors(f)
+      yield from (read_safetensors(f) if f.suffix == ".safetensors" else
+                  read_torch_state_dict(f))
 
   def __str__(self) -> str:
     return str(self.path)
@@ -331,11 +340,11 @@ def load_model(config: Mapping[str, Any], tensors: Iterable[tuple[str, np.ndarra
 
 
 def load_pretrained(path: str | os.PathLike, *, dtype: Any = "float32") -> nnx.Module:
-  """Loads a Hugging Face model directory (config.json + safetensors) as an NNX model.
+  """Loads a Hugging Face model directory (config.json + weights) as an NNX model.
 
   Args:
-    path: The directory ``save_pretrained`` wrote (single file or sharded), or a llama.cpp
-      ``.gguf`` file (see ``vlmsel_jax.models.gguf``).
+    path: The directory ``save_pretrained`` wrote (single file or sharded; safetensors, else
+      ``pytorch_model.bin``), or a llama.cpp ``.gguf`` file (see ``vlmsel_jax.models.gguf``).
     dtype: "float32" or "bfloat16".
 
   Raises:
