@@ -1,14 +1,17 @@
 """The GGUF source: dequantization, llama.cpp conventions, tokenizer, parity and bad files.
 
-References: hand-written ggml block decoders (for the dequantizer), transformers' torch Llama fed
-the weights a test wrote into a GGUF file in llama.cpp's conventions (for the tiny models), and
-transformers' own GGUF reader, tokenizer conversion and torch Llama (for SmolLM2-135M).
+References: hand-written ggml block decoders (for the dequantizer), transformers' torch Llama /
+Qwen2 fed the weights a test wrote into a GGUF file in llama.cpp's conventions (for the tiny
+models, including Llama 3.1's rope_freqs against transformers' llama3 RoPE), transformers' Qwen2
+tokenizer, and transformers' own GGUF reader, tokenizer conversion and torch Llama (for
+SmolLM2-135M). Every quantization type is covered in test_gguf_quants.py.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import struct
 
@@ -37,6 +40,8 @@ from vlmsel_jax.models.gguf import (
     hf_key,
     unpermute_rotary,
 )
+from vlmsel_jax.models.llama import LlamaConfig
+from vlmsel_jax.models.llama.modeling import rope_inv_freq
 
 F32_ATOL = 1e-4
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -162,15 +167,20 @@ TOKENS, MERGES, TOKEN_TYPES = _tiny_vocab()
 
 
 def _write_gguf(path, state=None, config=None, types=None, arch="llama", pre="gpt-2",
-                add_bos=None, metadata=None, skip=(), raw_tensors=()):
-  """Writes ``state`` (a Hugging Face Llama state dict of numpy arrays) as llama.cpp would.
+                add_bos=None, metadata=None, skip=(), raw_tensors=(), encode=None,
+                permute=None):
+  """Writes ``state`` (a Hugging Face Llama / Qwen2 state dict of numpy arrays) as llama.cpp
+  would.
 
-  q/k rows are permuted, GGUF names used, the head dropped when tied, norms kept in F32 and
-  every other tensor stored as ``types.get(gguf name, F32)``; ``raw_tensors`` are extra
-  (name, bytes, type) triples written as given. Tokenizer metadata is always written.
-  Returns the float32 values each tensor decodes to, under its Hugging Face key and in Hugging
-  Face row order.
+  q/k rows are permuted (``permute``; by default for llama only, as llama.cpp's converter leaves
+  Qwen2's in transformers' order), GGUF names used, the head dropped when tied, norms and
+  biases kept in F32 and every other tensor stored as ``types.get(gguf name, F32)``, encoded by
+  ``encode`` (default ``_encode``); ``raw_tensors`` are extra (name, bytes, type) triples
+  written as given. Tokenizer metadata is always written. Returns the float32 values each
+  tensor decodes to, under its Hugging Face key and in Hugging Face row order.
   """
+  encode = encode or _encode
+  permute = arch == "llama" if permute is None else permute
   writer = gguf.GGUFWriter(str(path), arch)
   c = config
   if c is not None:
@@ -182,7 +192,8 @@ def _write_gguf(path, state=None, config=None, types=None, arch="llama", pre="gp
     writer.add_head_count_kv(c.num_key_value_heads)
     writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
-    writer.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    if arch == "llama":  # llama.cpp's Qwen2 converter writes no rope dimension count
+      writer.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
   writer.add_tokenizer_model("gpt2")
   writer.add_tokenizer_pre(pre)
   writer.add_token_list(TOKENS)
@@ -202,15 +213,15 @@ def _write_gguf(path, state=None, config=None, types=None, arch="llama", pre="gp
       continue
     name = names.get(key, key)
     stored = w
-    if ".attn_q." in name:
+    if permute and ".attn_q." in name:
       stored = _llamacpp_permute(w, c.num_attention_heads)
-    elif ".attn_k." in name:
+    elif permute and ".attn_k." in name:
       stored = _llamacpp_permute(w, c.num_key_value_heads)
     qtype = Q.F32 if "norm" in name or w.ndim == 1 else (types or {}).get(name, Q.F32)
-    raw, raw_dtype, values = _encode(stored, qtype)
+    raw, raw_dtype, values = encode(stored, qtype)
     writer.add_tensor(name, raw, raw_dtype=raw_dtype)
     # Back to Hugging Face row order with the test's own inverse (gather by permuted index).
-    if ".attn_q." in name or ".attn_k." in name:
+    if permute and (".attn_q." in name or ".attn_k." in name):
       heads = c.num_attention_heads if ".attn_q." in name else c.num_key_value_heads
       index = _llamacpp_permute(np.arange(w.shape[0]), heads)
       values = values[np.argsort(index)]
@@ -224,11 +235,13 @@ def _write_gguf(path, state=None, config=None, types=None, arch="llama", pre="gp
   return decoded
 
 
-def _torch_llama(seed=0, **overrides):
-  """A tiny random torch Llama with non-trivial norms (the vocabulary is the tiny BPE one)."""
+def _torch_llama(seed=0, model_cls=transformers.LlamaForCausalLM,
+                 config_cls=transformers.LlamaConfig, **overrides):
+  """A tiny random torch Llama (or ``model_cls``) with non-trivial norms and biases (the
+  vocabulary is the tiny BPE one)."""
   torch.manual_seed(seed)
-  config = transformers.LlamaConfig(**{**TINY, "vocab_size": len(TOKENS), **overrides})
-  model = transformers.LlamaForCausalLM(config).eval()
+  config = config_cls(**{**TINY, "vocab_size": len(TOKENS), **overrides})
+  model = model_cls(config).eval()
   with torch.no_grad():
     for name, p in model.named_parameters():
       p.copy_(torch.randn_like(p) * 0.05 + (1.0 if "norm" in name else 0.0))
@@ -241,6 +254,20 @@ def _state(model):
 
 def _ids(seq=9, batch=2):
   return np.random.RandomState(1).randint(0, len(TOKENS), size=(batch, seq)).astype(np.int32)
+
+
+def _torch_reference(config, decoded, model_cls=transformers.LlamaForCausalLM):
+  """A torch ``model_cls`` of ``config`` holding ``decoded`` (what ``_write_gguf`` returns)."""
+  model = model_cls(config).eval()
+  result = model.load_state_dict({k: torch.from_numpy(v) for k, v in decoded.items()},
+                                 strict=False)
+  assert not result.unexpected_keys, result.unexpected_keys
+  # A tied model's head is the embedding, which was written; nothing else may be missing.
+  assert set(result.missing_keys) <= {"lm_head.weight"} and (
+      not result.missing_keys or config.tie_word_embeddings), result.missing_keys
+  if config.tie_word_embeddings:
+    model.tie_weights()
+  return model
 
 
 def _torch_outputs(model, ids):
@@ -308,10 +335,16 @@ def test_gguf_dequantize_float_types():
 
 
 def test_gguf_dequantize_rejects_other_types():
+  # Q8_1 only exists inside llama.cpp's dot products: gguf has no decoder for it.
   with pytest.raises(UnsupportedQuantizationError,
-                     match=r"blk\.3\.ffn_up\.weight: GGUF tensor type Q5_K is not supported; "
-                     r"supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q4_K, Q6_K"):
-    dequantize(np.zeros((1, 176), np.uint8), Q.Q5_K, "blk.3.ffn_up.weight")
+                     match=r"^blk\.3\.ffn_up\.weight: GGUF tensor type Q8_1 is not supported; "
+                     r"supported: F32, F16, Q4_0, .*Q5_K, Q6_K, .*IQ4_XS, .* \(the types gguf "
+                     r"\S+ dequantizes\)$") as info:
+    dequantize(np.zeros((1, 40), np.uint8), Q.Q8_1, "blk.3.ffn_up.weight")
+  assert "\n" not in str(info.value)
+  # An id outside the enum (a newer llama.cpp's type, say) is refused the same way.
+  with pytest.raises(UnsupportedQuantizationError, match=r"^w: GGUF tensor type 99 is not "):
+    dequantize(np.zeros((1, 40), np.uint8), 99, "w")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -333,7 +366,18 @@ def test_gguf_tensor_names():
   assert hf_key("blk.0.attn_k.bias") == "model.layers.0.self_attn.k_proj.bias"
   assert hf_key("blk.3.ffn_norm.weight") == "model.layers.3.post_attention_layernorm.weight"
   assert hf_key("output.weight") == "lm_head.weight"
-  assert hf_key("rope_freqs.weight") == "rope_freqs.weight"  # unknown: left for the loader
+  assert hf_key("output_norm.weight") == "model.norm.weight"
+  assert hf_key("rope_freqs.weight") == "rope_freqs.weight"  # no HF tensor: the config holds it
+  assert hf_key("blk.0.attn_q_norm.weight") == "blk.0.attn_q_norm.weight"  # not a llama tensor
+  for arch in ("llama", "qwen2"):
+    assert hf_key("blk.1.attn_v.bias", arch) == "model.layers.1.self_attn.v_proj.bias"
+    assert hf_key("blk.1.ffn_gate.weight", arch) == "model.layers.1.mlp.gate_proj.weight"
+  # Every name the writer here uses (llama.cpp's, for Llama / Qwen2) maps back to its HF key.
+  config = transformers.LlamaConfig(**TINY, vocab_size=len(TOKENS))
+  for hf, name in _gguf_names(config).items():
+    assert hf_key(name) == hf and hf_key(name, "qwen2") == hf, name
+  with pytest.raises(ValueError, match=r"GGUF architecture 'gpt2' is not supported"):
+    hf_key("output.weight", "gpt2")
 
 
 def test_gguf_file_yields_hf_shapes_for_every_type(tmp_path):
@@ -478,6 +522,132 @@ def test_gguf_tokenizer_rejects_unknown_pre_tokenizer(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
+# Llama 3.1's RoPE rescaling, stored as rope_freqs.weight.
+
+# At a scale a tiny model exercises: head_dim 16 and theta 1e4 give wavelengths of 6.3, 20, 63,
+# 199, ... tokens, so against an original context of 64 (high / low thresholds 16 / 64 tokens)
+# one frequency is kept, two are smoothed and five divided by the factor.
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+def _llamacpp_rope_factors(rope, head_dim):
+  """convert_hf_to_gguf.py's LlamaModel.generate_extra_tensors: the rope_freqs.weight values."""
+  freqs = 1.0 / (rope["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float32)
+                                         / head_dim))
+  factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+  old_context_len = rope["original_max_position_embeddings"]
+  low_freq_wavelen, high_freq_wavelen = old_context_len / low, old_context_len / high
+  factors = []
+  for freq in freqs:
+    wavelen = 2 * math.pi / freq
+    if wavelen < high_freq_wavelen:
+      factors.append(1)
+    elif wavelen > low_freq_wavelen:
+      factors.append(factor)
+    else:
+      smooth = (old_context_len / wavelen - low) / (high - low)
+      factors.append(1 / ((1 - smooth) / factor + smooth))
+  return np.array([float(f) for f in factors], np.float32)
+
+
+def test_gguf_llama31_rope_frequency_factors_match_transformers_llama3(tmp_path):
+  """A Llama 3.1 file carries its llama3 RoPE only as rope_freqs.weight (no metadata): the model
+  divides its frequencies by those factors and matches transformers' llama3 RoPE."""
+  torch_model = _torch_llama(rope_parameters=LLAMA3_ROPE)
+  c = torch_model.config
+  factors = _llamacpp_rope_factors(LLAMA3_ROPE, c.head_dim)
+  assert (np.sum(factors == 1), np.sum(factors == 8)) == (1, 5)  # every regime is exercised
+  path = tmp_path / "llama31.gguf"
+  _write_gguf(path, _state(torch_model), c, raw_tensors=[("rope_freqs.weight", factors, None)])
+  model, config, _ = load_gguf(path)
+  assert config["rope_freq_factors"] == factors.tolist()
+  assert config["rope_parameters"] == {"rope_type": "default", "rope_theta": 10000.0}
+  np.testing.assert_allclose(rope_inv_freq(model.config),
+                             torch_model.model.rotary_emb.inv_freq.numpy(), rtol=1e-6)
+
+  # 48 positions: the rescaled low frequencies turn through visibly different angles.
+  ids = _ids(seq=48)
+  ref_hidden, ref_logits = _torch_outputs(torch_model, ids)
+  err = _max_err(_forward(model, ids), ref_hidden, ref_logits)
+  assert err <= F32_ATOL, err
+
+  # The factors matter here: the same weights with unscaled RoPE are far from the reference.
+  plain = _torch_llama()
+  assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), torch_model.parameters()))
+  _, plain_logits = _torch_outputs(plain, ids)
+  assert np.abs(plain_logits - ref_logits).max() > 100 * F32_ATOL
+
+  with pytest.raises(ValueError, match=r"give rope_scaling or rope_freq_factors, not both"):
+    LlamaConfig.from_hf({**config, "rope_parameters": LLAMA3_ROPE})
+
+
+# ------------------------------------------------------------------------------------------------
+# Qwen2 (llama.cpp's qwen2 architecture): q/k/v biases, no q/k permutation, the qwen2 split.
+
+def _torch_qwen2(**overrides):
+  return _torch_llama(model_cls=transformers.Qwen2ForCausalLM,
+                      config_cls=transformers.Qwen2Config, **overrides)
+
+
+def _qwen2_file(tmp_path, name="qwen2.gguf", **kwargs):
+  """A tiny random Qwen2 written as llama.cpp's converter writes it; returns (path, torch model)."""
+  model = _torch_qwen2(**kwargs.pop("overrides", {}))
+  path = tmp_path / name
+  _write_gguf(path, _state(model), model.config, arch="qwen2", pre="qwen2", **kwargs)
+  return path, model
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_gguf_qwen2_parity(tmp_path, tie):
+  path, torch_model = _qwen2_file(tmp_path, overrides={"tie_word_embeddings": tie})
+  assert "blk.0.attn_q.bias" in {t.name for t in gguf.GGUFReader(path).tensors}
+  model, config, _ = load_gguf(path)
+  assert (config["model_type"], config["architectures"]) == ("qwen2", ["Qwen2ForCausalLM"])
+  assert config["tie_word_embeddings"] is tie and (model.lm_head is None) is tie
+  c = model.config
+  assert (c.qkv_bias, c.o_bias, c.mlp_bias, c.sliding_window) == (True, False, False, None)
+  ids = _ids()
+  ref_hidden, ref_logits = _torch_outputs(torch_model, ids)
+  err = _max_err(_forward(model, ids), ref_hidden, ref_logits)
+  assert err <= F32_ATOL, err
+  # transformers reads the dict as the same Qwen2.
+  ref_config = transformers.Qwen2Config(**config)
+  for key in ("hidden_size", "num_key_value_heads", "tie_word_embeddings", "use_sliding_window"):
+    assert getattr(ref_config, key) == getattr(torch_model.config, key), key
+
+  # Had the file been permuted like a llama one, loading it unpermuted would be far off: the
+  # parity above is what shows qwen2's q/k rows need no un-permutation.
+  wrong = tmp_path / "permuted.gguf"
+  _write_gguf(wrong, _state(torch_model), torch_model.config, arch="qwen2", permute=True)
+  err = _max_err(_forward(load_pretrained(wrong), ids), ref_hidden, ref_logits)
+  assert err > 100 * F32_ATOL, err
+
+
+def test_gguf_qwen2_tokenizer_matches_transformers_qwen2(tmp_path):
+  path, _ = _qwen2_file(tmp_path)
+  ours = GGUFFile(path).tokenizer()
+  # Reference: transformers' Qwen2 tokenizer over the same vocabulary and merges, with the same
+  # added tokens (its NFC normalizer changes none of these NFC texts).
+  ref = transformers.Qwen2Tokenizer(vocab={t: i for i, t in enumerate(TOKENS)},
+                                    merges=[tuple(m.split(" ")) for m in MERGES])
+  ref.add_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in SPECIALS],
+                 special_tokens=True)
+  ref.add_tokens([tokenizers.AddedToken(USER_DEFINED, normalized=False)])
+  assert len(ours) == len(ref) == len(TOKENS)
+  digits = "In 1969 and 12345, not 2024."
+  for text in TEXTS + CORPUS[:4] + [digits]:
+    ids = ours(text).input_ids
+    assert ids == ref(text).input_ids, text
+    assert ours.decode(ids) == text
+  # The qwen2 split is not Llama 3's: digits go one at a time, so learned merges of digit runs
+  # ("Ġ1969", "23") never apply.
+  llama3 = GGUFFile(_llama_file(tmp_path, "llama3.gguf", pre="llama-bpe")[0]).tokenizer()
+  assert ours(digits).input_ids != llama3(digits).input_ids
+  assert all(len(ours.decode([i]).strip()) <= 1 for i in ours(" 1969 12345").input_ids)
+
+
+# ------------------------------------------------------------------------------------------------
 # Bad files.
 
 @pytest.fixture(scope="module")
@@ -524,14 +694,37 @@ def test_gguf_non_llama_architecture(tmp_path):
     load_gguf(path)
 
 
+def _patch_tensor_type(path, name, type_id):
+  """Rewrites the type id in ``name``'s tensor info (name, n_dims, dims, type, offset)."""
+  data = bytearray(path.read_bytes())
+  encoded = name.encode()
+  at = data.index(struct.pack("<Q", len(encoded)) + encoded) + 8 + len(encoded)
+  (n_dims,) = struct.unpack_from("<I", data, at)
+  struct.pack_into("<I", data, at + 4 + 8 * n_dims, type_id)
+  path.write_bytes(bytes(data))
+
+
 def test_gguf_unsupported_quant_type(tmp_path):
-  # Q5_1 stores 32 values in 24 bytes; the content does not matter, the type is refused first.
+  # Q8_1 stores 32 values in 40 bytes, but gguf has no decoder for it (llama.cpp never writes it
+  # to files); the content does not matter, the type is refused before any tensor is read.
   path, _ = _llama_file(tmp_path, skip=("model.layers.1.mlp.up_proj.weight",), raw_tensors=[
-      ("blk.1.ffn_up.weight", np.zeros((128, 2 * 24), np.uint8), Q.Q5_1)])
+      ("blk.1.ffn_up.weight", np.zeros((128, 2 * 40), np.uint8), Q.Q8_1)])
   with pytest.raises(UnsupportedQuantizationError, match=r"tiny\.gguf: unsupported GGUF tensor "
-                     r"type\(s\): Q5_1 in 1 tensor\(s\), e\.g\. 'blk\.1\.ffn_up\.weight'; "
-                     r"supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q4_K, Q6_K"):
+                     r"type\(s\): Q8_1 in 1 tensor\(s\), e\.g\. 'blk\.1\.ffn_up\.weight'; "
+                     r"supported: F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, .*IQ4_XS") as info:
     load_gguf(path)
+  assert "\n" not in str(info.value)
+
+
+def test_gguf_unknown_type_id_is_a_file_error(tmp_path):
+  # A type id gguf does not know (a newer llama.cpp's, or a damaged header) stops the reader.
+  path, _ = _llama_file(tmp_path, skip=("model.layers.1.mlp.up_proj.weight",), raw_tensors=[
+      ("blk.1.ffn_up.weight", np.zeros((128, 2 * 40), np.uint8), Q.Q8_1)])
+  _patch_tensor_type(path, "blk.1.ffn_up.weight", 250)
+  with pytest.raises(CheckpointFileError, match=r"tiny\.gguf: unreadable GGUF file, truncated or "
+                     r"corrupt \(\S*250\)? is not a valid GGMLQuantizationType\)$") as info:
+    load_gguf(path)
+  assert "\n" not in str(info.value)
 
 
 def test_gguf_missing_metadata(tmp_path):
@@ -549,12 +742,22 @@ def test_gguf_mixture_of_experts_is_rejected(tmp_path):
     load_gguf(path)
 
 
-def test_gguf_rope_frequency_factors_are_rejected(tmp_path):
-  # llama.cpp's Llama 3.1 files: the rope rescaling only exists as this tensor.
+def test_gguf_rope_frequency_factors_of_the_wrong_size_or_architecture(tmp_path):
+  # head_dim 16 has 8 rotary frequencies.
   path, _ = _llama_file(tmp_path, raw_tensors=[
+      ("rope_freqs.weight", np.ones(7, np.float32), None)])
+  with pytest.raises(CheckpointFileError, match=r"tiny\.gguf: tensor 'rope_freqs\.weight' has 7 "
+                     r"values; a rotary width of 16 has 8 frequencies"):
+    load_gguf(path)
+  path, _ = _llama_file(tmp_path, "neg.gguf", raw_tensors=[
+      ("rope_freqs.weight", -np.ones(8, np.float32), None)])
+  with pytest.raises(CheckpointFileError, match=r"not positive and finite"):
+    load_gguf(path)
+  # llama.cpp reads the factors for llama only.
+  path, _ = _qwen2_file(tmp_path, raw_tensors=[
       ("rope_freqs.weight", np.ones(8, np.float32), None)])
   with pytest.raises(UnsupportedModelError, match=r"RoPE frequency factors \(rope_freqs\.weight\) "
-                     r"is not supported"):
+                     r"in a qwen2 file is not supported by the NNX Llama"):
     load_gguf(path)
 
 

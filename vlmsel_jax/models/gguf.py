@@ -1,16 +1,26 @@
-"""GGUF (llama.cpp) checkpoints of the llama and gemma3 architectures as a weight source for the zoo.
+"""GGUF (llama.cpp) checkpoints of the llama, qwen2 and gemma3 architectures as a weight source.
 
 A GGUF file holds the weights (possibly block-quantized), the hyper-parameters and the tokenizer
 of one model, all under llama.cpp's names. ``GGUFFile`` reads one with the ``gguf`` package and
 turns it into what the generic loader takes: a transformers-style config dict and
-(Hugging Face key, float32 numpy array) pairs. On the way it dequantizes every tensor, reverses
-GGUF's dimension order (``ne[0]`` is the innermost axis, so a torch ``(out, in)`` weight is stored
-as ``[in, out]``), renames ``blk.N.attn_q.weight`` & co. to ``model.layers.N.self_attn.q_proj
-.weight`` & co., and undoes the row permutation llama.cpp's converter applies to the q/k
-projections (llama.cpp rotates interleaved pairs of a head, transformers rotates its two halves).
-Gemma 3 files need no permutation (llama.cpp rotates them the transformers way) but store every
-RMSNorm weight plus one (llama.cpp's norm multiplies by the weight, Gemma's by 1 + weight), which
-is subtracted again here.
+(Hugging Face key, float32 numpy array) pairs. On the way it
+
+* dequantizes every tensor with ``gguf.quants`` (every type that package decodes: the legacy
+  Q4_0 ... Q8_0, the k-quants Q2_K ... Q6_K behind the usual Q4_K_M / Q5_K_M files, the IQ and
+  TQ types, MXFP4, BF16; ``SUPPORTED_TENSOR_TYPES`` is probed from the installed package);
+* reverses GGUF's dimension order (``ne[0]`` is the innermost axis, so a torch ``(out, in)``
+  weight is stored as ``[in, out]``);
+* renames ``blk.N.attn_q.weight`` & co. to ``model.layers.N.self_attn.q_proj.weight`` & co. by
+  inverting gguf's own ``TensorNameMap`` for the architecture;
+* undoes the row permutation llama.cpp's converter applies to the llama q/k projections
+  (llama.cpp rotates interleaved pairs of a llama head, transformers rotates its two halves).
+  Qwen2 and Gemma 3 files are written unpermuted: llama.cpp rotates their halves, as transformers
+  does. Gemma 3 files store every RMSNorm weight plus one (llama.cpp's norm multiplies by the
+  weight, Gemma's by 1 + weight), which is subtracted again here;
+* reads Llama 3.1's ``rope_freqs.weight`` (llama.cpp stores the llama3 RoPE rescaling as one
+  divisor per frequency and no parameters; GGUF has no metadata keys for it) into the config's
+  ``rope_freq_factors``, which the NNX Llama divides its inverse frequencies by, as llama.cpp
+  does. transformers has no such field: the dict alone describes unscaled RoPE to transformers.
 
 Typical use::
 
@@ -24,6 +34,8 @@ model alone.
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import os
 import re
 from pathlib import Path
@@ -37,69 +49,65 @@ from flax import nnx
 from gguf import GGMLQuantizationType, GGUFValueType
 from tokenizers import decoders, models, pre_tokenizers, processors
 
+from vlmsel_jax.models import gemma3, llama
 from vlmsel_jax.models.loading import (
     CheckpointFileError,
     UnsupportedModelError,
     load_model,
 )
 
-# Tensor types this module dequantizes. The block formats are ggml's: Q8_0 is 32 int8 values and
-# one float16 scale per block, Q4_0 32 4-bit values (offset 8) and a scale, Q4_1 32 4-bit values,
-# a scale and a minimum, Q5_0 32 5-bit values (offset 16) and a scale; the k-quants Q4_K and Q6_K
-# are 256-value super-blocks of 4-bit (8 sub-blocks, 6-bit scales and minimums) and 6-bit
-# (16 sub-blocks, int8 scales, offset 32) values.
-SUPPORTED_TENSOR_TYPES = (
-    GGMLQuantizationType.F32,
-    GGMLQuantizationType.F16,
-    GGMLQuantizationType.BF16,
-    GGMLQuantizationType.Q8_0,
-    GGMLQuantizationType.Q4_0,
-    GGMLQuantizationType.Q4_1,
-    GGMLQuantizationType.Q5_0,
-    GGMLQuantizationType.Q4_K,
-    GGMLQuantizationType.Q6_K,
-)
 
-SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
+def _dequantizable_types() -> tuple[GGMLQuantizationType, ...]:
+  """The tensor types the installed ``gguf`` package dequantizes, in enum order.
 
-# GGUF tensor name regex -> Hugging Face Llama key template (``\1`` is the layer, ``\2`` the
-# weight/bias suffix).
-_TENSOR_NAMES = {
-    r"token_embd\.weight": "model.embed_tokens.weight",
-    r"output_norm\.weight": "model.norm.weight",
-    r"output\.weight": "lm_head.weight",
-    r"blk\.([0-9]+)\.attn_q\.(weight|bias)": r"model.layers.\1.self_attn.q_proj.\2",
-    r"blk\.([0-9]+)\.attn_k\.(weight|bias)": r"model.layers.\1.self_attn.k_proj.\2",
-    r"blk\.([0-9]+)\.attn_v\.(weight|bias)": r"model.layers.\1.self_attn.v_proj.\2",
-    r"blk\.([0-9]+)\.attn_output\.(weight|bias)": r"model.layers.\1.self_attn.o_proj.\2",
-    r"blk\.([0-9]+)\.ffn_gate\.(weight|bias)": r"model.layers.\1.mlp.gate_proj.\2",
-    r"blk\.([0-9]+)\.ffn_up\.(weight|bias)": r"model.layers.\1.mlp.up_proj.\2",
-    r"blk\.([0-9]+)\.ffn_down\.(weight|bias)": r"model.layers.\1.mlp.down_proj.\2",
-    r"blk\.([0-9]+)\.attn_norm\.weight": r"model.layers.\1.input_layernorm.weight",
-    r"blk\.([0-9]+)\.ffn_norm\.weight": r"model.layers.\1.post_attention_layernorm.weight",
-}
+  ``gguf.quants.dequantize`` handles F32 / F16 itself and every type with a registered block
+  decoder; any other type raises ``NotImplementedError``. Asking it to decode one all-zero block
+  of each type finds them without reaching into the package's private registry.
+  """
+  found = []
+  for qtype in GGMLQuantizationType:
+    sizes = gguf.GGML_QUANT_SIZES.get(qtype)
+    if sizes is None:
+      continue
+    try:
+      gguf.quants.dequantize(np.zeros((1, sizes[1]), np.uint8), qtype)
+    # A decoder that fails on a zero block is as unusable as a missing one, whatever it raises;
+    # this runs at import, where a gguf bug must not make the whole module unimportable.
+    except Exception:  # pylint: disable=broad-except
+      continue
+    found.append(qtype)
+  return tuple(found)
 
-# Gemma 3 has four norms per layer and per-head q/k norms; llama.cpp's ``ffn_norm`` is the norm
-# before the MLP there.
-_GEMMA3_TENSOR_NAMES = {
-    **{k: v for k, v in _TENSOR_NAMES.items() if "ffn_norm" not in k},
-    r"blk\.([0-9]+)\.attn_q_norm\.weight": r"model.layers.\1.self_attn.q_norm.weight",
-    r"blk\.([0-9]+)\.attn_k_norm\.weight": r"model.layers.\1.self_attn.k_norm.weight",
-    r"blk\.([0-9]+)\.post_attention_norm\.weight":
-        r"model.layers.\1.post_attention_layernorm.weight",
-    r"blk\.([0-9]+)\.ffn_norm\.weight": r"model.layers.\1.pre_feedforward_layernorm.weight",
-    r"blk\.([0-9]+)\.post_ffw_norm\.weight":
-        r"model.layers.\1.post_feedforward_layernorm.weight",
-}
-_NAME_TABLES = {"llama": _TENSOR_NAMES, "gemma3": _GEMMA3_TENSOR_NAMES}
+
+SUPPORTED_TENSOR_TYPES = _dequantizable_types()
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3")
+
+# Architectures whose q/k rows llama.cpp's converter permutes: only where llama.cpp rotates
+# interleaved pairs (LLAMA_ROPE_TYPE_NORM; convert_hf_to_gguf.py's LlamaModel.modify_tensors).
+# Qwen2Model and Gemma3Model write transformers' row order, since llama.cpp rotates their two
+# halves (LLAMA_ROPE_TYPE_NEOX) exactly as transformers does.
+_PERMUTED_QK = ("llama",)
+# llama.cpp architecture -> transformers (model_type, architectures) of the NNX family loading it.
+_TRANSFORMERS_MODEL = {"llama": ("llama", "LlamaForCausalLM"),
+                       "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+                       "gemma3": ("gemma3_text", "Gemma3ForCausalLM")}
+_ROPE_FREQS = "rope_freqs.weight"
 
 # tokenizer.ggml.pre values -> how text is split before byte-level BPE. llama.cpp's "smollm" is
-# single digits, then the GPT-2 regex; "llama-bpe" is Llama 3's regex.
+# single digits, then the GPT-2 regex; "llama-bpe" is Llama 3's regex, "qwen2" Qwen2's.
 _GPT2_PRE = ("default", "gpt-2", "gpt2")
 _SMOLLM_PRE = ("smollm",)
 _LLAMA3_PRE = ("llama-bpe", "llama3", "llama-v3")
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen2's tokenizer.json regex: Llama 3's with single digits. llama.cpp maps these three pre
+# names to it (LLAMA_VOCAB_PRE_TYPE_QWEN2).
+_QWEN2_PRE = ("qwen2", "deepseek-r1-qwen", "megrez")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_SPLIT_PRE = {**{pre: _LLAMA3_SPLIT for pre in _LLAMA3_PRE},
+              **{pre: _QWEN2_SPLIT for pre in _QWEN2_PRE}}
 
 # llama.cpp's token types (llama_token_type): which vocabulary entries are added tokens.
 _TOKEN_CONTROL = 3
@@ -112,7 +120,7 @@ _READ_ERRORS = (ValueError, IndexError, KeyError, OSError, OverflowError, TypeEr
 
 
 class UnsupportedQuantizationError(UnsupportedModelError):
-  """A GGUF tensor stored in a quantization format this module does not dequantize."""
+  """A GGUF tensor stored in a format the installed ``gguf`` package does not dequantize."""
 
 
 def _one_line(error: BaseException) -> str:
@@ -124,17 +132,48 @@ def dequantize(data: np.ndarray, tensor_type: GGMLQuantizationType,
   """Returns the float32 values of one GGUF tensor's raw data (as ``GGUFReader`` exposes it).
 
   Quantized data comes as uint8 rows of whole blocks; the result has the same leading axes and
-  the decoded row length. F32 / F16 data comes already typed and keeps its shape.
+  the decoded row length. F32 / F16 data comes already typed and keeps its shape. The decoding
+  is ``gguf.quants.dequantize``'s.
+
+  Args:
+    data: The tensor's data.
+    tensor_type: Its GGML type.
+    name: The tensor's name, for the error message.
 
   Raises:
-    UnsupportedQuantizationError: ``tensor_type`` is not in ``SUPPORTED_TENSOR_TYPES``; the
-      message names ``name`` and the type.
+    UnsupportedQuantizationError: the installed ``gguf`` cannot dequantize ``tensor_type`` (see
+      ``SUPPORTED_TENSOR_TYPES``); the one-line message names ``name`` and the type.
+    ValueError: ``data`` is not whole blocks of ``tensor_type``.
   """
+  # The membership test also covers ids outside the enum, on which gguf's own NotImplementedError
+  # message would fail with an AttributeError.
   if tensor_type not in SUPPORTED_TENSOR_TYPES:
-    raise UnsupportedQuantizationError(
-        f"{name}: GGUF tensor type {_type_name(tensor_type)} is not supported; supported: "
-        f"{', '.join(t.name for t in SUPPORTED_TENSOR_TYPES)}")
-  return np.asarray(gguf.quants.dequantize(data, tensor_type), dtype=np.float32)
+    raise _unsupported_type(name, tensor_type)
+  try:
+    values = gguf.quants.dequantize(data, tensor_type)
+  except NotImplementedError:
+    raise _unsupported_type(name, tensor_type) from None
+  return np.asarray(values, dtype=np.float32)
+
+
+def _unsupported_type(name: str, tensor_type: Any) -> UnsupportedQuantizationError:
+  return UnsupportedQuantizationError(
+      f"{name}: GGUF tensor type {_type_name(tensor_type)} is not supported; supported: "
+      f"{_supported_list()}")
+
+
+def _supported_list() -> str:
+  """The supported type names, and which gguf package decides them (upgrading it adds types)."""
+  return (f"{', '.join(t.name for t in SUPPORTED_TENSOR_TYPES)} (the types gguf "
+          f"{_gguf_version()} dequantizes)")
+
+
+@functools.cache
+def _gguf_version() -> str:
+  try:
+    return importlib.metadata.version("gguf")
+  except importlib.metadata.PackageNotFoundError:
+    return "(version unknown)"
 
 
 def _type_name(tensor_type: Any) -> str:
@@ -156,14 +195,71 @@ def unpermute_rotary(weight: np.ndarray, num_heads: int) -> np.ndarray:
           .swapaxes(1, 2).reshape(weight.shape))
 
 
+def _key_patterns(architecture: str) -> list[re.Pattern[str]]:
+  """The checkpoint-key regexes of the key table of the NNX family loading ``architecture``.
+
+  The regexes do not depend on the config (only what ``lm_head`` routes to does), so a minimal
+  one of the family stands in.
+  """
+  if architecture == "gemma3":
+    table = gemma3.key_table(gemma3.Gemma3Config(
+        vocab_size=1, hidden_size=1, intermediate_size=1, num_layers=1, num_heads=1,
+        num_kv_heads=1, head_dim=1, query_pre_attn_scalar=1))
+  elif architecture in SUPPORTED_ARCHITECTURES:
+    table = llama.key_table(llama.LlamaConfig(
+        vocab_size=1, hidden_size=1, intermediate_size=1, num_layers=1, num_heads=1,
+        num_kv_heads=1, head_dim=1))
+  else:
+    raise ValueError(f"GGUF architecture {architecture!r} is not supported; supported: "
+                     f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+  return [re.compile(pattern) for pattern in table]
+
+
+@functools.cache
+def _tensor_names(architecture: str) -> dict[str, str]:
+  """GGUF tensor name -> Hugging Face module name (both without ``.weight`` / ``.bias``), with
+  the per-layer tensors of block 0 standing for every block.
+
+  Inverts ``gguf.get_tensor_name_map``, the table llama.cpp's converter names tensors with. It
+  lists many checkpoints' spellings of each tensor (``model.layers.0.self_attn.q_proj``,
+  ``layers.0.attention.wq``, ...); the one kept is the one the family's key table reads. Only
+  the architecture's own tensors (``gguf.MODEL_TENSORS``) are in the map, so Gemma 3's
+  ``blk.N.ffn_norm`` (its pre-MLP norm) and llama's (its post-attention norm) come out right.
+  """
+  arch = next((a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == architecture), None)
+  if arch is None:
+    raise ValueError(f"gguf {_gguf_version()} knows no architecture {architecture!r}")
+  patterns = _key_patterns(architecture)
+  names: dict[str, str] = {}
+  for hf_name, (_, gguf_name) in gguf.get_tensor_name_map(arch, 1).mapping.items():
+    if gguf_name not in names and any(p.fullmatch(hf_name + ".weight") for p in patterns):
+      names[gguf_name] = hf_name
+  return names
+
+
 def hf_key(gguf_name: str, architecture: str = "llama") -> str:
-  """The Hugging Face key for a GGUF tensor name of ``architecture``; unknown names come back
-  unchanged."""
-  for pattern, template in _NAME_TABLES[architecture].items():
-    m = re.fullmatch(pattern, gguf_name)
-    if m:
-      return m.expand(template)
-  return gguf_name
+  """The Hugging Face key for a GGUF tensor name of ``architecture``.
+
+  Names with no Hugging Face counterpart in the family's key table (``rope_freqs.weight``, say)
+  come back unchanged.
+
+  Raises:
+    ValueError: ``architecture`` is not one of ``SUPPORTED_ARCHITECTURES``.
+  """
+  names = _tensor_names(architecture)
+  base, _, suffix = gguf_name.rpartition(".")
+  if suffix not in ("weight", "bias"):
+    return gguf_name
+  block = re.fullmatch(r"blk\.([0-9]+)\.(.+)", base)
+  if block is None:
+    hf_name = names.get(base)
+  else:
+    # gguf names every per-layer tensor blk.{bid}.<kind>, and the key tables read
+    # model.layers.<bid>.<module>: look the kind up in block 0 and move it to this block.
+    hf_name = names.get(f"blk.0.{block.group(2)}")
+    if hf_name is not None:
+      hf_name = re.sub(r"^model\.layers\.0\.", f"model.layers.{block.group(1)}.", hf_name)
+  return gguf_name if hf_name is None else f"{hf_name}.{suffix}"
 
 
 def _field_value(field: Any) -> Any:
@@ -184,18 +280,20 @@ def _field_value(field: Any) -> Any:
 
 
 class GGUFFile:
-  """A llama or gemma3 GGUF file as a source of (Hugging Face key, float32 array) pairs.
+  """A llama, qwen2 or gemma3 GGUF file as a source of (Hugging Face key, float32 array) pairs.
 
-  Opening checks the file (readable, llama architecture, only supported tensor types, no feature
-  the NNX Llama lacks) and builds the config; tensors are dequantized one at a time while
-  iterating. Tensors whose GGUF name has no Hugging Face counterpart are yielded under their GGUF
-  name, so the loader reports them as unexpected keys.
+  Opening checks the file (readable, a supported architecture, only tensor types ``gguf`` can
+  dequantize, no feature the NNX model lacks) and builds the config; tensors are dequantized one
+  at a time while iterating. Tensors whose GGUF name has no Hugging Face counterpart are yielded
+  under their GGUF name, so the loader reports them as unexpected keys.
 
   Attributes:
     path: The file.
     reader: The open ``gguf.GGUFReader`` (it memory-maps the file).
     architecture: ``general.architecture``.
-    config: A transformers ``LlamaConfig``-style dict built from the metadata.
+    config: A transformers-style config dict (``LlamaConfig`` / ``Qwen2Config`` /
+      ``Gemma3TextConfig`` fields) built from the metadata; a Llama 3.1 file's
+      ``rope_freqs.weight`` becomes ``rope_freq_factors``.
   """
 
   def __init__(self, path: str | os.PathLike):
@@ -244,7 +342,7 @@ class GGUFFile:
                          for kind, names in sorted(unsupported.items()))
       raise UnsupportedQuantizationError(
           f"{self.path}: unsupported GGUF tensor type(s): {listed}; supported: "
-          f"{', '.join(t.name for t in SUPPORTED_TENSOR_TYPES)}")
+          f"{_supported_list()}")
 
   def _build_config(self) -> dict[str, Any]:
     """The transformers-style config dict for the metadata (and tensor list)."""
@@ -262,9 +360,10 @@ class GGUFFile:
     # Gemma 3's long-context checkpoints scale the global layers' RoPE linearly.
     if scaling != "none" and not (arch == "gemma3" and scaling == "linear"):
       raise unsupported(f"RoPE scaling {scaling!r}")
-    if "rope_freqs.weight" in names:
-      # llama.cpp stores Llama 3.1's rope rescaling as per-frequency factors, not its parameters.
-      raise unsupported("RoPE frequency factors (rope_freqs.weight)")
+    if _ROPE_FREQS in names and arch != "llama":
+      # llama.cpp itself reads the factors for llama only (Llama 3.1+); it loads no such tensor
+      # for qwen2 or gemma3.
+      raise unsupported(f"RoPE frequency factors ({_ROPE_FREQS}) in a {arch} file")
 
     hidden = int(self._required(f"{arch}.embedding_length"))
     num_heads = int(self._required(f"{arch}.attention.head_count"))
@@ -310,21 +409,58 @@ class GGUFFile:
     if arch == "gemma3":
       config = {**common, **self._gemma3_config(common, scaling)}
     else:
+      model_type, architecture = _TRANSFORMERS_MODEL[arch]
       config = {
           **common,
-          "model_type": "llama",
-          "architectures": ["LlamaForCausalLM"],
+          "model_type": model_type,
+          "architectures": [architecture],
           "hidden_act": "silu",
           "rope_parameters": {"rope_type": "default",
                               "rope_theta": float(self.get(f"{arch}.rope.freq_base", 10000.0))},
-          "attention_bias": "blk.0.attn_q.bias" in names,
-          "mlp_bias": "blk.0.ffn_gate.bias" in names,
       }
+      if arch == "qwen2":
+        # Qwen2 always has q/k/v biases (the family hard-codes them, as transformers does), and
+        # llama.cpp attends fully in every qwen2 layer: it stores no sliding window.
+        config["use_sliding_window"] = False
+      else:
+        config["attention_bias"] = "blk.0.attn_q.bias" in names
+        config["mlp_bias"] = "blk.0.ffn_gate.bias" in names
+      if _ROPE_FREQS in names:
+        config["rope_freq_factors"] = self._rope_freq_factors(rope_dim)
     for key in ("bos_token_id", "eos_token_id", "padding_token_id"):
       value = self.get(f"tokenizer.ggml.{key}")
       if value is not None:
         config[key.replace("padding", "pad")] = int(value)
     return config
+
+  def _rope_freq_factors(self, rope_dim: int) -> list[float]:
+    """The divisors of the RoPE inverse frequencies in ``rope_freqs.weight``.
+
+    llama.cpp's converter writes Llama 3.1's ``rope_scaling`` (rope_type "llama3") as this
+    tensor, one factor per frequency, and no metadata (GGUF has keys for linear / YaRN /
+    LongRoPE scaling only), so the factors themselves are the config; llama.cpp divides each
+    frequency by its factor, and so does the NNX Llama with ``rope_freq_factors``.
+
+    Raises:
+      CheckpointFileError: the tensor is corrupt, has other than ``rope_dim // 2`` values, or a
+        value that is not positive and finite.
+    """
+    t = next(t for t in self.reader.tensors if t.name == _ROPE_FREQS)
+    try:
+      values = dequantize(t.data, t.tensor_type, t.name).ravel()
+    except UnsupportedModelError:
+      raise
+    except ValueError as e:
+      raise CheckpointFileError(f"{self.path}: tensor {_ROPE_FREQS!r} is corrupt "
+                                f"({_one_line(e)})") from None
+    if values.size != rope_dim // 2:
+      raise CheckpointFileError(
+          f"{self.path}: tensor {_ROPE_FREQS!r} has {values.size} values; a rotary width of "
+          f"{rope_dim} has {rope_dim // 2} frequencies")
+    if not np.all(np.isfinite(values) & (values > 0)):
+      raise CheckpointFileError(
+          f"{self.path}: tensor {_ROPE_FREQS!r} holds factors that are not positive and finite")
+    return [float(v) for v in values]
 
   def _gemma3_config(self, common: dict[str, Any], scaling: str) -> dict[str, Any]:
     """The ``Gemma3TextConfig`` fields llama.cpp's gemma3 metadata implies.
@@ -358,7 +494,10 @@ class GGUFFile:
     c = self.config
     rotary_heads = {"q_proj": c["num_attention_heads"], "k_proj": c["num_key_value_heads"]}
     gemma = self.architecture == "gemma3"
+    permuted = self.architecture in _PERMUTED_QK
     for t in self.reader.tensors:
+      if t.name == _ROPE_FREQS and "rope_freq_factors" in c:
+        continue  # already in the config
       key = hf_key(t.name, self.architecture)
       # GGUF lists ne[0] (the innermost, contiguous axis) first: numpy order is the reverse.
       shape = tuple(int(n) for n in reversed(t.shape))
@@ -371,7 +510,7 @@ class GGUFFile:
                                   f"{shape} is corrupt ({_one_line(e)})") from None
       if gemma and key.endswith("norm.weight"):
         value = value - np.float32(1.0)  # llama.cpp stores Gemma's 1 + weight.
-      proj = None if gemma else re.search(r"self_attn\.(q_proj|k_proj)\.", key)
+      proj = re.search(r"self_attn\.(q_proj|k_proj)\.", key) if permuted else None
       if proj:
         try:
           value = unpermute_rotary(value, rotary_heads[proj.group(1)])
@@ -479,25 +618,25 @@ class GGUFFile:
       return pre_tokenizers.Sequence([
           pre_tokenizers.Digits(individual_digits=True),
           pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    if pre in _LLAMA3_PRE:
+    if pre in _SPLIT_PRE:
       return pre_tokenizers.Sequence([
-          pre_tokenizers.Split(tokenizers.Regex(_LLAMA3_SPLIT), behavior="isolated"),
+          pre_tokenizers.Split(tokenizers.Regex(_SPLIT_PRE[pre]), behavior="isolated"),
           pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     raise UnsupportedModelError(
         f"{self.path}: tokenizer.ggml.pre {pre!r} is not supported; supported: "
-        f"{', '.join(_GPT2_PRE + _SMOLLM_PRE + _LLAMA3_PRE)}")
+        f"{', '.join(_GPT2_PRE + _SMOLLM_PRE + tuple(_SPLIT_PRE))}")
 
   def __str__(self) -> str:
     return str(self.path)
 
 
 def load_gguf_model(path: str | os.PathLike, *, dtype: Any = "float32") -> nnx.Module:
-  """Loads the weights of a llama / gemma3 GGUF file as an NNX ``Llama`` / ``Gemma3``.
+  """Loads the weights of a llama / qwen2 / gemma3 GGUF file as an NNX ``Llama`` / ``Gemma3``.
 
   Raises:
     CheckpointFileError: the file is missing, truncated or corrupt (the message names it).
-    UnsupportedModelError: not the llama / gemma3 architecture, or a feature the module lacks;
-      ``UnsupportedQuantizationError`` for tensor types outside ``SUPPORTED_TENSOR_TYPES``.
+    UnsupportedModelError: not the llama / qwen2 / gemma3 architecture, or a feature the module
+      lacks; ``UnsupportedQuantizationError`` for tensor types ``gguf`` cannot dequantize.
     CheckpointError: the tensors do not fit the model (every problem listed).
   """
   src = GGUFFile(path)
@@ -506,7 +645,7 @@ def load_gguf_model(path: str | os.PathLike, *, dtype: Any = "float32") -> nnx.M
 
 def load_gguf(path: str | os.PathLike, dtype: Any = "float32"
               ) -> tuple[nnx.Module, dict[str, Any], transformers.PreTrainedTokenizerBase]:
-  """Loads a llama / gemma3 GGUF file: (NNX model, transformers-style config, tokenizer).
+  """Loads a llama / qwen2 / gemma3 GGUF file: (NNX model, transformers-style config, tokenizer).
 
   Args:
     path: The ``.gguf`` file.

@@ -50,6 +50,9 @@ class LlamaConfig:
     rms_norm_eps: Epsilon inside every RMSNorm.
     rope_theta: RoPE base wavelength.
     rope_scaling: ``None`` for plain RoPE, or the llama3 rescaling.
+    rope_freq_factors: ``None``, or one divisor per rotary frequency (``head_dim // 2``): how
+      llama.cpp stores Llama 3.1's rescaling in GGUF files (the ``rope_freqs.weight`` tensor, no
+      parameters). Each inverse frequency is divided by its factor, as llama.cpp's RoPE does.
     tie_word_embeddings: Whether the LM head reuses the token embedding.
     qkv_bias: Whether the q/k/v projections have biases (Qwen2: yes; Llama: ``attention_bias``).
     o_bias: Whether the output projection has a bias (Llama: ``attention_bias``).
@@ -70,6 +73,7 @@ class LlamaConfig:
   rms_norm_eps: float = 1e-6
   rope_theta: float = 10000.0
   rope_scaling: Llama3RopeScaling | None = None
+  rope_freq_factors: tuple[float, ...] | None = None
   tie_word_embeddings: bool = False
   qkv_bias: bool = False
   o_bias: bool = False
@@ -95,13 +99,25 @@ class LlamaConfig:
                        f"{FULL_ATTENTION!r} or {SLIDING_ATTENTION!r}")
     if SLIDING_ATTENTION in self.layer_types and not self.sliding_window:
       raise ValueError("sliding_attention layers need a positive sliding_window")
+    if self.rope_freq_factors is not None:
+      factors = tuple(float(f) for f in self.rope_freq_factors)
+      object.__setattr__(self, "rope_freq_factors", factors)
+      if len(factors) != self.head_dim // 2:
+        raise ValueError(f"rope_freq_factors has {len(factors)} entries; head_dim "
+                         f"{self.head_dim} has {self.head_dim // 2} rotary frequencies")
+      if not all(math.isfinite(f) and f > 0 for f in factors):
+        raise ValueError("rope_freq_factors must be positive and finite")
+      if self.rope_scaling is not None:
+        # Both rescale the same frequencies; applying the two would rescale twice.
+        raise ValueError("give rope_scaling or rope_freq_factors, not both")
 
   @classmethod
   def from_hf(cls, config: Mapping[str, Any] | str | os.PathLike) -> LlamaConfig:
     """Reads a transformers ``config.json`` (a dict, the file, or its directory).
 
     Understands both the transformers 5 ``rope_parameters`` field and the older
-    ``rope_theta`` / ``rope_scaling`` fields.
+    ``rope_theta`` / ``rope_scaling`` fields, plus ``rope_freq_factors`` (no transformers field:
+    the GGUF source sets it from llama.cpp's ``rope_freqs.weight``).
 
     Raises:
       ValueError: the config is not a llama / qwen2 / mistral one, or uses a feature this
@@ -149,6 +165,7 @@ class LlamaConfig:
         rms_norm_eps=c.get("rms_norm_eps", 1e-6),
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
+        rope_freq_factors=c.get("rope_freq_factors"),
         tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
         qkv_bias=qkv_bias,
         o_bias=o_bias,
@@ -184,11 +201,14 @@ def _rope_from_hf(c: Mapping[str, Any]) -> tuple[float, Llama3RopeScaling | None
 
 
 def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
-  """The RoPE inverse frequencies (head_dim // 2,), float32, as transformers computes them."""
+  """The RoPE inverse frequencies (head_dim // 2,), float32, as transformers computes them (and
+  divided by ``rope_freq_factors``, as llama.cpp does, when the config has them)."""
   dim = config.head_dim
   # float32 throughout, like torch, so positions * inv_freq rounds the same way.
   inv_freq = np.float32(1.0) / (
       np.float32(config.rope_theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
+  if config.rope_freq_factors is not None:
+    return (inv_freq / np.asarray(config.rope_freq_factors, np.float32)).astype(np.float32)
   s = config.rope_scaling
   if s is None:
     return inv_freq
