@@ -202,7 +202,7 @@ def cached_c_scores(specs: Sequence[str], cache_dir: str, *, pairs: str = "homog
          "method": "soft_argmax", "temperature": corr.DEFAULT_TEMPERATURE,
          "window": corr.DEFAULT_WINDOW, "alphas": list(corr.ALPHAS)},
         sort_keys=True).encode()).hexdigest()
-    path = os.path.join(cache_dir, "c_scores", resolved.name + ".json")
+    path = os.path.join(cache_dir, "c_scores", resolved.file_stem + ".json")
     if os.path.isfile(path):
       try:
         with open(path) as f:
@@ -226,7 +226,8 @@ def cached_c_scores(specs: Sequence[str], cache_dir: str, *, pairs: str = "homog
 def _define_flags() -> dict[str, Any]:
   f = {}
   f["models"] = flags.DEFINE_list("models", [], "Vision encoders: zoo names (efficientnet-lite0, "
-                                  "...) or local Hugging Face ViT-family directories, optionally "
+                                  "...), local Hugging Face ViT-family directories or Hub ids "
+                                  "(openai/clip-vit-base-patch16), optionally "
                                   "with a variant (efficientnet-lite0@layer=-4,res=320: the "
                                   "variant's layer is read unless --layer is given).")
   f["pairs"] = flags.DEFINE_string("pairs", "homography",

@@ -301,7 +301,7 @@ def _extract_one(resolved: zoo.Resolved, dataset: paired.PairedDataset, path: st
   loaded = resolved.load(options.dtype)
   layer, pooling = _layer_and_pooling(loaded, options)
   n = len(dataset)
-  partial_path = os.path.join(os.path.dirname(path), name + PARTIAL_SUFFIX)
+  partial_path = os.path.join(os.path.dirname(path), resolved.file_stem + PARTIAL_SUFFIX)
   primary = parallel.is_primary()
   done = _read_partial(partial_path, key) if primary else None
   chunks = [done] if done is not None and done.shape[0] else []
@@ -421,10 +421,10 @@ def extract(specs: Sequence[str], data_dir: str | None, output_dir: str, *,
                          "another; give the layer once")
   seen: dict[str, str] = {}
   for r in resolved:
-    if r.name in seen:
-      raise ExtractError(f"models {seen[r.name]!r} and {r.spec!r} would both write "
-                         f"{r.name}{BANK_EXT}; give them distinct directory / file names")
-    seen[r.name] = r.spec
+    if r.file_stem in seen:
+      raise ExtractError(f"models {seen[r.file_stem]!r} and {r.spec!r} would both write "
+                         f"{r.file_stem}{BANK_EXT}; give them distinct directory / file names")
+    seen[r.file_stem] = r.spec
   if (dataset is None) == (data_dir is None):
     raise ExtractError("give exactly one of a data folder and a dataset")
   if dataset is None:
@@ -432,7 +432,7 @@ def extract(specs: Sequence[str], data_dir: str | None, output_dir: str, *,
   dataset = dataset.sample(options.max_samples, options.seed)
   data_hash = dataset.fingerprint()
   keys = [cache_key(r, data_hash, options) for r in resolved]
-  paths = [os.path.join(output_dir, r.name + BANK_EXT) for r in resolved]
+  paths = [os.path.join(output_dir, r.file_stem + BANK_EXT) for r in resolved]
   existing = [bank_info(p) for p in paths]
   todo = [info[0] != k for info, k in zip(existing, keys)]
   if jax.process_count() > 1:  # Process 0's banks decide, whatever the other hosts' disks hold.

@@ -1,9 +1,11 @@
 """Model zoo: short names (and local paths) → a loaded encoder ready for feature extraction.
 
-A *spec* is what a user types: a registered short name (``smollm2-135m``) or a local path, a
-Hugging Face directory (``config.json`` + safetensors) or a llama.cpp ``.gguf`` file. ``resolve``
-turns it into files on disk and a kind (``vision`` / ``text``) without loading anything, so a cache
-can be checked cheaply; ``load`` builds the NNX model with what extraction needs next to it: the
+A *spec* is what a user types, tried in this order: a registered short name (``smollm2-135m``),
+a local path (a Hugging Face directory with ``config.json`` and safetensors or
+``pytorch_model.bin``, or a llama.cpp ``.gguf`` file), or a Hugging Face Hub id
+(``openai/clip-vit-base-patch16``, ``org/name@revision``) fetched into the Hub cache
+(``models.hub``). ``resolve`` turns it into files on disk and a kind (``vision`` / ``text``)
+without loading anything, so a cache can be checked cheaply; ``load`` builds the NNX model with what extraction needs next to it: the
 tokenizer of a text model, the image preprocessing of a vision model, and a jittable function that
 maps a batch to one feature vector per sample.
 
@@ -49,6 +51,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
+
+from vlmsel_jax.models import hub as hub_lib
 
 KINDS = ("vision", "text")
 TEXT_POOLINGS = ("mean", "last")
@@ -712,7 +716,9 @@ def split_variant(spec: str) -> tuple[str, Variant]:
   """``"efficientnet-lite0@layer=-2,res=160"`` → ("efficientnet-lite0", Variant(-2, 160)).
 
   ``spec@-2`` is ``spec@layer=-2``. A spec without ``@``, or one that is an existing path as a
-  whole, has the default variant.
+  whole, has the default variant. A Hub id may name a revision before the variant
+  (``org/name@v1.0@layer=-2`` → ("org/name@v1.0", Variant(-2))); a revision that is a bare integer
+  would read as a layer, so give such a one as ``org/name@<rev>@layer=-1``.
 
   Raises:
     ZooError: an unknown key, a value that is not an integer, or a key given twice.
@@ -720,6 +726,9 @@ def split_variant(spec: str) -> tuple[str, Variant]:
   spec = spec.strip()
   base, at, text = spec.rpartition("@")
   if not at or os.path.exists(os.path.expanduser(spec)):
+    return spec, Variant()
+  if hub_lib.is_repo_id(base) and not _VARIANT_RE.fullmatch(text):
+    # "org/name@revision": the '@' names a Hub revision, not a setting.
     return spec, Variant()
   if not base or not _VARIANT_RE.fullmatch(text):
     raise ZooError(f"model spec {spec!r}: after '@' give key=value pairs such as "
@@ -788,6 +797,7 @@ class Resolved:
     kind: "vision" or "text".
     loader: ``loader(path, name, dtype)``.
     variant: The setting after ``@`` (its suffix is part of ``name``).
+    hub: Where a Hub id resolved to (its commit hash identifies the weights); None otherwise.
   """
 
   spec: str
@@ -796,22 +806,40 @@ class Resolved:
   kind: str
   loader: Callable[[Path, str, str], LoadedModel]
   variant: Variant = Variant()
+  hub: hub_lib.HubSnapshot | None = None
+
+  @property
+  def file_stem(self) -> str:
+    """``name`` as a file name: a Hub id's '/' becomes '--', as in the Hub cache's folders."""
+    return file_stem(self.name)
 
   def fingerprint(self) -> dict[str, Any]:
-    """Identifies the weights by every file's name, size and mtime (cheap: no reading)."""
+    """Identifies the weights by every file's name, size and mtime (cheap: no reading), and a
+    Hub model also by its resolved commit."""
     files = sorted(p for p in self.path.iterdir() if p.is_file() and not p.name.startswith(".")
                    ) if self.path.is_dir() else [self.path]
     stats = []
     for p in files:
       st = p.stat()
       stats.append([p.name, st.st_size, st.st_mtime_ns])
-    return {"spec": self.spec, "path": str(self.path.resolve()), "files": stats,
-            "variant": dataclasses.asdict(self.variant)}
+    out = {"spec": self.spec, "path": str(self.path.resolve()), "files": stats,
+           "variant": dataclasses.asdict(self.variant)}
+    if self.hub is not None:
+      out["hub"] = {"repo_id": self.hub.repo_id, "commit": self.hub.commit}
+    return out
 
   def load(self, dtype: str = "float32") -> LoadedModel:
     """Builds the model; errors of the checkpoint loader pass through (they name the file)."""
     loaded = self.loader(self.path, self.name, dtype)
     return _apply_variant(loaded, self.variant, self.spec)
+
+
+def file_stem(name: str) -> str:
+  """A model name as a file name (bank, cache entry): '/' of a Hub id becomes '--'.
+
+  Hub repo ids never contain '--', so distinct names stay distinct.
+  """
+  return name.replace("/", "--")
 
 
 _FAMILY_KINDS = {"vit": "vision", "llama": "text", "gemma3": "text", "bert": "text"}
@@ -839,12 +867,16 @@ def _stem(path: Path) -> str:
 
 
 def resolve(spec: str) -> Resolved:
-  """Locates ``spec`` (a zoo name, an HF directory or a ``.gguf`` file, with an optional
-  ``@variant``) without loading it.
+  """Locates ``spec`` without loading it.
+
+  ``spec`` is, in this order: a zoo name, a local path (an HF directory or a ``.gguf`` file), or
+  a Hugging Face Hub id (``org/name``, ``org/name@revision``) fetched into the Hub cache (see
+  ``models.hub``); any of them with an optional ``@variant``.
 
   Raises:
-    ZooError: an unknown name that is no path either, a registered model whose package is not
-      installed (the message gives the ``pip install`` to run), or a path of an unknown format.
+    ZooError: an unknown name that is no path nor Hub id either, a registered model whose package
+      is not installed (the message gives the ``pip install`` to run), a path of an unknown
+      format, or a Hub id that is neither cached nor fetchable (the message says how to fetch it).
     UnsupportedModelError: an HF directory whose model type no family implements.
   """
   full = spec.strip()
@@ -880,8 +912,21 @@ def _resolve_base(spec: str) -> Resolved:
   if path.is_file():
     raise ZooError(f"{spec}: unsupported model file (use a .gguf file or a Hugging Face model "
                    "directory)")
-  raise ZooError(f"unknown model {spec!r}: not a zoo name (known: {', '.join(names())}) nor an "
-                 "existing Hugging Face directory or .gguf file")
+  if hub_lib.is_repo_id(spec.partition("@")[0]):
+    return _resolve_hub(spec)
+  raise ZooError(f"unknown model {spec!r}: not a zoo name (known: {', '.join(names())}), an "
+                 "existing Hugging Face directory or .gguf file, nor a Hub id (org/name)")
+
+
+def _resolve_hub(spec: str) -> Resolved:
+  """A Hub id (``org/name`` or ``org/name@revision``) through the Hugging Face cache."""
+  try:
+    repo_id, revision = hub_lib.split_revision(spec)
+    snap = hub_lib.snapshot(repo_id, revision)
+  except hub_lib.HubError as e:
+    raise ZooError(str(e)) from None
+  return Resolved(spec=spec, name=spec, path=snap.path, kind=_kind_of_hf_dir(snap.path),
+                  loader=_load_hf_dir, hub=snap)
 
 
 def load(spec: str, dtype: str = "float32") -> LoadedModel:

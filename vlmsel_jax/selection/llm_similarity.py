@@ -13,7 +13,6 @@ is what ``--llm_similarity=medoid=path`` of the Mordal search reads.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Sequence
 
 import jax
@@ -33,7 +32,7 @@ def warmup_config(base: loop.TrainConfig, vision: str, llm: str, workdir: str
                   ) -> loop.TrainConfig:
   """``base``'s recipe as a stage-1 (projector only) run of ``vision`` + ``llm``."""
   return dataclasses.replace(base, vision=vision, llm=llm, stage=1,
-                             workdir=os.path.join(workdir, mordal_live.candidate_name(vision, llm)))
+                             workdir=mordal_live.workdir_of(workdir, mordal_live.candidate_name(vision, llm)))
 
 
 @nnx.jit(static_argnames="layer")

@@ -17,14 +17,30 @@ import dataclasses
 import os
 
 from vlmsel_jax import atomic
+from vlmsel_jax import zoo
+from vlmsel_jax.models import hub
 from vlmsel_jax.selection import mordal
 from vlmsel_jax.training import evaluate_run
 from vlmsel_jax.training import loop
 
 
+def _short_name(spec: str) -> str:
+  """A local path's last component (a ``.gguf`` file without its extension); a zoo name or a Hub
+  id (``org/name``) as given. Variants stay: ``/m/vit@layer=-2`` → ``vit@layer=-2``."""
+  spec = spec.strip().rstrip("/")
+  if hub.is_repo_id(spec.partition("@")[0]) and not os.path.exists(os.path.expanduser(spec)):
+    return spec
+  name = os.path.basename(spec) or spec
+  return name[:-len(".gguf")] if name.lower().endswith(".gguf") else name
+
+
 def candidate_name(vision: str, llm: str) -> str:
-  base = lambda s: os.path.splitext(os.path.basename(s.rstrip("/")))[0] or s  # noqa: E731
-  return f"{base(vision)}+{base(llm)}"
+  return f"{_short_name(vision)}+{_short_name(llm)}"
+
+
+def workdir_of(workdir: str, candidate: str) -> str:
+  """The candidate's own training directory (a Hub id's '/' is not a directory level)."""
+  return os.path.join(workdir, zoo.file_stem(candidate))
 
 
 def parse_candidates(entries: list[str]) -> dict[tuple[str, str], str]:
@@ -62,7 +78,7 @@ class LiveTrainer:
     vision, llm = self.by_name[candidate]
     optim = dataclasses.replace(self.base.optim, schedule_steps=self.full_steps)
     return dataclasses.replace(self.base, vision=vision, llm=llm, max_steps=steps, optim=optim,
-                               workdir=os.path.join(self.base.workdir, candidate), progress=False)
+                               workdir=workdir_of(self.base.workdir, candidate), progress=False)
 
   def __call__(self, candidate: str, fraction: float) -> tuple[float, float]:
     if candidate not in self.by_name:
