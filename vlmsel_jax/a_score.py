@@ -75,5 +75,10 @@ def main(argv):
     print(table_csv(rows))
 
 
-if __name__ == "__main__":
+def console_main():
+  """The ``vlmsel-a-score`` console command."""
   app.run(main)
+
+
+if __name__ == "__main__":
+  console_main()

@@ -203,9 +203,9 @@ def cached_c_scores(specs: Sequence[str], cache_dir: str, *, pairs: str = "homog
          "window": corr.DEFAULT_WINDOW, "alphas": list(corr.ALPHAS)},
         sort_keys=True).encode()).hexdigest()
     path = os.path.join(cache_dir, "c_scores", resolved.file_stem + ".json")
-    if os.path.isfile(path):
+    if atomic.isfile(path):  # --cache_dir may be a bucket: read through atomic.
       try:
-        with open(path) as f:
+        with atomic.open_text(path) as f:
           cached = json.load(f)
         if cached.get("key") == key:
           out[resolved.name] = cached["result"]
@@ -307,6 +307,11 @@ def _run_from_flags(f, alphas, window):
              spair_split=f["spair_split"].value, spair_limit=f["spair_limit"].value)
 
 
+def console_main():
+  """The ``vlmsel-correspondence-score`` console command."""
+  defined = _define_flags()
+  app.run(lambda argv: main(argv, defined))
+
+
 if __name__ == "__main__":
-  _FLAGS = _define_flags()
-  app.run(lambda argv: main(argv, _FLAGS))
+  console_main()

@@ -59,5 +59,10 @@ def main(argv):
     print(json.dumps({k: v for k, v in out.items() if k != "examples"}, indent=1))
 
 
-if __name__ == "__main__":
+def console_main():
+  """The ``vlmsel-evaluate`` console command."""
   app.run(main)
+
+
+if __name__ == "__main__":
+  console_main()

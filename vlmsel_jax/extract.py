@@ -23,8 +23,9 @@ from vlmsel_jax import runtime_flags
 from vlmsel_jax import zoo
 
 MODELS = flags.DEFINE_list(
-    "models", [], "Models to extract: zoo names (" + ", ".join(zoo.names()) + ") or local paths "
-    "(a Hugging Face model directory or a .gguf file), each optionally with a variant: "
+    "models", [], "Models to extract: zoo names (" + ", ".join(zoo.names()) + "), local paths "
+    "(a Hugging Face model directory or a .gguf file) or Hugging Face Hub ids (org/name, "
+    "org/name@revision), each optionally with a variant: "
     "efficientnet-lite0@layer=-3,res=160 (see vlmsel_jax.zoo).")
 OUTPUT_DIR = flag_util.shared(flags.DEFINE_string, "output_dir", None, "Where results are "
                               "written.")
@@ -97,5 +98,10 @@ def main(argv):
       print(f"{r.path}\t{'cached' if r.cached else 'extracted'}\t{r.n}x{r.dim}")
 
 
-if __name__ == "__main__":
+def console_main():
+  """The ``vlmsel-extract`` console command."""
   app.run(main)
+
+
+if __name__ == "__main__":
+  console_main()

@@ -30,7 +30,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from typing import Callable, Sequence
 
 import jax
@@ -43,6 +42,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import auto as tqdm
 
+from vlmsel_jax import atomic
 from vlmsel_jax import feature_bank
 from vlmsel_jax import parallel
 from vlmsel_jax import zoo
@@ -140,23 +140,38 @@ def cache_key(resolved: zoo.Resolved, data_hash: str, options: ExtractOptions) -
 def bank_info(path: str) -> tuple[str | None, tuple[int, ...]]:
   """(cache key, features shape) of a bank without reading its features; (None, ()) when there
   is no readable bank or it records no key."""
-  if not os.path.isfile(path):
+  if not atomic.isfile(path):
     return None, ()
   try:
+    if not atomic.is_local(path):
+      return _remote_bank_info(path)
     from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-    with safe_open(path, framework="numpy") as f:
+    with safe_open(atomic.local_path(path), framework="numpy") as f:
       return (f.metadata() or {}).get("cache_key"), tuple(f.get_slice("features").get_shape())
   except Exception:  # pylint: disable=broad-except
     # A corrupt bank is simply not a cache hit; it is rewritten.
     return None, ()
 
 
+def _remote_bank_info(path: str) -> tuple[str | None, tuple[int, ...]]:
+  """``bank_info`` of a bank in a bucket, from its safetensors header alone.
+
+  safe_open needs a local file, and downloading every cached bank to check its key would cost
+  what the cache saves; the header (an 8-byte little-endian length, then that much JSON) holds
+  the metadata and the shapes.
+  """
+  with atomic.as_path(path).open("rb") as f:
+    size = int.from_bytes(f.read(8), "little")
+    header = json.loads(f.read(size))
+  return (header.get("__metadata__") or {}).get("cache_key"), tuple(header["features"]["shape"])
+
+
 def _read_partial(path: str, key: str) -> np.ndarray | None:
   """The rows a partial file holds for ``key``, or None (missing, stale, unreadable)."""
-  if not os.path.isfile(path):
+  if not atomic.isfile(path):
     return None
   try:
-    with np.load(path, allow_pickle=False) as f:
+    with atomic.local_copy(path) as local, np.load(local, allow_pickle=False) as f:
       if str(f["cache_key"]) != key:
         logging.info("%s: made with other inputs or options; starting over", path)
         return None
@@ -168,16 +183,11 @@ def _read_partial(path: str, key: str) -> np.ndarray | None:
 
 def _write_partial(path: str, features: np.ndarray, key: str) -> None:
   """Writes the rows done so far atomically (temporary file + rename)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
-  try:
-    with os.fdopen(fd, "wb") as f:
+  def write(tmp: str) -> None:
+    with open(tmp, "wb") as f:
       np.savez(f, partial_features=features, rows=np.int64(features.shape[0]),
                cache_key=np.asarray(key))
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  atomic.write_atomic(path, write, prefix=".tmp-")
 
 
 def _check_options_for_kind(resolved: zoo.Resolved, options: ExtractOptions) -> None:
@@ -377,8 +387,7 @@ def _extract_one(resolved: zoo.Resolved, dataset: paired.PairedDataset, path: st
     metadata["max_text_tokens"] = str(options.max_text_tokens)
   if primary:
     feature_bank.save_bank(path, features, dataset.ids, metadata)
-    if os.path.exists(partial_path):
-      os.remove(partial_path)
+    atomic.remove(partial_path)
   logging.info("%s: wrote %s (%d x %d, %d batches run)", name, path, n, features.shape[1],
                batches_run)
   return ExtractResult(name=name, spec=resolved.spec, kind=loaded.kind, path=path, cached=False,
@@ -395,7 +404,8 @@ def extract(specs: Sequence[str], data_dir: str | None, output_dir: str, *,
   Args:
     specs: Zoo names or paths (``vlmsel_jax.zoo.resolve``).
     data_dir: The image folder (None when ``dataset`` is given).
-    output_dir: Where ``<name>.safetensors`` (and, while running, ``<name>.partial.npz``) go.
+    output_dir: Where ``<name>.safetensors`` (and, while running, ``<name>.partial.npz``) go;
+      local or a bucket URI (``gs://``, any ``etils.epath`` path; see ``vlmsel_jax.atomic``).
     captions: The captions file (default ``<data_dir>/captions.jsonl``).
     dataset: The dataset itself instead of ``data_dir`` (e.g.
       ``data.registry.open_paired_dataset("easy-vqa")``).
@@ -450,7 +460,7 @@ def extract(specs: Sequence[str], data_dir: str | None, output_dir: str, *,
       raise paired.DataError(f"{dataset.root}: no sample has a decodable image")
 
   if parallel.is_primary():
-    os.makedirs(output_dir, exist_ok=True)
+    atomic.makedirs(output_dir)
   mesh = parallel.batch_mesh(devices)
   results = []
   for r, key, path, needed, (_, shape) in zip(resolved, keys, paths, todo, existing):

@@ -6,6 +6,7 @@ sample ``ids[i]``. Two formats:
     ``ids`` (a JSON list, for string ids); other metadata keys are kept as strings.
   * ``.npz``: arrays ``features`` and ``ids`` (integers or strings); other arrays are ignored.
 Writes are atomic (temporary file + rename), so a killed run never leaves a bank that looks whole.
+A bank's path may be local or a bucket URI (``gs://``; see ``vlmsel_jax.atomic``).
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from typing import Any, Mapping
 
 import numpy as np
+
+from vlmsel_jax import atomic
 
 
 class BankError(ValueError):
@@ -52,14 +54,29 @@ def _normalize_ids(ids: Any, n: int, path: str) -> np.ndarray:
 
 def load_bank(path: str) -> FeatureBank:
   """Reads a bank; raises BankError naming ``path`` for anything missing or malformed."""
-  if not os.path.exists(path):
+  if not atomic.exists(path):
     raise BankError(f"{path}: feature bank file not found")
   ext = os.path.splitext(path)[1].lower()
+  if ext not in (".safetensors", ".npz"):
+    raise BankError(f"{path}: unsupported feature bank format {ext!r}; use .safetensors or .npz")
+  try:
+    # safetensors opens files by name only: a remote bank is read from a local copy.
+    with atomic.local_copy(path) as local:
+      return _load_local(path, local, ext)
+  except BankError:
+    raise
+  # The download's errors (_load_local turns a bad file's into BankErrors).
+  except Exception as e:  # pylint: disable=broad-except
+    raise BankError(f"{path}: cannot read feature bank ({type(e).__name__}: {e})") from None
+
+
+def _load_local(path: str, local: str, ext: str) -> FeatureBank:
+  """``load_bank`` of the local file ``local`` holding ``path`` (the name errors give)."""
   metadata: dict[str, str] = {}
   try:
     if ext == ".safetensors":
       from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-      with safe_open(path, framework="numpy") as f:
+      with safe_open(local, framework="numpy") as f:
         keys = set(f.keys())
         metadata = dict(f.metadata() or {})
         if "features" not in keys:
@@ -71,14 +88,12 @@ def load_bank(path: str) -> FeatureBank:
           ids = np.asarray(json.loads(metadata.pop("ids")))
         else:
           ids = None
-    elif ext == ".npz":
-      with np.load(path, allow_pickle=False) as f:
+    else:  # .npz
+      with np.load(local, allow_pickle=False) as f:
         if "features" not in f.files:
           raise BankError(f"{path}: no 'features' array (found: {', '.join(f.files) or 'none'})")
         features = f["features"]
         ids = f["ids"] if "ids" in f.files else None
-    else:
-      raise BankError(f"{path}: unsupported feature bank format {ext!r}; use .safetensors or .npz")
   except BankError:
     raise
   except Exception as e:  # pylint: disable=broad-except
@@ -98,11 +113,8 @@ def save_bank(path: str, features: np.ndarray, ids, metadata: Mapping[str, Any] 
   ids = _normalize_ids(ids, features.shape[0], path)
   meta = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in (metadata or {}).items()}
   ext = os.path.splitext(path)[1].lower()
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=ext)
-  os.close(fd)
-  try:
+
+  def write(tmp: str) -> None:
     if ext == ".safetensors":
       from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
       tensors = {"features": features}
@@ -116,10 +128,8 @@ def save_bank(path: str, features: np.ndarray, ids, metadata: Mapping[str, Any] 
         np.savez(f, features=features, ids=ids)
     else:
       raise BankError(f"{path}: unsupported feature bank format {ext!r}; use .safetensors or .npz")
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+
+  atomic.write_atomic(path, write, prefix=".tmp-")
 
 
 def align_to(bank: FeatureBank, reference_ids: np.ndarray, reference_path: str) -> np.ndarray:

@@ -163,10 +163,10 @@ def stage1_cost(stage1: StageBudget, stage2: StageBudget) -> float:
 def read_curve_points(workdir: str) -> dict[int, float]:
   """Stage-2 step → VQA accuracy already measured in ``workdir`` (its curve.jsonl)."""
   path = os.path.join(workdir, CURVE_FILE)
-  if not os.path.exists(path):
+  if not atomic.exists(path):
     return {}
   points = {}
-  with open(path) as f:
+  with atomic.open_text(path) as f:
     for line in f:
       line = line.strip()
       if line:  # A kill mid-write leaves at most a partial last line; it is measured again.
@@ -206,9 +206,9 @@ def train_with_curve(s2: loop.TrainConfig, built, points: list[tuple[float, int]
       if parallel.is_primary():
         examples = [{k: e.get(k) for k in ("question", "prediction", "answer")}
                     for e in result.get("examples", [])[:CURVE_EXAMPLES]]
-        with open(os.path.join(s2.workdir, CURVE_FILE), "a") as f:
-          f.write(json.dumps({"fraction": r, "step": step, "accuracy": measured[step],
-                              "examples": examples}) + "\n")
+        atomic.append_text(os.path.join(s2.workdir, CURVE_FILE),
+                           json.dumps({"fraction": r, "step": step, "accuracy": measured[step],
+                                       "examples": examples}) + "\n")
   return summary, measured
 
 
@@ -273,9 +273,9 @@ def run_one(base: loop.TrainConfig, vision: str, name: str, seed: int, root: str
 
 def read_runs(path: str) -> list[dict]:
   """The rows of a runs CSV (numbers parsed); [] when it does not exist."""
-  if not os.path.exists(path):
+  if not atomic.exists(path):
     return []
-  with open(path, newline="") as f:
+  with atomic.open_text(path, newline="") as f:
     reader = csv.DictReader(f)
     missing = [c for c in ("candidate", "seed", "accuracy", "a_score")
                if c not in (reader.fieldnames or [])]
@@ -349,9 +349,9 @@ def curves_path(output: str, seed: int) -> str:
 
 def read_curves(path: str) -> list[dict]:
   """The rows of a curves CSV as written (strings); [] when it does not exist."""
-  if not os.path.exists(path):
+  if not atomic.exists(path):
     return []
-  with open(path, newline="") as f:
+  with atomic.open_text(path, newline="") as f:
     return list(csv.DictReader(f))
 
 
@@ -466,5 +466,10 @@ def main(argv):
     print(json.dumps({"seed_spread": spread}))
 
 
-if __name__ == "__main__":
+def console_main():
+  """The ``vlmsel-groundtruth`` console command."""
   app.run(main)
+
+
+if __name__ == "__main__":
+  console_main()

@@ -1,7 +1,9 @@
 """Writes a scored pool: scores.csv, scores.json, report.md and scores.png, atomically.
 
-All files are first written into a temporary directory beside ``output_dir`` and then moved in
-one by one with ``os.replace``; a run that dies before that leaves ``output_dir`` as it was.
+All files are first written into a local staging directory (beside ``output_dir`` when that is
+local) and then moved in one by one, each atomically (``atomic.publish``: ``os.replace``
+locally, a temporary object renamed over the target on ``gs://`` and other epath file systems);
+a run that dies before that leaves ``output_dir`` as it was.
 """
 
 from __future__ import annotations
@@ -12,11 +14,11 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from vlmsel_jax import atomic
 from vlmsel_jax import scoring
 
 EVAL_COLUMNS = ("pearson", "spearman", "kendall", "weighted_tau", "r2", "ndcg@1", "ndcg@3",
@@ -158,12 +160,12 @@ def write_outputs(result: scoring.PoolScores, output_dir: str, *, title: str,
                   extra: Mapping[str, str] | None = None) -> list[str]:
   """Writes the result files (and ``extra``: file name → text) into ``output_dir`` atomically.
 
+  ``output_dir`` may be local (made absolute) or any epath URI (``gs://bucket/run``).
   Returns their paths.
   """
-  output_dir = os.path.abspath(output_dir)
-  parent = os.path.dirname(output_dir)
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(output_dir)}.tmp-")
+  output_dir = atomic.absolute(output_dir)
+  staging = atomic.staging_dir(output_dir,
+                               f".{os.path.basename(output_dir.rstrip('/'))}.tmp-")
   try:
     payload = result.to_json()
     if run_info:
@@ -179,10 +181,10 @@ def write_outputs(result: scoring.PoolScores, output_dir: str, *, title: str,
     for name, text in (extra or {}).items():
       with open(os.path.join(staging, name), "w") as f:
         f.write(text)
-    os.makedirs(output_dir, exist_ok=True)
+    atomic.makedirs(output_dir)
     written = []
     for name in ("scores.json", "scores.csv", "scores.png", "report.md", *(extra or {})):
-      os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+      atomic.publish(os.path.join(staging, name), os.path.join(output_dir, name))
       written.append(os.path.join(output_dir, name))
     return written
   finally:

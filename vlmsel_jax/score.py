@@ -8,7 +8,9 @@ r"""Scores candidate encoders against an LLM's text features, without training.
 
 Writes scores.csv, scores.json, report.md and scores.png into --output_dir (atomically), and
 vision_cka.csv: the candidates' linear CKA with one another, the vision similarity Mordal
-clusters by (``vlmsel_jax.select --method=mordal --vision_similarity``).
+clusters by (``vlmsel_jax.select --method=mordal --vision_similarity``). --output_dir and
+--cache_dir (and --ground_truth) may be bucket paths (``gs://bucket/run``: any ``etils.epath``
+URI; see ``vlmsel_jax.atomic``).
 
 On several hosts (a TPU pod slice, or --coordinator_address/--num_processes/--process_id),
 every process runs the same command: GW candidates are sharded over the devices of all hosts,
@@ -18,13 +20,13 @@ each process solves its own, results are gathered, and only process 0 writes --o
 from __future__ import annotations
 
 import csv
-import os
 import sys
 import time
 
 from absl import app
 from absl import flags
 
+from vlmsel_jax import atomic
 from vlmsel_jax import flag_util
 from vlmsel_jax import extraction_flags as data_flags
 from vlmsel_jax import feature_bank
@@ -126,12 +128,12 @@ OUTPUT_DIR = flag_util.shared(flags.DEFINE_string, "output_dir", None, "Where re
                               "written.")
 PROGRESS = flag_util.shared(flags.DEFINE_bool, "progress", True, "Show a progress bar.")
 VISION_MODELS = flags.DEFINE_list(
-    "vision_models", [], "Candidate encoders as model specs (zoo names or local Hugging Face "
-    "directories) instead of --candidates: their banks are extracted into --cache_dir first "
+    "vision_models", [], "Candidate encoders as model specs (zoo names, local Hugging Face "
+    "directories or Hub ids such as openai/clip-vit-base-patch16) instead of --candidates: their banks are extracted into --cache_dir first "
     "(or reused when up to date), with the default layer and pooling of vlmsel_jax.extract.")
 TEXT_MODEL = flags.DEFINE_string(
-    "text_model", None, "The LLM as a model spec (zoo name, Hugging Face directory or .gguf "
-    "file) instead of --text; goes with --vision_models.")
+    "text_model", None, "The LLM as a model spec (zoo name, Hugging Face directory, .gguf "
+    "file or Hub id such as Qwen/Qwen2.5-0.5B-Instruct) instead of --text; goes with --vision_models.")
 CACHE_DIR = flags.DEFINE_string("cache_dir", None, "Where the banks extracted for "
                                 "--vision_models / --text_model (and their C scores) are kept "
                                 "and reused.")
@@ -156,9 +158,10 @@ class InputError(ValueError):
 
 
 def read_ground_truth(path: str, column: str) -> dict[str, float]:
-  if not os.path.exists(path):
+  # The groundtruth binary may have written it to a bucket: read through atomic.
+  if not atomic.exists(path):
     raise InputError(f"{path}: ground-truth file not found")
-  with open(path, newline="") as f:
+  with atomic.open_text(path, newline="") as f:
     reader = csv.DictReader(f)
     fields = reader.fieldnames or []
     for needed in ("candidate", column):
@@ -341,7 +344,7 @@ def _preamble(text: feature_bank.FeatureBank, names: list[str]) -> str:
 
 def _ground_truth_spread(path: str, column: str) -> str:
   """A sentence on the ground truth's seed-to-seed noise (its ``<column>_std``), if recorded."""
-  with open(path, newline="") as f:
+  with atomic.open_text(path, newline="") as f:
     rows = list(csv.DictReader(f))
   stds = []
   for row in rows:
@@ -419,5 +422,10 @@ def main(argv):
     print(path)
 
 
-if __name__ == "__main__":
+def console_main():
+  """The ``vlmsel-score`` console command."""
   app.run(main)
+
+
+if __name__ == "__main__":
+  console_main()

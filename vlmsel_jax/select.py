@@ -70,5 +70,10 @@ def main(argv):
     raise SystemExit(f"select --method={METHOD.value}: error: {e}") from None
 
 
-if __name__ == "__main__":
+def console_main():
+  """The ``vlmsel-select`` console command."""
   app.run(main)
+
+
+if __name__ == "__main__":
+  console_main()

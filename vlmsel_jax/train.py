@@ -31,10 +31,12 @@ from vlmsel_jax.training import loop
 from vlmsel_jax.training import run_flags
 from vlmsel_jax.training import step as step_lib
 
-_VISION = flags.DEFINE_string("vision", None, "Vision tower: a zoo name or a local model path, "
+_VISION = flags.DEFINE_string("vision", None, "Vision tower: a zoo name, a local model path or a "
+                              "Hugging Face Hub id, "
                               "optionally with a variant: efficientnet-lite0@layer=-3,res=160 "
                               "(its layer replaces --vision_layer).")
-_LLM = flags.DEFINE_string("llm", None, "LLM: a zoo name, a local HF directory or a .gguf file.")
+_LLM = flags.DEFINE_string("llm", None, "LLM: a zoo name, a local HF directory, a .gguf file or a "
+                           "Hugging Face Hub id (org/name[@revision]).")
 _STAGE = flags.DEFINE_enum("stage", "1", ["1", "2"], "1: projector on captions; 2: projector + "
                            "LoRA on instruction/VQA data.")
 _DATA = flag_util.shared(flags.DEFINE_string, "data", None, "Data spec (vlmsel_jax.data.registry), e.g. "
@@ -169,5 +171,10 @@ def main(argv):
       print(json.dumps({k: v for k, v in summary["eval"].items() if k != "examples"}, indent=1))
 
 
-if __name__ == "__main__":
+def console_main():
+  """The ``vlmsel-train`` console command."""
   app.run(main)
+
+
+if __name__ == "__main__":
+  console_main()

@@ -84,9 +84,10 @@ def read_table(path: str, a_column: str, c_column: str, targets: Sequence[str],
     TableError: a missing file or column, a non-numeric or empty cell (named by line), no
       targets, or two settings with the same name or the same (A, C).
   """
-  if not os.path.isfile(path):
+  # The table may be one the ground-truth binaries wrote to a bucket (gs://).
+  if not atomic.isfile(path):
     raise TableError(f"{path}: no such file")
-  with open(path, newline="", encoding="utf-8") as f:
+  with atomic.open_text(path, newline="", encoding="utf-8") as f:
     numbered = [(i + 1, line) for i, line in enumerate(f)
                 if line.strip() and not line.lstrip().startswith("#")]
   if not numbered:

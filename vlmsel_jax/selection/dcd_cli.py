@@ -28,11 +28,13 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
+from vlmsel_jax import atomic
 from vlmsel_jax.selection import dcd
 from vlmsel_jax.selection import evaluate
 
-MODELS = flags.DEFINE_list("dcd_models", [], "Vision towers: ViT zoo names or Hugging Face "
-                           "directories, or EfficientNet-Lite specs (blocks = MBConv blocks).")
+MODELS = flags.DEFINE_list("dcd_models", [], "Vision towers: ViT zoo names, Hugging Face "
+                           "directories or Hub ids, or EfficientNet-Lite specs (blocks = MBConv "
+                           "blocks).")
 TASKS = flags.DEFINE_list("dcd_tasks", [], "Tasks as name=image_folder, one per task.")
 ACCURACY = flags.DEFINE_string("dcd_accuracy", None, "CSV candidate,task,accuracy: every "
                                "model's true accuracy on every task (candidate = model name).")
@@ -108,10 +110,11 @@ def compute_profiles(specs: list[str], task_specs: list[str], seed: int
 
 def read_profiles(path: str) -> dict[str, dict[str, np.ndarray]]:
   """model,task,block,conductance CSV → model → task → profile (blocks 0..L−1 all present)."""
-  if not os.path.isfile(path):
+  # A profiles CSV an earlier run wrote may be in a bucket (gs://).
+  if not atomic.isfile(path):
     raise dcd.DCDError(f"{path}: file not found")
   cells: dict[str, dict[str, dict[int, float]]] = {}
-  with open(path, newline="", encoding="utf-8") as f:
+  with atomic.open_text(path, newline="", encoding="utf-8") as f:
     reader = csv.DictReader(f)
     fields = reader.fieldnames or []
     for column in ("model", "task", "block", "conductance"):

@@ -25,11 +25,11 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from vlmsel_jax import atomic
 from vlmsel_jax import metrics as rank_metrics
 from vlmsel_jax import scoring
 
@@ -69,9 +69,10 @@ def parse_float(text: str | None, where: str, what: str,
 
 
 def _open_csv(path: str, needed: Sequence[str]) -> tuple[csv.DictReader, Any]:
-  if not os.path.isfile(path):
+  # The tables may be results written to a bucket (``score``'s scores.csv): read through atomic.
+  if not atomic.isfile(path):
     raise EvalError(f"{path}: file not found")
-  f = open(path, newline="", encoding="utf-8")
+  f = atomic.open_text(path, newline="", encoding="utf-8")
   reader = csv.DictReader(f)
   fields = reader.fieldnames or []
   for column in needed:
@@ -383,15 +384,15 @@ def write_result_files(output_json: str, payload: Mapping[str, Any], markdown_te
   """Writes ``output_json``, ``<stem>.md``, (given ``plot_fn``) ``<stem>.png`` and each
   ``extra`` file (``<stem><suffix>`` → text) atomically.
 
-  Everything is written into a staging directory beside the output first and moved in with
-  ``os.replace``, the way ``vlmsel_jax.report`` does; a run that dies before leaves no file.
-  Returns the paths written.
+  Everything is written into a local staging directory (beside the output when that is local)
+  first and each file moved in atomically (``atomic.publish``), the way ``vlmsel_jax.report``
+  does; a run that dies before leaves no file. ``output_json`` may be local or any epath URI
+  (``gs://bucket/out.json``). Returns the paths written.
   """
-  output_json = os.path.abspath(output_json)
+  output_json = atomic.absolute(output_json)
   parent = os.path.dirname(output_json)
-  os.makedirs(parent, exist_ok=True)
   stem = os.path.splitext(os.path.basename(output_json))[0]
-  staging = tempfile.mkdtemp(dir=parent, prefix=f".{stem}.tmp-")
+  staging = atomic.staging_dir(output_json, f".{stem}.tmp-")
   try:
     names = [(os.path.basename(output_json), output_json), (stem + ".md",
                                                             os.path.join(parent, stem + ".md"))]
@@ -407,9 +408,10 @@ def write_result_files(output_json: str, payload: Mapping[str, Any], markdown_te
       with open(os.path.join(staging, stem + suffix), "w", encoding="utf-8") as f:
         f.write(text)
       names.append((stem + suffix, os.path.join(parent, stem + suffix)))
+    atomic.makedirs(parent)
     written = []
     for name, dest in names:
-      os.replace(os.path.join(staging, name), dest)
+      atomic.publish(os.path.join(staging, name), dest)
       written.append(dest)
     return written
   finally:

@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from typing import Any, Sequence
 
 import numpy as np
 from absl import flags
 
+from vlmsel_jax import atomic
 from vlmsel_jax import train as train_binary  # noqa: F401  (live mode reads its flags)
 from vlmsel_jax.selection import evaluate
 from vlmsel_jax.selection import mordal
@@ -86,9 +86,10 @@ _CURVE_COLUMNS = ("candidate", "vision", "llm", "data_fraction", "accuracy", "co
 
 def read_similarity(path: str) -> tuple[list[str], np.ndarray]:
   """A square matrix CSV (header row of names, first column of names) → (names, matrix)."""
-  if not os.path.isfile(path):
+  # score's vision_cka.csv and the LLM similarity tables may be in a bucket (gs://).
+  if not atomic.isfile(path):
     raise mordal.MordalError(f"{path}: file not found")
-  with open(path, newline="", encoding="utf-8") as f:
+  with atomic.open_text(path, newline="", encoding="utf-8") as f:
     rows = [r for r in csv.reader(f) if r]
   if len(rows) < 2:
     raise mordal.MordalError(f"{path}: needs a header row and at least one row of values")
@@ -128,9 +129,10 @@ def read_curves(paths: str | Sequence[str]
   source: dict[str, str] = {}
   curves: dict[str, dict[float, tuple[float, float]]] = {}
   for path in paths:
-    if not os.path.isfile(path):
+    # groundtruth's curve tables may be in a bucket (gs://).
+    if not atomic.isfile(path):
       raise mordal.MordalError(f"{path}: file not found")
-    with open(path, newline="", encoding="utf-8") as f:
+    with atomic.open_text(path, newline="", encoding="utf-8") as f:
       reader = csv.DictReader(f)
       fields = reader.fieldnames or []
       for column in _CURVE_COLUMNS:
@@ -331,8 +333,8 @@ def _llm_similarity_entry(spec: str) -> tuple[str, str]:
   split where the right-hand side is an existing file.
   """
   splits = [(spec[:i], spec[i + 1:]) for i, ch in enumerate(spec)
-            if ch == "=" and i > 0 and os.path.isfile(spec[i + 1:])]
-  if os.path.isfile(spec):
+            if ch == "=" and i > 0 and _isfile(spec[i + 1:])]
+  if _isfile(spec):
     splits.append(("*", spec))
   if len(splits) == 1:
     return splits[0]
@@ -341,6 +343,15 @@ def _llm_similarity_entry(spec: str) -> tuple[str, str]:
                              "MEDOID=PATH)")
   raise mordal.MordalError(f"--llm_similarity {spec!r} is ambiguous: it reads as "
                            + " or ".join(f"{k}={p}" if k != "*" else p for k, p in splits))
+
+
+def _isfile(path: str) -> bool:
+  """``atomic.isfile``, but False for what is no supported path at all: splitting
+  ``a@layer=-5=gs://b/x.csv`` at each "=" also tries ``-5=gs://b/x.csv``, an unknown scheme."""
+  try:
+    return atomic.isfile(path)
+  except ValueError:
+    return False
 
 
 def run_live(config: mordal.MordalConfig) -> dict:

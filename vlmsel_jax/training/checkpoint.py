@@ -9,18 +9,24 @@ A checkpoint step directory holds three items:
   whose ``meta`` differs in any ``COMPATIBILITY_KEYS`` entry is refused with a message naming the
   key, instead of loading projector weights into the wrong model.
 
-orbax writes each step to a temporary directory and renames it when complete, so a kill during
-a save leaves the previous checkpoint intact.
+orbax writes each step to a temporary directory and renames it when complete (on GCS, where a
+rename is a copy, it marks a complete step with a commit file instead), so a kill during a save
+leaves the previous checkpoint intact.
+
+A checkpoint directory may be local or any epath URI (``gs://bucket/run/checkpoints``): orbax
+opens it with epath and writes the arrays with TensorStore's matching driver. Local directories
+are made absolute (orbax requires it); a URI is passed on as it is.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from vlmsel_jax import atomic
 
 # Meta entries that must match for a checkpoint to be resumed (budgets and schedules may differ:
 # successive halving continues a checkpoint with a larger budget).
@@ -41,7 +47,7 @@ class Checkpointer:
   def __init__(self, directory: str, *, save_every: int, keep: int):
     if save_every < 1 or keep < 1:
       raise ValueError(f"checkpoint save_every ({save_every}) and keep ({keep}) must be >= 1")
-    self.directory = os.path.abspath(directory)
+    self.directory = atomic.absolute(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every,
                                            create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
@@ -118,9 +124,9 @@ def conform(raw: Any, like: Any, where: str = "") -> Any:
 
 def latest_step(directory: str) -> int | None:
   """The step of ``directory``'s latest complete checkpoint; None when it holds none."""
-  if not os.path.isdir(directory):
+  if not atomic.isdir(directory):
     return None
-  manager = ocp.CheckpointManager(os.path.abspath(directory),
+  manager = ocp.CheckpointManager(atomic.absolute(directory),
                                   item_names=("state", "data", "meta"))
   try:
     return manager.latest_step()
@@ -134,8 +140,8 @@ def restore_params(directory: str) -> tuple[Any, dict]:
 
   Used to start stage 2 from stage 1's projector and by evaluation.
   """
-  directory = os.path.abspath(directory)
-  if not os.path.isdir(directory):
+  directory = atomic.absolute(directory)
+  if not atomic.isdir(directory):
     raise CheckpointError(f"{directory}: no such checkpoint directory")
   manager = ocp.CheckpointManager(directory, item_names=("state", "data", "meta"))
   step = manager.latest_step()

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vlmsel_jax import atomic
 from vlmsel_jax import parallel
 from vlmsel_jax import zoo
 from vlmsel_jax.models import lora
@@ -138,7 +139,7 @@ def _init_projector(params: dict, directory: str) -> dict:
   ``directory`` is that run's workdir (or its checkpoints directory).
   """
   nested = os.path.join(directory, CHECKPOINT_DIR)
-  restored, _ = ckpt_lib.restore_params(nested if os.path.isdir(nested) else directory)
+  restored, _ = ckpt_lib.restore_params(nested if atomic.isdir(nested) else directory)
   if not isinstance(restored, dict) or "projector" not in restored:
     raise ckpt_lib.CheckpointError(f"{directory}: the checkpoint has no projector")
   want = jax.tree.map(np.shape, params["projector"])
@@ -162,9 +163,9 @@ def shapes_of(tree: Any) -> dict[str, list[int]]:
 def final_loss(workdir: str) -> float | None:
   """The last logged training loss of a run (also when this invocation trained nothing)."""
   path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
+  if not atomic.exists(path):
     return None
-  with open(path) as f:
+  with atomic.open_text(path) as f:
     lines = [line for line in f if line.strip()]
   return json.loads(lines[-1]).get("loss") if lines else None
 
@@ -193,7 +194,11 @@ def make_loader(config: TrainConfig, source, transform):
 
 
 class MetricsLog:
-  """metrics.jsonl (process 0 only); on resume, entries past the restored step are dropped."""
+  """metrics.jsonl (process 0 only); on resume, entries past the restored step are dropped.
+
+  In a workdir on an object store (``gs://``), which cannot append, each record rewrites the
+  file (``atomic.append_text``); there is one record per ``log_every`` steps.
+  """
 
   def __init__(self, path: str, resume_step: int):
     self.path = path
@@ -201,21 +206,17 @@ class MetricsLog:
     if not self.primary:
       return
     kept = []
-    if os.path.exists(path):
-      with open(path) as f:
+    if atomic.exists(path):
+      with atomic.open_text(path) as f:
         for line in f:
           line = line.strip()
           if line and json.loads(line).get("step", 0) <= resume_step:
             kept.append(line)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(k + "\n" for k in kept)
-    os.replace(tmp, path)
+    atomic.write_text_atomic(path, "".join(k + "\n" for k in kept))
 
   def write(self, record: dict) -> None:
     if self.primary:
-      with open(self.path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+      atomic.append_text(self.path, json.dumps(record) + "\n")
 
 
 def train(config: TrainConfig, *, source=None, built: Built | None = None,
@@ -236,7 +237,7 @@ def train(config: TrainConfig, *, source=None, built: Built | None = None,
     raise ValueError(f"max_targets must be >= 0, got {config.max_targets}")
   if not 0 < config.data_fraction <= 1:
     raise ValueError(f"data_fraction must be in (0, 1], got {config.data_fraction}")
-  os.makedirs(config.workdir, exist_ok=True)
+  atomic.makedirs(config.workdir)
   mesh = parallel.make_mesh(config.mesh)
   built = build_model(config) if built is None else built
   source = open_data(config) if source is None else source
