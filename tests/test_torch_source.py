@@ -47,9 +47,10 @@ from vlmsel_jax.models import loading, pth
 from vlmsel_jax.models.efficientnet import EfficientNetConfig
 
 FORMATS = {"zip": True, "legacy": False}
-# Gemma 3's GGUF tokenizer is transformers' conversion, whose module imports torch: this zoo model
-# needs torch for a reason outside the .pth reader (see test_zoo_loads_and_extracts_without_torch).
-NEEDS_TORCH_ELSEWHERE = {"gemma3-270m"}
+# Gemma 3 270M's tokenizer, "Hello  world\n\n<start_of_turn>user" -> <bos> Hello ▁▁ world \n\n
+# <start_of_turn> user (tests/test_gguf_gemma3.py checks it against transformers' GGUF tokenizer).
+GEMMA3_TEXT = "Hello  world\n\n<start_of_turn>user"
+GEMMA3_IDS = [2, 9259, 138, 12392, 108, 105, 2364]
 
 
 def _torch():
@@ -256,7 +257,7 @@ def test_wrapped_state_dict(tmp_path, fmt, wrapper):
 
 def test_big_endian_zip_is_byteswapped(tmp_path):
   """A zip whose byteorder record says "big" (as a big-endian host writes it) reads the same."""
-  torch = _torch()
+  _torch()  # The reference must be there to compare with.
   tensors = {k: v for k, v in _every_dtype().items() if not k.endswith("_special")}
   path = _save(tensors, tmp_path / "little.pth", "zip")
   swapped = {}
@@ -633,24 +634,26 @@ _NO_TORCH_SCRIPT = textwrap.dedent("""
     import jax
     from vlmsel_jax import extraction, zoo
 
-    data_dir, out_dir, skipped = sys.argv[1], sys.argv[2], set(sys.argv[3].split(","))
-    loaded = {}
+    data_dir, out_dir, text = sys.argv[1], sys.argv[2], sys.argv[3]
+    skipped = set(filter(None, sys.argv[4].split(",")))
+    loaded, tokenized = {}, {}
     for name in zoo.names():
       if name not in skipped:
-        loaded[name] = type(zoo.load(name).model).__name__
-    # Why the skipped ones cannot load: transformers' GGUF integration imports torch.
-    try:
-      import transformers.integrations.gguf.reader  # noqa: F401
-      blocker = None
-    except ImportError as e:
-      blocker = repr(e)
+        entry = zoo.load(name)
+        loaded[name] = type(entry.model).__name__
+        if entry.tokenizer is not None:
+          tokenized[name] = entry.tokenizer(text).input_ids
+    # The GGUF tokenizers are built from gguf's metadata: transformers' GGUF reader (which
+    # imports torch) is never reached.
+    gguf_reader_imported = "transformers.integrations.gguf.reader" in sys.modules
     results = extraction.extract(
         ["efficientnet-lite0", "minilm-l6"], data_dir, out_dir,
         options=extraction.ExtractOptions(batch_size=2, progress=False),
         devices=jax.devices()[:1])
     torch_modules = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
     print("RESULT " + json.dumps({
-        "loaded": loaded, "blocker": blocker, "torch_is_none": sys.modules["torch"] is None,
+        "loaded": loaded, "tokenized": tokenized, "gguf_reader_imported": gguf_reader_imported,
+        "torch_is_none": sys.modules["torch"] is None,
         "torch_modules": torch_modules,
         "banks": [[r.name, r.n, r.dim, r.cached] for r in results]}))
 """)
@@ -679,18 +682,27 @@ def test_zoo_loads_and_extracts_without_torch(tmp_path):
     Image.fromarray(rng.integers(0, 256, size + (3,), dtype=np.uint8)).save(data / f"img/{i}.png")
     rows.append({"id": i, "image": f"img/{i}.png", "caption": f"random picture number {i}"})
   (data / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  # Every zoo model loads without torch; only those whose packages are not installed are left out.
+  missing = set()
+  for name in zoo.names():
+    try:
+      zoo.resolve(name)
+    except zoo.ZooError:
+      missing.add(name)
   env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLMSEL_CACHE": str(tmp_path / "cache")}
   proc = subprocess.run(
-      [sys.executable, "-c", _NO_TORCH_SCRIPT, str(data), str(tmp_path / "banks"),
-       ",".join(sorted(NEEDS_TORCH_ELSEWHERE))],
+      [sys.executable, "-c", _NO_TORCH_SCRIPT, str(data), str(tmp_path / "banks"), GEMMA3_TEXT,
+       ",".join(sorted(missing))],
       capture_output=True, text=True, env=env, timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-4000:]
   result = json.loads(proc.stdout.split("RESULT ", 1)[1])
   assert result["torch_is_none"] and result["torch_modules"] == ["torch"], result
-  assert sorted(result["loaded"]) == sorted(set(zoo.names()) - NEEDS_TORCH_ELSEWHERE)
+  assert sorted(result["loaded"]) == sorted(set(zoo.names()) - missing)
   assert result["loaded"]["efficientnet-lite0"] == "EfficientNetLite"
-  # If this fails, transformers no longer needs torch for GGUF tokenizers: drop the skip list.
-  assert result["blocker"] and "torch" in result["blocker"], result["blocker"]
+  assert not result["gguf_reader_imported"]
+  if "gemma3-270m" not in missing:
+    assert result["loaded"]["gemma3-270m"] == "Gemma3"
+    assert result["tokenized"]["gemma3-270m"] == GEMMA3_IDS
   assert result["banks"] == [["efficientnet-lite0", 2, 1280, False], ["minilm-l6", 2, 384, False]]
   bank = feature_bank.load_bank(str(tmp_path / "banks" / "efficientnet-lite0.safetensors"))
   assert bank.features.shape == (2, 1280) and np.isfinite(bank.features).all()

@@ -598,13 +598,61 @@ class GGUFFile:
     return fast
 
   def _converted_tokenizer(self) -> transformers.PreTrainedTokenizerBase:
-    """transformers' tokenizer for the file (it reads the metadata, never the tensors)."""
+    """transformers' GGUF tokenizer for a Gemma 3 file, built without torch.
+
+    ``AutoTokenizer.from_pretrained(dir, gguf_file=...)`` returns a ``GemmaTokenizer`` for a
+    gemma3 file (its config's ``gemma3_text`` maps to that class), whose backend is
+    ``convert_gguf_tokenizer(*get_gguf_tokenizer(path)[:2])``. ``get_gguf_tokenizer`` reads the
+    file with transformers' GGUF reader, which imports torch; ``convert_gguf_tokenizer`` and its
+    module do not. So the metadata comes from this file's ``gguf.GGUFReader`` instead
+    (``_gguf_tokenizer_fields``), and the rest is transformers' own conversion and class, with
+    the tokenizer config (special tokens, ``add_bos_token`` / ``add_eos_token``, chat template)
+    passed as ``AutoTokenizer`` passes it.
+    """
+    # This module imports no torch (nor does the GemmaTokenizer it imports); the package's
+    # reader module, which get_gguf_tokenizer imports, does.
+    from transformers.integrations.gguf import gguf_tokenizer_mapping as hf_gguf
+
+    architecture, tokenizer_dict, tokenizer_config = self._gguf_tokenizer_fields(hf_gguf)
     try:
-      return transformers.AutoTokenizer.from_pretrained(
-          str(self.path.parent), gguf_file=self.path.name, local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+      backend, extra = hf_gguf.convert_gguf_tokenizer(architecture, tokenizer_dict)
+      return transformers.GemmaTokenizer(tokenizer_object=backend, **{**tokenizer_config, **extra})
+    except (ValueError, KeyError, TypeError, IndexError) as e:
       raise CheckpointFileError(
           f"{self.path}: cannot build the tokenizer ({_one_line(e)})") from None
+
+  def _gguf_tokenizer_fields(self, hf_gguf: Any) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """``(architecture, tokenizer_dict, tokenizer_config)`` as transformers' ``get_gguf_tokenizer``
+    assembles them (``hf_gguf`` is its module, for ``GGUF_TOKENIZER_MAPPING`` and
+    ``_SPECIAL_TOKENS``), from the metadata this file's ``gguf.GGUFReader`` decoded.
+
+    Raises:
+      CheckpointFileError: no vocabulary, or a special token id outside it.
+    """
+    grouped = {
+        group: {name: self.get(f"tokenizer.{key}") for key, name in renames.items()
+                if f"tokenizer.{key}" in self._fields}
+        for group, renames in hf_gguf.GGUF_TOKENIZER_MAPPING.items()
+    }
+    tokenizer_dict, tokenizer_config = grouped["tokenizer"], grouped["tokenizer_config"]
+    tokens = tokenizer_dict.get("tokens")
+    if not tokens:
+      raise CheckpointFileError(f"{self.path}: GGUF metadata lacks 'tokenizer.ggml.tokens'")
+
+    tokenizer_type = tokenizer_dict.get("tokenizer_type")
+    if tokenizer_type == "llama":
+      # transformers (after llama.cpp): a SentencePiece vocabulary adds BOS unless it says not to.
+      tokenizer_config.setdefault("add_bos_token", True)
+    elif tokenizer_type == "gemma4":
+      tokenizer_config["add_bos_token"] = False
+
+    for name, key in hf_gguf._SPECIAL_TOKENS.items():  # pylint: disable=protected-access
+      token_id = self.get(f"tokenizer.ggml.{key}")
+      if token_id is not None and not 0 <= token_id < len(tokens):
+        raise CheckpointFileError(f"{self.path}: tokenizer.ggml.{key} {token_id} is outside the "
+                                  f"vocabulary of {len(tokens)}")
+      tokenizer_config[name] = tokens[token_id] if token_id is not None else None
+    return self.architecture, tokenizer_dict, tokenizer_config
 
   def _pre_tokenizer(self) -> pre_tokenizers.PreTokenizer:
     """The split rule ``tokenizer.ggml.pre`` names, followed by the byte-level mapping."""
