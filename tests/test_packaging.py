@@ -79,14 +79,11 @@ def test_every_binary_has_a_console_command():
     assert callable(getattr(importlib.import_module(module), attr)), target
 
 
-@pytest.mark.parametrize("name, error", [
-    ("vlmsel-score", "score: error: --output_dir is required"),
-    ("vlmsel-select", "--method is required, one of: ac_law"),
-])
-def test_installed_console_command_runs_the_binary(name, error):
+def test_installed_console_command_runs_the_binary():
   """The command pip installed (when this checkout is installed) runs the binary's main."""
   import shutil  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
+  name, error = "vlmsel-select", "--method is required, one of: ac_law"
   exe = shutil.which(name, path=str(Path(sys.executable).parent))
   if exe is None:
     pytest.skip(f"{name} is not installed in this environment")
