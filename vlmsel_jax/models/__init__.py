@@ -1,33 +1,22 @@
-"""Model zoo: JAX/Flax NNX ports of pretrained LLMs and vision encoders, and their loader.
+"""JAX/Flax NNX ports of pretrained LLMs and vision encoders, and their checkpoint loader.
 
 One sub-package per model family (``modeling.py``: config + modules; ``params.py``: checkpoint
-key table); ``loading`` turns any (key, array) source into an NNX model through those tables;
-``gguf`` is the source for llama.cpp GGUF files, ``torch_source`` for PyTorch ``.pth`` state
-dicts.
+key table). Loading a checkpoint goes down three floors, each importing only those below it:
+
+* ``checkpoint``: the errors, the key-table type and ``assign_tensors``, which fills a model from
+  (key, array) pairs through a key table;
+* the sources of such pairs: ``pth`` (PyTorch ``.pth`` / ``pytorch_model.bin``, read without
+  torch) and ``gguf`` (llama.cpp files, with their config and tokenizer);
+* ``loading``: the family registry, ``HFDirectory`` (Hugging Face directories) and the
+  ``load_*`` functions that pair a source with its family.
+
+The loader's names are handed on from here on first use, so that importing one family
+(``vlmsel_jax.models.vit``) imports neither the loader nor gguf's transformers and tokenizers.
 """
 
-from vlmsel_jax.models.loading import (
-    FAMILIES,
-    CheckpointError,
-    CheckpointFileError,
-    Family,
-    HFDirectory,
-    UnsupportedModelError,
-    assign_tensors,
-    family_for,
-    load_model,
-    load_pretrained,
-    read_safetensors,
-    supported_architectures,
-    supported_model_types,
-)
-from vlmsel_jax.models.gguf import GGUFFile, load_gguf
-from vlmsel_jax.models.torch_source import (
-    TorchStateDict,
-    load_torch_checkpoint,
-    read_torch_state_dict,
-)
-from vlmsel_jax.models.transforms import Transform
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = [
     "FAMILIES",
@@ -36,8 +25,8 @@ __all__ = [
     "Family",
     "GGUFFile",
     "HFDirectory",
+    "KeyTable",
     "TorchStateDict",
-    "Transform",
     "UnsupportedModelError",
     "assign_tensors",
     "family_for",
@@ -50,3 +39,13 @@ __all__ = [
     "supported_architectures",
     "supported_model_types",
 ]
+
+
+def __getattr__(name: str) -> Any:
+  """The loader's names in ``__all__``, imported when one is first asked for (PEP 562)."""
+  if name not in __all__:
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  # pylint: disable=g-import-not-at-top
+  from vlmsel_jax.models import checkpoint, gguf, loading, pth
+  return next(getattr(module, name) for module in (checkpoint, pth, gguf, loading)
+              if name in module.__all__)

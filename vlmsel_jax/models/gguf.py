@@ -24,12 +24,17 @@ turns it into what the generic loader takes: a transformers-style config dict an
 
 Typical use::
 
-  model, config, tokenizer = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")
-  ids = tokenizer("Hello", return_tensors="np").input_ids
-  logits = model(ids).logits
+  src = GGUFFile("SmolLM2-135M-Instruct.Q4_1.gguf")
+  src.config                # a transformers-style config dict
+  tokenizer = src.tokenizer()
+  for key, array in src:    # Hugging Face keys, float32 arrays
+    ...
 
-``load_pretrained`` in ``vlmsel_jax.models.loading`` also accepts a ``.gguf`` file and returns the
-model alone.
+``loading.load_gguf`` turns a file into (NNX model, config, tokenizer); ``loading.load_pretrained``
+takes a ``.gguf`` file too and returns the model alone.
+
+Of ``vlmsel_jax`` this module imports only ``checkpoint`` (its errors) and the llama / gemma3 key
+tables, whose checkpoint keys it renames GGUF's tensors to.
 """
 
 from __future__ import annotations
@@ -45,16 +50,21 @@ import gguf
 import numpy as np
 import tokenizers
 import transformers
-from flax import nnx
 from gguf import GGMLQuantizationType, GGUFValueType
 from tokenizers import decoders, models, pre_tokenizers, processors
 
 from vlmsel_jax.models import gemma3, llama
-from vlmsel_jax.models.loading import (
-    CheckpointFileError,
-    UnsupportedModelError,
-    load_model,
-)
+from vlmsel_jax.models.checkpoint import CheckpointFileError, UnsupportedModelError
+
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "SUPPORTED_TENSOR_TYPES",
+    "GGUFFile",
+    "UnsupportedQuantizationError",
+    "dequantize",
+    "hf_key",
+    "unpermute_rotary",
+]
 
 
 def _dequantizable_types() -> tuple[GGMLQuantizationType, ...]:
@@ -677,35 +687,3 @@ class GGUFFile:
   def __str__(self) -> str:
     return str(self.path)
 
-
-def load_gguf_model(path: str | os.PathLike, *, dtype: Any = "float32") -> nnx.Module:
-  """Loads the weights of a llama / qwen2 / gemma3 GGUF file as an NNX ``Llama`` / ``Gemma3``.
-
-  Raises:
-    CheckpointFileError: the file is missing, truncated or corrupt (the message names it).
-    UnsupportedModelError: not the llama / qwen2 / gemma3 architecture, or a feature the module
-      lacks; ``UnsupportedQuantizationError`` for tensor types ``gguf`` cannot dequantize.
-    CheckpointError: the tensors do not fit the model (every problem listed).
-  """
-  src = GGUFFile(path)
-  return load_model(src.config, src, dtype=dtype, source=str(src))
-
-
-def load_gguf(path: str | os.PathLike, dtype: Any = "float32"
-              ) -> tuple[nnx.Module, dict[str, Any], transformers.PreTrainedTokenizerBase]:
-  """Loads a llama / qwen2 / gemma3 GGUF file: (NNX model, transformers-style config, tokenizer).
-
-  Args:
-    path: The ``.gguf`` file.
-    dtype: Parameter and activation dtype, "float32" or "bfloat16"; quantized tensors are
-      dequantized to float32 first.
-
-  Raises:
-    As ``load_gguf_model``, and ``UnsupportedModelError`` for a tokenizer other than
-    byte-level BPE.
-  """
-  src = GGUFFile(path)
-  # The tokenizer first: it is cheap and fails fast, before any tensor is dequantized.
-  tokenizer = src.tokenizer()
-  model = load_model(src.config, src, dtype=dtype, source=str(src))
-  return model, dict(src.config), tokenizer

@@ -1,12 +1,15 @@
-"""Generic checkpoint -> Flax NNX loader, driven by each model family's key table.
+"""The model families, and loading any checkpoint source as one of them.
 
-A *source* is any iterable of ``(checkpoint key, numpy array)`` pairs plus the config dict that
-describes the model; ``HFDirectory`` is the one for Hugging Face directories (``config.json`` and
-a single or sharded safetensors checkpoint, or ``pytorch_model.bin`` files when there is none).
-The loader builds the model abstractly with ``nnx.eval_shape`` (no memory for random weights),
-routes every tensor through the family's key table, collects *every* problem (unexpected key,
-missing parameter, shape mismatch) and raises once with the full list, then merges the state into
-a real model.
+``FAMILIES`` lists every family: how it reads a transformers config, builds its NNX module and maps
+its checkpoint keys (its ``params.key_table``). ``load_model`` builds the module a config describes
+abstractly with ``nnx.eval_shape`` (no memory for random weights) and fills it from a *source*, any
+iterable of ``(checkpoint key, numpy array)`` pairs, through ``checkpoint.assign_tensors`` (every
+problem collected, raised once). The sources:
+
+* ``HFDirectory`` (here): a Hugging Face directory, ``config.json`` and a single or sharded
+  safetensors checkpoint, or ``pytorch_model.bin`` files when there is none;
+* ``pth.TorchStateDict``: a PyTorch ``.pth`` state dict, read without torch;
+* ``gguf.GGUFFile``: a llama.cpp ``.gguf`` file, which also carries its config and tokenizer.
 
 Typical use::
 
@@ -20,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -30,27 +32,30 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 
 from vlmsel_jax.models import bert, efficientnet, gemma3, llama, vit
-# CheckpointFileError is defined with the torch-free .pth reader, which imports nothing of this
-# package, so that the reader can raise it without an import cycle; it is this module's error too.
-from vlmsel_jax.models.pth import CheckpointFileError, read_torch_state_dict
-from vlmsel_jax.models.transforms import Transform, apply
+from vlmsel_jax.models.checkpoint import (
+    CheckpointFileError,
+    KeyTable,
+    UnsupportedModelError,
+    assign_tensors,
+)
+from vlmsel_jax.models.gguf import GGUFFile
+from vlmsel_jax.models.pth import TorchStateDict, read_torch_state_dict
 
-KeyTable = Mapping[str, tuple[str | None, Transform]]
+__all__ = [
+    "FAMILIES",
+    "Family",
+    "HFDirectory",
+    "family_for",
+    "load_gguf",
+    "load_model",
+    "load_pretrained",
+    "load_torch_checkpoint",
+    "read_safetensors",
+    "supported_architectures",
+    "supported_model_types",
+]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-class CheckpointError(ValueError):
-  """A checkpoint whose tensors do not fit the model; the message lists every problem."""
-
-  def __init__(self, source: str, problems: list[str]):
-    self.problems = list(problems)
-    lines = "\n".join(f"  - {p}" for p in self.problems)
-    super().__init__(f"{source}: {len(self.problems)} problem(s) loading the checkpoint:\n{lines}")
-
-
-class UnsupportedModelError(ValueError):
-  """A config whose ``model_type`` / ``architectures`` no family here implements."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,91 +238,6 @@ def _resolve_dtype(dtype: Any) -> jnp.dtype:
   return jnp.dtype(_DTYPES[name])
 
 
-def _flatten(tree: Mapping[Any, Any], prefix: tuple[Any, ...] = ()) -> dict[tuple[Any, ...], Any]:
-  """Flattens a nested dict to {key path: leaf}."""
-  flat = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      flat.update(_flatten(v, prefix + (k,)))
-    else:
-      flat[prefix + (k,)] = v
-  return flat
-
-
-def _set_path(tree: dict[Any, Any], path: tuple[Any, ...], value: Any) -> None:
-  """Sets ``tree[path[0]][path[1]]... = value``."""
-  for k in path[:-1]:
-    tree = tree[k]
-  tree[path[-1]] = value
-
-
-def _dotted(path: tuple[Any, ...]) -> str:
-  return ".".join(str(p) for p in path)
-
-
-def _route(table: KeyTable, key: str) -> tuple[str | None, Transform] | None:
-  """Returns (NNX key, transform) for a checkpoint key, or None when no table entry matches."""
-  for pattern, (template, transform) in table.items():
-    m = re.fullmatch(pattern, key)
-    if m:
-      return (m.expand(template) if template is not None else None), transform
-  return None
-
-
-def assign_tensors(model: nnx.Module, table: KeyTable, tensors: Iterable[tuple[str, np.ndarray]],
-                   *, source: str = "checkpoint") -> nnx.Module:
-  """Fills an abstract (``nnx.eval_shape``) model from (key, array) pairs through ``table``.
-
-  Every parameter of ``model`` must receive exactly one tensor of the right shape; tensors are
-  cast to the parameter's dtype.
-
-  Raises:
-    CheckpointError: listing every unexpected key, missing parameter, duplicate and shape
-      mismatch at once.
-  """
-  graphdef, abstract = nnx.split(model)
-  state = nnx.to_pure_dict(abstract)
-  wanted = _flatten(state)
-  claimed: set[tuple[Any, ...]] = set()
-  problems = []
-  for key, tensor in tensors:
-    routed = _route(table, key)
-    if routed is None:
-      problems.append(f"unexpected key {key!r} {tuple(tensor.shape)}: not in the key table")
-      continue
-    target, transform = routed
-    if transform is Transform.SKIP:
-      continue
-    path = tuple(int(p) if p.isdigit() else p for p in target.split("."))
-    if path not in wanted:
-      problems.append(f"unexpected key {key!r} {tuple(tensor.shape)}: maps to {target}, "
-                      "which this model config does not have")
-      continue
-    if path in claimed:
-      problems.append(f"duplicate key {key!r}: {target} was already given a tensor")
-      continue
-    # Claimed even if the tensor turns out unusable, so a bad tensor is one problem, not two.
-    claimed.add(path)
-    try:
-      value = apply(transform, np.asarray(tensor))
-    except ValueError as e:
-      problems.append(f"bad tensor {key!r} {tuple(tensor.shape)}: {e}")
-      continue
-    expected = wanted[path]
-    if value.shape != expected.shape:
-      problems.append(f"shape mismatch for {key!r}: checkpoint {tuple(tensor.shape)} gives "
-                      f"{target} {tuple(value.shape)}, the model needs {tuple(expected.shape)}")
-      continue
-    _set_path(state, path, jnp.asarray(value, dtype=expected.dtype))
-  for path, expected in wanted.items():
-    if path not in claimed:
-      problems.append(f"missing parameter {_dotted(path)} {tuple(expected.shape)}: "
-                      "no checkpoint key maps to it")
-  if problems:
-    raise CheckpointError(source, problems)
-  return nnx.merge(graphdef, state)
-
-
 def load_model(config: Mapping[str, Any], tensors: Iterable[tuple[str, np.ndarray]], *,
                dtype: Any = "float32", source: str = "checkpoint") -> nnx.Module:
   """Builds the model ``config`` (a transformers config dict) describes, with weights ``tensors``.
@@ -352,9 +272,52 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = "float32") -> nnx.M
     UnsupportedModelError: the config's model_type / architectures are not implemented.
     CheckpointError: the tensors do not fit the model (every problem listed).
   """
-  if Path(path).suffix.lower() == ".gguf":
-    # Imported here because the GGUF source itself builds on this module.
-    from vlmsel_jax.models import gguf  # pylint: disable=g-import-not-at-top
-    return gguf.load_gguf_model(path, dtype=dtype)
-  src = HFDirectory(path)
+  src = GGUFFile(path) if Path(path).suffix.lower() == ".gguf" else HFDirectory(path)
   return load_model(src.config, src, dtype=dtype, source=str(src))
+
+
+def load_gguf(path: str | os.PathLike, dtype: Any = "float32"
+              ) -> tuple[nnx.Module, dict[str, Any], Any]:
+  """Loads a llama / qwen2 / gemma3 GGUF file: (NNX model, transformers-style config, tokenizer).
+
+  Args:
+    path: The ``.gguf`` file.
+    dtype: Parameter and activation dtype, "float32" or "bfloat16"; quantized tensors are
+      dequantized to float32 first.
+
+  Returns:
+    The NNX ``Llama`` / ``Gemma3``, the config dict ``GGUFFile`` built from the metadata, and the
+    file's tokenizer (a transformers ``PreTrainedTokenizerFast``, or ``GemmaTokenizer``).
+
+  Raises:
+    CheckpointFileError: the file is missing, truncated or corrupt (the message names it).
+    UnsupportedModelError: not the llama / qwen2 / gemma3 architecture, a feature the module
+      lacks, or a tokenizer other than byte-level BPE (Gemma 3's SentencePiece aside);
+      ``gguf.UnsupportedQuantizationError`` for tensor types ``gguf`` cannot dequantize.
+    CheckpointError: the tensors do not fit the model (every problem listed).
+  """
+  src = GGUFFile(path)
+  # The tokenizer first: it is cheap and fails fast, before any tensor is dequantized.
+  tokenizer = src.tokenizer()
+  model = load_model(src.config, src, dtype=dtype, source=str(src))
+  return model, dict(src.config), tokenizer
+
+
+def load_torch_checkpoint(path: str | os.PathLike, config: Mapping[str, Any], *,
+                          dtype: Any = "float32") -> nnx.Module:
+  """Loads a PyTorch state dict file as the NNX model ``config`` describes.
+
+  Args:
+    path: The ``.pth`` / ``.pt`` file.
+    config: The config dict of the model (its ``model_type`` picks the family), e.g.
+      ``{"model_type": "efficientnet_lite", "variant": "lite0"}``.
+    dtype: "float32" or "bfloat16".
+
+  Raises:
+    CheckpointFileError: the file is missing, truncated, corrupt or holds more than tensors and
+      containers (the message names it).
+    UnsupportedModelError: no family implements the config.
+    CheckpointError: the tensors do not fit the model (every problem listed).
+  """
+  source = TorchStateDict(path)
+  return load_model(config, source, dtype=dtype, source=str(source))

@@ -18,7 +18,13 @@ memory map of the file, so a state dict is never held twice in memory.
 torch's bfloat16 becomes float32, exactly (its 16 bits are the top half of a float32): NumPy has
 no bfloat16 of its own, and the loader casts every tensor to the model's dtype anyway.
 
-This module imports nothing of ``vlmsel_jax``: the generic loader imports it.
+``TorchStateDict`` is such a file as a checkpoint source for ``loading.load_model``; of
+``vlmsel_jax`` this module imports only ``checkpoint``, whose ``CheckpointFileError`` it raises.
+
+Typical use::
+
+  model = loading.load_model({"model_type": "efficientnet_lite", "variant": "lite0"},
+                             TorchStateDict("efficientnet-lite0.pth"))
 """
 
 from __future__ import annotations
@@ -41,10 +47,9 @@ from typing import Any, BinaryIO, Iterator, Mapping
 
 import numpy as np
 
+from vlmsel_jax.models.checkpoint import CheckpointFileError
 
-class CheckpointFileError(ValueError):
-  """A checkpoint file that is missing, truncated or corrupt; the message names the file."""
-
+__all__ = ["TorchStateDict", "read_torch_state_dict"]
 
 # Keys a checkpoint may wrap its state dict in: Lightning and many training scripts save
 # {"state_dict": ..., "epoch": ...} or {"model": ..., "optimizer": ...}.
@@ -628,3 +633,23 @@ def read_torch_state_dict(path: str | os.PathLike) -> Iterator[tuple[str, np.nda
         raise CheckpointFileError(
             f"{path}: key {_short(key)} holds a {type(value).__name__}, not a tensor")
       yield str(key), checkpoint.array(value)
+
+
+class TorchStateDict:
+  """A PyTorch state dict file as a source of (key, numpy array) pairs.
+
+  Iterating reads the file (again, each time) and yields every tensor, one array at a time, as
+  ``read_torch_state_dict`` does.
+
+  Attributes:
+    path: The ``.pth`` / ``.pt`` / ``pytorch_model.bin`` file.
+  """
+
+  def __init__(self, path: str | os.PathLike):
+    self.path = Path(path)
+
+  def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
+    yield from read_torch_state_dict(self.path)
+
+  def __str__(self) -> str:
+    return str(self.path)

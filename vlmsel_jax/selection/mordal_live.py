@@ -18,10 +18,10 @@ import os
 
 from vlmsel_jax import atomic
 from vlmsel_jax import zoo
-from vlmsel_jax.models import hub
 from vlmsel_jax.selection import mordal
 from vlmsel_jax.training import evaluate_run
 from vlmsel_jax.training import loop
+from vlmsel_jax.zoo import hub
 
 
 def _short_name(spec: str) -> str:

@@ -1,4 +1,5 @@
-"""EfficientNet-Lite (lite0 .. lite4) image classifiers in Flax NNX, and their torch weights."""
+"""EfficientNet-Lite (lite0 .. lite4) image classifiers in Flax NNX, their ``.pth`` key table and
+TensorFlow's eval preprocessing (the pretrained weights are the zoo's: ``zoo.packages``)."""
 
 from vlmsel_jax.models.efficientnet.modeling import (
     BASE_STAGES,
@@ -20,7 +21,6 @@ from vlmsel_jax.models.efficientnet.modeling import (
     select_features,
 )
 from vlmsel_jax.models.efficientnet.params import key_table
-from vlmsel_jax.models.efficientnet.pretrained import WEIGHTS_PACKAGES, load_lite, weights_file
 
 __all__ = [
     "BASE_STAGES",
@@ -29,7 +29,6 @@ __all__ = [
     "SUPPORTED_ARCHITECTURES",
     "SUPPORTED_MODEL_TYPES",
     "VARIANTS",
-    "WEIGHTS_PACKAGES",
     "DepthwiseConv",
     "EfficientNetConfig",
     "EfficientNetLite",
@@ -37,11 +36,9 @@ __all__ = [
     "PreprocessInfo",
     "StageSpec",
     "key_table",
-    "load_lite",
     "preprocess",
     "preprocess_info",
     "round_filters",
     "round_repeats",
     "select_features",
-    "weights_file",
 ]

