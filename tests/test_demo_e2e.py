@@ -6,7 +6,7 @@ call adds a seed for one candidate (the others are skipped, not retrained) and t
 gains its seed-to-seed spread; ``score`` then extracts the banks, computes the training-free
 scores and the C score, reads the ground truth and its A scores, and writes the report that
 says which candidate GW selects and which trained best. Same binaries and flags as
-configs/demo.flags and configs/demo_groundtruth.flags, with tiny models and budgets.
+configs/demo.flags and studies/demo/demo_groundtruth.flags, with tiny models and budgets.
 """
 
 from __future__ import annotations

@@ -383,17 +383,21 @@ def test_live_mode_trains_continuing_checkpoints_and_records_replayable_curves(t
     assert meta["step"] == steps
 
 
-# The README's tables of Mordal on our trainings: (flagfile, ground-truth stems, candidates,
-# its pick, cost, grid cost).
+# The tables of Mordal on our trainings in studies/mordal/README.md and
+# studies/mordal_two_llms/README.md: (flagfile, ground-truth stems, candidates, its pick, cost,
+# grid cost).
+TWO_LLM_STEMS = ["studies/mordal/data/mordal_groundtruth",
+                 "studies/mordal_two_llms/data/mordal_groundtruth_gemma3"]
 OWN_TRAININGS = [
-    ("mordal_demo.flags", ["demo_groundtruth"], 9, "efficientnet-lite0@layer=-2", 920.0, 1200.0),
-    ("mordal_trained.flags", ["mordal_groundtruth"], 26, "efficientnet-lite2@res=96",
-     9560.0 / 3, 16640.0 / 3),
-    ("mordal_two_llms.flags", ["mordal_groundtruth", "mordal_groundtruth_gemma3"], 52,
+    ("studies/mordal/mordal_demo.flags", ["studies/demo/data/demo_groundtruth"], 9,
+     "efficientnet-lite0@layer=-2", 920.0, 1200.0),
+    ("studies/mordal/mordal_trained.flags", ["studies/mordal/data/mordal_groundtruth"], 26,
+     "efficientnet-lite2@res=96", 9560.0 / 3, 16640.0 / 3),
+    ("studies/mordal_two_llms/mordal_two_llms.flags", TWO_LLM_STEMS, 52,
      "efficientnet-lite2@res=96", 9940.0 / 3, 52 * 640.0 / 3),
-    ("mordal_two_llms_t05.flags", ["mordal_groundtruth", "mordal_groundtruth_gemma3"], 52,
+    ("studies/mordal_two_llms/mordal_two_llms_t05.flags", TWO_LLM_STEMS, 52,
      "efficientnet-lite0@layer=-4", 7800.0 / 3, 52 * 640.0 / 3),
-    ("mordal_two_llms_halving_at_half.flags", ["mordal_groundtruth", "mordal_groundtruth_gemma3"],
+    ("studies/mordal_two_llms/mordal_two_llms_halving_at_half.flags", TWO_LLM_STEMS,
      52, "efficientnet-lite1@res=96+gemma3-270m", 10040.0 / 3, 52 * 640.0 / 3),
 ]
 
@@ -401,21 +405,21 @@ OWN_TRAININGS = [
 @pytest.mark.parametrize("flagfile,stems,count,top1,cost,grid_cost", OWN_TRAININGS)
 def test_replay_on_the_ground_truths_own_learning_curves(tmp_path, flagfile, stems, count, top1,
                                                          cost, grid_cost):
-  """The curves are those of the committed ground-truth runs; the README's results."""
+  """The curves are those of the committed ground-truth runs; the studies' results."""
   out = tmp_path / "replay" / "mordal.json"
   cwd = os.getcwd()
   os.chdir(REPO)
   try:
-    _run([f"--flagfile={os.path.join(REPO, 'configs', flagfile)}", f"--output={out}"])
+    _run([f"--flagfile={os.path.join(REPO, flagfile)}", f"--output={out}"])
   finally:
     os.chdir(cwd)
   data = json.load(open(out))
   runs, seed0 = {}, {}
   for stem in stems:
-    with open(os.path.join(REPO, f"configs/data/{stem}.csv"), newline="") as f:
+    with open(os.path.join(REPO, f"{stem}.csv"), newline="") as f:
       runs.update({r["candidate"]: r for r in csv.DictReader(f)})
     # Fraction 1.0 of every curve is the seed-0 run of the ground truth.
-    with open(os.path.join(REPO, f"configs/data/{stem}_runs.csv"), newline="") as f:
+    with open(os.path.join(REPO, f"{stem}_runs.csv"), newline="") as f:
       seed0.update({r["candidate"]: float(r["accuracy"]) for r in csv.DictReader(f)
                     if r["seed"] == "0"})
   assert data["truth"] == pytest.approx(seed0) and set(seed0) == set(runs)

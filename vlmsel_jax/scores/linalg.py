@@ -5,7 +5,8 @@ in reduced precision, which moves CKA/CCA values in the third digit.
 
 ``median`` finds order statistics by bisection on the float bit pattern instead of sorting: the
 median of an n x n distance matrix is 33 counting passes, where ``jnp.median`` sorts all n^2
-entries (the slowest part of RBF CKA on XLA:CPU, 4x slower than NumPy's selection).
+entries (the slowest part of RBF CKA on XLA:CPU, slower than NumPy's selection:
+benchmarks/README.md).
 """
 
 from __future__ import annotations

@@ -235,7 +235,7 @@ def _logits(static, weights, batch) -> jax.Array:
 # Module-level programs whose static argument is the model's structure (its graphdef, never its
 # arrays, which the cache would keep alive): every evaluation of models of one structure reuses
 # one compiled program, so the curve points of a ground-truth run compile once instead of once
-# each (29 s for SmolLM2-135M).
+# each (benchmarks/README.md).
 def _argmax_at_last(logits: jax.Array, lengths: jax.Array) -> jax.Array:
   """Each row's most likely next token after its last real position (``lengths - 1``)."""
   last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]

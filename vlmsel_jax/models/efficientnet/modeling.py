@@ -297,7 +297,7 @@ class DepthwiseConv(nnx.Module):
   checkpoints map to it unchanged. ``impl``: ``conv`` is XLA's grouped convolution; ``shifts``
   sums k² strided, shifted slices of the padded input times one weight per channel, the same
   arithmetic in another order (outputs agree to float32 rounding). XLA's CPU backend runs grouped
-  convolutions 5-10x slower than the shifted sums (benchmarks/README.md), so ``auto`` (default)
+  convolutions much slower than the shifted sums (benchmarks/README.md), so ``auto`` (default)
   picks ``shifts`` on CPU and ``conv`` on accelerators.
   """
 

@@ -70,8 +70,8 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 def _erf_gelu(x: jax.Array) -> jax.Array:
-  # torch's exact GELU, written as torch writes it: 20% faster on XLA:CPU than jax.nn.gelu's
-  # erfc form (32 vs 40 ms on a ViT-B MLP activation at batch 32).
+  # torch's exact GELU, written as torch writes it: faster on XLA:CPU than jax.nn.gelu's
+  # erfc form (benchmarks/README.md).
   return 0.5 * x * (1.0 + jax.lax.erf(x * 0.7071067811865476))
 
 
@@ -323,8 +323,8 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int) -> jax.Arr
   tk = k.shape[1]
   dh = d // num_heads
   # Heads moved ahead of tokens once, so both products are plain batched matmuls over
-  # (b, heads): XLA:CPU ran the einsum form, which leaves the layout to it, 2.4x slower
-  # (176 vs 73 ms per ViT-B layer at batch 32).
+  # (b, heads): XLA:CPU ran the einsum form, which leaves the layout to it, slower
+  # (benchmarks/README.md).
   # The 1/sqrt(dh) scale goes on q, a tq/tk-th of the scores' size.
   q = (q * (dh ** -0.5)).reshape(b, tq, num_heads, dh).transpose(0, 2, 1, 3)
   k = k.reshape(b, tk, num_heads, dh).transpose(0, 2, 3, 1)
@@ -519,7 +519,7 @@ class Vit(nnx.Module):
 
     Same parameters and result as ``self.patch_embed(pixels)`` (a VALID convolution whose
     stride is its kernel drops the pixels past the last whole patch, and so does the crop);
-    XLA:CPU runs the matmul 1.3x faster than its convolution.
+    XLA:CPU runs the matmul faster than its convolution (benchmarks/README.md).
     """
     (ph, pw), (gh, gw) = self.config.patch_size, grid
     b, c = pixels.shape[0], pixels.shape[-1]
