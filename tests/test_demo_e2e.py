@@ -15,6 +15,7 @@ import csv
 import importlib.util
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -89,13 +90,26 @@ def test_groundtruth_then_score_report(world, capsys, monkeypatch):
     s2 = json.load(open(world["root"] / "gt" / name / "seed0" / "stage2" / "eval.json"))
     assert s2["questions"] == 8
 
+  # A line per run as it finishes: counted over the three, timed, with an estimate of the rest.
+  lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[")]
+  assert [x.split("\t")[:2] for x in lines] == [[f"[{i + 1}/3] {n}", "seed 0"]
+                                                for i, n in enumerate(world["names"])]
+  assert all(re.search(r"\taccuracy \d\.\d{4}\tA -\d+\.\d{4}\t\(\d.* so far; about .* left\)$", x)
+             for x in lines[:2])
+  assert lines[2].endswith(" so far)")  # the last: nothing left to estimate
+
   # A second seed for one candidate: only that run trains; the summary gets its spread.
-  capsys.readouterr()
   flags_ = _groundtruth_flags(world, output)
   flags_[0] = f"--vision_candidates={world['candidates'][0]}"
   _run(groundtruth, flags_ + ["--gt_seeds=0,1"])
   printed = capsys.readouterr().out
-  assert "vit_a\tseed 1" in printed and "seed 0\t" not in printed
+  assert "vit_a\tseed 1" in printed
+  lines = [x for x in printed.splitlines() if x.startswith("[")]
+  assert len(lines) == 2
+  # Seed 0 was not trained again: it counts, with its recorded numbers, but has no time.
+  assert lines[0].startswith("[1/2] vit_a\tseed 0\taccuracy ")
+  assert lines[0].endswith("\t(done before)")
+  assert lines[1].startswith("[2/2] vit_a\tseed 1\taccuracy ") and lines[1].endswith(" so far)")
   runs = _rows(groundtruth.runs_path(output))
   assert len(runs) == 4 and (runs[-1]["candidate"], runs[-1]["seed"]) == ("vit_a", "1")
   summary = {r["candidate"]: r for r in _rows(output)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -92,7 +93,8 @@ def test_llm_similarity_rejects_fewer_than_two_or_repeated_llms(models, tmp_path
                                   [models["llama"], models["llama"]], str(tmp_path), [])
 
 
-def test_select_binary_writes_a_matrix_the_mordal_search_reads(models, tmp_path, monkeypatch):
+def test_select_binary_writes_a_matrix_the_mordal_search_reads(models, tmp_path, monkeypatch,
+                                                               capsys):
   records = [fx.shape_records(16, "paired", seed=5)[i] for i in range(16)]
   train = fx.shape_records(32, "paired")
   monkeypatch.setattr(llm_similarity, "held_out_records", lambda spec, limit: records)
@@ -118,3 +120,10 @@ def test_select_binary_writes_a_matrix_the_mordal_search_reads(models, tmp_path,
   assert json.loads(out.read_text())["images"] == 16
   assert all(v is not None for v in entry["warmup_loss"].values())
   assert entry["vision_layer"] == -2  # --vision_layer, since the tower's name gives none
+  # A line per (medoid, LLM) as its warm-up and representations are done, over the 1 × 2.
+  printed = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[")]
+  assert len(printed) == 2
+  assert re.fullmatch(r"\[1/2\] vit\+llama\twarm-up 4 steps\tloss \d+\.\d{4}\t16 images\t"
+                      r"\(\d[^;]*; [^;]* so far; about [^;]* left\)", printed[0]), printed
+  assert re.fullmatch(r"\[2/2\] vit\+gemma3\twarm-up 4 steps\tloss \d+\.\d{4}\t16 images\t"
+                      r"\(\d[^;]*; [^;]* so far\)", printed[1]), printed

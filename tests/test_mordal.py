@@ -4,6 +4,7 @@ import csv
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -330,7 +331,7 @@ def test_llm_similarity_per_medoid_whose_names_and_paths_contain_equals_signs(tm
 
 # --- live mode -----------------------------------------------------------------------------------
 
-def test_live_mode_trains_continuing_checkpoints_and_records_replayable_curves(tmp_path):
+def test_live_mode_trains_continuing_checkpoints_and_records_replayable_curves(tmp_path, capsys):
   """Mordal live mode on two tiny VLM candidates: real training runs, continued not restarted."""
   import json as json_lib
   import sys
@@ -381,6 +382,20 @@ def test_live_mode_trains_continuing_checkpoints_and_records_replayable_curves(t
   for name, steps in reached.items():
     _, meta = checkpoint.restore_params(str(tmp_path / "runs" / name / "checkpoints"))
     assert meta["step"] == steps
+  # A line per training call as it finished (in the curves' order): a running count (the number
+  # of calls is not known in advance), what was trained, the search's cost so far against the
+  # grid's, and times.
+  printed = [x.split("\t") for x in capsys.readouterr().out.splitlines() if x.startswith("[")]
+  assert len(printed) == len(curves) - 1
+  so_far = {}
+  for i, (fields, line) in enumerate(zip(printed, curves[1:])):
+    name, _, _, fraction, accuracy, cost = line.split(",")
+    so_far[name] = max(so_far.get(name, 0), int(float(cost)))
+    assert fields[:5] == [f"[{i + 1}] {name}", f"fraction {float(fraction):g}",
+                          f"accuracy {float(accuracy):.4f}", f"steps {int(float(cost))}",
+                          f"search cost {sum(so_far.values())} of grid 8 steps"]
+    assert re.fullmatch(r"\(\d[^;]*; [^;]* so far\)", fields[5]), fields
+  assert printed[-1][4] == f"search cost {payload['cost']:g} of grid 8 steps"
 
 
 # The tables of Mordal on our trainings in studies/mordal/README.md and

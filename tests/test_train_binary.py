@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -100,18 +101,30 @@ def test_stage1_then_stage2_then_evaluate(world, capsys):
   np.testing.assert_allclose(again["a_score"], summary["eval"]["a_score"], rtol=1e-6)
 
 
-def test_a_score_binary_writes_one_row_per_candidate(world):
+def test_a_score_binary_writes_one_row_per_candidate(world, capsys):
   output = str(world["root"] / "a" / "a_scores.csv")
-  _run(a_score, _common(world) + ["--stage=1", f"--data={world['folder_train']}",
-                                  f"--eval_data={world['folder_test']}",
-                                  f"--workdir={world['root'] / 'a'}", "--max_steps=2",
-                                  f"--vision_candidates={world['vit']}@-1,{world['vit']}@layer=-2",
-                                  f"--a_score_output={output}"])
+  argv = _common(world) + ["--stage=1", f"--data={world['folder_train']}",
+                           f"--eval_data={world['folder_test']}",
+                           f"--workdir={world['root'] / 'a'}", "--max_steps=2",
+                           f"--vision_candidates={world['vit']}@-1,{world['vit']}@layer=-2",
+                           f"--a_score_output={output}"]
+  _run(a_score, argv)
   lines = open(output).read().splitlines()
   assert lines[0].startswith("candidate,vision,vision_layer,a_score")
   assert [line.split(",")[0] for line in lines[1:]] == ["vit@layer=-1", "vit@layer=-2"]
   assert [int(line.split(",")[2]) for line in lines[1:]] == [-1, -2]
   assert all(float(line.split(",")[7]) > 0 for line in lines[1:])  # final training loss
+  # A progress line per candidate as it finishes, counted over the two, timed.
+  progress = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[")]
+  assert len(progress) == 2
+  assert re.fullmatch(r"\[1/2\] vit@layer=-1\tA -\d+\.\d{4}\tsteps 2\tloss \d+\.\d{4}\t"
+                      r"\(\d.*; .* so far; about .* left\)", progress[0])
+  assert progress[1].startswith("[2/2] vit@layer=-2\tA -") and progress[1].endswith(" so far)")
+  # Run again: both were trained before, so both are evaluated only and say so.
+  _run(a_score, argv)
+  progress = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[")]
+  assert [x.split("\t")[0] for x in progress] == ["[1/2] vit@layer=-1", "[2/2] vit@layer=-2"]
+  assert all("\tsteps 2\t" in x and x.endswith("\t(done before)") for x in progress)
 
 
 def test_train_flag_errors_are_one_line(world):

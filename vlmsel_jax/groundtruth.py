@@ -22,6 +22,10 @@ skips what is done and resumes a half-trained run from its checkpoint):
   ``a_score``), their spread (``accuracy_std`` with two or more seeds), what ``vlmsel_jax.score
   --ground_truth`` reads. A JSON beside it records the seed-to-seed spread over the pool.
 
+It prints a line per (candidate, seed) as it finishes: ``[3/26] <candidate>  seed 0  accuracy
+0.4120  A -3.2100  (4.1 min; 12 min so far; about 1 h 32 min left)``, or ``(done before)`` for
+one a re-run skips (``vlmsel_jax.training.progress``).
+
 With ``--llm_candidates`` (LLM specs) every vision candidate trains with every LLM: the grid of
 (encoder, LLM) pairs a selection method searches. A pair is named ``<vision>+<llm>`` (the zoo
 names, variants included) in every table and workdir; without the flag the one ``--llm`` is used
@@ -65,6 +69,7 @@ from vlmsel_jax import zoo
 from vlmsel_jax.training import checkpoint as ckpt_lib
 from vlmsel_jax.training import evaluate_run
 from vlmsel_jax.training import loop
+from vlmsel_jax.training import progress as progress_lib
 
 _CANDIDATES = flag_util.shared(flags.DEFINE_list, "vision_candidates", None, "Vision "
                                "candidates: specs with optional variants, e.g. "
@@ -395,6 +400,15 @@ def llm_grid(visions: list[str], vision_names: list[str], llms: list[str]
   return pairs, names
 
 
+def _run_fields(row: dict) -> list[str]:
+  """A runs row as its progress line's fields: ``<candidate>, seed S, accuracy, A``."""
+  fields = [row["candidate"], f"seed {row['seed']}"]
+  for key, label in (("accuracy", "accuracy"), ("a_score", "A")):
+    if row.get(key) is not None:
+      fields.append(f"{label} {row[key]:.4f}")
+  return fields
+
+
 def _command() -> str:
   return "python -m vlmsel_jax.groundtruth " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
@@ -434,12 +448,16 @@ def main(argv):
     sys.exit(1)
   done = {(r["candidate"], r["seed"]) for r in runs}
   command = _command()
+  # One line per (candidate, seed), counted over all of them, runs done before included.
+  progress = progress_lib.Progress(len(seeds) * len(pairs), enabled=parallel.is_primary())
   for seed in seeds:
     curves = read_curves(curves_path(output, seed)) if curve_fractions else []
     with_curve = {r["candidate"] for r in curves}
     for (spec, llm), name in zip(pairs, names):
       if (name, seed) in done and (not curve_fractions or name in with_curve):
         logging.info("%s seed %d: already in %s", name, seed, runs_path(output))
+        row = next(r for r in runs if (r["candidate"], r["seed"]) == (name, seed))
+        progress.done_before(_run_fields(row))
         continue
       logging.info("%s seed %d: stage 1, A score, stage 2, VQA accuracy", name, seed)
       try:
@@ -459,8 +477,7 @@ def main(argv):
         if curve_rows:
           atomic.write_text_atomic(curves_path(output, seed),
                                    atomic.csv_text(curves, CURVE_COLUMNS))
-      print(f"{name}\tseed {seed}\taccuracy {row['accuracy']:.4f}\tA {row['a_score']:.4f}\t"
-            f"{row['minutes']} min", flush=True)
+      progress.done(_run_fields(row))
   if parallel.is_primary():
     spread = write_tables(output, runs, names)
     print(json.dumps({"seed_spread": spread}))

@@ -25,6 +25,7 @@ from vlmsel_jax.selection import mordal_live
 from vlmsel_jax.training import evaluate_run
 from vlmsel_jax.training import evaluation
 from vlmsel_jax.training import loop
+from vlmsel_jax.training import progress as progress_lib
 from vlmsel_jax.training import step as step_lib
 
 
@@ -66,7 +67,8 @@ def image_representations(built: loop.Built, params: Any, records: Sequence[dict
 
 def llm_similarity(base: loop.TrainConfig, vision: str, llms: Sequence[str], workdir: str,
                    records: Sequence[dict], *, layer: int = -2, batch_size: int = 16,
-                   train_source=None) -> tuple[list[str], np.ndarray, dict[str, dict]]:
+                   train_source=None, progress: progress_lib.Progress | None = None
+                   ) -> tuple[list[str], np.ndarray, dict[str, dict]]:
   """(LLM names, their linear-CKA matrix through ``vision``'s warm-up projectors, per-LLM run
   summaries).
 
@@ -78,6 +80,8 @@ def llm_similarity(base: loop.TrainConfig, vision: str, llms: Sequence[str], wor
     workdir: Where the warm-up runs go, one directory per (vision, LLM).
     records: The held-out paired records (image and caption) represented.
     train_source: Records to warm up on instead of opening ``base.data``.
+    progress: Told of each LLM as its warm-up and representations are done (a line each:
+      ``<vision>+<llm>``, warm-up steps, final loss); a warm-up trained before is ``done_before``.
   """
   llms = list(llms)
   if len(llms) < 2:
@@ -92,6 +96,14 @@ def llm_similarity(base: loop.TrainConfig, vision: str, llms: Sequence[str], wor
     params, _ = evaluate_run.latest_params(config, built)
     feats[llm] = image_representations(built, params, records, layer=layer,
                                        batch_size=batch_size)
+    if progress is not None:
+      loss = loop.final_loss(config.workdir)
+      fields = [mordal_live.candidate_name(vision, llm), f"warm-up {runs[llm].get('steps')} steps",
+                None if loss is None else f"loss {loss:.4f}", f"{len(records)} images"]
+      if runs[llm].get("resumed_from", 0) >= config.max_steps:  # Warmed up before.
+        progress.done_before(fields)
+      else:
+        progress.done(fields)
   return llms, cka.linear_cka_matrix([feats[llm] for llm in llms]), runs
 
 

@@ -9,7 +9,8 @@ recipe: every flag of that binary applies, ``--max_steps`` is the warm-up length
 are compared by linear CKA of their hidden states at the image tokens of ``--eval_limit``
 held-out images (``selection/llm_similarity.py``). Writes the JSON, a markdown table and one CSV
 per medoid, ``<stem>_<medoid>.csv``, for ``select --method=mordal
---llm_similarity=<medoid>=<stem>_<medoid>.csv``.
+--llm_similarity=<medoid>=<stem>_<medoid>.csv``. A line is printed per (medoid, LLM) as its
+warm-up and representations are done, counted over all of them, with an estimate of the time left.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ import re
 
 from absl import flags
 
+from vlmsel_jax import parallel
 from vlmsel_jax import report
 from vlmsel_jax import train as train_binary  # noqa: F401  (the warm-up recipe is its flags)
 from vlmsel_jax.selection import evaluate
 from vlmsel_jax.selection import llm_similarity
 from vlmsel_jax.training import loop
+from vlmsel_jax.training import progress as progress_lib
 
 VISION = flags.DEFINE_list("llm_similarity_vision", [], "Vision encoders (cluster medoids) the "
                            "LLMs are compared through, one matrix each.")
@@ -55,10 +58,12 @@ def run(method: str) -> dict:
   lines = ["# Mordal LLM similarity (linear CKA through warm-up projectors)", "",
            f"{len(records)} held-out images of `{base.data}`; LLM hidden state {LAYER.value} "
            f"averaged over the image tokens; warm-up: {base.max_steps} stage-1 steps.", ""]
+  progress = progress_lib.Progress(len(VISION.value) * len(LLMS.value),
+                                  enabled=parallel.is_primary())
   for vision in VISION.value:
     names, matrix, runs = llm_similarity.llm_similarity(
         base, vision, LLMS.value, base.workdir, records, layer=LAYER.value,
-        batch_size=fv.eval_batch_size)
+        batch_size=fv.eval_batch_size, progress=progress)
     extra[_csv_suffix(vision)] = report.similarity_csv(names, matrix)
     # The tower layer the warm-ups saw: the medoid's own (@layer=), else --vision_layer; it must
     # be the layer the candidate of that name was trained with.

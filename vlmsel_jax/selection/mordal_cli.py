@@ -21,7 +21,8 @@ applies: ``--stage``, ``--data``, ``--workdir``, learning rate, LoRA, ...) for
 candidate's checkpoint, then measures held-out VQA accuracy on ``--eval_limit`` questions (see
 ``selection/mordal_live.py``). The similarity CSVs name the encoders and LLMs by the specs used in
 ``--mordal_candidates``. The JSON adds the recorded curves (``<stem>_curves.csv``), which replay
-mode reads.
+mode reads. Each training call prints a line as it finishes: the count of calls so far, the
+candidate, fraction, accuracy, steps, and the search's cost so far against grid search's.
 """
 
 from __future__ import annotations
@@ -34,10 +35,12 @@ import numpy as np
 from absl import flags
 
 from vlmsel_jax import atomic
+from vlmsel_jax import parallel
 from vlmsel_jax import train as train_binary  # noqa: F401  (live mode reads its flags)
 from vlmsel_jax.selection import evaluate
 from vlmsel_jax.selection import mordal
 from vlmsel_jax.selection import mordal_live
+from vlmsel_jax.training import progress as progress_lib
 
 _D = mordal.MordalConfig()
 
@@ -367,9 +370,12 @@ def run_live(config: mordal.MordalConfig) -> dict:
   fv.vision = fv.vision or first_vision
   fv.llm = fv.llm or first_llm
   base = train_binary.config_from_flags()
+  # A line per train(candidate, fraction) call as it finishes; their number is the search's to
+  # decide, so a count without a total.
   trainer = mordal_live.LiveTrainer(base, candidates, full_steps=base.max_steps,
                                     eval_limit=fv.eval_limit or None,
-                                    eval_batch_size=fv.eval_batch_size)
+                                    eval_batch_size=fv.eval_batch_size,
+                                    progress=progress_lib.Progress(enabled=parallel.is_primary()))
   vision_names, vision_sim = read_similarity(VISION_SIMILARITY.value)
   result = mordal.search(candidates, vision_names, vision_sim,
                          _llm_similarity(list(LLM_SIMILARITY.value)), trainer, config)

@@ -8,7 +8,11 @@ run from its checkpoint — exactly the run a direct full-budget training would 
 that step. Cost is counted in training steps; taking a candidate from r1 to r2 costs the steps in
 between. After each call the candidate's held-out VQA accuracy is measured on ``eval_limit``
 questions, and every (candidate, fraction, accuracy, cost) is kept so the search can be replayed
-from the recorded curves (``curves_csv``).
+from the recorded curves (``curves_csv``). With a ``progress.Progress``, each call prints a line
+as it finishes (how many calls the search makes is not known in advance, so it is a count, with
+the search's cost so far next to grid search's): ``[3] <vision>+<llm>  fraction 0.25  accuracy
+0.4120  steps 160  search cost 480 of grid 16640 steps  (4.1 min; 12 min so far)``, or ``(done
+before)`` when the checkpoint already had those steps (a search run again after a kill).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from vlmsel_jax import zoo
 from vlmsel_jax.selection import mordal
 from vlmsel_jax.training import evaluate_run
 from vlmsel_jax.training import loop
+from vlmsel_jax.training import progress as progress_lib
 from vlmsel_jax.zoo import hub
 
 
@@ -64,7 +69,8 @@ class LiveTrainer:
   """``train(candidate, fraction) -> (accuracy, cumulative steps)`` over real training runs."""
 
   def __init__(self, base: loop.TrainConfig, candidates: dict[tuple[str, str], str], *,
-               full_steps: int, eval_limit: int | None, eval_batch_size: int = 16):
+               full_steps: int, eval_limit: int | None, eval_batch_size: int = 16,
+               progress: progress_lib.Progress | None = None):
     if full_steps < 1:
       raise mordal.MordalError(f"full_steps must be >= 1, got {full_steps}")
     self.base = base
@@ -73,6 +79,8 @@ class LiveTrainer:
     self.eval_limit = eval_limit
     self.eval_batch_size = eval_batch_size
     self.records: list[dict] = []
+    self.progress = progress
+    self.reached: dict[str, int] = {}  # candidate → the most steps trained (its cost so far)
 
   def config_for(self, candidate: str, steps: int) -> loop.TrainConfig:
     vision, llm = self.by_name[candidate]
@@ -86,13 +94,22 @@ class LiveTrainer:
     steps = max(1, round(fraction * self.full_steps))
     config = self.config_for(candidate, steps)
     built = loop.build_model(config)
-    loop.train(config, built=built)
+    summary = loop.train(config, built=built)
     result = evaluate_run.evaluate(config, built=built, metrics=("vqa",), limit=self.eval_limit,
                                    batch_size=self.eval_batch_size, progress=False)
     accuracy = float(result["vqa_accuracy"])
     vision, llm = self.by_name[candidate]
     self.records.append({"candidate": candidate, "vision": vision, "llm": llm,
                          "data_fraction": fraction, "accuracy": accuracy, "cost": float(steps)})
+    self.reached[candidate] = max(self.reached.get(candidate, 0), steps)
+    if self.progress is not None:
+      grid = len(self.by_name) * self.full_steps
+      fields = [candidate, f"fraction {fraction:g}", f"accuracy {accuracy:.4f}", f"steps {steps}",
+                f"search cost {sum(self.reached.values())} of grid {grid} steps"]
+      if summary.get("resumed_from", 0) >= steps:  # Trained this far before: evaluated only.
+        self.progress.done_before(fields)
+      else:
+        self.progress.done(fields)
     return accuracy, float(steps)
 
   def curves_csv(self) -> str:
