@@ -47,18 +47,23 @@ def _one(config: dict) -> dict:
   from vlmsel_jax.scores import gw  # pylint: disable=g-import-not-at-top
   pool = synthetic.make_pool(n=config["n"], seed=0)
   idx = pool.names.index(CANDIDATE)
-  opts = config.get("opts", {})
+  flag_values = dict(config.get("opts", {}))  # --gw_* flag values, as the score binary's.
+  dense = gw.options_from_flags(flag_values.pop("gw_solver", "annealed"), **flag_values)
+  lowrank = gw.options_from_flags("lowrank", **flag_values)
 
   def work():
     if config["kind"] == "dense":
       return gw.gw_distances([pool.candidates[(idx + i) % len(pool.names)]
-                              for i in range(config.get("k", 1))], pool.text, **opts)
+                              for i in range(config.get("k", 1))], pool.text, options=dense)
     if config["kind"] == "lowrank":
-      return [gw.lowrank_gw_large(pool.candidates[idx], pool.text, **opts)]
+      return [gw.lowrank_gw_large(pool.candidates[idx], pool.text, options=lowrank)]
     return {"dense_angular": gw.gw_distances(pool.candidates, pool.text),
             "dense_cosine": gw.gw_distances(pool.candidates, pool.text, distance="cosine"),
-            "lowrank_cosine": [gw.lowrank_gw_large(x, pool.text, **opts)
+            "lowrank_cosine": [gw.lowrank_gw_large(x, pool.text, options=lowrank)
                                for x in pool.candidates]}
+
+  def rows(res):  # Plain data for the JSON line this subprocess prints.
+    return [{"gw": r.value, "converged": r.converged, "iterations": r.iterations} for r in res]
 
   t = time.perf_counter()
   res = work()
@@ -70,7 +75,8 @@ def _one(config: dict) -> dict:
     warm = round(time.perf_counter() - t, 2)
   return {"config": config, "seconds": round(secs, 2), "warm_seconds": warm,
           "peak_rss_gib": round(_peak_rss_gib(), 2),
-          "devices": f"{jax.device_count()} × {jax.devices()[0].platform}", "result": res,
+          "devices": f"{jax.device_count()} × {jax.devices()[0].platform}",
+          "result": {k: rows(v) for k, v in res.items()} if isinstance(res, dict) else rows(res),
           "names": pool.names}
 
 
@@ -95,8 +101,9 @@ def main():
   parser.add_argument("--counts", default="1,2,4,8,16")
   parser.add_argument("--n", type=int, default=500)
   parser.add_argument("--rank", type=int, default=32)
-  parser.add_argument("--opts", default="{}", help="JSON of extra gw options (e.g. iteration "
-                      "limits for a memory-only run at large n).")
+  parser.add_argument("--opts", default="{}", help="JSON of score-binary --gw_* flag values "
+                      "(gw.options_from_flags; e.g. {\"gw_iterations\": 5} or "
+                      "{\"gw_lowrank_iterations\": 50} for a memory-only run at large n).")
   parser.add_argument("--one", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.one:
@@ -126,12 +133,12 @@ def main():
     print("| n | rank | seconds | peak RSS GiB | GW (low-rank) | converged |\n"
           "|---|---|---|---|---|---|")
     for n in (int(s) for s in args.sizes.split(",")):
-      r = _spawn({"kind": "lowrank", "n": n, "opts": {"rank": args.rank, **extra}})
+      r = _spawn({"kind": "lowrank", "n": n, "opts": {"gw_rank": args.rank, **extra}})
       res = r["result"][0]
       print(f"| {n} | {args.rank} | {r['seconds']} | {r['peak_rss_gib']} | {res['gw']:.5f} | "
             f"{res['converged']} |", flush=True)
   else:
-    r = _spawn({"kind": "agreement", "n": args.n, "opts": {"rank": args.rank, **extra}})
+    r = _spawn({"kind": "agreement", "n": args.n, "opts": {"gw_rank": args.rank, **extra}})
     res = r["result"]
     vals = {k: [v["gw"] for v in res[k]] for k in res}
     print(f"n = {args.n}, rank {args.rank}, {r['seconds']} s, peak RSS {r['peak_rss_gib']} GiB")

@@ -29,7 +29,7 @@ from vlmsel_jax import synthetic
 from vlmsel_jax.scores import gw
 
 
-def _ours(cx, cy, opts: gw.GWOptions, repeats: int):
+def _ours(cx, cy, opts: gw.SolverOptions, repeats: int):
   with jax.enable_x64(opts.dtype == np.float64):
     a = jnp.asarray(cx, opts.dtype)
     b = jnp.asarray(cy, opts.dtype)
@@ -53,11 +53,11 @@ def _pot_entropic(c1, c2, p, eps):
 
 
 OUR_SOLVERS = (
-    ("ours annealed (default)", gw.GWOptions()),
-    ("ours entropic ε=5e-3", gw.GWOptions(solver="entropic", epsilon=5e-3, polish=False)),
-    ("ours entropic ε=1e-3", gw.GWOptions(solver="entropic", epsilon=1e-3, polish=False)),
-    ("ours cg (float64)", gw.GWOptions(solver="cg")),
-    ("ours lowrank r=32", gw.GWOptions(solver="lowrank", rank=32)),
+    ("ours annealed (default)", gw.AnnealedOptions()),
+    ("ours entropic ε=5e-3", gw.EntropicOptions(epsilon=5e-3, polish=False)),
+    ("ours entropic ε=1e-3", gw.EntropicOptions(epsilon=1e-3, polish=False)),
+    ("ours cg (float64)", gw.CGOptions()),
+    ("ours lowrank r=32", gw.LowRankOptions(rank=32)),
 )
 
 
@@ -75,7 +75,7 @@ def run_size(n: int, candidate: int, repeats: int, seed: int, pot_entropic: bool
     val, secs = timing.best_of(lambda: _pot_entropic(c1, c2, p, 5e-3), 1)
     rows.append(("POT entropic ε=5e-3", val, secs, 0.0))
   for name, opts in OUR_SOLVERS:
-    if opts.solver == "lowrank" and n < 1000:
+    if isinstance(opts, gw.LowRankOptions) and n < 1000:
       continue
     val, secs, comp = _ours(c1, c2, opts, repeats)
     rows.append((name, val, secs, comp))
@@ -101,7 +101,7 @@ def run_batch(n: int, k: int, seed: int, mode: str):
   pot_s = time.perf_counter() - t
   gw.gw_distances(cands, pool.text, batch_mode=mode)  # Compile.
   t = time.perf_counter()
-  ours = [r["gw"] for r in gw.gw_distances(cands, pool.text, batch_mode=mode)]
+  ours = [r.value for r in gw.gw_distances(cands, pool.text, batch_mode=mode)]
   ours_s = time.perf_counter() - t
   ours, pot = np.array(ours), np.array(pot)
   print(f"\nbatched: {k} candidates, n = {n}, {jax.device_count()} {jax.devices()[0].platform} "

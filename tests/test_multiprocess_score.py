@@ -71,7 +71,8 @@ def test_multiprocess_score_matches_single_process(banks):
   got = json.load(open(d / "out0" / "scores.json"))
   assert got["run"]["processes"] == 2 and got["run"]["devices"].startswith("8 ")
 
-  settings = scoring.ScoreSettings(gw_options=gw.GWOptions(anneal_iterations=5, gw_iterations=20))
+  settings = scoring.ScoreSettings(gw_options=gw.AnnealedOptions(stage_iterations=5,
+                                                                 gw_iterations=20))
   want = scoring.score_pool(names, feats, text, ["gw", "cka"], settings, show_progress=False)
   for name in names:
     # Same 2-candidates-per-device blocks and programs as the 8-device reference: equal up to
@@ -103,7 +104,8 @@ from vlmsel_jax import synthetic
 from vlmsel_jax.scores import gw
 pool = synthetic.make_pool(n=160, seed=0)
 x, y = pool.candidates[5], pool.text
-out = {"dense": gw.gw_distance(x, y, devices=jax.devices(), anneal_iterations=5)}
+res = gw.gw_distance(x, y, options=gw.AnnealedOptions(stage_iterations=5), devices=jax.devices())
+out = {"dense": {"value": res.value, "iterations": res.iterations}}
 print("RESULT " + json.dumps(out))
 """
 
@@ -131,8 +133,8 @@ def test_multiprocess_one_problem_sharded_over_both_hosts():
   # (lowrank_gw_large runs sharded over processes too, but its many small cross-process
   # reductions make it minutes slow on CPU processes; tests/test_parallel_large_n.py checks it
   # sharded over the devices of one process.)
-  want = {"dense": gw.gw_distance(x, y, anneal_iterations=5)}
+  want = {"dense": gw.gw_distance(x, y, options=gw.AnnealedOptions(stage_iterations=5))}
   for got in outs:  # Every process returns the whole result.
     for key in want:
-      np.testing.assert_allclose(got[key]["gw"], want[key]["gw"], rtol=1e-4, err_msg=key)
-      assert got[key]["iterations"] == want[key]["iterations"], key
+      np.testing.assert_allclose(got[key]["value"], want[key].value, rtol=1e-4, err_msg=key)
+      assert got[key]["iterations"] == want[key].iterations, key

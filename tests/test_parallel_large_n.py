@@ -19,26 +19,26 @@ def _pool():
 
 def test_factored_lowrank_equals_lowrank_on_dense_cosine_costs(pool):
   x, y = pool.candidates[5], pool.text
-  dense = gw.gw_distance(x, y, distance="cosine", solver="lowrank", rank=8)
-  got = gw.lowrank_gw_large(x, y, rank=8)  # 120 rows over 8 devices.
+  dense = gw.gw_distance(x, y, distance="cosine", options=gw.LowRankOptions(rank=8))
+  got = gw.lowrank_gw_large(x, y, options=gw.LowRankOptions(rank=8))  # 120 rows over 8 devices.
   # Same problem, same initialization, same iterations; only float32 summation order differs.
-  np.testing.assert_allclose(got["gw"], dense["gw"], rtol=1e-4)
-  assert got["iterations"] == dense["iterations"] and got["converged"] == dense["converged"]
+  np.testing.assert_allclose(got.value, dense.value, rtol=1e-4)
+  assert got.iterations == dense.iterations and got.converged == dense.converged
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"solver": "entropic", "polish": False,
-                                      "gw_iterations": 5}])
-def test_one_problem_sharded_over_devices_equals_one_device(pool, kwargs):
+@pytest.mark.parametrize("options", [gw.AnnealedOptions(),
+                                     gw.EntropicOptions(polish=False, gw_iterations=5)])
+def test_one_problem_sharded_over_devices_equals_one_device(pool, options):
   x, y = pool.candidates[5], pool.text
-  want = gw.gw_distance(x, y, **kwargs)
-  got = gw.gw_distance(x, y, devices=jax.devices(), **kwargs)  # Rows of 120 × 120 over 8.
+  want = gw.gw_distance(x, y, options=options)
+  got = gw.gw_distance(x, y, options=options, devices=jax.devices())  # Rows of 120 × 120 over 8.
   # The partitioned products add in another order: float32 round-off only. The default solver
   # agrees to 1e-5; the unpolished entropic solver carries the round-off through exp(-cost / ε)
   # of every outer iteration, and ends 1.5e-5 apart on an AMD EPYC (within 1e-5 on the CPUs
   # earlier runs had), so it gets 5e-5.
-  rtol = 5e-5 if kwargs.get("solver") == "entropic" else 1e-5
-  np.testing.assert_allclose(got["gw"], want["gw"], rtol=rtol)
-  assert (got["iterations"], got["converged"]) == (want["iterations"], want["converged"])
+  rtol = 5e-5 if options.solver == "entropic" else 1e-5
+  np.testing.assert_allclose(got.value, want.value, rtol=rtol)
+  assert (got.iterations, got.converged) == (want.iterations, want.converged)
 
 
 def test_sharded_problem_needs_rows_divisible_by_devices(pool):
@@ -82,7 +82,8 @@ def test_large_n_rejects_distances_that_are_not_low_rank(pool):
     x = np.zeros((20, 3))
     x[:, 0] = 1.0  # Unit rows: cosine distance exactly 0 between them.
     x[:5] = np.random.default_rng(0).standard_normal((5, 3))  # 105 of 190 pairs at distance 0.
-    gw.lowrank_gw_large(x, np.random.default_rng(1).standard_normal((20, 4)), rank=2)
+    gw.lowrank_gw_large(x, np.random.default_rng(1).standard_normal((20, 4)),
+                        options=gw.LowRankOptions(rank=2))
 
 
 def _batches(x, y, m):

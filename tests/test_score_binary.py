@@ -77,7 +77,8 @@ def test_banks_are_paired_by_id_and_judged_against_ground_truth(banks, tmp_path)
   # Values equal the library functions on the correctly paired (unpermuted) features.
   want_cka = cka.linear_cka(pool.candidates[5], pool.text)
   assert data["scores"]["warp_1.5_noise_0.3"]["cka"] == pytest.approx(want_cka, rel=1e-5)
-  want_gw = gw.gw_distance(pool.candidates[0], pool.text, anneal_iterations=10)["gw"]
+  want_gw = gw.gw_distance(pool.candidates[0], pool.text,
+                           options=gw.AnnealedOptions(stage_iterations=10)).value
   assert data["scores"]["isometric"]["gw"] == pytest.approx(want_gw, rel=1e-4)
   assert data["ground_truth"] == {"isometric": 0.61, "warp_1.5_noise_0.3": 0.55, "random": 0.31}
   assert data["evaluation"]["cka"]["spearman"] == pytest.approx(1.0)

@@ -97,8 +97,8 @@ def report_markdown(result: scoring.PoolScores, *, title: str, preamble: str = "
       ev = result.evaluation[m]
       lines.append(f"| {m} | " + " | ".join(_fmt(ev[k], 3) for k in EVAL_COLUMNS) + " |")
   if result.diagnostics:
-    unconverged = [c for c, d in result.diagnostics.items() if not d["converged"]]
-    solver = next(iter(result.diagnostics.values()))["solver"]
+    unconverged = [c for c, r in result.diagnostics.items() if not r.converged]
+    solver = next(iter(result.diagnostics.values())).solver
     lines += ["", f"GW solver: `{solver}`; " + (
         f"did not meet its convergence tolerance within the iteration budget for: "
         f"{', '.join(unconverged)} (values are still the GW objective of the returned coupling)."

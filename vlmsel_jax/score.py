@@ -40,7 +40,9 @@ from vlmsel_jax.scores import cka
 from vlmsel_jax.scores import distances
 from vlmsel_jax.scores import gw
 
-_DEFAULT_GW = gw.GWOptions()
+# Flag defaults are the options records' defaults (gw.options_from_flags maps the flags back).
+_ANNEALED, _ENTROPIC, _CG, _LOWRANK = (gw.AnnealedOptions(), gw.EntropicOptions(),
+                                       gw.CGOptions(), gw.LowRankOptions())
 
 CANDIDATES = flags.DEFINE_list(
     "candidates", [], "Candidate feature banks (.safetensors or .npz with 'features' n×d and "
@@ -62,45 +64,48 @@ DISTANCE = flags.DEFINE_enum("distance", "angular", list(distances.DISTANCES),
                              "Intra-space distance for GW and RSA.")
 SCALE = flags.DEFINE_enum("scale", "median", list(distances.SCALES),
                           "Scale alignment of the candidate's distances to the text's (GW).")
-GW_SOLVER = flags.DEFINE_enum("gw_solver", _DEFAULT_GW.solver, list(gw.SOLVERS),
+GW_SOLVER = flags.DEFINE_enum("gw_solver", _ANNEALED.solver, list(gw.SOLVERS),
                               "GW solver (see vlmsel_jax/scores/gw.py).")
-GW_EPSILON = flags.DEFINE_float("gw_epsilon", _DEFAULT_GW.epsilon,
+GW_EPSILON = flags.DEFINE_float("gw_epsilon", _ENTROPIC.epsilon,
                                 "Entropic ε of the entropic and lowrank solvers, relative to "
                                 "unit median distance.", lower_bound=0.0)
 GW_ANNEAL_EPSILONS = flags.DEFINE_list(
-    "gw_anneal_epsilons", [str(e) for e in _DEFAULT_GW.anneal_epsilons],
+    "gw_anneal_epsilons", [str(e) for e in _ANNEALED.epsilons],
     "ε schedule of the annealed solver, largest first.")
-GW_ANNEAL_ITERATIONS = flags.DEFINE_integer("gw_anneal_iterations", _DEFAULT_GW.anneal_iterations,
+GW_ANNEAL_ITERATIONS = flags.DEFINE_integer("gw_anneal_iterations", _ANNEALED.stage_iterations,
                                             "Outer GW iterations of each annealing stage but the last.",
                                             lower_bound=1)
 GW_SINKHORN_ITERATIONS = flags.DEFINE_integer(
-    "gw_sinkhorn_iterations", _DEFAULT_GW.sinkhorn_iterations,
+    "gw_sinkhorn_iterations", _ENTROPIC.sinkhorn_iterations,
     "Maximum Sinkhorn iterations per linearized problem of the entropic solver.", lower_bound=1)
 GW_ANNEAL_SINKHORN_ITERATIONS = flags.DEFINE_integer(
-    "gw_anneal_sinkhorn_iterations", _DEFAULT_GW.anneal_sinkhorn_iterations,
+    "gw_anneal_sinkhorn_iterations", _ANNEALED.sinkhorn_iterations,
     "Sinkhorn iterations per linearized problem of the annealed solver (warm-started; its "
     "coupling only seeds the CG polish).", lower_bound=1)
-GW_ITERATIONS = flags.DEFINE_integer("gw_iterations", _DEFAULT_GW.gw_iterations,
+GW_ITERATIONS = flags.DEFINE_integer("gw_iterations", _ANNEALED.gw_iterations,
                                      "Maximum outer iterations of the entropic solver and of the last annealing stage.",
                                      lower_bound=1)
-GW_CG_ITERATIONS = flags.DEFINE_integer("gw_cg_iterations", _DEFAULT_GW.cg_iterations,
+GW_CG_ITERATIONS = flags.DEFINE_integer("gw_cg_iterations", _CG.iterations,
                                         "Maximum conditional-gradient iterations.", lower_bound=1)
 GW_CG_TOL = flags.DEFINE_float("gw_cg_tol", None,
                                "Relative objective decrease below which CG stops (default: "
                                "1e-9 in float64 as POT, 1e-6 in float32).", lower_bound=0.0)
-GW_POLISH = flags.DEFINE_bool("gw_polish", _DEFAULT_GW.polish,
+GW_POLISH = flags.DEFINE_bool("gw_polish", _ANNEALED.polish,
                               "CG polish after the entropic / annealed solvers.")
-GW_RANK = flags.DEFINE_integer("gw_rank", _DEFAULT_GW.rank, "Coupling rank of the lowrank "
+GW_RANK = flags.DEFINE_integer("gw_rank", _LOWRANK.rank, "Coupling rank of the lowrank "
                                "solver.", lower_bound=1)
 GW_LOWRANK_ITERATIONS = flags.DEFINE_integer(
-    "gw_lowrank_iterations", _DEFAULT_GW.lowrank_iterations,
+    "gw_lowrank_iterations", _LOWRANK.iterations,
     "Maximum outer iterations of the lowrank solver.", lower_bound=1)
-GW_LOWRANK_GAMMA = flags.DEFINE_float("gw_lowrank_gamma", _DEFAULT_GW.lowrank_gamma,
+GW_LOWRANK_GAMMA = flags.DEFINE_float("gw_lowrank_gamma", _LOWRANK.gamma,
                                       "Mirror-descent step of the lowrank solver.",
                                       lower_bound=0.0)
-GW_PRECISION = flags.DEFINE_enum("gw_precision", _DEFAULT_GW.precision,
-                                 ["auto", "float32", "float64"],
+GW_PRECISION = flags.DEFINE_enum("gw_precision", _ANNEALED.precision, list(gw.PRECISIONS),
                                  "GW arithmetic: auto = float64 for cg, float32 otherwise.")
+# The flags gw.options_from_flags maps to the solver's options record.
+_GW_FLAGS = (GW_EPSILON, GW_ANNEAL_EPSILONS, GW_ANNEAL_ITERATIONS, GW_SINKHORN_ITERATIONS,
+             GW_ANNEAL_SINKHORN_ITERATIONS, GW_ITERATIONS, GW_CG_ITERATIONS, GW_CG_TOL, GW_POLISH,
+             GW_RANK, GW_LOWRANK_ITERATIONS, GW_LOWRANK_GAMMA, GW_PRECISION)
 GW_BATCH_SIZE = flags.DEFINE_integer(
     "gw_batch_size", 0, "Candidates per batched (vmapped, device-sharded) GW call; 0 = the "
     "number of devices.", lower_bound=0)
@@ -181,20 +186,7 @@ def read_ground_truth(path: str, column: str) -> dict[str, float]:
 
 def _settings() -> scoring.ScoreSettings:
   try:
-    anneal = tuple(float(e) for e in GW_ANNEAL_EPSILONS.value)
-  except ValueError:
-    raise InputError(f"--gw_anneal_epsilons must be numbers, got {GW_ANNEAL_EPSILONS.value}") from None
-  opts = gw.GWOptions(
-      solver=GW_SOLVER.value, epsilon=GW_EPSILON.value, anneal_epsilons=anneal,
-      anneal_iterations=GW_ANNEAL_ITERATIONS.value,
-      sinkhorn_iterations=GW_SINKHORN_ITERATIONS.value,
-      anneal_sinkhorn_iterations=GW_ANNEAL_SINKHORN_ITERATIONS.value,
-      gw_iterations=GW_ITERATIONS.value,
-      cg_iterations=GW_CG_ITERATIONS.value, cg_tol=GW_CG_TOL.value, polish=GW_POLISH.value,
-      rank=GW_RANK.value, lowrank_iterations=GW_LOWRANK_ITERATIONS.value,
-      lowrank_gamma=GW_LOWRANK_GAMMA.value, precision=GW_PRECISION.value)
-  try:
-    opts.validate()
+    opts = gw.options_from_flags(GW_SOLVER.value, **{f.name: f.value for f in _GW_FLAGS})
   except ValueError as e:
     raise InputError(f"bad GW flag: {e}") from None
   return scoring.ScoreSettings(

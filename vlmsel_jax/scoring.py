@@ -25,7 +25,7 @@ class ScoreSettings:
   """Settings of every metric (each a flag of the score binary)."""
   distance: str = "angular"
   scale: str = "median"
-  gw_options: gw.GWOptions = gw.GWOptions()
+  gw_options: gw.SolverOptions = gw.AnnealedOptions()  # gw.options_from_flags builds it.
   gw_batch_size: int = 0  # Candidates per batched GW call; 0 = one call per device-count block.
   gw_batch_mode: str = "auto"  # vmap / map / auto (see gw.gw_distances).
   rbf_sigma: float = 0.5
@@ -85,7 +85,7 @@ class PoolScores:
   metrics: list[str]
   values: dict[str, dict[str, float]]            # metric → candidate → value
   rankings: dict[str, list[str]]                 # metric → candidates, predicted best first
-  diagnostics: dict[str, dict[str, Any]]         # candidate → GW diagnostics
+  diagnostics: dict[str, gw.GWResult]            # candidate → its GW result (diagnostics)
   evaluation: dict[str, dict[str, float]] | None = None  # metric → judgement vs ground truth
   ground_truth: dict[str, float] | None = None
 
@@ -97,7 +97,8 @@ class PoolScores:
         "scores": {c: {m: self.values[m][c] for m in self.metrics} for c in self.candidates},
         "rankings": self.rankings,
         "selected": {m: r[0] for m, r in self.rankings.items()},
-        "gw_diagnostics": self.diagnostics,
+        "gw_diagnostics": {c: {"converged": r.converged, "iterations": r.iterations,
+                               "solver": r.solver} for c, r in self.diagnostics.items()},
         "ground_truth": self.ground_truth,
         "evaluation": self.evaluation,
     }
@@ -107,16 +108,14 @@ def _gw_values(names, feats, text, settings: ScoreSettings, progress) -> tuple[d
   import jax  # pylint: disable=g-import-not-at-top
   block = settings.gw_batch_size or jax.device_count()
   values, diags = {}, {}
-  opts = dataclasses.asdict(settings.gw_options)
-  solver, epsilon = opts.pop("solver"), opts.pop("epsilon")
   for start in range(0, len(feats), block):
     chunk = slice(start, start + block)
-    results = gw.gw_distances(feats[chunk], text, distance=settings.distance, scale=settings.scale,
-                              solver=solver, epsilon=epsilon, names=names[chunk],
-                              batch_mode=settings.gw_batch_mode, **opts)
+    results = gw.gw_distances(feats[chunk], text, options=settings.gw_options,
+                              distance=settings.distance, scale=settings.scale,
+                              names=names[chunk], batch_mode=settings.gw_batch_mode)
     for name, res in zip(names[chunk], results):
-      values[name] = res["gw"]
-      diags[name] = {k: res[k] for k in ("converged", "iterations", "solver")}
+      values[name] = res.value
+      diags[name] = res
     progress.update(len(results))
   return values, diags
 
@@ -164,7 +163,7 @@ def score_pool(names: Sequence[str], candidates: Sequence[np.ndarray], text: np.
       raise ValueError(f"ground truth has no accuracy for candidate(s) {', '.join(missing)}")
 
   values: dict[str, dict[str, float]] = {}
-  diagnostics: dict[str, dict[str, Any]] = {}
+  diagnostics: dict[str, gw.GWResult] = {}
   total = len(names) * len(metric_names)
   with tqdm.tqdm(total=total, desc="scoring", unit="score", disable=not show_progress) as bar:
     for m in metric_names:

@@ -5,21 +5,33 @@ METHODS §1: GW(X, Y) = min over couplings π with uniform marginals of
 Whatever solver finds π, the value reported is this *unregularized* objective of the returned
 coupling, so values from different solvers are directly comparable (lower = better answer).
 
-Solvers (``solver=``):
-  * ``"annealed"`` (default): ott-jax entropic GW over a decreasing ε schedule, each stage
-    warm-started from the previous coupling, then a conditional-gradient polish (below) from the
-    entropic coupling. Annealing finds a better basin than CG from the product coupling; the
-    polish removes the entropic blur. This reaches POT-CG objectives or lower (benchmarks/).
-    Its linearized problems get only ``anneal_sinkhorn_iterations`` Sinkhorn iterations each,
-    warm-started from the previous potentials: the stage only has to land in a good basin, and
-    the polish then converges on the exact objective. Its coupling is rounded onto the exact
-    marginals (Altschuler et al. 2017) before the polish, so every CG iterate is a coupling.
-  * ``"entropic"``: one ott-jax ``GromovWasserstein`` solve at a fixed ε.
-  * ``"cg"``: conditional gradient (Frank-Wolfe with exact line search) from the product
-    coupling, the method of POT's ``ot.gromov.gromov_wasserstein``.
-  * ``"lowrank"``: ott-jax low-rank GW (coupling of rank ``rank``) for large n. A rank-r
-    coupling cannot match samples one-to-one inside a cluster, so its objective is an upper
-    bound of the dense one; compare low-rank values only with low-rank values of the same rank.
+Options in, records out (as ott-jax):
+
+  res = gw_distance(x, y, options=AnnealedOptions(epsilons=(1e-2, 2e-3)))
+  res.value, res.converged, res.iterations        # a GWResult (a pytree)
+  results = gw_distances(candidates, y, options=CGOptions())    # one GWResult per candidate
+
+Each solver takes its own frozen options record, validated when built (a one-line ValueError
+naming the field). ``options_from_flags(solver, **flag_values)`` is the one place the score
+binary's ``--gw_*`` flags become a record.
+
+Solvers (``options=``):
+  * ``AnnealedOptions`` (``"annealed"``, the default): ott-jax entropic GW over a decreasing ε
+    schedule, each stage warm-started from the previous coupling, then a conditional-gradient
+    polish (below) from the entropic coupling. Annealing finds a better basin than CG from the
+    product coupling; the polish removes the entropic blur. This reaches POT-CG objectives or
+    lower (benchmarks/). Its linearized problems get only ``sinkhorn_iterations`` (10) Sinkhorn
+    iterations each, warm-started from the previous potentials: the stage only has to land in
+    a good basin, and the polish then converges on the exact objective. Its coupling is rounded
+    onto the exact marginals (Altschuler et al. 2017) before the polish, so every CG iterate is
+    a coupling.
+  * ``EntropicOptions`` (``"entropic"``): one ott-jax ``GromovWasserstein`` solve at a fixed ε.
+  * ``CGOptions`` (``"cg"``): conditional gradient (Frank-Wolfe with exact line search) from the
+    product coupling, the method of POT's ``ot.gromov.gromov_wasserstein``.
+  * ``LowRankOptions`` (``"lowrank"``): ott-jax low-rank GW (coupling of rank ``rank``) for
+    large n. A rank-r coupling cannot match samples one-to-one inside a cluster, so its
+    objective is an upper bound of the dense one; compare low-rank values only with low-rank
+    values of the same rank.
 
 Units: both distance matrices are divided by median(D^Y) before solving, so ε is relative to a
 problem whose typical distance is 1 (and does not depend on the distance's units); the reported
@@ -38,7 +50,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+import numbers
+from typing import Any, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -58,83 +71,307 @@ from vlmsel_jax.scores import checks
 from vlmsel_jax.scores import distances
 from vlmsel_jax.scores import linalg
 
-SOLVERS = ("annealed", "entropic", "cg", "lowrank")
+# ----------------------------------------------------------------------------------------------
+# Options in: one frozen record per solver.
+
+PRECISIONS = ("auto", "float32", "float64")
 
 
-@dataclasses.dataclass(frozen=True)
-class GWOptions:
-  """Solver settings; every field is a flag of the score binary (``--gw_<field>``).
+class OptionError(ValueError):
+  """A bad value in a solver's options record; ``field`` names the record's field."""
 
-  Attributes:
-    solver: one of SOLVERS.
-    epsilon: entropic regularization for ``entropic`` and ``lowrank`` (relative units, above).
-    anneal_epsilons: the ε schedule of ``annealed``, largest first.
-    anneal_iterations: outer GW iterations of each annealing stage but the last.
-    sinkhorn_iterations: maximum Sinkhorn iterations per linearized problem of ``entropic``
-      (warm-started from the previous outer iteration's potentials, so a few hundred suffice).
-    anneal_sinkhorn_iterations: Sinkhorn iterations per linearized problem of ``annealed``
-      (module docstring). Measured on the 12 synthetic problems at n = 250, 500, 1000: 10 gives
-      the same final objectives as 300 (all within 0.5% of or below POT CG) in less time
-      (benchmarks/README.md).
-    gw_iterations: maximum outer iterations of ``entropic`` and of the last annealing stage.
-    cg_iterations: maximum Frank-Wolfe iterations of ``cg`` and of the polish.
-    cg_tol: stop CG when the relative decrease of the objective falls below this; None = POT's
-      1e-9 in float64, 1e-6 in float32 (whose round-off is ~1e-7).
-    polish: run the CG polish after ``annealed`` / ``entropic``.
-    rank: coupling rank of ``lowrank``.
-    lowrank_iterations: maximum outer iterations of ``lowrank``.
-    lowrank_gamma: mirror-descent step size of ``lowrank``.
-    precision: "auto" (float64 for ``cg``, float32 otherwise), "float32" or "float64".
-      CG from the product coupling is path-dependent: in float32, round-off in the first
-      near-tied oracle answers sends it to another local minimum than POT's float64 run
-      (measured on 12 synthetic problems: ratios to POT from 0.03 to 3.4); in float64 it
-      follows POT's path (all 12 ratios 1.000). The annealed path is insensitive to this.
+  def __init__(self, record: Any, field: str, requirement: str):
+    self.field = field
+    super().__init__(f"{type(record).__name__}.{field} must be {requirement}, "
+                     f"got {getattr(record, field)!r}")
+
+
+class _SolverOptions:
+  """What every options record has: the solver's name, its precision and its CG steps.
+
+  The records are frozen (hashable) dataclasses: the jitted solvers take them as static
+  arguments, and each is validated when it is built.
   """
-  solver: str = "annealed"
-  epsilon: float = 1e-3
-  anneal_epsilons: tuple[float, ...] = (1e-2, 5e-3, 2e-3)
-  anneal_iterations: int = 10
-  sinkhorn_iterations: int = 300
-  anneal_sinkhorn_iterations: int = 10
-  gw_iterations: int = 50
-  cg_iterations: int = 1000
-  cg_tol: float | None = None
-  polish: bool = True
-  rank: int = 32
-  lowrank_iterations: int = 500
-  lowrank_gamma: float = 100.0
-  precision: str = "auto"
-
-  def validate(self) -> "GWOptions":
-    if self.solver not in SOLVERS:
-      raise ValueError(f"unknown GW solver {self.solver!r}; choose one of {', '.join(SOLVERS)}")
-    if not self.epsilon > 0:
-      raise ValueError(f"GW epsilon must be > 0, got {self.epsilon}")
-    if not self.anneal_epsilons or any(not e > 0 for e in self.anneal_epsilons):
-      raise ValueError(f"GW anneal_epsilons must be positive, got {self.anneal_epsilons}")
-    for name in ("anneal_iterations", "sinkhorn_iterations", "anneal_sinkhorn_iterations",
-                 "gw_iterations", "cg_iterations", "rank", "lowrank_iterations"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"GW {name} must be >= 1, got {getattr(self, name)}")
-    if not self.lowrank_gamma > 0:
-      raise ValueError(f"GW lowrank_gamma must be > 0, got {self.lowrank_gamma}")
-    if self.precision not in ("auto", "float32", "float64"):
-      raise ValueError(f"GW precision must be auto, float32 or float64, got {self.precision!r}")
-    if self.cg_tol is not None and not self.cg_tol >= 0:
-      raise ValueError(f"GW cg_tol must be >= 0, got {self.cg_tol}")
-    return self
+  solver: ClassVar[str]
+  _auto_dtype: ClassVar[type] = np.float32
+  precision: str
 
   @property
-  def dtype(self):
+  def dtype(self) -> type:
+    """The arithmetic's float type: ``precision``, where "auto" is the solver's own choice."""
     if self.precision == "auto":
-      return np.float64 if self.solver == "cg" else np.float32
+      return self._auto_dtype
     return np.dtype(self.precision).type
 
-  @property
-  def effective_cg_tol(self) -> float:
-    if self.cg_tol is not None:
-      return self.cg_tol
+  def cg_steps(self) -> tuple[int, float] | None:
+    """(maximum iterations, tolerance) of the CG steps after the coupling stage; None: none."""
+    return None
+
+  def _cg_tol(self, tol: float | None) -> float:
+    # POT's 1e-9 in float64; float32's round-off (~1e-7) makes 1e-6 the useful floor there.
+    if tol is not None:
+      return tol
     return 1e-9 if self.dtype == np.float64 else 1e-6
+
+  def _check_counts(self, *fields: str):
+    for f in fields:
+      v = getattr(self, f)
+      if not (isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1):
+        raise OptionError(self, f, "an integer >= 1")
+
+  def _check_positive(self, *fields: str):
+    for f in fields:
+      v = getattr(self, f)
+      if not (_is_real(v) and 0 < v < float("inf")):
+        raise OptionError(self, f, "> 0")
+
+  def _check_common(self, tol_field: str | None = None, polish: bool = False):
+    if self.precision not in PRECISIONS:
+      raise OptionError(self, "precision", f"one of {', '.join(PRECISIONS)}")
+    if tol_field is not None:
+      tol = getattr(self, tol_field)
+      if tol is not None and not (_is_real(tol) and 0 <= tol < float("inf")):
+        raise OptionError(self, tol_field, ">= 0 or None (POT's default)")
+    if polish and not isinstance(self.polish, bool):
+      raise OptionError(self, "polish", "True or False")
+
+
+def _is_real(v) -> bool:
+  return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AnnealedOptions(_SolverOptions):
+  """The default solver: entropic GW over a decreasing ε schedule, then a CG polish.
+
+  Attributes:
+    epsilons: the ε schedule, largest first (relative units: module docstring).
+    stage_iterations: outer GW iterations of each stage but the last.
+    gw_iterations: maximum outer iterations of the last stage.
+    sinkhorn_iterations: Sinkhorn iterations per linearized problem, warm-started from the
+      previous potentials. Measured on the 12 synthetic problems at n = 250, 500, 1000: 10 gives
+      the same final objectives as 300 (all within 0.5% of or below POT CG) in less time
+      (benchmarks/README.md).
+    polish: run the CG polish from the annealed coupling.
+    cg_iterations: maximum Frank-Wolfe iterations of the polish.
+    cg_tol: stop the polish when the relative decrease of the objective falls below this;
+      None = POT's 1e-9 in float64, 1e-6 in float32 (whose round-off is ~1e-7).
+    precision: "auto" (float32), "float32" or "float64".
+  """
+  solver: ClassVar[str] = "annealed"
+  epsilons: tuple[float, ...] = (1e-2, 5e-3, 2e-3)
+  stage_iterations: int = 10
+  gw_iterations: int = 50
+  sinkhorn_iterations: int = 10
+  polish: bool = True
+  cg_iterations: int = 1000
+  cg_tol: float | None = None
+  precision: str = "auto"
+
+  def __post_init__(self):
+    try:
+      epsilons = tuple(self.epsilons)
+    except TypeError:
+      raise OptionError(self, "epsilons", "a sequence of numbers > 0") from None
+    if not epsilons or not all(_is_real(e) and 0 < e < float("inf") for e in epsilons):
+      raise OptionError(self, "epsilons", "a non-empty sequence of numbers > 0")
+    object.__setattr__(self, "epsilons", tuple(float(e) for e in epsilons))  # Hashable.
+    self._check_counts("stage_iterations", "gw_iterations", "sinkhorn_iterations",
+                       "cg_iterations")
+    self._check_common("cg_tol", polish=True)
+
+  def cg_steps(self) -> tuple[int, float] | None:
+    return (self.cg_iterations, self._cg_tol(self.cg_tol)) if self.polish else None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EntropicOptions(_SolverOptions):
+  """One ott-jax entropic GW solve at a fixed ε, then (optionally) a CG polish.
+
+  Attributes:
+    epsilon: entropic regularization (relative units: module docstring).
+    gw_iterations: maximum outer iterations.
+    sinkhorn_iterations: maximum Sinkhorn iterations per linearized problem (warm-started from
+      the previous outer iteration's potentials, so a few hundred suffice).
+    polish: run the CG polish from the entropic coupling.
+    cg_iterations, cg_tol, precision: as ``AnnealedOptions``.
+  """
+  solver: ClassVar[str] = "entropic"
+  epsilon: float = 1e-3
+  gw_iterations: int = 50
+  sinkhorn_iterations: int = 300
+  polish: bool = True
+  cg_iterations: int = 1000
+  cg_tol: float | None = None
+  precision: str = "auto"
+
+  def __post_init__(self):
+    self._check_positive("epsilon")
+    self._check_counts("gw_iterations", "sinkhorn_iterations", "cg_iterations")
+    self._check_common("cg_tol", polish=True)
+
+  def cg_steps(self) -> tuple[int, float] | None:
+    return (self.cg_iterations, self._cg_tol(self.cg_tol)) if self.polish else None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CGOptions(_SolverOptions):
+  """Conditional gradient from the product coupling: POT's ``ot.gromov.gromov_wasserstein``.
+
+  Attributes:
+    iterations: maximum Frank-Wolfe iterations (POT's 1000, METHODS §1).
+    tol: stop when the relative decrease of the objective falls below this; None = POT's 1e-9
+      in float64, 1e-6 in float32.
+    precision: "auto" (float64), "float32" or "float64". CG from the product coupling is
+      path-dependent: in float32, round-off in the first near-tied oracle answers sends it to
+      another local minimum than POT's float64 run (measured on 12 synthetic problems: ratios
+      to POT from 0.03 to 3.4); in float64 it follows POT's path (all 12 ratios 1.000).
+  """
+  solver: ClassVar[str] = "cg"
+  _auto_dtype: ClassVar[type] = np.float64
+  iterations: int = 1000
+  tol: float | None = None
+  precision: str = "auto"
+
+  def __post_init__(self):
+    self._check_counts("iterations")
+    self._check_common("tol")
+
+  def cg_steps(self) -> tuple[int, float] | None:
+    return self.iterations, self._cg_tol(self.tol)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LowRankOptions(_SolverOptions):
+  """ott-jax low-rank GW (k-means initialized) for large n; no CG steps.
+
+  Attributes:
+    rank: rank of the coupling.
+    epsilon: entropic regularization of the mirror-descent steps (relative units).
+    iterations: maximum outer iterations.
+    gamma: mirror-descent step size.
+    precision: "auto" (float32), "float32" or "float64".
+  """
+  solver: ClassVar[str] = "lowrank"
+  rank: int = 32
+  epsilon: float = 1e-3
+  iterations: int = 500
+  gamma: float = 100.0
+  precision: str = "auto"
+
+  def __post_init__(self):
+    self._check_counts("rank", "iterations")
+    self._check_positive("epsilon", "gamma")
+    self._check_common()
+
+
+SolverOptions = AnnealedOptions | EntropicOptions | CGOptions | LowRankOptions
+OPTIONS = {cls.solver: cls for cls in (AnnealedOptions, EntropicOptions, CGOptions,
+                                       LowRankOptions)}
+SOLVERS = tuple(OPTIONS)
+
+
+def _check_options(options) -> SolverOptions:
+  if not isinstance(options, tuple(OPTIONS.values())):
+    raise _not_options(options)
+  return options
+
+
+def _not_options(options) -> TypeError:
+  return TypeError(f"options must be one of {', '.join(c.__name__ for c in OPTIONS.values())}, "
+                   f"got {options!r} (gw.options_from_flags builds one from a solver name)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags → options: the one place the score binary's --gw_* flag names meet the records.
+
+# For each solver, the record field each --gw_* flag sets. A flag not listed for the chosen
+# solver belongs to another solver and is ignored.
+FLAG_FIELDS: dict[type, dict[str, str]] = {
+    AnnealedOptions: {"gw_anneal_epsilons": "epsilons", "gw_anneal_iterations": "stage_iterations",
+                      "gw_iterations": "gw_iterations",
+                      "gw_anneal_sinkhorn_iterations": "sinkhorn_iterations",
+                      "gw_polish": "polish", "gw_cg_iterations": "cg_iterations",
+                      "gw_cg_tol": "cg_tol", "gw_precision": "precision"},
+    EntropicOptions: {"gw_epsilon": "epsilon", "gw_iterations": "gw_iterations",
+                      "gw_sinkhorn_iterations": "sinkhorn_iterations", "gw_polish": "polish",
+                      "gw_cg_iterations": "cg_iterations", "gw_cg_tol": "cg_tol",
+                      "gw_precision": "precision"},
+    CGOptions: {"gw_cg_iterations": "iterations", "gw_cg_tol": "tol", "gw_precision": "precision"},
+    LowRankOptions: {"gw_epsilon": "epsilon", "gw_rank": "rank",
+                     "gw_lowrank_iterations": "iterations", "gw_lowrank_gamma": "gamma",
+                     "gw_precision": "precision"},
+}
+FLAGS = tuple(sorted({flag for table in FLAG_FIELDS.values() for flag in table}))
+
+
+def options_from_flags(solver: str, **flag_values) -> SolverOptions:
+  """The options record of ``solver`` (``--gw_solver``) from the other ``--gw_*`` flag values.
+
+  ``flag_values`` are keyed by flag name (any of ``FLAGS``: ``gw_anneal_epsilons=["1e-2",
+  "5e-3"]``, ``gw_cg_iterations=1000``, ...). Flags of other solvers are ignored; a value of
+  None leaves the record's default. Errors are one-line ValueErrors naming the flag.
+  """
+  if solver not in OPTIONS:
+    raise ValueError(f"unknown GW solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+  unknown = sorted(set(flag_values) - set(FLAGS))
+  if unknown:
+    raise ValueError(f"unknown GW solver option(s) {', '.join(unknown)}; "
+                     f"known: {', '.join(FLAGS)}")
+  cls = OPTIONS[solver]
+  table = FLAG_FIELDS[cls]
+  fields = {}
+  for flag, value in flag_values.items():
+    if flag not in table or value is None:
+      continue
+    if flag == "gw_anneal_epsilons":  # A list flag: strings.
+      try:
+        value = tuple(float(e) for e in value)
+      except (TypeError, ValueError):
+        raise ValueError(f"--gw_anneal_epsilons must be numbers, got {value}") from None
+    fields[table[flag]] = value
+  try:
+    return cls(**fields)
+  except OptionError as e:
+    flag = next(f for f, field in table.items() if field == e.field)
+    raise ValueError(f"--{flag}: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Records out.
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=("value", "converged", "iterations", "unit"),
+                   meta_fields=("solver",))
+@dataclasses.dataclass(frozen=True)
+class GWResult:
+  """What ``gw_distance`` returns: the GW value and the solver's diagnostics.
+
+  A pytree (``jax.tree.map`` maps the four numbers; ``solver`` is static), so it can also be
+  returned from a jitted function. ``gw_distance`` fills it with host (Python) scalars.
+
+  Attributes:
+    value: the unregularized GW objective of the solver's coupling, in the original units (the
+      text space's squared distance units, METHODS §1); lower = closer.
+    converged: whether the solver met its tolerance within its iteration budget (for
+      ``annealed`` / ``entropic`` with polish: both stages did). ``value`` is the objective of
+      the returned coupling either way.
+    iterations: outer GW iterations plus CG iterations.
+    unit: median(D^Y), the distance unit the solver worked in: value = unit² × the objective
+      of the normalized problem (module docstring).
+    solver: the solver's name (one of SOLVERS).
+  """
+  value: float
+  converged: bool
+  iterations: int
+  unit: float
+  solver: str
+
+
+def _result(gw, conv, iters, unit, opts: SolverOptions) -> GWResult:
+  return GWResult(value=float(gw) * float(unit) ** 2, converged=bool(conv),
+                  iterations=int(iters), unit=float(unit), solver=opts.solver)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,58 +577,54 @@ def _lowrank(cx, cy, rank: int, epsilon: float, iterations: int, gamma: float):
   return out.matrix, out.converged, jnp.asarray(out.n_iters, jnp.int32)
 
 
-def _needs_cg(opts: GWOptions) -> bool:
-  return opts.solver == "cg" or (opts.polish and opts.solver in ("annealed", "entropic"))
-
-
-def coupling_stage(cx: jax.Array, cy: jax.Array, opts: GWOptions):
+def coupling_stage(cx: jax.Array, cy: jax.Array, opts: SolverOptions):
   """Everything before the CG steps: (coupling, converged, iterations). No host callbacks.
 
   This is the part batched and sharded over devices (see ``gw_distances``).
   """
   n = cx.shape[0]
-  if opts.solver == "annealed":
+  if isinstance(opts, AnnealedOptions):
     coupling, converged, iters = _entropic_stages(
-        cx, cy, opts.anneal_epsilons, opts.anneal_iterations, opts.gw_iterations,
-        opts.anneal_sinkhorn_iterations, inexact=True)
+        cx, cy, opts.epsilons, opts.stage_iterations, opts.gw_iterations,
+        opts.sinkhorn_iterations, inexact=True)
     return round_to_marginals(coupling), converged, iters
-  if opts.solver == "entropic":
+  if isinstance(opts, EntropicOptions):
     return _entropic_stages(cx, cy, (opts.epsilon,), opts.gw_iterations, opts.gw_iterations,
                             opts.sinkhorn_iterations)
-  if opts.solver == "cg":
+  if isinstance(opts, CGOptions):
     return (jnp.full((n, n), 1.0 / (n * n), cx.dtype), jnp.array(True),
             jnp.array(0, jnp.int32))
-  if opts.solver == "lowrank":
-    return _lowrank(cx, cy, opts.rank, opts.epsilon, opts.lowrank_iterations, opts.lowrank_gamma)
-  raise ValueError(f"unknown GW solver {opts.solver!r}; choose one of {', '.join(SOLVERS)}")
+  if isinstance(opts, LowRankOptions):
+    return _lowrank(cx, cy, opts.rank, opts.epsilon, opts.iterations, opts.gamma)
+  raise _not_options(opts)
 
 
 def cg_stage(cx: jax.Array, cy: jax.Array, coupling: jax.Array, converged: jax.Array,
-             iterations: jax.Array, opts: GWOptions):
-  """The CG steps (when ``opts`` asks for them) and the objective: (gw, converged, iters)."""
-  if _needs_cg(opts):
-    coupling, cg_conv, cg_iters = _cg_from(cx, cy, coupling, opts.cg_iterations,
-                                           opts.effective_cg_tol)
-    converged = cg_conv if opts.solver == "cg" else converged & cg_conv
+             iterations: jax.Array, opts: SolverOptions):
+  """The CG steps (when ``opts`` has them) and the objective: (gw, converged, iters)."""
+  steps = opts.cg_steps()
+  if steps is not None:
+    coupling, cg_conv, cg_iters = _cg_from(cx, cy, coupling, *steps)
+    converged = cg_conv if isinstance(opts, CGOptions) else converged & cg_conv
     iterations = iterations + cg_iters
   return gw_objective(cx, cy, coupling), converged, iterations
 
 
-def solve_normalized(cx: jax.Array, cy: jax.Array, opts: GWOptions):
+def solve_normalized(cx: jax.Array, cy: jax.Array, opts: SolverOptions):
   """Solves GW on two prepared n×n cost matrices; returns (gw, converged, iterations).
 
-  Pure and jittable for fixed ``opts`` (a hashable dataclass).
+  Pure and jittable for fixed ``opts`` (a frozen, hashable options record).
   """
   return cg_stage(cx, cy, *coupling_stage(cx, cy, opts), opts)
 
 
 @functools.partial(jax.jit, static_argnames=("opts",))
-def _solve_jit(cx, cy, opts: GWOptions):
+def _solve_jit(cx, cy, opts: SolverOptions):
   return solve_normalized(cx, cy, opts)
 
 
 @functools.partial(jax.jit, static_argnames=("opts",))
-def _cg_stage_jit(cx, cy, coupling, converged, iterations, opts: GWOptions):
+def _cg_stage_jit(cx, cy, coupling, converged, iterations, opts: SolverOptions):
   return cg_stage(cx, cy, coupling, converged, iterations, opts)
 
 
@@ -412,46 +645,25 @@ def prepare_costs(x: jax.Array, y: jax.Array, distance: str = "angular", scale: 
   return dx / unit, dy / unit, unit
 
 
-def options_from_kwargs(solver: str, epsilon: float | None, solver_options: dict[str, Any]):
-  fields = {f.name for f in dataclasses.fields(GWOptions)}
-  unknown = sorted(set(solver_options) - fields)
-  if unknown:
-    raise ValueError(f"unknown GW solver option(s) {', '.join(unknown)}; "
-                     f"known: {', '.join(sorted(fields - {'solver', 'epsilon'}))}")
-  kw = dict(solver_options)
-  if "anneal_epsilons" in kw:
-    kw["anneal_epsilons"] = tuple(float(e) for e in kw["anneal_epsilons"])
-  if epsilon is not None:
-    kw["epsilon"] = float(epsilon)
-  return GWOptions(solver=solver, **kw).validate()
-
-
-def _record(gw, conv, iters, unit, opts: GWOptions) -> dict[str, Any]:
-  return {"gw": float(gw) * float(unit) ** 2, "converged": bool(conv), "iterations": int(iters),
-          "solver": opts.solver}
-
-
-def gw_distance(x, y, *, distance: str = "angular", scale: str = "median",
-                solver: str = "annealed", epsilon: float | None = None, devices=None,
-                **solver_options) -> dict[str, Any]:
+def gw_distance(x, y, *, options: SolverOptions = AnnealedOptions(), distance: str = "angular",
+                scale: str = "median", devices=None) -> GWResult:
   """GW distance between paired feature matrices x (n × d_x) and y (n × d_y).
 
   Args:
     x, y: features of the same n paired samples (row i of x pairs with row i of y).
+    options: the solver and its settings: ``AnnealedOptions()`` (default), ``EntropicOptions``,
+      ``CGOptions`` or ``LowRankOptions`` (see the module docstring).
     distance: intra-space distance, one of ``distances.DISTANCES``.
     scale: "median" (METHODS §1), "max" or "none".
-    solver: one of SOLVERS (see the module docstring).
-    epsilon: ε of ``entropic`` / ``lowrank`` (relative units).
     devices: None (one device) or several devices, possibly of several hosts, to split this
       one problem over: the n×n cost matrices and the coupling are sharded by rows on a 1-D
       ``samples`` mesh and XLA partitions the solver's products (see ``_solve_sharded``).
-    **solver_options: further ``GWOptions`` fields (anneal_epsilons, cg_iterations, rank, …).
 
   Returns:
-    {"gw": unregularized GW objective of the returned coupling (float, lower = closer),
-     "converged": bool, "iterations": outer + CG iterations, "solver": name}.
+    A ``GWResult``: ``value`` (the unregularized GW objective of the returned coupling, lower =
+    closer), ``converged``, ``iterations``, ``unit``, ``solver``.
   """
-  opts = options_from_kwargs(solver, epsilon, solver_options)
+  opts = _check_options(options)
   x, y = checks.check_pair(x, y, "x", "y")
   _check_distance_args(distance, scale)
   with jax.enable_x64(opts.dtype == np.float64):
@@ -461,11 +673,11 @@ def gw_distance(x, y, *, distance: str = "angular", scale: str = "median",
     cx, cy, unit = prepare_costs(x.astype(opts.dtype), y.astype(opts.dtype), distance, scale)
     _check_costs(cx, "x")
     gw, conv, iters = _solve_jit(cx, cy, opts)
-    return _record(gw, conv, iters, unit, opts)
+    return _result(gw, conv, iters, unit, opts)
 
 
 @functools.lru_cache(maxsize=None)
-def _sharded_programs(mesh: jax.sharding.Mesh, distance: str, scale: str, opts: GWOptions):
+def _sharded_programs(mesh: jax.sharding.Mesh, distance: str, scale: str, opts: SolverOptions):
   rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("samples", None))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   costs = jax.jit(functools.partial(prepare_costs, distance=distance, scale=scale),
@@ -479,7 +691,7 @@ def _sharded_programs(mesh: jax.sharding.Mesh, distance: str, scale: str, opts: 
   return costs, stage, finish
 
 
-def _solve_sharded(x, y, distance, scale, opts: GWOptions, devices):
+def _solve_sharded(x, y, distance, scale, opts: SolverOptions, devices):
   """One problem split over ``devices`` (any hosts): rows of every n×n matrix on one device each.
 
   The cost matrices are built sharded (no host holds them whole), the callback-free coupling
@@ -501,14 +713,14 @@ def _solve_sharded(x, y, distance, scale, opts: GWOptions, devices):
     raise _zero_median_error("x")
   coupling, conv, iters = stage(cx, cy)
   unit = parallel.gather_to_host(unit)
-  if not _needs_cg(opts):
+  if opts.cg_steps() is None:
     gw, conv, iters = finish(cx, cy, coupling, conv, iters)
-    return _record(*(parallel.gather_to_host(v) for v in (gw, conv, iters)), unit, opts)
+    return _result(*(parallel.gather_to_host(v) for v in (gw, conv, iters)), unit, opts)
   local = jax.local_devices()[0]
   on_one = [jax.device_put(parallel.gather_to_host(v), local)
             for v in (cx, cy, coupling, conv, iters)]
   gw, conv, iters = _cg_stage_jit(*on_one, opts)
-  return _record(gw, conv, iters, unit, opts)
+  return _result(gw, conv, iters, unit, opts)
 
 
 def _check_distance_args(distance: str, scale: str):
@@ -551,7 +763,7 @@ def _resolve_batch_mode(mode: str, mesh: jax.sharding.Mesh) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _batched_coupling_stage(opts: GWOptions, mesh: jax.sharding.Mesh, mode: str):
+def _batched_coupling_stage(opts: SolverOptions, mesh: jax.sharding.Mesh, mode: str):
   """jit(shard_map(vmap or map of coupling_stage)): each device runs its block of candidates.
 
   Only the callback-free part is batched: XLA:CPU was seen to hang when host callbacks (the CG
@@ -572,10 +784,10 @@ def _batched_coupling_stage(opts: GWOptions, mesh: jax.sharding.Mesh, mode: str)
   return jax.jit(sharded)
 
 
-def gw_distances(candidates: Sequence, y, *, distance: str = "angular", scale: str = "median",
-                 solver: str = "annealed", epsilon: float | None = None, devices=None,
-                 names: Sequence[str] | None = None, batch_mode: str = "auto",
-                 **solver_options) -> list[dict[str, Any]]:
+def gw_distances(candidates: Sequence, y, *, options: SolverOptions = AnnealedOptions(),
+                 distance: str = "angular", scale: str = "median", devices=None,
+                 names: Sequence[str] | None = None,
+                 batch_mode: str = "auto") -> list[GWResult]:
   """GW of every candidate feature matrix against y, solved in one batched, sharded call.
 
   Candidates share n with y and may have any widths. Their n×n cost matrices are stacked,
@@ -583,9 +795,14 @@ def gw_distances(candidates: Sequence, y, *, distance: str = "angular", scale: s
   placed with the candidate axis split over a 1-D ``Mesh`` of ``devices`` (default: all), and
   solved in one jitted call: ``batch_mode`` "vmap" (``jax.vmap`` of the solver), "map"
   (``jax.lax.map``, one candidate after another on each device) or "auto" (map on CPU, vmap on
-  accelerators). Results equal ``gw_distance`` one at a time.
+  accelerators). ``options`` and the rest as ``gw_distance``.
+
+  Returns:
+    One ``GWResult`` per candidate, in order (a list, so results zip with candidate names);
+    each equals ``gw_distance`` of that candidate alone. One ``GWResult`` of arrays, if wanted:
+    ``jax.tree.map(lambda *v: np.stack(v), *results)``.
   """
-  opts = options_from_kwargs(solver, epsilon, solver_options)
+  opts = _check_options(options)
   if candidates is None or len(candidates) == 0:
     raise ValueError("gw_distances: the candidate list is empty")
   with jax.enable_x64(opts.dtype == np.float64):
@@ -653,7 +870,7 @@ def _gw_distances(candidates, y, distance, scale, opts, devices, names, batch_mo
   gws, conv, its = (parallel.gather_to_host(_global({d: b[f] for d, b in out_blocks.items()},
                                                     (padded,), by_candidate))
                     for f in range(3))
-  return [_record(gws[i], conv[i], its[i], unit, opts) for i in range(k)]
+  return [_result(gws[i], conv[i], its[i], unit, opts) for i in range(k)]
 
 
 def _global(per_device: dict, shape: tuple[int, ...], sharding) -> jax.Array:
@@ -750,30 +967,34 @@ def _factored_lowrank(x, y, sx, sy, epsilon, gamma, rank: int, iterations: int, 
   return value, out.converged, jnp.asarray(out.n_iters, jnp.int32)
 
 
-def lowrank_gw_large(x, y, *, distance: str = "cosine", rank: int = 32, epsilon: float = 1e-3,
-                     iterations: int = 500, gamma: float = 100.0, median_pairs: int = 1_000_000,
-                     seed: int = 0, devices=None) -> dict[str, Any]:
+def lowrank_gw_large(x, y, *, options: LowRankOptions = LowRankOptions(),
+                     distance: str = "cosine", median_pairs: int = 1_000_000, seed: int = 0,
+                     devices=None) -> GWResult:
   """Low-rank GW for n too large for n×n matrices (n = 50,000 and up): memory O(n (d + r)).
 
-  The same problem as ``gw_distance(..., solver="lowrank", distance="cosine")`` (median scale
+  The same problem as ``gw_distance(..., options=options, distance="cosine")`` (median scale
   alignment, ott-jax low-rank GW, k-means initialization), but the cosine cost matrices are
   never formed: they are passed to ott as exact rank-(d+1) factors, the medians come from
   ``sampled_median_distance`` (exact up to ``median_pairs`` pairs) and the reported objective
   is evaluated from the coupling's factors. Rows (samples) are split over ``devices``
   (default: every device of every host) on a 1-D ``samples`` mesh, so the factors and the
   coupling's factors of one large problem are sharded; XLA partitions the solver's products.
+  It runs in float32: ``options.precision`` must be "auto" or "float32".
 
   Returns:
-    {"gw", "converged", "iterations", "solver": "lowrank"} as ``gw_distance``.
+    A ``GWResult`` as ``gw_distance``'s (``solver`` "lowrank"; ``unit`` the sampled median).
   """
+  if not isinstance(options, LowRankOptions):
+    raise TypeError(f"lowrank_gw_large takes LowRankOptions, got {options!r}")
+  if options.dtype != np.float32:
+    raise ValueError(f"lowrank_gw_large runs in float32; LowRankOptions.precision must be auto "
+                     f"or float32, got {options.precision!r}")
   x, y = checks.check_pair(x, y, "x", "y")
   mx = sampled_median_distance(x, distance, median_pairs, seed)
   my = sampled_median_distance(y, distance, median_pairs, seed + 1)
   for name, m in (("x", mx), ("y", my)):
     if not m > 0:
       raise _zero_median_error(name)
-  opts = GWOptions(solver="lowrank", rank=rank, epsilon=epsilon, lowrank_iterations=iterations,
-                   lowrank_gamma=gamma).validate()
   devices = list(jax.devices() if devices is None else devices)
   n = x.shape[0]
   # Rows are split only when they divide evenly; otherwise one device holds the problem.
@@ -782,6 +1003,6 @@ def lowrank_gw_large(x, y, *, distance: str = "cosine", rank: int = 32, epsilon:
   put = lambda v: jax.make_array_from_callback(v.shape, rows, lambda idx: v[idx])
   gw, conv, iters = _factored_lowrank(
       put(x.astype(np.float32)), put(y.astype(np.float32)), jnp.float32(mx), jnp.float32(my),
-      jnp.float32(opts.epsilon), jnp.float32(opts.lowrank_gamma), opts.rank,
-      opts.lowrank_iterations, seed)
-  return _record(gw, conv, iters, my, opts)
+      jnp.float32(options.epsilon), jnp.float32(options.gamma), options.rank,
+      options.iterations, seed)
+  return _result(gw, conv, iters, my, options)
