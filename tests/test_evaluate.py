@@ -1,5 +1,7 @@
 """The evaluation harness (--method=evaluate): metrics vs scipy / scikit-learn, tables, errors."""
 
+import csv
+import itertools
 import json
 import os
 
@@ -9,6 +11,8 @@ import scipy.stats
 from absl import flags
 from sklearn.metrics import ndcg_score
 
+from vlmsel_jax import report
+from vlmsel_jax import scoring
 from vlmsel_jax import select
 from vlmsel_jax.selection import evaluate
 
@@ -179,3 +183,45 @@ def test_constant_score_gives_nan_correlation_and_is_left_out_of_the_mean(tmp_pa
   assert np.isnan(m["per_task"]["vqa"]["spearman"])
   assert m["mean"]["spearman"] == pytest.approx(m["per_task"]["gqa"]["spearman"])
   assert m["tasks_defined"]["spearman"] == 1
+  # A constant score ties all 5 candidates: the one best (c, 0.70) is the pick with probability
+  # 1/5 and the regret is the mean shortfall from 0.70, whatever the candidates are called.
+  vqa = m["per_task"]["vqa"]
+  assert vqa["recall@1"] == pytest.approx(1.0 / 5.0)
+  assert vqa["recall@3"] == pytest.approx(3.0 / 5.0)
+  assert vqa["top1_regret"] == pytest.approx(np.mean([0.70 - a for a in TRUTH["vqa"]]))
+  assert m["selects"] == {"vqa": CANDS, "gqa": ["c"]}
+  md = open(str(tmp_path / "e.md")).read()
+  assert "| s | tie of 5: a, b, c, d, e |" in md and "| s | c |" in md
+
+
+@pytest.mark.parametrize("score", [[1.0] * 5, [2.0, 2.0, 1.0, 1.0, 0.0], [0.3, 0.3, 0.9, 0.9, 0.1]],
+                         ids=["constant", "two-ties", "tie-at-top"])
+def test_renaming_the_candidates_never_changes_the_judgement(score):
+  # Names decide the order evaluate_scores lists the candidates in (sorted): every assignment of
+  # the names to (accuracy, score) pairs must give the same metrics, to the bit.
+  true = TRUTH["vqa"]
+  want = evaluate.evaluate_scores(dict(zip(CANDS, true)), dict(zip(CANDS, score)), True)
+  for names in itertools.permutations(CANDS):
+    got = evaluate.evaluate_scores(dict(zip(names, true)), dict(zip(names, score)), True)
+    for key, value in got.items():
+      assert value == want[key] or (np.isnan(value) and np.isnan(want[key])), (names, key)
+    tied = evaluate.selects(dict(zip(names, score)), True)
+    assert tied == sorted(n for n, s in zip(names, score) if s == max(score))
+
+
+def test_score_binary_csv_round_trips_names_with_commas(tmp_path):
+  # vlmsel_jax.score's scores.csv, written by report.scores_csv, read back by the harness.
+  names = ["enc@layer=-4,res=128", 'say "hi"', "org/name@layer=-2,res=128", "a+b=c"]
+  values = {"cka": dict(zip(names, [0.5, 0.9, 0.8, 0.1])),
+            "gw": dict(zip(names, [0.2, 0.1, 0.3, 0.05]))}
+  rankings = {"cka": [names[i] for i in (1, 2, 0, 3)], "gw": [names[i] for i in (3, 1, 0, 2)]}
+  result = scoring.PoolScores(candidates=names, metrics=["cka", "gw"], values=values,
+                              rankings=rankings, diagnostics={})
+  path = tmp_path / "scores.csv"
+  path.write_text(report.scores_csv(result))
+  rows = list(csv.DictReader(open(path, newline="")))
+  assert [r["candidate"] for r in rows] == names
+  assert [int(r["rank_cka"]) for r in rows] == [3, 1, 2, 4]
+  assert [int(r["rank_gw"]) for r in rows] == [3, 2, 4, 1]  # GW: lower is better
+  methods = evaluate.read_score_binary_csv(str(path), "vqa")
+  assert {m.name: m.values["vqa"] for m in methods} == values

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 
@@ -51,9 +52,29 @@ def _assert_same(ours: float, ref: float, tol: float = TOL):
     assert abs(ours - ref) <= tol, f"{ours} vs reference {ref} (diff {abs(ours - ref):.3g})"
 
 
-def _ranked(a) -> list[int]:
-  """Plain-python reference ranking: decreasing value, lower index first among ties."""
-  return sorted(range(len(a)), key=lambda i: (-a[i], i))
+def _ranked(a, tiebreak=None) -> list[int]:
+  """Plain-python reference ranking: decreasing value, ties in ``tiebreak`` order (or index)."""
+  tiebreak = range(len(a)) if tiebreak is None else tiebreak
+  return sorted(range(len(a)), key=lambda i: (-a[i], tiebreak[i]))
+
+
+def _top_k_reference(true, predicted, k, orders):
+  """(recall@k, top-k overlap, top-1 regret) averaged over tie-breaking orders, plain python.
+
+  ``orders`` holds (true tie-break, predicted tie-break) pairs; all pairs of permutations give
+  the exact expectation over uniformly random tie orders, random pairs an estimate of it.
+  """
+  n = len(true)
+  kc = min(k, n)
+  best = max(true)
+  recall = overlap = regret = 0.0
+  for true_tiebreak, pred_tiebreak in orders:
+    pred_order = _ranked(predicted, pred_tiebreak)
+    true_order = _ranked(true, true_tiebreak)
+    recall += float(any(true[i] == best for i in pred_order[:kc]))
+    overlap += len(set(true_order[:kc]) & set(pred_order[:kc])) / kc
+    regret += best - true[pred_order[0]]
+  return recall / len(orders), overlap / len(orders), regret / len(orders)
 
 
 # --- agreement with scipy / scikit-learn on random data ---------------------------------------
@@ -126,6 +147,13 @@ def test_ndcg_matches_sklearn_with_ties_in_both_inputs():
 @pytest.mark.parametrize("n", SIZES)
 def test_top_k_metrics_match_plain_python_reference(n):
   rng = np.random.default_rng(n)
+  if n <= 5:
+    # Every pair of tie-breaking permutations: the exact expectation over random tie orders.
+    perms = list(itertools.permutations(range(n)))
+    orders = [(a, b) for a in perms for b in perms]
+  else:
+    # Too many permutations: a seeded sample estimates the expectation (std ≤ 0.5/sqrt(2000)).
+    orders = [(rng.permutation(n), rng.permutation(n)) for _ in range(2000)]
   for trial in range(10):
     if trial % 2:
       true = rng.integers(0, 3, n).astype(float)
@@ -133,20 +161,97 @@ def test_top_k_metrics_match_plain_python_reference(n):
     else:
       true = rng.uniform(size=n)
       predicted = rng.normal(size=n)
-    best = true.max()
-    pred_order = _ranked(predicted)
-    true_order = _ranked(true)
+    tied = trial % 2 == 1
+    # Without ties any one order is the whole expectation.
+    use = orders if tied else orders[:1]
+    tol = 1e-12 if n <= 5 or not tied else 0.05
     for k in (1, 2, 3, 5):
-      kc = min(k, n)
-      expected_recall = float(any(true[i] == best for i in pred_order[:kc]))
-      assert metrics.recall_at_k(true, predicted, k) == expected_recall
-      expected_overlap = len(set(true_order[:kc]) & set(pred_order[:kc])) / kc
-      assert metrics.top_k_overlap(true, predicted, k) == expected_overlap
+      recall, overlap, _ = _top_k_reference(true, predicted, k, use)
+      assert metrics.recall_at_k(true, predicted, k) == pytest.approx(recall, abs=tol), k
+      assert metrics.top_k_overlap(true, predicted, k) == pytest.approx(overlap, abs=tol), k
+    _, _, want_regret = _top_k_reference(true, predicted, 1, use)
     regret = metrics.top1_regret(true, predicted)
-    assert regret == best - true[pred_order[0]]
+    assert regret == pytest.approx(want_regret, abs=tol)
     assert regret >= 0.0
-    # The shared tie rule makes recall@1 a hit exactly when nothing is lost.
+    # Expected recall@1 is 1 exactly when every pick is a best candidate, i.e. nothing is lost.
     assert (metrics.recall_at_k(true, predicted, 1) == 1.0) == (regret == 0.0)
+
+
+# The candidate order must never matter: ties are ties, not "lower index first".
+TIED_CASES = [
+    ("constant", [0.3, 0.9, 0.5, 0.1, 0.6], [1.0, 1.0, 1.0, 1.0, 1.0]),
+    ("tie-at-top", [0.5, 0.6, 0.9, 0.2, 0.7], [2.0, 2.0, 2.0, 1.0, 0.0]),
+    ("tie-straddles-k", [0.5, 0.6, 0.9, 0.2, 0.7], [3.0, 2.0, 2.0, 2.0, 1.0]),
+    ("ties-in-both", [0.9, 0.9, 0.4, 0.4, 0.1], [1.0, 0.0, 1.0, 0.0, 1.0]),
+    ("tied-truth-only", [0.9, 0.9, 0.5, 0.5, 0.2], [0.3, 0.1, 0.7, 0.2, 0.5]),
+]
+
+
+@pytest.mark.parametrize("true, predicted", [c[1:] for c in TIED_CASES],
+                         ids=[c[0] for c in TIED_CASES])
+def test_permuting_the_candidates_never_changes_any_metric(true, predicted):
+  true, predicted = np.array(true), np.array(predicted)
+  want = metrics.all_metrics(true, predicted, ks=(1, 2, 3, 5))
+  singles = {k: (metrics.recall_at_k(true, predicted, k), metrics.top_k_overlap(true, predicted, k),
+                 metrics.ndcg_at_k(true, predicted, k)) for k in (1, 2, 3)}
+  for perm in itertools.permutations(range(true.size)):
+    perm = list(perm)
+    got = metrics.all_metrics(true[perm], predicted[perm], ks=(1, 2, 3, 5))
+    # all_metrics sorts the pairs first, so even the float round-off is the same.
+    assert got.keys() == want.keys()
+    for key, value in got.items():
+      assert value == want[key] or (math.isnan(value) and math.isnan(want[key])), (perm, key)
+    for k, (recall, overlap, ndcg) in singles.items():
+      assert metrics.recall_at_k(true[perm], predicted[perm], k) == recall
+      assert metrics.top_k_overlap(true[perm], predicted[perm], k) == overlap
+      assert metrics.ndcg_at_k(true[perm], predicted[perm], k) == ndcg
+    assert metrics.top1_regret(true[perm], predicted[perm]) == want["top1_regret"]
+
+
+def test_constant_score_closed_form():
+  true = [0.3, 0.9, 0.5, 0.1]
+  constant = [0.7] * 4
+  # One best of 4: in the top k with probability k/4; the pick is each candidate equally.
+  assert [metrics.recall_at_k(true, constant, k) for k in (1, 2, 3, 4)] == [0.25, 0.5, 0.75, 1.0]
+  assert metrics.top1_regret(true, constant) == pytest.approx((0.6 + 0.0 + 0.4 + 0.8) / 4)
+  # Every candidate is in the predicted top 2 with probability 1/2; the true top 2 is {1, 2}.
+  assert metrics.top_k_overlap(true, constant, 2) == pytest.approx(0.5)
+  # Two best of 4: recall@1 = 2/4, recall@2 = 1 − C(2, 2)/C(4, 2) = 5/6.
+  assert metrics.recall_at_k([0.9, 0.9, 0.1, 0.1], constant, 1) == 0.5
+  assert metrics.recall_at_k([0.9, 0.9, 0.1, 0.1], constant, 2) == pytest.approx(5.0 / 6.0)
+  np.testing.assert_array_equal(metrics.top_group(constant), [0, 1, 2, 3])
+
+
+def test_partially_tied_score_closed_form():
+  true = [0.5, 0.6, 0.9, 0.2, 0.7]  # candidate 2 is the best
+  # Candidates 0, 1, 2 tie for the top: the pick is each with probability 1/3.
+  top_tie = [2.0, 2.0, 2.0, 1.0, 0.0]
+  assert metrics.top1_regret(true, top_tie) == pytest.approx((0.4 + 0.3 + 0.0) / 3)
+  assert metrics.recall_at_k(true, top_tie, 1) == pytest.approx(1.0 / 3.0)
+  assert metrics.recall_at_k(true, top_tie, 2) == pytest.approx(2.0 / 3.0)
+  assert metrics.recall_at_k(true, top_tie, 3) == 1.0
+  # True top 2 is {2, 4}; candidate 2 is in the predicted top 2 with probability 2/3, 4 never.
+  assert metrics.top_k_overlap(true, top_tie, 2) == pytest.approx((2.0 / 3.0) / 2)
+  np.testing.assert_array_equal(metrics.top_group(top_tie), [0, 1, 2])
+  # Candidate 0 alone on top, then 1, 2, 3 tied: a cutoff inside the tie is a partial hit.
+  straddle = [3.0, 2.0, 2.0, 2.0, 1.0]
+  assert metrics.top1_regret(true, straddle) == pytest.approx(0.4)
+  assert metrics.recall_at_k(true, straddle, 1) == 0.0
+  assert metrics.recall_at_k(true, straddle, 2) == pytest.approx(1.0 / 3.0)   # 1 slot of 3
+  assert metrics.recall_at_k(true, straddle, 3) == pytest.approx(2.0 / 3.0)   # 2 slots of 3
+  assert metrics.recall_at_k(true, straddle, 4) == 1.0
+  # NDCG already averages a tie's gains (scikit-learn's convention): it must still agree.
+  for k in (1, 2, 3, 5):
+    assert metrics.ndcg_at_k(true, straddle, k) == pytest.approx(
+        ndcg_score([true], [straddle], k=k), abs=1e-12)
+
+
+def test_competition_ranks_share_the_best_rank_of_a_tie():
+  np.testing.assert_array_equal(metrics.competition_ranks([5.0, 7.0, 7.0, 1.0]), [3, 1, 1, 4])
+  np.testing.assert_array_equal(metrics.competition_ranks([2.0, 2.0, 2.0]), [1, 1, 1])
+  x = np.random.default_rng(0).integers(0, 4, 30).astype(float)
+  np.testing.assert_array_equal(metrics.competition_ranks(x),
+                                scipy.stats.rankdata(-x, method="min"))
 
 
 # --- closed-form values -----------------------------------------------------------------------
@@ -210,9 +315,10 @@ def test_recall_at_k_hand_built():
   # Two candidates share the best accuracy: either one in the top k is a hit.
   assert metrics.recall_at_k([0.9, 0.9, 0.1], [0.0, 1.0, 2.0], 1) == 0.0
   assert metrics.recall_at_k([0.9, 0.9, 0.1], [0.0, 1.0, 2.0], 2) == 1.0
-  # Tied predictions rank the lower index first.
-  assert metrics.recall_at_k([0.1, 0.9, 0.5], [1.0, 1.0, 0.0], 1) == 0.0
-  assert metrics.recall_at_k([0.9, 0.1, 0.5], [1.0, 1.0, 0.0], 1) == 1.0
+  # Tied predictions are a coin flip whichever index the best has (was 0.0 and 1.0 when the
+  # lower index won a tie: the result depended on the order the candidates were listed in).
+  assert metrics.recall_at_k([0.1, 0.9, 0.5], [1.0, 1.0, 0.0], 1) == 0.5
+  assert metrics.recall_at_k([0.9, 0.1, 0.5], [1.0, 1.0, 0.0], 1) == 0.5
 
 
 def test_top_k_overlap_and_regret_hand_built():
@@ -277,7 +383,10 @@ def test_all_metrics_on_constant_predictions():
     warnings.simplefilter("error")
     out = metrics.all_metrics([0.2, 0.6, 0.4], [1.0, 1.0, 1.0])
   assert math.isnan(out["pearson"]) and math.isnan(out["weighted_tau"])
-  assert out["top1_regret"] == pytest.approx(0.4)  # all tied: picks index 0
+  # All tied: each candidate is the pick with probability 1/3 (was 0.4, index 0's shortfall,
+  # when the lower index won the tie), and the one best is in the top 1 with probability 1/3.
+  assert out["top1_regret"] == pytest.approx((0.4 + 0.0 + 0.2) / 3)
+  assert out["recall@1"] == pytest.approx(1.0 / 3.0)
   assert out["ndcg@3"] == pytest.approx(ndcg_score([[0.2, 0.6, 0.4]], [[1.0, 1.0, 1.0]], k=3))
 
 

@@ -12,6 +12,7 @@ import scipy.stats
 from absl import flags
 from sklearn.cluster import AgglomerativeClustering
 
+from vlmsel_jax import report
 from vlmsel_jax import select
 from vlmsel_jax.selection import mordal
 from vlmsel_jax.selection import mordal_cli
@@ -445,3 +446,20 @@ def test_replay_on_the_ground_truths_own_learning_curves(tmp_path, flagfile, ste
   pos = {c: i for i, c in enumerate(data["ranking"])}
   want_tau = scipy.stats.weightedtau([-pos[c] for c in names], [seed0[c] for c in names])[0]
   assert data["weighted_tau"] == pytest.approx(want_tau, abs=1e-12)
+
+
+def test_similarity_csv_round_trips_names_with_commas_quotes_and_hub_ids(tmp_path):
+  # Variant names use commas (enc@layer=-4,res=128) and Hub ids slashes: the writer must quote
+  # them so that Mordal's reader gets back exactly the names and values written.
+  names = ["efficientnet-lite0@layer=-4,res=128", "org/name@layer=-2,res=128",
+           'quoted "enc",x', "a+b=c/d@e", "plain"]
+  rng = np.random.default_rng(0)
+  matrix = np.round(rng.uniform(size=(5, 5)), 6)
+  path = tmp_path / "vision_cka.csv"
+  path.write_text(report.similarity_csv(names, matrix))
+  got_names, got = mordal_cli.read_similarity(str(path))
+  assert got_names == names
+  np.testing.assert_array_equal(got, matrix)
+  # The file is plain CSV: any csv reader sees one field per name.
+  header = next(csv.reader(open(path, newline="")))
+  assert header == ["name", *names]

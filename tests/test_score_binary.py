@@ -93,6 +93,27 @@ def test_banks_are_paired_by_id_and_judged_against_ground_truth(banks, tmp_path)
   np.testing.assert_array_equal(np.diag(matrix), 1.0)
 
 
+def test_variant_names_with_commas_reach_mordal_intact(banks, tmp_path):
+  # The project's variant syntax puts commas in names (absl list flags split --candidate_names on
+  # them, so the names come from each bank's 'name' metadata): vision_cka.csv must quote them.
+  pool, text, _, _, _ = banks
+  names = ["efficientnet-lite0@layer=-4,res=128", "org/name@layer=-2,res=128", 'q"uote,d']
+  paths = []
+  for i, (name, row) in enumerate(zip(names, (0, 5, 11))):
+    p = str(tmp_path / f"bank{i}.safetensors")  # .npz keeps no metadata.
+    fb.save_bank(p, pool.candidates[row], pool.ids, {"name": name})
+    paths.append(p)
+  out = str(tmp_path / "out")
+  _run([f"--candidates={','.join(paths)}", f"--text={text}", "--metrics=cka",
+        f"--output_dir={out}"])
+  got, matrix = mordal_cli.read_similarity(os.path.join(out, "vision_cka.csv"))
+  assert got == names
+  assert matrix.shape == (3, 3)
+  np.testing.assert_array_equal(np.diag(matrix), 1.0)
+  rows = list(csv.DictReader(open(os.path.join(out, "scores.csv"), newline="")))
+  assert [r["candidate"] for r in rows] == names
+
+
 def _bad_bank(d, name, features, ids=None):
   p = str(d / name)
   fb.save_bank(p, features, np.arange(len(features)) if ids is None else ids)

@@ -9,10 +9,16 @@ The correlations follow scipy's definitions and the NDCG follows scikit-learn's,
 here in plain numpy so that (a) constant inputs give NaN without the warnings scipy prints, and
 (b) the tests against scipy / scikit-learn compare two independent computations.
 
-Tie conventions for the top-k style metrics (``recall_at_k``, ``top_k_overlap``, ``top1_regret``):
-among candidates with equal values, the one with the lower index ranks first, which is the order
-``np.argmax`` and a stable descending sort give. This keeps the three metrics consistent with one
-another (recall@1 is 1.0 exactly when top1_regret is 0).
+Ties are ties, never broken by input order (so a metric never depends on how the candidates
+were listed or named). The correlations follow scipy's tie conventions (average ranks for
+Spearman, tau-b for Kendall, scipy's weightedtau for the weighted tau). The top-k style metrics
+(``ndcg_at_k``, ``recall_at_k``, ``top_k_overlap``, ``top1_regret``) are the expectation over a
+uniformly random order of every group of tied candidates: a tied group straddling the cutoff k
+puts each of its members in the top k with probability (slots left) / (group size), and the
+pick of a tied top group is each of its members with equal probability. A constant score thus
+gets recall@1 = (number of best candidates) / n and a top-1 regret of the mean shortfall from
+the best. recall@1 is still 1.0 exactly when top1_regret is 0 (both say every candidate of the
+tied top group is a best one). ``top_group`` names the tied top group, for reports of a pick.
 
 All functions need 1-D, equal-length, finite inputs with at least 2 candidates and raise
 ``ValueError`` with a one-line message otherwise. With 2 candidates the correlations are
@@ -21,6 +27,8 @@ degenerate (always +1, -1 or NaN); use at least 3 for a meaningful value.
 
 from __future__ import annotations
 
+import fractions
+import math
 from typing import Sequence
 
 import numpy as np
@@ -74,10 +82,37 @@ def _is_constant(a: np.ndarray) -> bool:
   return bool(np.all(a == a[0]))
 
 
-def _top_k_indices(a: np.ndarray, k: int) -> np.ndarray:
-  """Indices of the ``k`` largest values of ``a``; among equal values the lower index wins."""
-  # A stable sort of -a keeps equal values in index order, matching np.argmax's first-max rule.
-  return np.argsort(-a, kind="stable")[:k]
+def _top_k_probabilities(a: np.ndarray, k: int) -> np.ndarray:
+  """P(candidate i is among the ``k`` largest of ``a``) when tied values are ordered at random.
+
+  A candidate with ``above`` strictly larger values and ``tied`` equal values (itself included)
+  gets the ``clip(k − above, 0, tied)`` slots its group has left, each of its members equally.
+  """
+  ascending = np.sort(a)
+  above = a.size - np.searchsorted(ascending, a, side="right")
+  tied = np.searchsorted(ascending, a, side="right") - np.searchsorted(ascending, a, side="left")
+  return np.clip(k - above, 0, tied) / tied
+
+
+def top_group(scores) -> np.ndarray:
+  """Indices (ascending) of every candidate tied at the largest score: the predicted best.
+
+  More than one index means the score cannot tell those candidates apart; a report should say
+  so (e.g. "tie of 3") rather than name whichever happened to be listed first.
+  """
+  scores = _check_1d(scores, "scores", min_len=1)
+  return np.flatnonzero(scores == scores.max())
+
+
+def competition_ranks(scores) -> np.ndarray:
+  """1-based ranks by decreasing ``scores``, tied candidates sharing their best rank.
+
+  scipy.stats.rankdata(-scores, method="min"): scores (5, 7, 7, 1) rank (3, 1, 1, 4). An integer
+  rank that ties keep equal, for tables where an average rank such as 1.5 would read oddly.
+  """
+  scores = _check_1d(scores, "scores", min_len=1)
+  descending = np.sort(-scores)
+  return (np.searchsorted(descending, -scores, side="left") + 1).astype(np.int64)
 
 
 def orient(scores, higher_is_better: bool) -> np.ndarray:
@@ -246,7 +281,9 @@ def ndcg_at_k(relevance, scores, k: int) -> float:
   if ideal == 0.0:
     return 0.0
 
-  order = np.argsort(-scores, kind="stable")
+  # Decreasing score, and by relevance within a tied block: the block's mean gain is then summed
+  # in an order that does not depend on how the candidates were listed.
+  order = np.lexsort((relevance, -scores))
   sorted_scores = scores[order]
   block_starts = np.flatnonzero(
       np.concatenate([[True], sorted_scores[1:] != sorted_scores[:-1]]))
@@ -258,42 +295,59 @@ def ndcg_at_k(relevance, scores, k: int) -> float:
 
 
 def recall_at_k(true, predicted, k: int) -> float:
-  """1.0 if a candidate with the best ``true`` value is among the top ``k`` by ``predicted``.
+  """The probability that a candidate with the best ``true`` value is in the top ``k`` by
+  ``predicted``, over uniformly random orders of candidates tied in ``predicted``.
 
-  Ties in ``true``: if several candidates share the best true value, any one of them in the
-  predicted top k counts as a hit. Ties in ``predicted``: the top k is taken in decreasing order
-  of ``predicted`` with lower indices first among equal values (module docstring), so recall@1
-  is 1.0 exactly when ``top1_regret`` is 0. ``k`` above the number of candidates is clamped
-  (and then always gives 1.0).
+  Without ties in ``predicted`` this is 1.0 on a hit and 0.0 on a miss. Ties in ``true``: if
+  several candidates share the best true value, any one of them in the top k counts as a hit.
+  A tied group of g candidates of which b are best, with s of its places inside the top k,
+  misses them all with probability C(g − b, s) / C(g, s) (drawing s of g without replacement).
+  ``k`` above the number of candidates is clamped (and then always gives 1.0).
 
   Returns:
-    1.0 on a hit, else 0.0.
+    The expected hit, in [0, 1].
   """
   true, predicted = _check_pair(true, predicted, "true", "predicted")
   k = _check_k(k, true.size)
-  top = _top_k_indices(predicted, k)
-  return 1.0 if np.any(true[top] == true.max()) else 0.0
+  is_best = true == true.max()
+  miss = fractions.Fraction(1)
+  # A tied group with no best candidate misses surely (factor 1): only the best ones' groups count.
+  for value in np.unique(predicted[is_best]):
+    group = predicted == value
+    g = int(group.sum())
+    s = int(np.clip(k - np.count_nonzero(predicted > value), 0, g))
+    b = int(np.count_nonzero(is_best & group))
+    # Exact rational arithmetic, rounded once: a constant score over 3 candidates with one best
+    # gives exactly float(1/3), not 1 − float(2/3).
+    miss *= fractions.Fraction(math.comb(g - b, s), math.comb(g, s))
+  return float(1 - miss)
 
 
 def top_k_overlap(true, predicted, k: int) -> float:
-  """|top-k(true) ∩ top-k(predicted)| / k: the fraction of the truly best k that was predicted.
+  """E|top-k(true) ∩ top-k(predicted)| / k: the fraction of the truly best k that was predicted.
 
-  Both top-k sets break ties by lower index first (module docstring). ``k`` above the number of
+  Ties in either input are ordered uniformly at random, independently, so the expected overlap
+  is sum_i P(i in top-k(true)) · P(i in top-k(predicted)) / k. ``k`` above the number of
   candidates is clamped, and the result is then divided by the clamped k (so it is 1.0).
   """
   true, predicted = _check_pair(true, predicted, "true", "predicted")
   k = _check_k(k, true.size)
-  shared = np.intersect1d(_top_k_indices(true, k), _top_k_indices(predicted, k))
-  return shared.size / k
+  both = _top_k_probabilities(true, k) * _top_k_probabilities(predicted, k)
+  # Summed in sorted order so that the round-off, too, is the same for every candidate order.
+  return float(np.sort(both).sum() / k)
 
 
 def top1_regret(true, predicted) -> float:
-  """Accuracy lost by picking the predicted best: max(true) − true[argmax(predicted)] ≥ 0.
+  """Accuracy lost by picking the predicted best: max(true) − true[pick] ≥ 0, in expectation.
 
-  Ties in ``predicted`` resolve to the lowest index, as ``np.argmax`` does.
+  When several candidates tie for the largest ``predicted`` value the pick is each of them with
+  equal probability, so the regret is the mean of max(true) − true over that tied group (for a
+  constant score, the mean shortfall of all candidates).
   """
   true, predicted = _check_pair(true, predicted, "true", "predicted")
-  return float(true.max() - true[np.argmax(predicted)])
+  # The mean of non-negative shortfalls, not max − mean(true): that cannot round below zero.
+  # Sorted so that the round-off, too, is the same for every candidate order.
+  return float(np.mean(np.sort(true.max() - true[predicted == predicted.max()])))
 
 
 def all_metrics(true, predicted, ks: Sequence[int] = (1, 3, 5)) -> dict[str, float]:
@@ -303,9 +357,14 @@ def all_metrics(true, predicted, ks: Sequence[int] = (1, 3, 5)) -> dict[str, flo
   for each k in ``ks``, then "top1_regret". A k above the number of candidates is clamped to it
   while the key keeps the requested k (with 3 candidates, "ndcg@5" is NDCG@3). NDCG uses
   ``true`` as the gains, so ``true`` must be non-negative. Correlations are NaN for constant
-  inputs.
+  inputs. Ties count as ties (module docstring): the result does not depend on the order of the
+  candidates, to the bit.
   """
   true, predicted = _check_pair(true, predicted, "true", "predicted")
+  # Every metric is invariant to listing the candidates in another order, but float sums are
+  # not: sorting the pairs first makes the values bit-identical for every input order.
+  canonical = np.lexsort((true, predicted))
+  true, predicted = true[canonical], predicted[canonical]
   out = {
       "pearson": pearson(predicted, true),
       "spearman": spearman(predicted, true),

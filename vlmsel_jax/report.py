@@ -34,6 +34,11 @@ def _fmt(v: Any, digits: int = 4) -> str:
 
 
 def scores_csv(result: scoring.PoolScores) -> str:
+  """One row per candidate: its value and its rank (1 = predicted best) under every metric.
+
+  Written with the csv module, so a name with a comma or a quote (``a@layer=-4,res=128``) stays
+  one field. The ranks are scoring's rankings, as in the report.
+  """
   buf = io.StringIO()
   w = csv.writer(buf, lineterminator="\n")
   w.writerow(["candidate"] + result.metrics + [f"rank_{m}" for m in result.metrics])
@@ -148,11 +153,17 @@ def plot_png(result: scoring.PoolScores, path: str):
 
 
 def similarity_csv(names: Sequence[str], matrix: np.ndarray) -> str:
-  """A square matrix as CSV: a header row of names, then one row per name (Mordal's format)."""
-  lines = [",".join(["name", *names])]
+  """A square matrix as CSV: a header row of names, then one row per name (Mordal's format).
+
+  Written with the csv module: variant names carry commas (``enc@layer=-4,res=128``), which
+  must be quoted to stay one field for ``mordal_cli.read_similarity``.
+  """
+  buf = io.StringIO()
+  w = csv.writer(buf, lineterminator="\n")
+  w.writerow(["name", *names])
   for name, row in zip(names, matrix):
-    lines.append(",".join([name, *(f"{v:.6f}" for v in row)]))
-  return "\n".join(lines) + "\n"
+    w.writerow([name, *(f"{v:.6f}" for v in row)])
+  return buf.getvalue()
 
 
 def write_outputs(result: scoring.PoolScores, output_dir: str, *, title: str,

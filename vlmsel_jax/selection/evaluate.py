@@ -261,6 +261,21 @@ def evaluate_scores(true: Mapping[str, float], scores: Mapping[str, float], high
   return rank_metrics.all_metrics(t, s, ks)
 
 
+def selects(scores: Mapping[str, float], higher_is_better: bool) -> list[str]:
+  """The candidate(s) ``scores`` predicts best, sorted by name; several when they tie.
+
+  A tie is reported as a tie: listing order or names never pick one of the tied candidates.
+  """
+  names = sorted(scores)
+  s = rank_metrics.orient([scores[c] for c in names], higher_is_better)
+  return [names[i] for i in rank_metrics.top_group(s)]
+
+
+def fmt_pick(tied: Sequence[str]) -> str:
+  """A pick for a table: the name, or "tie of N: a, b, ..." when the score cannot separate them."""
+  return tied[0] if len(tied) == 1 else f"tie of {len(tied)}: {', '.join(tied)}"
+
+
 def mean_over_tasks(per_task: Mapping[str, Mapping[str, float]], keys: Sequence[str]
                     ) -> dict[str, float]:
   """Per key, the mean over tasks where the value is defined (a constant score gives NaN)."""
@@ -286,7 +301,9 @@ def evaluate(truth: Mapping[str, Mapping[str, float]], methods: Sequence[MethodS
 
   Returns:
     {"tasks", "ks", "metrics", "methods": {name: {"higher_is_better", "per_task": {task:
-    {metric: value}}, "mean": {metric: mean over tasks}, "tasks_defined": {metric: count}}}}.
+    {metric: value}}, "mean": {metric: mean over tasks}, "tasks_defined": {metric: count},
+    "selects": {task: [the predicted best candidate, or every candidate tied for it]}}}}.
+    Ties count as ties (``vlmsel_jax.metrics``): no value depends on the candidates' order.
   """
   if not methods:
     raise EvalError("no score files given")
@@ -316,6 +333,7 @@ def evaluate(truth: Mapping[str, Mapping[str, float]], methods: Sequence[MethodS
         "per_task": per_task,
         "mean": mean_over_tasks(per_task, keys),
         "tasks_defined": {k: sum(math.isfinite(v[k]) for v in per_task.values()) for k in keys},
+        "selects": {t: selects(m.values[t], m.higher_is_better) for t in tasks},
     }
   return out
 
@@ -337,17 +355,20 @@ def markdown(result: Mapping[str, Any], *, title: str = "Selection methods again
            "Each score is oriented so that larger = predicted better. R² is that of a "
            "least-squares line; NDCG@k uses the accuracy as gains; Recall@k = 1 if the truly best "
            "candidate is in the predicted top k; top-1 regret = best accuracy − accuracy of the "
-           "predicted best. Means are over the tasks where a metric is defined (a constant score "
-           "has no correlation).", "",
+           "predicted best. Candidates with equal scores are a tie, never ordered by name: the "
+           "top-k metrics are averaged over every order of a tie (a constant score gets Recall@1 "
+           "= 1/N for one best of N). Means are over the tasks where a metric is defined (a "
+           "constant score has no correlation).", "",
            f"## Mean over {len(result['tasks'])} task(s): {', '.join(result['tasks'])}", "",
            "| method | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
   for name, m in result["methods"].items():
     lines.append(f"| {name} | " + " | ".join(fmt(m["mean"][k]) for k in keys) + " |")
   for t in result["tasks"]:
-    lines += ["", f"## Task {t}", "", "| method | " + " | ".join(keys) + " |",
-              "|---|" + "---|" * len(keys)]
+    lines += ["", f"## Task {t}", "", "| method | selects | " + " | ".join(keys) + " |",
+              "|---|---|" + "---|" * len(keys)]
     for name, m in result["methods"].items():
-      lines.append(f"| {name} | " + " | ".join(fmt(m["per_task"][t][k]) for k in keys) + " |")
+      lines.append(f"| {name} | {fmt_pick(m['selects'][t])} | " +
+                   " | ".join(fmt(m["per_task"][t][k]) for k in keys) + " |")
   if run_info:
     lines += ["", "## Run", "", "```"] + [f"{k} = {v}" for k, v in run_info.items()] + ["```"]
   return "\n".join(lines) + "\n"
