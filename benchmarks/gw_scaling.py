@@ -10,7 +10,7 @@ Every configuration runs in a fresh subprocess, so its peak resident memory (VmH
 includes JAX/XLA's own ~0.5 GB) is its own. Times are wall-clock: the first call (with jit
 compilation, as the score binary pays once per shape) and, for ``n`` and ``candidates``, a
 second, warm call (the solve alone), on the machine's CPU devices.
-Inputs: the synthetic pool (vlmsel_jax.synthetic; candidate ``warp_1.5_noise_0.3`` unless
+Inputs: the synthetic pool (vlmsel_jax.scoring.synthetic; candidate ``warp_1.5_noise_0.3`` unless
 stated) against its text view.
 
 ``agreement`` scores the 12 pool candidates with dense GW (default solver, angular and cosine)
@@ -43,7 +43,7 @@ def _peak_rss_gib() -> float:
 def _one(config: dict) -> dict:
   """Runs one configuration in this process; returns its numbers."""
   import jax  # pylint: disable=g-import-not-at-top
-  from vlmsel_jax import synthetic  # pylint: disable=g-import-not-at-top
+  from vlmsel_jax.scoring import synthetic  # pylint: disable=g-import-not-at-top
   from vlmsel_jax.scores import gw  # pylint: disable=g-import-not-at-top
   pool = synthetic.make_pool(n=config["n"], seed=0)
   idx = pool.names.index(CANDIDATE)

@@ -4,7 +4,7 @@ r"""Our GW solvers vs POT, side by side in one process: time and GW objective.
   python benchmarks/gw_vs_pot.py --sizes=250,500 --batch_k=8 --batch_n=250
 
 Cost matrices: angular distances of a synthetic candidate (a damaged, distance-preserving view of
-a clustered latent) and of the text view of the same latent (vlmsel_jax.synthetic), scale-aligned
+a clustered latent) and of the text view of the same latent (vlmsel_jax.scoring.synthetic), scale-aligned
 as in the score binary. Every solver gets the same two matrices; every value printed is the
 unregularized GW objective of the solver's coupling (lower = better answer; GW is non-convex).
 POT's CG (ot.gromov.gromov_wasserstein2) is the reference: ratios are ours / POT CG.
@@ -25,7 +25,7 @@ import numpy as np
 import ot
 import timing
 
-from vlmsel_jax import synthetic
+from vlmsel_jax.scoring import synthetic
 from vlmsel_jax.scores import gw
 
 

@@ -174,7 +174,7 @@ def _run_config(shape: Shape, args: argparse.Namespace) -> dict:
   import transformers
   from flax import nnx
 
-  from vlmsel_jax import parallel
+  from vlmsel_jax.runtime import parallel
   from vlmsel_jax.models import loading
   from vlmsel_jax.models import lora
   from vlmsel_jax.models import vlm as vlm_lib

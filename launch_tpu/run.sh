@@ -6,7 +6,7 @@
 #       [--remote_dir=vlmsel_jax] [--project=P] [--dry_run]
 #
 # On a TPU VM pod slice JAX finds the coordinator, process count and process id by itself
-# (vlmsel_jax.parallel.initialize), so the same command runs unchanged on every worker.
+# (vlmsel_jax.runtime.parallel.initialize), so the same command runs unchanged on every worker.
 usage() { sed -n '2,9p' "$0"; }
 source "$(dirname "$0")/common.sh"
 parse_flags "command remote_dir" "$@"

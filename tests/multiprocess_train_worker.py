@@ -12,7 +12,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 
 import vlm_fixtures as fx  # noqa: E402
-from vlmsel_jax import parallel  # noqa: E402
+from vlmsel_jax.runtime import parallel  # noqa: E402
 from vlmsel_jax.models import vlm  # noqa: E402
 from vlmsel_jax.training import loop  # noqa: E402
 from vlmsel_jax.training import step as step_lib  # noqa: E402

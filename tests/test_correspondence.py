@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmsel_jax import patch_grid as pg
+from vlmsel_jax.features import patch_grid as pg
 from vlmsel_jax import zoo
 from vlmsel_jax.data import correspondence as data
 from vlmsel_jax.scores import correspondence as corr

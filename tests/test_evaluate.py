@@ -11,8 +11,8 @@ import scipy.stats
 from absl import flags
 from sklearn.metrics import ndcg_score
 
-from vlmsel_jax import report
-from vlmsel_jax import scoring
+from vlmsel_jax.scoring import report
+from vlmsel_jax.scoring import pool as scoring
 from vlmsel_jax import select
 from vlmsel_jax.selection import evaluate
 

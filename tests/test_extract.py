@@ -25,8 +25,8 @@ from flax import nnx
 from PIL import Image, ImageDraw
 
 import multiprocess_util
-from vlmsel_jax import extraction
-from vlmsel_jax import feature_bank as fb
+from vlmsel_jax.features import extraction
+from vlmsel_jax.features import feature_bank as fb
 from vlmsel_jax import score
 from vlmsel_jax import zoo
 from vlmsel_jax.data import paired

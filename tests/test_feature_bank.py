@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from vlmsel_jax import feature_bank as fb
+from vlmsel_jax.features import feature_bank as fb
 
 
 @pytest.mark.parametrize("ext", [".safetensors", ".npz"])

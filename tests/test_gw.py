@@ -9,7 +9,7 @@ import numpy as np
 import ot
 import pytest
 
-from vlmsel_jax import synthetic
+from vlmsel_jax.scoring import synthetic
 from vlmsel_jax.scores import checks
 from vlmsel_jax.scores import gw
 
@@ -206,7 +206,7 @@ def test_batched_coupling_stage_is_a_vmap_sharded_over_the_candidate_mesh(pool):
 
 _TWO_DEVICE_SCRIPT = """
 import numpy as np
-from vlmsel_jax import synthetic
+from vlmsel_jax.scoring import synthetic
 from vlmsel_jax.scores import gw
 pool = synthetic.make_pool(n=200, seed=0)
 for mode in ("map", "vmap"):

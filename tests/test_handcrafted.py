@@ -12,7 +12,7 @@ import skimage.feature
 from PIL import Image
 
 import vlm_fixtures as fx
-from vlmsel_jax import patch_grid
+from vlmsel_jax.features import patch_grid
 from vlmsel_jax import zoo
 from vlmsel_jax.models import handcrafted
 from vlmsel_jax.models import vlm

@@ -185,7 +185,7 @@ def _run(module, argv):
 
 def test_extract_binary_writes_banks_of_hub_models(offline, tmp_path):
   from vlmsel_jax import extract  # pylint: disable=g-import-not-at-top
-  from vlmsel_jax import feature_bank  # pylint: disable=g-import-not-at-top
+  from vlmsel_jax.features import feature_bank  # pylint: disable=g-import-not-at-top
   _run(extract, [f"--models={hf.SIGLIP},{hf.QWEN2}@v2", f"--data_dir={offline['data']}",
                  f"--output_dir={tmp_path}", "--noprogress"])
   bank = feature_bank.load_bank(str(tmp_path / "vlmsel-test--qwen2-tiny@v2.safetensors"))

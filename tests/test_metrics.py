@@ -1,4 +1,4 @@
-"""Tests for vlmsel_jax.metrics against scipy / scikit-learn and hand-computed values."""
+"""Tests for vlmsel_jax.scoring.metrics against scipy / scikit-learn and hand-computed values."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import scipy.stats
 from sklearn.metrics import ndcg_score
 
-from vlmsel_jax import metrics
+from vlmsel_jax.scoring import metrics
 
 TOL = 1e-10
 SIZES = (3, 5, 20, 100)

@@ -12,7 +12,7 @@ import scipy.stats
 from absl import flags
 from sklearn.cluster import AgglomerativeClustering
 
-from vlmsel_jax import report
+from vlmsel_jax.scoring import report
 from vlmsel_jax import select
 from vlmsel_jax.selection import mordal
 from vlmsel_jax.selection import mordal_cli

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 import multiprocess_util
-from vlmsel_jax import feature_bank as fb
-from vlmsel_jax import scoring
-from vlmsel_jax import synthetic
+from vlmsel_jax.features import feature_bank as fb
+from vlmsel_jax.scoring import pool as scoring
+from vlmsel_jax.scoring import synthetic
 from vlmsel_jax.scores import gw
 
 N = 160  # Above the ~150 where host callbacks in multi-device programs hung (gw.py).
@@ -97,10 +97,10 @@ def test_multiprocess_half_specified_settings_fail_with_one_line(banks):
 
 WORKER = """
 import json, sys
-from vlmsel_jax import parallel
+from vlmsel_jax.runtime import parallel
 parallel.initialize(sys.argv[1], 2, int(sys.argv[2]))
 import jax
-from vlmsel_jax import synthetic
+from vlmsel_jax.scoring import synthetic
 from vlmsel_jax.scores import gw
 pool = synthetic.make_pool(n=160, seed=0)
 x, y = pool.candidates[5], pool.text

@@ -1,4 +1,4 @@
-"""vlmsel_jax.parallel: distributed start-up, --mesh specs, gathering (8 simulated devices)."""
+"""vlmsel_jax.runtime.parallel: distributed start-up, --mesh specs, gathering (8 simulated devices)."""
 
 import jax
 import jax.numpy as jnp
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from absl import flags
 
-from vlmsel_jax import parallel
-from vlmsel_jax import runtime_flags
+from vlmsel_jax.runtime import parallel
+from vlmsel_jax.runtime import flags as runtime_flags
 
 
 @pytest.fixture(name="calls")
@@ -151,12 +151,12 @@ def _python(code: str, xla_flags: str | None) -> str:
 
 
 def test_cpu_devices_splits_the_host_before_jax_starts():
-  code = ("import jax; from vlmsel_jax import parallel; n = parallel.set_cpu_devices(3); "
+  code = ("import jax; from vlmsel_jax.runtime import parallel; n = parallel.set_cpu_devices(3); "
           "print(n, jax.device_count())")
   assert _python(code, None) == "3 3"
   # XLA_FLAGS' count wins (the tests' 8 fake devices), and nothing is changed.
   assert _python(code, "--xla_force_host_platform_device_count=2") == "0 2"
-  late = ("import jax; from vlmsel_jax import parallel; jax.devices()\n"
+  late = ("import jax; from vlmsel_jax.runtime import parallel; jax.devices()\n"
           "try:\n  parallel.set_cpu_devices(3)\nexcept ValueError as e:\n  print(e)")
   assert _python(late, None) == ("--cpu_devices must be set before JAX starts (devices already "
                                  "exist)")

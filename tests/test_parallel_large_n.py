@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vlmsel_jax import synthetic
+from vlmsel_jax.scoring import synthetic
 from vlmsel_jax.scores import checks
 from vlmsel_jax.scores import cka
 from vlmsel_jax.scores import distances

@@ -37,9 +37,9 @@ from etils.epath import backend as epath_backend
 from fsspec.spec import AbstractFileSystem
 from PIL import Image
 
-from vlmsel_jax import atomic
-from vlmsel_jax import extraction
-from vlmsel_jax import feature_bank as fb
+from vlmsel_jax.runtime import atomic
+from vlmsel_jax.features import extraction
+from vlmsel_jax.features import feature_bank as fb
 from vlmsel_jax import groundtruth
 from vlmsel_jax import score
 from vlmsel_jax.selection import evaluate as sel_evaluate

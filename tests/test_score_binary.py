@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from absl import flags
 
-from vlmsel_jax import feature_bank as fb
+from vlmsel_jax.features import feature_bank as fb
 from vlmsel_jax import score
-from vlmsel_jax import synthetic
+from vlmsel_jax.scoring import synthetic
 from vlmsel_jax.scores import cka
 from vlmsel_jax.scores import gw
 from vlmsel_jax.selection import mordal_cli

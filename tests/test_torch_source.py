@@ -34,7 +34,8 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from vlmsel_jax import feature_bank, zoo
+from vlmsel_jax.features import feature_bank
+from vlmsel_jax import zoo
 from vlmsel_jax.models import (
     CheckpointFileError,
     HFDirectory,
@@ -632,7 +633,8 @@ _NO_TORCH_SCRIPT = textwrap.dedent("""
     sys.modules["torch"] = None  # `import torch` (and torch.*) now raises ImportError.
     import json
     import jax
-    from vlmsel_jax import extraction, zoo
+    from vlmsel_jax.features import extraction
+    from vlmsel_jax import zoo
 
     data_dir, out_dir, text = sys.argv[1], sys.argv[2], sys.argv[3]
     skipped = set(filter(None, sys.argv[4].split(",")))

@@ -19,9 +19,9 @@ from PIL import Image
 
 import vlm_fixtures as fx
 from vlmsel_jax import correspondence_score
-from vlmsel_jax import extraction
-from vlmsel_jax import feature_bank as fb
-from vlmsel_jax import scoring
+from vlmsel_jax.features import extraction
+from vlmsel_jax.features import feature_bank as fb
+from vlmsel_jax.scoring import pool as scoring
 from vlmsel_jax import zoo
 from vlmsel_jax.data import registry
 from vlmsel_jax.training import loop

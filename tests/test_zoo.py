@@ -19,9 +19,9 @@ import torch
 import transformers
 from PIL import Image
 
-from vlmsel_jax import extraction
-from vlmsel_jax import feature_bank as fb
-from vlmsel_jax import scoring
+from vlmsel_jax.features import extraction
+from vlmsel_jax.features import feature_bank as fb
+from vlmsel_jax.scoring import pool as scoring
 from vlmsel_jax import zoo
 
 skimage_data = pytest.importorskip("skimage.data", reason="sample photos need scikit-image")

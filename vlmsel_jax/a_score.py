@@ -22,10 +22,10 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from vlmsel_jax import atomic
-from vlmsel_jax import flag_util
-from vlmsel_jax import parallel
-from vlmsel_jax import runtime_flags
+from vlmsel_jax.runtime import atomic
+from vlmsel_jax.runtime import flag_util
+from vlmsel_jax.runtime import parallel
+from vlmsel_jax.runtime import flags as runtime_flags
 from vlmsel_jax import train as train_binary
 from vlmsel_jax.training import evaluate_run
 from vlmsel_jax.training import loop

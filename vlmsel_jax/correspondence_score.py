@@ -33,8 +33,8 @@ from absl import flags
 from absl import logging
 from tqdm import auto as tqdm
 
-from vlmsel_jax import atomic
-from vlmsel_jax import patch_grid as pg
+from vlmsel_jax.runtime import atomic
+from vlmsel_jax.features import patch_grid as pg
 from vlmsel_jax import zoo
 from vlmsel_jax.data import correspondence as data
 from vlmsel_jax.scores import correspondence as corr

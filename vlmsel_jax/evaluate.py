@@ -15,8 +15,8 @@ import sys
 from absl import app
 from absl import flags
 
-from vlmsel_jax import parallel
-from vlmsel_jax import runtime_flags
+from vlmsel_jax.runtime import parallel
+from vlmsel_jax.runtime import flags as runtime_flags
 from vlmsel_jax.training import checkpoint as ckpt_lib
 from vlmsel_jax.training import evaluate_run
 from vlmsel_jax.training import loop

@@ -15,11 +15,11 @@ import sys
 from absl import app
 from absl import flags
 
-from vlmsel_jax import flag_util
-from vlmsel_jax import extraction
-from vlmsel_jax import extraction_flags as data_flags
-from vlmsel_jax import parallel
-from vlmsel_jax import runtime_flags
+from vlmsel_jax.runtime import flag_util
+from vlmsel_jax.features import extraction
+from vlmsel_jax.features import flags as data_flags
+from vlmsel_jax.runtime import parallel
+from vlmsel_jax.runtime import flags as runtime_flags
 from vlmsel_jax import zoo
 
 MODELS = flags.DEFINE_list(

@@ -10,7 +10,7 @@ Writes scores.csv, scores.json, report.md and scores.png into --output_dir (atom
 vision_cka.csv: the candidates' linear CKA with one another, the vision similarity Mordal
 clusters by (``vlmsel_jax.select --method=mordal --vision_similarity``). --output_dir and
 --cache_dir (and --ground_truth) may be bucket paths (``gs://bucket/run``: any ``etils.epath``
-URI; see ``vlmsel_jax.atomic``).
+URI; see ``vlmsel_jax.runtime.atomic``).
 
 On several hosts (a TPU pod slice, or --coordinator_address/--num_processes/--process_id),
 every process runs the same command: GW candidates are sharded over the devices of all hosts,
@@ -26,15 +26,15 @@ import time
 from absl import app
 from absl import flags
 
-from vlmsel_jax import atomic
-from vlmsel_jax import flag_util
-from vlmsel_jax import extraction_flags as data_flags
-from vlmsel_jax import feature_bank
-from vlmsel_jax import parallel
-from vlmsel_jax import report
-from vlmsel_jax import runtime_flags
-from vlmsel_jax import scoring
-from vlmsel_jax import synthetic
+from vlmsel_jax.runtime import atomic
+from vlmsel_jax.runtime import flag_util
+from vlmsel_jax.features import flags as data_flags
+from vlmsel_jax.features import feature_bank
+from vlmsel_jax.runtime import parallel
+from vlmsel_jax.scoring import report
+from vlmsel_jax.runtime import flags as runtime_flags
+from vlmsel_jax.scoring import pool as scoring
+from vlmsel_jax.scoring import synthetic
 from vlmsel_jax.scores import checks
 from vlmsel_jax.scores import cka
 from vlmsel_jax.scores import distances
@@ -53,7 +53,7 @@ CANDIDATE_NAMES = flags.DEFINE_list(
 TEXT = flags.DEFINE_string("text", None, "The text feature bank (the LLM's features of the "
                            "paired captions); rows are paired with the candidates' by 'ids'.")
 SYNTHETIC_POOL = flags.DEFINE_bool(
-    "synthetic_pool", False, "Score the built-in synthetic pool (vlmsel_jax.synthetic) instead "
+    "synthetic_pool", False, "Score the built-in synthetic pool (vlmsel_jax.scoring.synthetic) instead "
     "of feature banks: candidates with graded damage to a shared latent, so the right ranking is "
     "known and is used as ground truth.")
 SYNTHETIC_N = flags.DEFINE_integer("synthetic_n", 500, "Samples in the synthetic pool.",
@@ -208,7 +208,7 @@ score's correlation below says how well it recovers an answer known in advance."
 
 def _extract_banks() -> tuple[list[str], str]:
   """Extracts (or finds cached) the banks of --vision_models and --text_model; their paths."""
-  from vlmsel_jax import extraction  # pylint: disable=g-import-not-at-top
+  from vlmsel_jax.features import extraction  # pylint: disable=g-import-not-at-top
   from vlmsel_jax import zoo  # pylint: disable=g-import-not-at-top
   if CANDIDATES.value or TEXT.value:
     raise InputError("--vision_models/--text_model extract their own banks; drop "

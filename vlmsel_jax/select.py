@@ -18,7 +18,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from vlmsel_jax import flag_util
+from vlmsel_jax.runtime import flag_util
 
 # method -> module implementing it. Modules are imported before flag parsing so their flags exist.
 METHOD_MODULES = {

@@ -20,10 +20,10 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from vlmsel_jax import parallel
-from vlmsel_jax import atomic
-from vlmsel_jax import flag_util
-from vlmsel_jax import runtime_flags  # noqa: F401  (defines the multi-process flags)
+from vlmsel_jax.runtime import parallel
+from vlmsel_jax.runtime import atomic
+from vlmsel_jax.runtime import flag_util
+from vlmsel_jax.runtime import flags as runtime_flags  # noqa: F401  (defines the multi-process flags)
 from vlmsel_jax import zoo
 from vlmsel_jax.models import lora
 from vlmsel_jax.models import vlm

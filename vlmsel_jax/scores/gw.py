@@ -66,7 +66,7 @@ from ott.solvers.linear import sinkhorn
 from ott.solvers.quadratic import gromov_wasserstein as ott_gw
 from ott.solvers.quadratic import gromov_wasserstein_lr as ott_gw_lr
 
-from vlmsel_jax import parallel
+from vlmsel_jax.runtime import parallel
 from vlmsel_jax.scores import checks
 from vlmsel_jax.scores import distances
 from vlmsel_jax.scores import linalg

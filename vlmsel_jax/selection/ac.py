@@ -49,7 +49,7 @@ from typing import Callable, Sequence
 import numpy as np
 import scipy.linalg
 
-from vlmsel_jax import metrics
+from vlmsel_jax.scoring import metrics
 
 # Feature sets of the law and its comparison models; "1" is the intercept.
 MODELS: dict[str, tuple[str, ...]] = {

@@ -29,7 +29,7 @@ import numpy as np
 from absl import flags
 from tqdm import auto as tqdm
 
-from vlmsel_jax import atomic
+from vlmsel_jax.runtime import atomic
 from vlmsel_jax.selection import ac
 
 TABLE = flags.DEFINE_string("table", None, "CSV of vision settings: a header row, one row per "

@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import scipy.stats
 
-from vlmsel_jax import metrics as rank_metrics
+from vlmsel_jax.scoring import metrics as rank_metrics
 
 ETA = 2.5
 GAMMA = 4.0

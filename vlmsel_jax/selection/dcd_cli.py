@@ -28,7 +28,7 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
-from vlmsel_jax import atomic
+from vlmsel_jax.runtime import atomic
 from vlmsel_jax.selection import dcd
 from vlmsel_jax.selection import evaluate
 

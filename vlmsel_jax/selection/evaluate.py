@@ -5,7 +5,7 @@ the VLM built from ``candidate`` on ``task``). A method's scores come either as 
 ``candidate,task,score`` (one method per file) or as the ``scores.csv`` that
 ``python -m vlmsel_jax.score`` writes (columns ``candidate``, one column per metric and
 ``rank_<metric>``; every metric becomes a method, and the file covers one task, named by the
-caller). For every method and task the harness computes the metrics of ``vlmsel_jax.metrics``
+caller). For every method and task the harness computes the metrics of ``vlmsel_jax.scoring.metrics``
 (Pearson, Spearman, Kendall, weighted τ, R², NDCG@k, Recall@k, top-1 regret) of the accuracy
 against the score oriented so that larger = predicted better, then the mean over tasks.
 
@@ -29,9 +29,9 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from vlmsel_jax import atomic
-from vlmsel_jax import metrics as rank_metrics
-from vlmsel_jax import scoring
+from vlmsel_jax.runtime import atomic
+from vlmsel_jax.scoring import metrics as rank_metrics
+from vlmsel_jax.scoring import pool as scoring
 
 DEFAULT_KS = (1, 3, 5)
 
@@ -303,7 +303,7 @@ def evaluate(truth: Mapping[str, Mapping[str, float]], methods: Sequence[MethodS
     {"tasks", "ks", "metrics", "methods": {name: {"higher_is_better", "per_task": {task:
     {metric: value}}, "mean": {metric: mean over tasks}, "tasks_defined": {metric: count},
     "selects": {task: [the predicted best candidate, or every candidate tied for it]}}}}.
-    Ties count as ties (``vlmsel_jax.metrics``): no value depends on the candidates' order.
+    Ties count as ties (``vlmsel_jax.scoring.metrics``): no value depends on the candidates' order.
   """
   if not methods:
     raise EvalError("no score files given")
@@ -406,7 +406,7 @@ def write_result_files(output_json: str, payload: Mapping[str, Any], markdown_te
   ``extra`` file (``<stem><suffix>`` → text) atomically.
 
   Everything is written into a local staging directory (beside the output when that is local)
-  first and each file moved in atomically (``atomic.publish``), the way ``vlmsel_jax.report``
+  first and each file moved in atomically (``atomic.publish``), the way ``vlmsel_jax.scoring.report``
   does; a run that dies before leaves no file. ``output_json`` may be local or any epath URI
   (``gs://bucket/out.json``). Returns the paths written.
   """

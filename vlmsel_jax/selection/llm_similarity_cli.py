@@ -19,8 +19,8 @@ import re
 
 from absl import flags
 
-from vlmsel_jax import parallel
-from vlmsel_jax import report
+from vlmsel_jax.runtime import parallel
+from vlmsel_jax.scoring import report
 from vlmsel_jax import train as train_binary  # noqa: F401  (the warm-up recipe is its flags)
 from vlmsel_jax.selection import evaluate
 from vlmsel_jax.selection import llm_similarity

@@ -43,7 +43,7 @@ import numpy as np
 from scipy.cluster import hierarchy
 from scipy.spatial import distance as scipy_distance
 
-from vlmsel_jax import metrics as rank_metrics
+from vlmsel_jax.scoring import metrics as rank_metrics
 
 LINKAGES = ("average", "complete", "single")
 TrainFn = Callable[[str, float], tuple[float, float]]

@@ -34,8 +34,8 @@ from typing import Any, Sequence
 import numpy as np
 from absl import flags
 
-from vlmsel_jax import atomic
-from vlmsel_jax import parallel
+from vlmsel_jax.runtime import atomic
+from vlmsel_jax.runtime import parallel
 from vlmsel_jax import train as train_binary  # noqa: F401  (live mode reads its flags)
 from vlmsel_jax.selection import evaluate
 from vlmsel_jax.selection import mordal

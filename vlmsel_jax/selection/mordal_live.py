@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from vlmsel_jax import atomic
+from vlmsel_jax.runtime import atomic
 from vlmsel_jax import zoo
 from vlmsel_jax.selection import mordal
 from vlmsel_jax.training import evaluate_run

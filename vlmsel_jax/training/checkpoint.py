@@ -26,7 +26,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from vlmsel_jax import atomic
+from vlmsel_jax.runtime import atomic
 
 # Meta entries that must match for a checkpoint to be resumed (budgets and schedules may differ:
 # successive halving continues a checkpoint with a larger budget).

@@ -11,8 +11,8 @@ from typing import Any
 
 import jax
 
-from vlmsel_jax import atomic
-from vlmsel_jax import parallel
+from vlmsel_jax.runtime import atomic
+from vlmsel_jax.runtime import parallel
 from vlmsel_jax.models import vlm as vlm_lib
 from vlmsel_jax.training import checkpoint as ckpt_lib
 from vlmsel_jax.training import evaluation

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vlmsel_jax import atomic
-from vlmsel_jax import parallel
+from vlmsel_jax.runtime import atomic
+from vlmsel_jax.runtime import parallel
 from vlmsel_jax import zoo
 from vlmsel_jax.models import lora
 from vlmsel_jax.models import vlm as vlm_lib

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from flax import nnx
 
-from vlmsel_jax import atomic
+from vlmsel_jax.runtime import atomic
 from vlmsel_jax.models import loading
 from vlmsel_jax.models.efficientnet import VARIANTS, EfficientNetConfig
 from vlmsel_jax.zoo.specs import ZooError

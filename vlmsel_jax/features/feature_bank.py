@@ -6,7 +6,7 @@ sample ``ids[i]``. Two formats:
     ``ids`` (a JSON list, for string ids); other metadata keys are kept as strings.
   * ``.npz``: arrays ``features`` and ``ids`` (integers or strings); other arrays are ignored.
 Writes are atomic (temporary file + rename), so a killed run never leaves a bank that looks whole.
-A bank's path may be local or a bucket URI (``gs://``; see ``vlmsel_jax.atomic``).
+A bank's path may be local or a bucket URI (``gs://``; see ``vlmsel_jax.runtime.atomic``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from vlmsel_jax import atomic
+from vlmsel_jax.runtime import atomic
 
 
 class BankError(ValueError):

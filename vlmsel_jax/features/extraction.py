@@ -42,9 +42,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import auto as tqdm
 
-from vlmsel_jax import atomic
-from vlmsel_jax import feature_bank
-from vlmsel_jax import parallel
+from vlmsel_jax.runtime import atomic
+from vlmsel_jax.features import feature_bank
+from vlmsel_jax.runtime import parallel
 from vlmsel_jax import zoo
 from vlmsel_jax.data import paired
 
@@ -405,7 +405,7 @@ def extract(specs: Sequence[str], data_dir: str | None, output_dir: str, *,
     specs: Zoo names or paths (``vlmsel_jax.zoo.resolve``).
     data_dir: The image folder (None when ``dataset`` is given).
     output_dir: Where ``<name>.safetensors`` (and, while running, ``<name>.partial.npz``) go;
-      local or a bucket URI (``gs://``, any ``etils.epath`` path; see ``vlmsel_jax.atomic``).
+      local or a bucket URI (``gs://``, any ``etils.epath`` path; see ``vlmsel_jax.runtime.atomic``).
     captions: The captions file (default ``<data_dir>/captions.jsonl``).
     dataset: The dataset itself instead of ``data_dir`` (e.g.
       ``data.registry.open_paired_dataset("easy-vqa")``).

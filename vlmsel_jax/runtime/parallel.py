@@ -152,7 +152,7 @@ def _start(**kwargs) -> None:
   except RuntimeError as e:
     if "before" in str(e) or "already" in str(e):
       raise ValueError("jax.distributed must be initialized before any device is used "
-                       f"(call vlmsel_jax.parallel.initialize first): {e}") from None
+                       f"(call vlmsel_jax.runtime.parallel.initialize first): {e}") from None
     raise
   _initialized = True
 

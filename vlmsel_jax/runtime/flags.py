@@ -5,7 +5,7 @@
 
 Unset flags fall back to ``$JAX_COORDINATOR_ADDRESS`` / ``$JAX_NUM_PROCESSES`` /
 ``$JAX_PROCESS_ID``, and with none of them JAX's own cluster detection (TPU VM pod slices) or a
-plain single-host run; see ``vlmsel_jax.parallel.initialize``. Binaries import this module for
+plain single-host run; see ``vlmsel_jax.runtime.parallel.initialize``. Binaries import this module for
 its flags and call ``initialize_from_flags()`` first thing in ``main``.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from vlmsel_jax import parallel
+from vlmsel_jax.runtime import parallel
 
 COORDINATOR_ADDRESS = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0's JAX coordinator, for runs over "

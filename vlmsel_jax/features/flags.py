@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from vlmsel_jax import flag_util
+from vlmsel_jax.runtime import flag_util
 
 DATA_DIR = flag_util.shared(flags.DEFINE_string, "data_dir", None, "Image folder of the paired "
                             "dataset features are extracted from.")

@@ -18,8 +18,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from vlmsel_jax import atomic
-from vlmsel_jax import scoring
+from vlmsel_jax.runtime import atomic
+from vlmsel_jax.scoring import pool as scoring
 
 EVAL_COLUMNS = ("pearson", "spearman", "kendall", "weighted_tau", "r2", "ndcg@1", "ndcg@3",
                 "ndcg@5", "recall@1", "recall@3", "recall@5", "top1_regret")

@@ -2,7 +2,7 @@
 
 ``score_pool`` computes every requested metric for every candidate, ranks the candidates per
 metric (GW ascending, similarities descending) and, given ground truth, judges each metric with
-``vlmsel_jax.metrics``. It returns plain data; ``vlmsel_jax.report`` writes it out.
+``vlmsel_jax.scoring.metrics``. It returns plain data; ``vlmsel_jax.scoring.report`` writes it out.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from tqdm import auto as tqdm
 
-from vlmsel_jax import metrics as rank_metrics
+from vlmsel_jax.scoring import metrics as rank_metrics
 from vlmsel_jax.scores import checks
 from vlmsel_jax.scores import cka
 from vlmsel_jax.scores import gw

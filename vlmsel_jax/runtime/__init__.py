@@ -1,0 +1,1 @@
+"""What every binary runs on: devices and processes, atomic outputs, flags shared by binaries."""
