@@ -26,7 +26,7 @@ from vlmsel_jax.runtime import atomic
 from vlmsel_jax.runtime import flag_util
 from vlmsel_jax.runtime import parallel
 from vlmsel_jax.runtime import flags as runtime_flags
-from vlmsel_jax import train as train_binary
+from vlmsel_jax.training import flags as train_flags
 from vlmsel_jax.training import evaluate_run
 from vlmsel_jax.training import loop
 from vlmsel_jax.training import progress as progress_lib
@@ -53,8 +53,8 @@ def main(argv):
   if flags.FLAGS.stage != "1":
     raise app.UsageError("the A score is defined after stage-1 training; use --stage=1")
   # The candidates are the towers; the rest of train's flags apply to every run.
-  candidates, names = train_binary.vision_candidates(_CANDIDATES.value)
-  base = train_binary.config_from_flags()
+  candidates, names = train_flags.vision_candidates(_CANDIDATES.value)
+  base = train_flags.config_from_flags()
   rows = []
   progress = progress_lib.Progress(len(candidates), enabled=parallel.is_primary())
   for spec, name in zip(candidates, names):

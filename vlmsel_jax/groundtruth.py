@@ -64,7 +64,7 @@ from vlmsel_jax.runtime import atomic
 from vlmsel_jax.runtime import flag_util
 from vlmsel_jax.runtime import parallel
 from vlmsel_jax.runtime import flags as runtime_flags
-from vlmsel_jax import train as train_binary
+from vlmsel_jax.training import flags as train_flags
 from vlmsel_jax import zoo
 from vlmsel_jax.training import checkpoint as ckpt_lib
 from vlmsel_jax.training import evaluate_run
@@ -432,10 +432,10 @@ def main(argv):
                          f"measured), got {','.join(_CURVE_FRACTIONS.value)}")
   if not seeds or len(set(seeds)) != len(seeds):
     raise app.UsageError(f"--gt_seeds: give distinct seeds, got {','.join(_SEEDS.value)}")
-  visions, vision_names = train_binary.vision_candidates(_CANDIDATES.value)
+  visions, vision_names = train_flags.vision_candidates(_CANDIDATES.value)
   pairs, names = llm_grid(visions, vision_names, _LLMS.value)
   runtime_flags.initialize_from_flags()
-  base = train_binary.config_from_flags()
+  base = train_flags.config_from_flags()
   stage1 = StageBudget(_STAGE1_STEPS.value, _STAGE1_LR.value, _STAGE1_BATCH.value,
                        _STAGE1_MAX_LEN.value, _STAGE1_WARMUP.value)
   stage2 = StageBudget(_STAGE2_STEPS.value, _STAGE2_LR.value, _STAGE2_BATCH.value,

@@ -21,7 +21,7 @@ from absl import flags
 
 from vlmsel_jax.runtime import parallel
 from vlmsel_jax.scoring import report
-from vlmsel_jax import train as train_binary  # noqa: F401  (the warm-up recipe is its flags)
+from vlmsel_jax.training import flags as train_flags
 from vlmsel_jax.selection import evaluate
 from vlmsel_jax.selection import llm_similarity
 from vlmsel_jax.training import loop
@@ -49,7 +49,7 @@ def run(method: str) -> dict:
     raise ValueError("--workdir is required (the warm-up runs go there)")
   fv.vision = fv.vision or VISION.value[0]
   fv.llm = fv.llm or LLMS.value[0]
-  base = train_binary.config_from_flags()
+  base = train_flags.config_from_flags()
   records = llm_similarity.held_out_records(base.data, fv.eval_limit or None)
   payload = {"llms": list(LLMS.value), "layer": LAYER.value, "images": len(records),
              "warmup_steps": base.max_steps, "data": base.data, "workdir": base.workdir,

@@ -36,7 +36,7 @@ from absl import flags
 
 from vlmsel_jax.runtime import atomic
 from vlmsel_jax.runtime import parallel
-from vlmsel_jax import train as train_binary  # noqa: F401  (live mode reads its flags)
+from vlmsel_jax.training import flags as train_flags
 from vlmsel_jax.selection import evaluate
 from vlmsel_jax.selection import mordal
 from vlmsel_jax.selection import mordal_live
@@ -369,7 +369,7 @@ def run_live(config: mordal.MordalConfig) -> dict:
   (first_vision, first_llm), _ = next(iter(candidates.items()))
   fv.vision = fv.vision or first_vision
   fv.llm = fv.llm or first_llm
-  base = train_binary.config_from_flags()
+  base = train_flags.config_from_flags()
   # A line per train(candidate, fraction) call as it finishes; their number is the search's to
   # decide, so a count without a total.
   trainer = mordal_live.LiveTrainer(base, candidates, full_steps=base.max_steps,
