@@ -172,11 +172,7 @@ def test_the_package_has_no_import_cycle():
 
 # (module, heavy package it imports although it need not) -> why: known defects to mend, not a
 # licence. The test imports these modules last, so that the others are checked first.
-KNOWN_HEAVY = {
-    ("vlmsel_jax.scores.gw", "torch"):
-        "POT (import ot) imports torch whenever it is installed, to offer a torch backend; "
-        "POT_BACKEND_DISABLE_PYTORCH=1 before the import keeps it out (to mend in scores/gw.py)",
-}
+KNOWN_HEAVY: dict[tuple[str, str], str] = {}
 HEAVY = ("transformers", "torch")
 
 

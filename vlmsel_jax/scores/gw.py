@@ -56,7 +56,6 @@ from typing import Any, ClassVar, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import ot
 import scipy.optimize
 from ott.geometry import geometry
 from ott.geometry import low_rank
@@ -396,6 +395,9 @@ def gw_objective(cx: jax.Array, cy: jax.Array, coupling: jax.Array) -> jax.Array
 
 def _assignment_host(cost: np.ndarray) -> np.ndarray:
   """The minimum-cost permutation of a square matrix: POT's network simplex, else LAPJV."""
+  # POT is imported here, not with the module: its import pulls in torch whenever torch is
+  # installed (to offer a torch backend), and only this oracle needs it.
+  import ot  # pylint: disable=g-import-not-at-top
   cost = np.asarray(cost, np.float64)
   n = cost.shape[0]
   uniform = np.full(n, 1.0 / n)
