@@ -14,6 +14,7 @@ from sklearn.cross_decomposition import CCA
 from sklearn.neighbors import NearestNeighbors
 
 from vlmsel_jax.scores import similarity
+from vlmsel_jax.scores import checks
 from vlmsel_jax.scores.checks import FeatureError
 
 TOL = 1e-5
@@ -308,3 +309,23 @@ def test_bad_input_raises_feature_error(score, corruption):
     SCORES[score](BAD_INPUTS[corruption](x), y)
   with pytest.raises(FeatureError):
     SCORES[score](x, BAD_INPUTS[corruption](y))
+
+
+def test_feature_checks_do_not_depend_on_the_scale():
+  """Checks run in float64: finite features far outside float32's range are named as such (not
+  as NaN or as identical samples), and samples equal to float32 precision are caught."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(16, 8))
+  for factor in (1e-12, 1.0, 1e12):
+    checks.check_features(x * factor, "bank.npz")
+  with pytest.raises(checks.FeatureError, match=r"^bank\.npz: the largest \|value\| is .*small "
+                     r"underflow .* rescale the features"):
+    checks.check_features(x * 1e-25, "bank.npz")
+  with pytest.raises(checks.FeatureError, match=r"^bank\.npz: the largest \|value\| is .*large "
+                     r"overflow"):
+    checks.check_features(x * 1e300, "bank.npz")
+  near = np.ones((16, 8)) + 1e-10 * x
+  with pytest.raises(checks.FeatureError, match="identical to float32 precision"):
+    checks.check_features(near, "bank.npz")
+  with pytest.raises(checks.FeatureError, match=r"all 16 samples are identical \(constant"):
+    checks.check_features(np.ones((16, 8)) * 1e-30, "bank.npz")

@@ -10,6 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 MIN_SAMPLES = 4
+# The magnitudes a feature matrix may have: squares and sums of squares of values in this range
+# stay normal float32 numbers (float32 spans about 1.2e-38 to 3.4e38) for any realistic width.
+SMALLEST, LARGEST = 1e-15, 1e15
 
 
 class FeatureError(ValueError):
@@ -19,7 +22,8 @@ class FeatureError(ValueError):
 def check_features(x, name: str = "features", *, min_samples: int = MIN_SAMPLES) -> np.ndarray:
   """Returns ``x`` as a float 2-D numpy array, or raises ``FeatureError`` naming ``name``.
 
-  Checks: 2-D, at least ``min_samples`` rows and one column, all values finite, not all rows equal.
+  Checks: 2-D, at least ``min_samples`` rows and one column, all values finite, magnitudes
+  float32 can square, not all rows equal (to float32 precision). The checks run in float64.
   """
   arr = np.asarray(x)
   if arr.ndim != 2:
@@ -37,9 +41,22 @@ def check_features(x, name: str = "features", *, min_samples: int = MIN_SAMPLES)
     kind = "NaN" if np.isnan(arr).any() else "Inf"
     raise FeatureError(
         f"{name}: {kind} values in {bad_rows.size} of {n} rows (first at row {int(bad_rows[0])})")
-  if np.all(arr == arr[:1]):
+  # In float64, whatever the input's dtype, so that the checks do not depend on the scale.
+  wide = arr.astype(np.float64)
+  peak = float(np.max(np.abs(wide)))
+  spread = float(np.max(np.abs(wide - wide[:1])))
+  if spread == 0.0:
     raise FeatureError(f"{name}: all {n} samples are identical (constant features), "
                        "so every pairwise distance is zero")
+  if not SMALLEST <= peak <= LARGEST:
+    raise FeatureError(
+        f"{name}: the largest |value| is {peak:.3g}; the scores compute in float32, where "
+        f"squared distances of values this {'small underflow' if peak < SMALLEST else 'large overflow'}"
+        " — rescale the features (e.g. divide by their standard deviation)")
+  if spread <= 4 * np.finfo(np.float32).eps * peak:
+    raise FeatureError(f"{name}: all {n} samples are identical to float32 precision (they "
+                       f"differ by at most {spread:.3g} at magnitude {peak:.3g}), so every "
+                       "pairwise distance is zero")
   return arr.astype(np.float32) if arr.dtype != np.float64 else arr
 
 
