@@ -106,6 +106,25 @@ def test_folder_source_missing_image_error_names_line_and_file(folder):
     paired.PairedSource(str(root))
 
 
+def test_folder_source_finds_a_cut_jpeg_when_opened(folder):
+  """A JPEG whose body is cut passes PIL's ``verify`` (headers only); opening the data decodes
+  every image, so the run stops before it trains, naming the record and the file."""
+  root, _, lines = folder
+  Image.fromarray(pixels(7, 64, 64)).save(root / "img" / "2.jpg", quality=90)
+  whole = (root / "img" / "2.jpg").read_bytes()
+  (root / "img" / "2.jpg").write_bytes(whole[:len(whole) // 2])
+  with Image.open(root / "img" / "2.jpg") as image:
+    image.verify()  # The structure check alone would let it through.
+  lines[2] = json.dumps({"id": 2, "image": "img/2.jpg", "caption": "caption 2"})
+  (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
+  with pytest.raises(DataError, match=r"captions.jsonl: line 3 \(id 2\): undecodable image "
+                                      r"\(OSError: image file is truncated.*img/2.jpg$"):
+    registry.open_source(f"folder:{root}", kind="paired")
+  source = paired.PairedSource(str(root), skip_bad_records=True)
+  assert len(source) == 4
+  assert source.bad_records.as_dict()["by_reason"] == {"undecodable image": 1}
+
+
 # ----------------------------------------------------------------------------------------- LLaVA
 
 

@@ -90,7 +90,7 @@ class CocoCaptionsSource(records.EntrySource):
     paths = [os.path.join(image_root, files[e[1]]) for e in entries]
     # Check each image file once, however many captions it has.
     unique = sorted(set(paths))
-    found = dict(zip(unique, records.image_problems(unique, verify=skip_bad_records)))
+    found = dict(zip(unique, records.image_problems(unique)))
     kept = []
     for entry, path in zip(entries, paths):
       if found[path] is None:

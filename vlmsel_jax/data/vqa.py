@@ -225,18 +225,18 @@ class VqaSource(records.EntrySource):
                         f"{image_id}.jpg/.png)")
         continue
       entries.append((qid, files[image_id], q["question"], answers, where))
-    if skip_bad_records:
-      unique = sorted({e[1] for e in entries})
-      found = dict(zip(unique, records.image_problems(
-          [os.path.join(image_root, u) for u in unique], verify=True)))
-      kept = []
-      for entry in entries:
-        if found[entry[1]] is None:
-          kept.append(entry)
-        else:
-          problems.report(records.reason_of(found[entry[1]]),
-                          f"{entry[4]}: {found[entry[1]]}: {os.path.join(image_root, entry[1])}")
-      entries = kept
+    # Every image is decoded now, when the data is opened, not when a batch reads it.
+    unique = sorted({e[1] for e in entries})
+    found = dict(zip(unique, records.image_problems(
+        [os.path.join(image_root, u) for u in unique])))
+    kept = []
+    for entry in entries:
+      if found[entry[1]] is None:
+        kept.append(entry)
+      else:
+        problems.report(records.reason_of(found[entry[1]]),
+                        f"{entry[4]}: {found[entry[1]]}: {os.path.join(image_root, entry[1])}")
+    entries = kept
     self._entries = [(qid, f, question, answers, majority_answer(answers))
                      for qid, f, question, answers, _ in entries]
     records.require_records(len(self._entries), questions_path, problems)
