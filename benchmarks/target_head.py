@@ -1,6 +1,6 @@
 """Stage-2 train step with the LM head at every position vs only at the target positions.
 
-  python benchmarks/target_head.py --llm=gemma3-270m --vision=hog@res=32
+  python benchmarks/target_head.py --llm_model=gemma3-270m --vision_model=hog@res=32
 
 Builds the ground truth's stage-2 VLM (projector + LoRA r 8, one mean image token, easy-VQA
 chat turns, batch 8, 36 tokens), then times the same jitted step twice in one process: the
@@ -26,16 +26,18 @@ from vlmsel_jax.training import step as step_lib
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--llm", default="gemma3-270m")
-  parser.add_argument("--vision", default="hog@res=32")
+  parser.add_argument("--llm_model", default="gemma3-270m")
+  parser.add_argument("--vision_model", default="hog@res=32")
   parser.add_argument("--batch_size", type=int, default=8)
   parser.add_argument("--max_len", type=int, default=36)
   parser.add_argument("--steps", type=int, default=5)
   args = parser.parse_args()
 
   config = loop.TrainConfig(
-      vision=args.vision, llm=args.llm, stage=2, data="easy-vqa",
-      workdir=tempfile.mkdtemp(), vlm=vlm.VLMConfig(vision_layer=-1, image_tokens="mean"),
+      vision=args.vision_model, llm=args.llm_model, stage=2, data="easy-vqa",
+      workdir=tempfile.mkdtemp(),
+      vlm=vlm.VLMConfig(vision_layer=loop.tower_layer(args.vision_model, -1),
+                        image_tokens="mean"),
       batch_size=args.batch_size, max_len=args.max_len, system_prompt="Answer briefly.",
       progress=False)
   built = loop.build_model(config)
@@ -68,7 +70,7 @@ def main():
     print(f"{label:>22}: loss {first_loss:.6f}, {min(times):.3f} s/step")
   (full_loss, full_t), (gathered_loss, gathered_t) = results.values()
   assert abs(full_loss - gathered_loss) <= 1e-5 * abs(full_loss), (full_loss, gathered_loss)
-  print(f"{args.llm}, {args.batch_size} x {args.max_len} tokens, at most {k} targets a row: "
+  print(f"{args.llm_model}, {args.batch_size} x {args.max_len} tokens, at most {k} targets a row: "
         f"{full_t / gathered_t:.2f}x faster")
 
 

@@ -16,7 +16,7 @@ from sklearn.linear_model import BayesianRidge, LinearRegression, Ridge
 from sklearn.preprocessing import PolynomialFeatures
 
 from vlmsel_jax.selection import ac
-from vlmsel_jax.selection import ac_cli
+from vlmsel_jax.selection import tables
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(REPO, "configs", "data", "ac_example_15.csv")
@@ -70,7 +70,7 @@ def test_law_r2_matches_sklearn_and_lstsq_on_15_settings():
 
 
 def test_law_on_the_shipped_table():
-  table = ac_cli.read_table(EXAMPLE, "A", "C", TARGETS)
+  table = tables.read_settings(EXAMPLE, "A", "C", TARGETS)
   law = ac.fit_law(table["a"], table["c"], table["y"], TARGETS)
   poly = _poly(table["a"], table["c"])
   want = np.mean([LinearRegression().fit(poly, table["y"][:, j]).score(poly, table["y"][:, j])
@@ -217,10 +217,10 @@ def test_a_better_policy_beats_the_reference_at_budget_4():
   """Acceptance: Recall@3 at budget 4 of 15 — region sampler + ridge fit, and the active
   sampler + ridge fit, beat the reference (region + OLS) on the shipped table and on three
   other constructed tables."""
-  table = ac_cli.read_table(EXAMPLE, "A", "C", TARGETS)
-  tables = [(table["a"], table["c"], table["y"])] + [make_table(s) for s in (10, 11, 12)]
+  table = tables.read_settings(EXAMPLE, "A", "C", TARGETS)
+  settings = [(table["a"], table["c"], table["y"])] + [make_table(s) for s in (10, 11, 12)]
   pol = [ac.Policy("region", "ols"), ac.Policy("region", "ridge"), ac.Policy("active", "ridge")]
-  for a, c, y in tables:
+  for a, c, y in settings:
     r = ac.replay(a, c, y, pol, budgets=[4], k=3, trials=150, seed=0)
     ref = r["region+ols"].mean()
     assert r["region+ridge"].mean() > ref + 0.02
@@ -238,7 +238,7 @@ def _write(path, text):
 
 def test_read_table_errors(tmp_path):
   good = "# comment\nsetting,A,C,t1\ns1,1,2,3\ns2,2,3,4\n"
-  t = ac_cli.read_table(_write(tmp_path / "g.csv", good), "A", "C", [])
+  t = tables.read_settings(_write(tmp_path / "g.csv", good), "A", "C", [])
   assert t["targets"] == ["t1"] and t["names"] == ["s1", "s2"]
   cases = {
       "setting,A,C,t1\ns1,1,2,3\n": ("missing column(s) t2", ["t1", "t2"]),
@@ -250,14 +250,14 @@ def test_read_table_errors(tmp_path):
       "setting,A,C,t1\ns1,1,2,\n": ("column 't1' holds ''", []),
   }
   for text, (message, targets) in cases.items():
-    with pytest.raises(ac_cli.TableError) as e:
-      ac_cli.read_table(_write(tmp_path / "m.csv", text), "A", "C", targets)
+    with pytest.raises(ac.TableError) as e:
+      tables.read_settings(_write(tmp_path / "m.csv", text), "A", "C", targets)
     assert message in str(e.value), (text, str(e.value))
-  with pytest.raises(ac_cli.TableError, match="no such file"):
-    ac_cli.read_table(str(tmp_path / "none.csv"), "A", "C", [])
-  with pytest.raises(ac_cli.TableError, match="not among the targets"):
-    ac_cli.parse_groups("g:t1,zz", ["t1"])
-  assert ac_cli.parse_groups("v:a,b; o:c", ["a", "b", "c"]) == {"v": ["a", "b"], "o": ["c"]}
+  with pytest.raises(ac.TableError, match="no such file"):
+    tables.read_settings(str(tmp_path / "none.csv"), "A", "C", [])
+  with pytest.raises(ac.TableError, match="not among the targets"):
+    tables.parse_groups("g:t1,zz", ["t1"])
+  assert tables.parse_groups("v:a,b; o:c", ["a", "b", "c"]) == {"v": ["a", "b"], "o": ["c"]}
   with pytest.raises(ac.ACError, match="needs at least 7 settings"):
     ac.fit_law(np.arange(6.0), np.arange(6.0) ** 1.5, np.ones((6, 1)) * np.arange(6)[:, None],
                ["t"])
@@ -281,9 +281,10 @@ def _table_csv(path, a, c, y, names=None):
 def test_select_ac_law_and_policy_end_to_end(tmp_path):
   a, c, y = make_table(20, n=15, t=4)
   table = _table_csv(tmp_path / "t.csv", a, c, y)
-  out = tmp_path / "law" / "law.json"
+  out = tmp_path / "law" / "ac_law.json"
   proc = _select("--method=ac_law", f"--table={table}", "--a_column=A", "--c_column=C",
-                 "--targets=t0,t1,t2,t3", "--groups=g1:t0,t1;g2:t2,t3", f"--output={out}")
+                 "--targets=t0,t1,t2,t3", "--groups=g1:t0,t1;g2:t2,t3",
+                 f"--output_dir={tmp_path / 'law'}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   law = json.loads(out.read_text())
   poly = _poly(a, c)
@@ -294,13 +295,13 @@ def test_select_ac_law_and_policy_end_to_end(tmp_path):
   assert set(law["r2_by_model"]) == {"AC_quad", "AC_linear", "A_quad", "C_quad"}
   assert law["mean_r2_by_group"]["g1"] == pytest.approx((want["t0"] + want["t1"]) / 2, abs=1e-12)
   assert set(law["coefficients"]["t0"]) == {"1", "A", "C", "A^2", "AC", "C^2"}
-  assert (tmp_path / "law" / "law_scatter.png").read_bytes()[:4] == b"\x89PNG"
+  assert (tmp_path / "law" / "ac_law_scatter.png").read_bytes()[:4] == b"\x89PNG"
 
-  out = tmp_path / "pol" / "pol.json"
+  out = tmp_path / "pol" / "ac_policy.json"
   proc = _select("--method=ac_policy", f"--table={table}", "--targets=t0,t1,t2,t3",
                  "--budget=4", "--k=3", "--trials=40", "--curve_trials=5", "--seed=0",
                  "--sampler=region,random,dopt,active", "--fit=ols,ridge,bayesian",
-                 "--noac_progress", f"--output={out}")
+                 "--noac_progress", f"--output_dir={tmp_path / 'pol'}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   pol = json.loads(out.read_text())
   assert pol["reference_policy"] == "region+ols" and len(pol["policies"]) == 12
@@ -312,26 +313,26 @@ def test_select_ac_law_and_policy_end_to_end(tmp_path):
   np.testing.assert_allclose([pol["random_recall_at_k"][f"t{j}"] for j in range(4)],
                              lib["random_choice"][0], atol=1e-12)
   assert len(pol["curve"]["budgets"]) == 15
-  for name in ("pol_curve.png", "pol_scatter.png"):
+  for name in ("ac_policy_curve.png", "ac_policy_scatter.png"):
     assert (tmp_path / "pol" / name).read_bytes()[:4] == b"\x89PNG"
-  assert "| region+ols |" in (tmp_path / "pol" / "pol.md").read_text()
+  assert "| region+ols |" in (tmp_path / "pol" / "ac_policy.md").read_text()
 
 
 def test_select_errors_are_one_line(tmp_path):
   a, c, y = make_table(21, n=5, t=1)
   few = _table_csv(tmp_path / "few.csv", a, c, y)
   proc = _select("--method=ac_law", f"--table={few}", "--targets=t0",
-                 f"--output={tmp_path / 'o.json'}")
+                 f"--output_dir={tmp_path / 'o'}")
   assert proc.returncode == 1
   assert "5 settings: the degree-2 AC fit has 6 parameters" in proc.stderr.strip().splitlines()[-1]
-  assert not (tmp_path / "o.json").exists()
+  assert not (tmp_path / "o" / "ac_law.json").exists()
   a, c, y = make_table(22, n=8, t=1)
   a[5], c[5] = a[2], c[2]
   dup = _table_csv(tmp_path / "dup.csv", a, c, y)
   proc = _select("--method=ac_policy", f"--table={dup}", "--targets=t0", "--trials=2",
-                 f"--output={tmp_path / 'o.json'}")
+                 f"--output_dir={tmp_path / 'o'}")
   assert proc.returncode == 1
   assert "duplicate settings s2 (line 4) and s5 (line 7)" in proc.stderr
   proc = _select("--method=ac_law", f"--table={dup}", "--targets=t0,nope",
-                 f"--output={tmp_path / 'o.json'}")
+                 f"--output_dir={tmp_path / 'o'}")
   assert proc.returncode == 1 and "missing column(s) nope" in proc.stderr

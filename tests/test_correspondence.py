@@ -350,22 +350,22 @@ def _run_binary(*args, cwd=None):
 
 
 def test_binary_homography_and_spair(tmp_path, lite0):
-  out = tmp_path / "c" / "c.json"
-  proc = _run_binary("--models=efficientnet-lite0", "--pairs=homography",
-                     "--homography_images=astronaut", "--pairs_per_image=2",
-                     "--num_keypoints=20", f"--output={out}")
+  out = tmp_path / "c"
+  proc = _run_binary("--vision_models=efficientnet-lite0", "--c_score_pairs=homography",
+                     "--c_score_images=astronaut", "--c_score_pairs_per_image=2",
+                     "--c_score_keypoints=20", f"--output_dir={out}")
   assert proc.returncode == 0, proc.stderr[-2000:]
-  payload = json.loads(out.read_text())
+  payload = json.loads((out / "c_scores.json").read_text())
   r = payload["models"]["efficientnet-lite0"]
   assert r["keypoints"] == 40 and r["pairs"] == 2 and r["grid"] == [7, 7] and r["layer"] == -2
   assert r["pck@0.05"] <= r["pck@0.10"] <= r["pck@0.15"] and r["c_score"] == r["pck@0.10"]
   # The same numbers from the library on the same records.
   recs = data.homography_pairs(("astronaut",), pairs_per_image=2, num_keypoints=20, seed=0)
-  from vlmsel_jax import correspondence_score  # pylint: disable=g-import-not-at-top
-  lib = correspondence_score.score_records(lite0, recs)
+  from vlmsel_jax.scoring import c_score  # pylint: disable=g-import-not-at-top
+  lib = c_score.score_records(lite0, recs)
   for key in ("pck@0.05", "pck@0.10", "pck@0.15"):
     assert r[key] == pytest.approx(lib[key], abs=1e-9)
-  rows = list(csv.DictReader(open(tmp_path / "c" / "c.csv")))
+  rows = list(csv.DictReader(open(out / "c_scores.csv")))
   assert rows[0]["model"] == "efficientnet-lite0"
   assert float(rows[0]["pck@0.10"]) == pytest.approx(r["pck@0.10"])
 
@@ -373,18 +373,18 @@ def test_binary_homography_and_spair(tmp_path, lite0):
   _write_spair(spair, [("000001-e1-e2:cat", _ann("cat", "e1.jpg", "e2.jpg",
                                                  [[1, 2], [40, 30]], [[3, 4], [70, 45]]),
                         ((48, 64), (50, 80)))])
-  proc = _run_binary("--models=efficientnet-lite0", f"--pairs=spair:{spair}",
-                     f"--output={tmp_path / 's.json'}")
+  proc = _run_binary("--vision_models=efficientnet-lite0", f"--c_score_pairs=spair:{spair}",
+                     f"--output_dir={tmp_path / 's'}")
   assert proc.returncode == 0, proc.stderr[-2000:]
-  s = json.loads((tmp_path / "s.json").read_text())["models"]["efficientnet-lite0"]
+  s = json.loads((tmp_path / "s" / "c_scores.json").read_text())["models"]["efficientnet-lite0"]
   assert s["keypoints"] == 2 and s["per_category"]["cat"]["keypoints"] == 2
 
   # A keypoint outside its image: one line naming the pair and the file; nothing written.
   _write_spair(spair, [("000002-e1-e2:cat", _ann("cat", "e1.jpg", "e2.jpg",
                                                  [[1, 2]], [[300, 4]]), ((48, 64), (50, 80)))])
-  proc = _run_binary("--models=efficientnet-lite0", f"--pairs=spair:{spair}",
-                     f"--output={tmp_path / 'bad.json'}")
+  proc = _run_binary("--vision_models=efficientnet-lite0", f"--c_score_pairs=spair:{spair}",
+                     f"--output_dir={tmp_path / 'bad'}")
   assert proc.returncode == 1
   last = proc.stderr.strip().splitlines()[-1]
   assert "000002-e1-e2:cat" in last and "e2.jpg" in last and "outside" in last
-  assert not (tmp_path / "bad.json").exists()
+  assert not (tmp_path / "bad").exists()

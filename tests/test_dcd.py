@@ -145,9 +145,9 @@ def _run(argv):
 def test_dcd_binary_end_to_end_and_reuses_its_profiles(demo, tmp_path):
   root, specs, tasks, acc = demo
   out = tmp_path / "a" / "dcd.json"
-  res = _run([f"--dcd_models={','.join(specs)}", f"--dcd_tasks={','.join(tasks)}",
-              f"--dcd_accuracy={acc}", "--dcd_steps=4", "--dcd_images_per_task=2",
-              f"--output={out}"])
+  res = _run([f"--vision_models={','.join(specs)}", f"--dcd_tasks={','.join(tasks)}",
+              f"--ground_truth={acc}", "--dcd_steps=4", "--dcd_images_per_task=2",
+              f"--output_dir={out.parent}"])
   assert sorted(os.listdir(out.parent)) == ["dcd.json", "dcd.md", "dcd.png",
                                             "dcd_conductance.csv", "dcd_scores.csv"]
   # The stored profile is block_conductance of the same two images (the seeded subset).
@@ -161,7 +161,7 @@ def test_dcd_binary_end_to_end_and_reuses_its_profiles(demo, tmp_path):
   assert len(rows) == 6 and {r["task"] for r in rows} == {"t0", "t1", "t2"}
   # Reusing the written profiles gives the same ranking without loading any model.
   again = _run([f"--dcd_conductance={out.parent / 'dcd_conductance.csv'}",
-                f"--dcd_accuracy={acc}", f"--output={tmp_path / 'b' / 'dcd.json'}"])
+                f"--ground_truth={acc}", f"--output_dir={tmp_path / 'b'}"])
   for t in ("t0", "t1", "t2"):
     assert again["dcd"]["per_task"][t]["ranking"] == res["dcd"]["per_task"][t]["ranking"]
     assert again["dcd"]["per_task"][t]["scores"] == pytest.approx(
@@ -172,14 +172,14 @@ def test_dcd_binary_end_to_end_and_reuses_its_profiles(demo, tmp_path):
 def test_dcd_binary_errors(demo, tmp_path):
   _, specs, tasks, acc = demo
   with pytest.raises(dcd.DCDError, match=r"is not name=image_folder"):
-    _run([f"--dcd_models={specs[0]}", "--dcd_tasks=nofolder", f"--dcd_accuracy={acc}",
-          f"--output={tmp_path / 'x.json'}"])
+    _run([f"--vision_models={specs[0]}", "--dcd_tasks=nofolder", f"--ground_truth={acc}",
+          f"--output_dir={tmp_path / 'x'}"])
   bad = tmp_path / "c.csv"
   bad.write_text("model,task,block,conductance\nvit_a,t0,0,0.1\nvit_a,t0,2,0.2\n")
   with pytest.raises(dcd.DCDError, match=r"c.csv: model 'vit_a', task 't0': blocks \[0, 2\] "
                      r"are not 0..1"):
-    _run([f"--dcd_conductance={bad}", f"--dcd_accuracy={acc}", f"--output={tmp_path / 'x.json'}"])
-  assert not os.path.exists(tmp_path / "x.json")
+    _run([f"--dcd_conductance={bad}", f"--ground_truth={acc}", f"--output_dir={tmp_path / 'x'}"])
+  assert not os.path.exists(tmp_path / "x" / "dcd.json")
 
 
 def test_dcd_binary_on_an_efficientnet_attributes_through_its_mbconv_blocks(demo, tmp_path):
@@ -191,9 +191,9 @@ def test_dcd_binary_on_an_efficientnet_attributes_through_its_mbconv_blocks(demo
   acc.write_text("candidate,task,accuracy\n" + "".join(
       f"{m},{t},{v}\n" for m, vals in ((lite, (0.5, 0.6, 0.4)), ("vit_a", (0.7, 0.3, 0.8)))
       for t, v in zip(("t0", "t1", "t2"), vals)))
-  res = _run([f"--dcd_models={lite},{specs[0]}", f"--dcd_tasks={','.join(tasks)}",
-              f"--dcd_accuracy={acc}", "--dcd_steps=2", "--dcd_images_per_task=2",
-              f"--output={tmp_path / 'e' / 'dcd.json'}"])
+  res = _run([f"--vision_models={lite},{specs[0]}", f"--dcd_tasks={','.join(tasks)}",
+              f"--ground_truth={acc}", "--dcd_steps=2", "--dcd_images_per_task=2",
+              f"--output_dir={tmp_path / 'e'}"])
   loaded = zoo.load(lite)
   assert len(res["profiles"][lite]["t0"]) == len(loaded.model.blocks) == 16
   files = sorted(os.listdir(root / "t0"))

@@ -26,6 +26,7 @@ import vlm_fixtures as fx
 from vlmsel_jax import groundtruth
 from vlmsel_jax import score
 from vlmsel_jax.training import checkpoint as ckpt_lib
+from vlmsel_jax.training import groundtruth as gt
 from vlmsel_jax.training import loop
 
 FLAGS = flags.FLAGS
@@ -57,10 +58,10 @@ def world(tmp_path_factory):
           "names": ["vit_a", "vit_a@layer=-2", "vit_b"]}
 
 
-def _groundtruth_flags(world, output):
-  return [f"--vision_candidates={','.join(world['candidates'])}", f"--llm={world['llm']}",
-          "--data=easy-vqa", f"--workdir={world['root'] / 'gt'}",
-          f"--groundtruth_output={output}", "--vision_layer=-1", "--image_tokens=mean",
+def _groundtruth_flags(world, output_dir):
+  return [f"--vision_models={','.join(world['candidates'])}", f"--llm_model={world['llm']}",
+          "--data=easy-vqa", f"--output_dir={output_dir}", "--vision_layer=-1",
+          "--image_tokens=mean",
           "--lora_rank=4",
           "--stage1_steps=2", "--stage2_steps=2", "--stage1_batch_size=8",
           "--stage2_batch_size=8", "--stage1_max_len=16", "--stage2_max_len=48",
@@ -69,25 +70,28 @@ def _groundtruth_flags(world, output):
 
 
 def test_groundtruth_then_score_report(world, capsys, monkeypatch):
-  output = str(world["root"] / "truth" / "groundtruth.csv")
-  _run(groundtruth, _groundtruth_flags(world, output) + ["--gt_seeds=0"], monkeypatch)
+  output_dir = str(world["root"] / "truth")
+  output = gt.table_path(output_dir)
+  assert output == os.path.join(output_dir, "groundtruth.csv")
+  _run(groundtruth, _groundtruth_flags(world, output_dir) + ["--seeds=0"], monkeypatch)
   summary = _rows(output)
   assert [r["candidate"] for r in summary] == world["names"]
   for row in summary:
     assert 0.0 <= float(row["accuracy"]) <= 1.0 and float(row["a_score"]) < 0
     assert row["seeds"] == "0" and row["accuracy_std"] == ""
     assert row["date"] and row["command"].startswith("python -m vlmsel_jax.groundtruth ")
-    assert row["command"].endswith(" --gt_seeds=0")
+    assert row["command"].endswith(" --seeds=0")
     assert row["questions"] == "8" and row["stage1_steps"] == "2"
-  runs = _rows(groundtruth.runs_path(output))
+  runs = _rows(gt.runs_path(output_dir))
   assert [(r["candidate"], r["seed"]) for r in runs] == [(n, "0") for n in world["names"]]
   # A spec's own layer, else --vision_layer: the layer the scores' banks are extracted from.
   assert [r["vision_layer"] for r in runs] == ["-1", "-2", "-1"]
   assert summary[0]["accuracy"] != summary[1]["accuracy"] or \
       summary[0]["a_score"] != summary[1]["a_score"]
-  # Each run went through both stages in its own workdir; stage 2 started from stage 1.
+  # Each run went through both stages in its own run directory; stage 2 started from stage 1.
   for name in world["names"]:
-    s2 = json.load(open(world["root"] / "gt" / name / "seed0" / "stage2" / "eval.json"))
+    s2 = json.load(open(os.path.join(gt.candidate_dir(output_dir, name), "seed0", "stage2",
+                                     "eval.json")))
     assert s2["questions"] == 8
 
   # A line per run as it finishes: counted over the three, timed, with an estimate of the rest.
@@ -99,9 +103,9 @@ def test_groundtruth_then_score_report(world, capsys, monkeypatch):
   assert lines[2].endswith(" so far)")  # the last: nothing left to estimate
 
   # A second seed for one candidate: only that run trains; the summary gets its spread.
-  flags_ = _groundtruth_flags(world, output)
-  flags_[0] = f"--vision_candidates={world['candidates'][0]}"
-  _run(groundtruth, flags_ + ["--gt_seeds=0,1"])
+  flags_ = _groundtruth_flags(world, output_dir)
+  flags_[0] = f"--vision_models={world['candidates'][0]}"
+  _run(groundtruth, flags_ + ["--seeds=0,1"])
   printed = capsys.readouterr().out
   assert "vit_a\tseed 1" in printed
   lines = [x for x in printed.splitlines() if x.startswith("[")]
@@ -110,14 +114,14 @@ def test_groundtruth_then_score_report(world, capsys, monkeypatch):
   assert lines[0].startswith("[1/2] vit_a\tseed 0\taccuracy ")
   assert lines[0].endswith("\t(done before)")
   assert lines[1].startswith("[2/2] vit_a\tseed 1\taccuracy ") and lines[1].endswith(" so far)")
-  runs = _rows(groundtruth.runs_path(output))
+  runs = _rows(gt.runs_path(output_dir))
   assert len(runs) == 4 and (runs[-1]["candidate"], runs[-1]["seed"]) == ("vit_a", "1")
   summary = {r["candidate"]: r for r in _rows(output)}
   acc = [float(r["accuracy"]) for r in runs if r["candidate"] == "vit_a"]
   assert summary["vit_a"]["seeds"] == "0 1"
   assert float(summary["vit_a"]["accuracy"]) == pytest.approx(np.mean(acc))
   assert float(summary["vit_a"]["accuracy_std"]) == pytest.approx(np.std(acc, ddof=1), abs=1e-12)
-  spread = json.load(open(output[:-4] + ".json"))["seed_spread"]
+  spread = json.load(open(gt.summary_path(output_dir)))["seed_spread"]
   assert spread["candidates_with_several_seeds"] == 1
   assert spread["max_seed_gap"] == pytest.approx(max(acc) - min(acc))
 
@@ -156,36 +160,36 @@ def test_groundtruth_then_score_report(world, capsys, monkeypatch):
 
 
 def test_groundtruth_flag_errors(world, tmp_path):
-  base = _groundtruth_flags(world, str(tmp_path / "gt.csv"))
-  with pytest.raises(Exception, match=r"--gt_seeds: give distinct seeds"):
-    _run(groundtruth, base + ["--gt_seeds=1,1"])
-  with pytest.raises(Exception, match=r"--groundtruth_output is required \(a \.csv path\)"):
-    _run(groundtruth, base + [f"--groundtruth_output={tmp_path / 'gt.json'}"])
-  with pytest.raises(Exception, match=r"--vision_candidates: model spec .*unknown setting"):
-    _run(groundtruth, base[1:] + [f"--vision_candidates={world['candidates'][0]}@depth=2"])
+  base = _groundtruth_flags(world, str(tmp_path / "gt"))
+  with pytest.raises(Exception, match=r"--seeds: give distinct seeds"):
+    _run(groundtruth, base + ["--seeds=1,1"])
+  with pytest.raises(Exception, match=r"--output_dir is required"):
+    _run(groundtruth, base + ["--output_dir="])
+  with pytest.raises(Exception, match=r"--vision_models: model spec .*unknown setting"):
+    _run(groundtruth, base[1:] + [f"--vision_models={world['candidates'][0]}@depth=2"])
 
 
 def test_groundtruth_learning_curves_match_the_uninterrupted_run(world, tmp_path):
   """--curve_fractions stops stage 2 at each fraction to measure it; the end model is the same."""
-  plain = str(tmp_path / "plain" / "gt.csv")
-  curved = str(tmp_path / "curved" / "gt.csv")
-  pick = [f"--vision_candidates={world['candidates'][0]},{world['candidates'][2]}",
-          "--stage2_steps=4", "--gt_seeds=0"]
+  plain = str(tmp_path / "plain")
+  curved = str(tmp_path / "curved")
+  pick = [f"--vision_models={world['candidates'][0]},{world['candidates'][2]}",
+          "--stage2_steps=4", "--seeds=0"]
 
-  def flags_for(output, workdir):
-    base = [f for f in _groundtruth_flags(world, output)
-            if not f.startswith(("--vision_candidates", "--stage2_steps", "--workdir"))]
-    return base + pick + [f"--workdir={workdir}"]
+  def flags_for(output_dir):
+    base = [f for f in _groundtruth_flags(world, output_dir)
+            if not f.startswith(("--vision_models", "--stage2_steps"))]
+    return base + pick
 
-  _run(groundtruth, flags_for(plain, tmp_path / "plain_runs"))
-  _run(groundtruth, flags_for(curved, tmp_path / "curved_runs") +
+  _run(groundtruth, flags_for(plain))
+  _run(groundtruth, flags_for(curved) +
        ["--curve_fractions=0.25,0.5,0.6"])  # 0.5 and 0.6 are both step 2: measured once.
-  plain_runs = {r["candidate"]: r for r in _rows(groundtruth.runs_path(plain))}
-  curved_runs = {r["candidate"]: r for r in _rows(groundtruth.runs_path(curved))}
+  plain_runs = {r["candidate"]: r for r in _rows(gt.runs_path(plain))}
+  curved_runs = {r["candidate"]: r for r in _rows(gt.runs_path(curved))}
   for name in ("vit_a", "vit_b"):
     for key in ("accuracy", "a_score", "stage2_loss", "stage1_steps", "stage2_steps"):
       assert curved_runs[name][key] == plain_runs[name][key], (name, key)
-  curve = _rows(groundtruth.curves_path(curved, 0))
+  curve = _rows(gt.curves_path(curved, 0))
   offset = 2 * 8 * 16 / (8 * 48)  # Stage 1 in stage-2 steps of equal tokens.
   assert [(r["candidate"], float(r["data_fraction"]), int(r["stage2_steps"])) for r in curve] == [
       (n, r, s) for n in ("vit_a", "vit_b") for r, s in ((0.25, 1), (0.5, 2), (1.0, 4))]
@@ -194,52 +198,51 @@ def test_groundtruth_learning_curves_match_the_uninterrupted_run(world, tmp_path
     assert r["llm"] == world["llm"] and r["seed"] == "0"
     if float(r["data_fraction"]) == 1.0:
       assert r["accuracy"] == curved_runs[r["candidate"]]["accuracy"]
-  points = [json.loads(line) for line in
-            open(tmp_path / "curved_runs" / "vit_a" / "seed0" / "stage2" / "curve.jsonl")]
+  stage2_dir = os.path.join(gt.candidate_dir(curved, "vit_a"), "seed0", "stage2")
+  points = [json.loads(line) for line in open(os.path.join(stage2_dir, "curve.jsonl"))]
   assert [p["step"] for p in points] == [1, 2, 4]
   # Each point keeps its first greedy answers, the full run's equal to its eval.json's.
-  eval_json = json.load(open(tmp_path / "curved_runs" / "vit_a" / "seed0" / "stage2" /
-                             "eval.json"))
-  assert all(len(p["examples"]) == min(groundtruth.CURVE_EXAMPLES, len(eval_json["examples"]))
+  eval_json = json.load(open(os.path.join(stage2_dir, "eval.json")))
+  assert all(len(p["examples"]) == min(gt.CURVE_EXAMPLES, len(eval_json["examples"]))
              and set(p["examples"][0]) == {"question", "prediction", "answer"} for p in points)
   assert [e["prediction"] for e in points[-1]["examples"]] == [
-      e["prediction"] for e in eval_json["examples"][:groundtruth.CURVE_EXAMPLES]]
+      e["prediction"] for e in eval_json["examples"][:gt.CURVE_EXAMPLES]]
 
   # Finished runs with their curves are skipped; a stage 2 trained without them cannot grow
   # one after the fact, and says so.
-  _run(groundtruth, flags_for(curved, tmp_path / "curved_runs") + ["--curve_fractions=0.25,0.5"])
-  assert _rows(groundtruth.curves_path(curved, 0)) == curve
+  _run(groundtruth, flags_for(curved) + ["--curve_fractions=0.25,0.5"])
+  assert _rows(gt.curves_path(curved, 0)) == curve
   with pytest.raises(SystemExit):
-    _run(groundtruth, flags_for(plain, tmp_path / "plain_runs") + ["--curve_fractions=0.5"])
+    _run(groundtruth, flags_for(plain) + ["--curve_fractions=0.5"])
   with pytest.raises(Exception, match=r"--curve_fractions: each must be in \(0, 1\)"):
-    _run(groundtruth, flags_for(plain, tmp_path / "plain_runs") + ["--curve_fractions=1.0"])
+    _run(groundtruth, flags_for(plain) + ["--curve_fractions=1.0"])
 
 
 def test_groundtruth_grid_of_vision_and_llm_candidates(world, tmp_path):
-  """--llm_candidates trains every (vision, LLM) pair, named <vision>+<llm>, each with its LLM."""
+  """--llm_models trains every (vision, LLM) pair, named <vision>+<llm>, each with its LLM."""
   llm_b = fx.tiny_llm_dir(str(tmp_path / "llm_b"), seed=1)
-  output = str(tmp_path / "grid" / "gt.csv")
-  argv = [f for f in _groundtruth_flags(world, output)
-          if not f.startswith(("--vision_candidates", "--llm=", "--workdir"))]
-  argv += [f"--vision_candidates={world['candidates'][0]}",
-           f"--llm_candidates={world['llm']},{llm_b}", f"--workdir={tmp_path / 'grid_runs'}",
-           "--gt_seeds=0", "--curve_fractions=0.5"]
+  output_dir = str(tmp_path / "grid")
+  output = gt.table_path(output_dir)
+  argv = [f for f in _groundtruth_flags(world, output_dir)
+          if not f.startswith(("--vision_models", "--llm_model="))]
+  argv += [f"--vision_models={world['candidates'][0]}",
+           f"--llm_models={world['llm']},{llm_b}", "--seeds=0", "--curve_fractions=0.5"]
   _run(groundtruth, argv)
   names = ["vit_a+llm", "vit_a+llm_b"]
-  runs = _rows(groundtruth.runs_path(output))
+  runs = _rows(gt.runs_path(output_dir))
   assert [(r["candidate"], r["vision"], r["llm"]) for r in runs] == [
       (names[0], world["candidates"][0], world["llm"]), (names[1], world["candidates"][0], llm_b)]
   assert [r["candidate"] for r in _rows(output)] == names
-  curve = _rows(groundtruth.curves_path(output, 0))
+  curve = _rows(gt.curves_path(output_dir, 0))
   assert [(r["candidate"], r["llm"]) for r in curve] == [
       (names[0], world["llm"]), (names[0], world["llm"]), (names[1], llm_b), (names[1], llm_b)]
   # Each pair's checkpoints were trained with its own LLM.
   for name, llm in zip(names, (world["llm"], llm_b)):
     for stage in ("stage1", "stage2"):
       _, meta = ckpt_lib.restore_params(
-          str(tmp_path / "grid_runs" / name / "seed0" / stage / loop.CHECKPOINT_DIR))
+          os.path.join(gt.candidate_dir(output_dir, name), "seed0", stage, loop.CHECKPOINT_DIR))
       assert meta["llm"] == llm
-  with pytest.raises(Exception, match=r"--llm_candidates: duplicate LLMs in llm, llm"):
-    _run(groundtruth, argv[:-3] + [f"--llm_candidates={world['llm']},{world['llm']}"])
-  with pytest.raises(Exception, match=r"--llm_candidates: .* is a vision model, not an LLM"):
-    _run(groundtruth, argv[:-3] + [f"--llm_candidates={world['candidates'][2]}"])
+  with pytest.raises(Exception, match=r"--llm_models: duplicate LLMs in llm, llm"):
+    _run(groundtruth, argv[:-2] + [f"--llm_models={world['llm']},{world['llm']}"])
+  with pytest.raises(Exception, match=r"--llm_models: .* is a vision model, not an LLM"):
+    _run(groundtruth, argv[:-2] + [f"--llm_models={world['candidates'][2]}"])

@@ -202,7 +202,8 @@ def test_cli_cache_hit_logs_and_bad_input_is_one_line(setup, tmp_path):
   out = tmp_path / "banks"
   shutil.copytree(setup["out"], out)
   flagfile = tmp_path / "extract.flags"
-  flagfile.write_text(f"--models={','.join(setup['specs'])}\n--data_dir={setup['data']}\n"
+  flagfile.write_text(f"--vision_models={','.join(setup['specs'][:2])}\n"
+                      f"--text_models={setup['specs'][2]}\n--data_dir={setup['data']}\n"
                       f"--output_dir={out}\n--batch_size=5\n--noprogress\n")
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
   proc = subprocess.run([sys.executable, "-m", "vlmsel_jax.extract", f"--flagfile={flagfile}"],
@@ -216,6 +217,26 @@ def test_cli_cache_hit_logs_and_bad_input_is_one_line(setup, tmp_path):
   assert proc.returncode == 1
   errors = [l for l in proc.stderr.splitlines() if "error" in l]
   assert errors == [f"extract: error: {tmp_path / 'nope'}: image folder not found"]
+
+
+def test_a_model_under_the_other_kind_of_flag_is_one_line(setup, tmp_path, capsys):
+  from vlmsel_jax import extract  # pylint: disable=g-import-not-at-top
+  flags = absl_flags.FLAGS
+  out = tmp_path / "banks"
+  for flag, spec, kind, other in (("vision_models", setup["specs"][2], "text", "vision"),
+                                  ("text_models", setup["specs"][0], "vision", "text")):
+    flags.unparse_flags()
+    flags(["extract", f"--{flag}={spec}", f"--data_dir={setup['data']}", f"--output_dir={out}",
+           "--noprogress"])
+    try:
+      with pytest.raises(SystemExit) as e:
+        extract.main(["extract"])
+    finally:
+      flags.unparse_flags()
+    assert e.value.code == 1
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert errors == [f"extract: error: --{flag}: {spec} is a {kind} model, not a {other} model"]
+  assert not out.exists()
 
 
 def test_resume_after_a_kill_gives_the_uninterrupted_bank(setup, tmp_path):
@@ -415,7 +436,8 @@ def test_multiprocess_extract_matches_single_process(setup, tmp_path):
   # Batch 5 on 4 devices: padded to 8, 4 rows per host, the last batch (2 rows) mostly padding;
   # each host decodes only the images of its own devices.
   out = tmp_path / "banks"
-  argv = [f"--models={setup['specs'][0]},{setup['specs'][2]}", f"--data_dir={setup['data']}",
+  argv = [f"--vision_models={setup['specs'][0]}", f"--text_models={setup['specs'][2]}",
+          f"--data_dir={setup['data']}",
           f"--output_dir={out}", "--batch_size=5", "--checkpoint_every=1", "--noprogress"]
   first = _run_two_processes(argv)
   assert [line.split("\t")[1:] for line in _printed(first[0])] == [["extracted", "12x32"],
@@ -445,7 +467,7 @@ def test_multiprocess_extract_resumes_where_process_0s_partial_file_stops(setup,
     extraction.extract([spec], str(setup["data"]), str(tmp_path), options=options,
                        on_batch=kill_after_1)
   assert sorted(os.listdir(tmp_path)) == ["clip.partial.npz"]
-  runs = _run_two_processes([f"--models={spec}", f"--data_dir={setup['data']}",
+  runs = _run_two_processes([f"--vision_models={spec}", f"--data_dir={setup['data']}",
                              f"--output_dir={tmp_path}", "--batch_size=5", "--checkpoint_every=1",
                              "--noprogress"])
   assert "resuming after 5 of 12 rows" in runs[0].stderr

@@ -1,10 +1,11 @@
-"""groundtruth's tables: per-candidate means and the seed-to-seed spread, on hand-computed cases."""
+"""The ground truth's tables (``training.groundtruth``): per-candidate means and the seed-to-seed
+spread, on hand-computed cases; its candidates and file names."""
 
 from __future__ import annotations
 
 import pytest
 
-from vlmsel_jax import groundtruth
+from vlmsel_jax.training import groundtruth
 
 
 def _run(candidate, seed, accuracy, a_score=-1.0):
@@ -32,7 +33,7 @@ def test_summary_means_and_spread_by_hand():
 
 
 def test_runs_file_round_trip_and_errors(tmp_path):
-  output = str(tmp_path / "gt.csv")
+  output = str(tmp_path)
   runs = [_run("a", 0, 0.6), _run("a", 1, 0.65)]
   groundtruth.write_tables(output, runs, ["a"])
   back = groundtruth.read_runs(groundtruth.runs_path(output))
@@ -42,7 +43,12 @@ def test_runs_file_round_trip_and_errors(tmp_path):
   # single process.
   assert [{k: r[k] for k in ("questions", "stage1_steps", "stage2_steps")} for r in back] == [
       {"questions": 300, "stage1_steps": 80, "stage2_steps": 80}] * 2
-  json_path = str(tmp_path / "gt.json")
+  json_path = str(tmp_path / "groundtruth.json")
+  assert groundtruth.summary_path(output) == json_path
+  assert groundtruth.runs_path(output) == str(tmp_path / "groundtruth_runs.csv")
+  assert [r["candidate"] for r in groundtruth.read_runs(str(tmp_path / "groundtruth_runs.csv"))
+          ] == ["a", "a"]
+  assert open(groundtruth.table_path(output)).readline().startswith("candidate,vision_layer,")
   first = open(json_path).read()
   groundtruth.write_tables(output, back, ["a"])
   assert open(json_path).read() == first
@@ -58,3 +64,19 @@ def test_runs_file_round_trip_and_errors(tmp_path):
   bad.write_text("candidate,seed,accuracy,a_score,questions\na,0,0.5,-1,many\n")
   with pytest.raises(groundtruth.GroundTruthError, match=r"bad_runs.csv:2: .* count"):
     groundtruth.read_runs(str(bad))
+
+
+def test_candidates_and_their_directories():
+  # Without LLMs each vision candidate trains with the one LLM and is named by the vision alone.
+  assert groundtruth.candidate_grid(["v@layer=-3", "w"], ["v@layer=-3", "w"], [], [], "l") == [
+      ("v@layer=-3", "v@layer=-3", "l"), ("w", "w", "l")]
+  # With them, every (vision, LLM) pair, vision-major, named <vision>+<llm>.
+  assert groundtruth.candidate_grid(["/m/v"], ["v"], ["/m/a", "org/b"], ["a", "org/b"]) == [
+      ("v+a", "/m/v", "/m/a"), ("v+org/b", "/m/v", "org/b")]
+  assert groundtruth.candidate_dir("out", "org/b") == "out/runs/org_b"
+  assert groundtruth.curves_path("out", 2) == "out/groundtruth_curves_seed2.csv"
+  budget = groundtruth.StageBudget(2, 1e-3, 8, 16, 0.0)
+  with pytest.raises(groundtruth.GroundTruthError, match="distinct seeds"):
+    groundtruth.Options(budget, budget, seeds=(1, 1))
+  with pytest.raises(groundtruth.GroundTruthError, match=r"in \(0, 1\)"):
+    groundtruth.Options(budget, budget, curve_fractions=(1.0,))

@@ -129,7 +129,7 @@ def test_assignment_oracle_is_an_optimal_permutation(kind):
 
 def test_assignment_oracle_falls_back_when_the_simplex_gives_no_permutation(monkeypatch):
   cost = np.random.default_rng(2).random((20, 20))
-  monkeypatch.setattr(gw.ot, "emd", lambda a, b, m, **k: (np.full(m.shape, 1 / 400),
+  monkeypatch.setattr(ot, "emd", lambda a, b, m, **k: (np.full(m.shape, 1 / 400),
                                                            {"result_code": 1}))
   import scipy.optimize
   np.testing.assert_array_equal(gw._assignment_host(cost),
@@ -437,10 +437,9 @@ def test_flag_errors_name_the_flag_in_one_line(solver, flag_values, match):
 
 def test_score_flag_defaults_are_the_records_defaults():
   """The score binary's --gw_* defaults give every solver exactly its record's defaults."""
-  import importlib
   from absl import flags
-  score = importlib.import_module("vlmsel_jax.score")  # Defines the --gw_* flags.
-  assert {f.name for f in score._GW_FLAGS} == set(gw.FLAGS)  # pylint: disable=protected-access
+  from vlmsel_jax.scoring import flags as scoring_flags  # Defines the --gw_* flags.
+  assert {f.name for f in scoring_flags.GW_FLAGS} == set(gw.FLAGS)
   defaults = {f: flags.FLAGS[f].default for f in gw.FLAGS}
   for solver, cls in gw.OPTIONS.items():
     assert gw.options_from_flags(solver, **defaults) == cls(), solver

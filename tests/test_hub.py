@@ -163,7 +163,7 @@ def test_score_binary_scores_hub_models_offline(hub, tmp_path):
 
 def test_extract_binary_missing_hub_id_is_one_line(hub, tmp_path):
   proc = subprocess.run(
-      [sys.executable, "-m", "vlmsel_jax.extract", f"--models={hf.CLIP},vlmsel-test/absent",
+      [sys.executable, "-m", "vlmsel_jax.extract", f"--vision_models={hf.CLIP},vlmsel-test/absent",
        f"--data_dir={hub['data']}", f"--output_dir={tmp_path / 'banks'}", "--noprogress"],
       env=_env(hub), capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0
@@ -186,7 +186,8 @@ def _run(module, argv):
 def test_extract_binary_writes_banks_of_hub_models(offline, tmp_path):
   from vlmsel_jax import extract  # pylint: disable=g-import-not-at-top
   from vlmsel_jax.features import feature_bank  # pylint: disable=g-import-not-at-top
-  _run(extract, [f"--models={hf.SIGLIP},{hf.QWEN2}@v2", f"--data_dir={offline['data']}",
+  _run(extract, [f"--vision_models={hf.SIGLIP}", f"--text_models={hf.QWEN2}@v2",
+                 f"--data_dir={offline['data']}",
                  f"--output_dir={tmp_path}", "--noprogress"])
   bank = feature_bank.load_bank(str(tmp_path / "vlmsel-test--qwen2-tiny@v2.safetensors"))
   assert bank.name == f"{hf.QWEN2}@v2" and bank.features.shape == (8, 32)
@@ -195,19 +196,19 @@ def test_extract_binary_writes_banks_of_hub_models(offline, tmp_path):
 
 
 def test_correspondence_score_binary_takes_a_hub_id(hub, tmp_path):
-  out = tmp_path / "c.json"
+  out = tmp_path / "c"
   proc = subprocess.run(
-      [sys.executable, "-m", "vlmsel_jax.correspondence_score", f"--models={hf.CLIP}",
-       "--pairs=homography", "--homography_images=astronaut", "--pairs_per_image=1",
-       "--num_keypoints=10", f"--output={out}", "--noprogress"],
+      [sys.executable, "-m", "vlmsel_jax.correspondence_score", f"--vision_models={hf.CLIP}",
+       "--c_score_pairs=homography", "--c_score_images=astronaut", "--c_score_pairs_per_image=1",
+       "--c_score_keypoints=10", f"--output_dir={out}", "--noprogress"],
       env=_env(hub), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  r = json.loads(out.read_text())["models"][hf.CLIP]
+  r = json.loads((out / "c_scores.json").read_text())["models"][hf.CLIP]
   assert r["keypoints"] == 10 and 0.0 <= r["c_score"] <= 100.0
 
 
-def _train_flags(hub, workdir):
-  return [f"--llm={hf.QWEN2}", f"--data=folder:{hub['data']}", f"--workdir={workdir}",
+def _train_flags(hub, output_dir):
+  return [f"--llm_model={hf.QWEN2}", f"--data=folder:{hub['data']}", f"--output_dir={output_dir}",
           "--stage=1", "--max_steps=1", "--batch_size=8", "--max_len=24", "--image_tokens=mean",
           "--save_every=1",
           "--log_every=1", "--eval_limit=8", "--eval_batch_size=8"]
@@ -216,12 +217,12 @@ def _train_flags(hub, workdir):
 def test_train_and_a_score_binaries_take_hub_ids(offline, tmp_path):
   from vlmsel_jax import a_score  # pylint: disable=g-import-not-at-top
   from vlmsel_jax import train  # pylint: disable=g-import-not-at-top
-  _run(train, _train_flags(offline, tmp_path / "t") + [f"--vision={hf.DINOV2}"])
+  _run(train, _train_flags(offline, tmp_path / "t") + [f"--vision_model={hf.DINOV2}"])
   summary = json.loads((tmp_path / "t" / "summary.json").read_text())
   assert summary["steps"] == 1
-  output = tmp_path / "a" / "a.csv"
+  output = tmp_path / "a" / "a_scores.csv"
   _run(a_score, _train_flags(offline, tmp_path / "a") + [
-      f"--vision_candidates={hf.CLIP}@layer=-1,{hf.DINOV2}@layer=-2", f"--a_score_output={output}",
+      f"--vision_models={hf.CLIP}@layer=-1,{hf.DINOV2}@layer=-2",
       f"--eval_data=folder:{offline['data']}"])
   with open(output, newline="") as f:
     rows = list(csv.DictReader(f))
@@ -234,10 +235,10 @@ def test_train_and_a_score_binaries_take_hub_ids(offline, tmp_path):
 def test_groundtruth_binary_takes_hub_ids(offline, tmp_path, monkeypatch):
   from vlmsel_jax import groundtruth  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(sys, "argv", ["groundtruth"])
-  output = tmp_path / "gt.csv"
+  output = tmp_path / "w" / "groundtruth.csv"
   _run(groundtruth, [
-      f"--vision_candidates={hf.SIGLIP}", f"--llm={hf.QWEN2}", "--data=easy-vqa",
-      f"--workdir={tmp_path / 'w'}", f"--groundtruth_output={output}", "--image_tokens=mean",
+      f"--vision_models={hf.SIGLIP}", f"--llm_model={hf.QWEN2}", "--data=easy-vqa",
+      f"--output_dir={tmp_path / 'w'}", "--image_tokens=mean",
       "--lora_rank=2", "--stage1_steps=1", "--stage2_steps=1", "--stage1_batch_size=8",
       "--stage2_batch_size=8", "--stage1_max_len=48", "--stage2_max_len=96",
       "--a_score_limit=8", "--vqa_limit=8", "--eval_batch_size=8", "--save_every=1"])
@@ -249,12 +250,12 @@ def test_groundtruth_binary_takes_hub_ids(offline, tmp_path, monkeypatch):
 @needs_easy_vqa
 def test_select_live_modes_take_hub_ids(offline, tmp_path):
   from vlmsel_jax import select  # pylint: disable=g-import-not-at-top
-  out = tmp_path / "llm" / "llm.json"
-  _run(select, ["--method=mordal_llm_similarity", f"--llm_similarity_vision={hf.CLIP}",
-                f"--llm_similarity_llms={hf.QWEN2},{hf.QWEN2}@v2", "--data=easy-vqa",
-                f"--workdir={tmp_path / 'warm'}", "--max_steps=1", "--batch_size=8",
+  out = tmp_path / "llm" / "mordal_llm_similarity.json"
+  _run(select, ["--method=mordal_llm_similarity", f"--vision_models={hf.CLIP}",
+                f"--llm_models={hf.QWEN2},{hf.QWEN2}@v2", "--data=easy-vqa",
+                "--max_steps=1", "--batch_size=8",
                 "--max_len=48", "--image_tokens=mean", "--eval_limit=8", "--eval_batch_size=8",
-                f"--output={out}"])
+                f"--output_dir={out.parent}"])
   payload = json.loads(out.read_text())
   assert payload["llms"] == [hf.QWEN2, f"{hf.QWEN2}@v2"]
   assert np.asarray(payload["vision"][hf.CLIP]["cka"]).shape == (2, 2)
@@ -264,18 +265,18 @@ def test_select_live_modes_take_hub_ids(offline, tmp_path):
   llm_csv = tmp_path / "l.csv"
   llm_csv.write_text(f"name,{hf.QWEN2}\n{hf.QWEN2},1\n")
   output = tmp_path / "mordal" / "mordal.json"
-  _run(select, ["--method=mordal", "--mordal_live",
-                f"--mordal_candidates={hf.CLIP}|{hf.QWEN2},{hf.SIGLIP}|{hf.QWEN2}",
+  _run(select, ["--method=mordal", "--mordal_live", f"--vision_models={hf.CLIP},{hf.SIGLIP}",
+                f"--llm_models={hf.QWEN2}",
                 f"--vision_similarity={vision_csv}", f"--llm_similarity={llm_csv}",
                 "--mordal_initial_budget=0.5", "--mordal_rounds=1", "--mordal_top_clusters=2",
                 "--mordal_fractions=0.5,1.0", "--mordal_min_points=2", "--stage=2",
-                "--data=easy-vqa", "--eval_data=easy-vqa", f"--workdir={tmp_path / 'runs'}",
+                "--data=easy-vqa", "--eval_data=easy-vqa",
                 "--max_steps=2", "--batch_size=8", "--max_len=96", "--image_tokens=mean",
                 "--lora_rank=2", "--save_every=1",
-                "--eval_limit=8", "--eval_batch_size=8", f"--output={output}"])
+                "--eval_limit=8", "--eval_batch_size=8", f"--output_dir={output.parent}"])
   ranking = json.loads(output.read_text())["ranking"]
   assert set(ranking) == {f"{hf.CLIP}+{hf.QWEN2}", f"{hf.SIGLIP}+{hf.QWEN2}"}
-  assert (tmp_path / "runs" / "vlmsel-test--clip-vit-tiny+vlmsel-test--qwen2-tiny").is_dir()
+  assert (output.parent / "runs" / "vlmsel-test--clip-vit-tiny+vlmsel-test--qwen2-tiny").is_dir()
 
 
 def test_dcd_binary_takes_hub_ids(offline, tmp_path):
@@ -292,9 +293,9 @@ def test_dcd_binary_takes_hub_ids(offline, tmp_path):
       f"{m},{t},{v}\n" for m, t, v in ((hf.CLIP, "t0", 0.5), (hf.CLIP, "t1", 0.6),
                                        (hf.DINOV2, "t0", 0.7), (hf.DINOV2, "t1", 0.3))))
   out = tmp_path / "dcd" / "dcd.json"
-  _run(select, ["--method=dcd", f"--dcd_models={hf.CLIP},{hf.DINOV2}",
-                f"--dcd_tasks={','.join(tasks)}", f"--dcd_accuracy={acc}", "--dcd_steps=2",
-                "--dcd_images_per_task=2", f"--output={out}"])
+  _run(select, ["--method=dcd", f"--vision_models={hf.CLIP},{hf.DINOV2}",
+                f"--dcd_tasks={','.join(tasks)}", f"--ground_truth={acc}", "--dcd_steps=2",
+                "--dcd_images_per_task=2", f"--output_dir={out.parent}"])
   assert set(json.loads(out.read_text())["profiles"]) == {hf.CLIP, hf.DINOV2}
 
 

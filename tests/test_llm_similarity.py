@@ -21,7 +21,7 @@ from vlmsel_jax import select
 from vlmsel_jax.models import vlm
 from vlmsel_jax.scores import cka
 from vlmsel_jax.selection import llm_similarity
-from vlmsel_jax.selection import mordal_cli
+from vlmsel_jax.selection import tables
 from vlmsel_jax.training import checkpoint as ckpt_lib
 from vlmsel_jax.training import loop
 from vlmsel_jax.training import step as step_lib
@@ -101,20 +101,20 @@ def test_select_binary_writes_a_matrix_the_mordal_search_reads(models, tmp_path,
   real = llm_similarity.llm_similarity
   monkeypatch.setattr(llm_similarity, "llm_similarity",
                       lambda *a, **k: real(*a, **{**k, "train_source": train}))
-  out = tmp_path / "out" / "llm.json"
+  out = tmp_path / "out" / "mordal_llm_similarity.json"
   FLAGS.unparse_flags()
-  FLAGS(["select", "--method=mordal_llm_similarity", f"--llm_similarity_vision={models['vit']}",
-         f"--llm_similarity_llms={models['llama']},{models['gemma3']}", "--data=unused",
-         f"--workdir={tmp_path / 'warm'}", "--max_steps=4", "--batch_size=8", "--max_len=32",
+  FLAGS(["select", "--method=mordal_llm_similarity", f"--vision_models={models['vit']}",
+         f"--llm_models={models['llama']},{models['gemma3']}", "--data=unused",
+         "--max_steps=4", "--batch_size=8", "--max_len=32",
          "--vision_layer=-2", "--learning_rate=1e-2", "--eval_batch_size=8",
-         f"--output={out}"])
+         f"--output_dir={out.parent}"])
   try:
     payload = select.run_method()
   finally:
     FLAGS.unparse_flags()
   entry = payload["vision"][models["vit"]]
-  csv_path = str(out.parent / ("llm" + entry["csv_suffix"]))
-  names, matrix = mordal_cli.read_similarity(csv_path)
+  csv_path = str(out.parent / ("mordal_llm_similarity" + entry["csv_suffix"]))
+  names, matrix = tables.read_similarity(csv_path)
   assert names == [models["llama"], models["gemma3"]]
   np.testing.assert_allclose(matrix, np.asarray(entry["cka"]), atol=1e-6)
   assert json.loads(out.read_text())["images"] == 16

@@ -15,7 +15,8 @@ from sklearn.cluster import AgglomerativeClustering
 from vlmsel_jax.scoring import report
 from vlmsel_jax import select
 from vlmsel_jax.selection import mordal
-from vlmsel_jax.selection import mordal_cli
+from vlmsel_jax.selection import mordal_replay
+from vlmsel_jax.selection import tables
 
 FLAGS = flags.FLAGS
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -209,13 +210,13 @@ def test_replay_config_end_to_end(tmp_path):
   cwd = os.getcwd()
   os.chdir(REPO)
   try:
-    result = _run([f"--flagfile={flagfile}", f"--output={out}"])
+    result = _run([f"--flagfile={flagfile}", f"--output_dir={out.parent}"])
   finally:
     os.chdir(cwd)
   data = json.load(open(out))
   assert {"ranking", "top1", "cost", "grid_cost", "weighted_tau"} <= set(data)
   assert data["ranking"] == result["ranking"] and len(data["ranking"]) == 24
-  _, curves = mordal_cli.read_curves(os.path.join(REPO, "configs/data/mordal_curves.csv"))
+  _, curves = tables.read_curves(os.path.join(REPO, "configs/data/mordal_curves.csv"))
   truth = {c: per[1.0][0] for c, per in curves.items()}
   assert data["grid_cost"] == pytest.approx(sum(per[1.0][1] for per in curves.values()))
   # Cost = Σ over trained candidates of the cost of the largest fraction reached.
@@ -277,7 +278,7 @@ def test_replay_bad_tables_are_one_clear_error(tmp_path, case, match):
   if case == "lookup":
     config = mordal.MordalConfig()
   with pytest.raises(mordal.MordalError, match=match):
-    mordal_cli.replay(curves, v, [l], config)
+    mordal_replay.replay(curves, v, [l], config)
 
 
 def test_replay_of_two_files_is_the_replay_of_their_union(tmp_path):
@@ -293,8 +294,8 @@ def test_replay_of_two_files_is_the_replay_of_their_union(tmp_path):
   l = _matrix(tmp_path, "l.csv", ["l1", "l2"], [[1.0, 0.1], [0.1, 1.0]])
   config = mordal.MordalConfig(initial_budget=0.5, fractions=(0.5, 1.0), min_points=2,
                                vision_threshold=0.5, llm_threshold=0.5, top_clusters=2)
-  split = mordal_cli.replay([str(tmp_path / "one.csv"), str(tmp_path / "two.csv")], v, [l], config)
-  union = mordal_cli.replay(str(tmp_path / "both.csv"), v, [l], config)
+  split = mordal_replay.replay([str(tmp_path / "one.csv"), str(tmp_path / "two.csv")], v, [l], config)
+  union = mordal_replay.replay(str(tmp_path / "both.csv"), v, [l], config)
   assert split["inputs"]["curves"] == [str(tmp_path / "one.csv"), str(tmp_path / "two.csv")]
   del split["inputs"], union["inputs"]
   assert split == union
@@ -303,10 +304,10 @@ def test_replay_of_two_files_is_the_replay_of_their_union(tmp_path):
   # A candidate in both files is an error naming both.
   (tmp_path / "dup.csv").write_text(header + "\n".join(one[:2]) + "\n")
   with pytest.raises(mordal.MordalError, match=r"dup.csv:2: candidate 'a' is also in .*one.csv"):
-    mordal_cli.read_curves([str(tmp_path / "one.csv"), str(tmp_path / "dup.csv")])
+    tables.read_curves([str(tmp_path / "one.csv"), str(tmp_path / "dup.csv")])
   (tmp_path / "empty.csv").write_text(header)
   with pytest.raises(mordal.MordalError, match=r"empty.csv: no rows"):
-    mordal_cli.read_curves([str(tmp_path / "one.csv"), str(tmp_path / "empty.csv")])
+    tables.read_curves([str(tmp_path / "one.csv"), str(tmp_path / "empty.csv")])
 
 
 def test_llm_similarity_per_medoid_whose_names_and_paths_contain_equals_signs(tmp_path):
@@ -321,16 +322,38 @@ def test_llm_similarity_per_medoid_whose_names_and_paths_contain_equals_signs(tm
   far = _matrix(tmp_path, "llm_w.csv", ["l1", "l2"], [[1.0, 0.1], [0.1, 1.0]])
   config = mordal.MordalConfig(initial_budget=0.5, fractions=(0.5, 1.0), min_points=2,
                                vision_threshold=0.5, llm_threshold=0.5, top_clusters=3)
-  out = mordal_cli.replay(curves, v, [f"v@layer=-5={near}", f"w={far}"], config)
+  out = mordal_replay.replay(curves, v, [f"v@layer=-5={near}", f"w={far}"], config)
   sizes = sorted((c["vision_medoid"], len(c["members"])) for c in out["clusters"])
   assert sizes == [("v@layer=-5", 2), ("w", 1), ("w", 1)]
   with pytest.raises(mordal.MordalError, match=r"--llm_similarity 'w=nowhere.csv': no such file"):
-    mordal_cli.replay(curves, v, [f"v@layer=-5={near}", "w=nowhere.csv"], config)
+    mordal_replay.replay(curves, v, [f"v@layer=-5={near}", "w=nowhere.csv"], config)
   with pytest.raises(mordal.MordalError, match=r"no LLM similarity matrix for vision medoid 'w'"):
-    mordal_cli.replay(curves, v, [f"v@layer=-5={near}"], config)
+    mordal_replay.replay(curves, v, [f"v@layer=-5={near}"], config)
 
 
 # --- live mode -----------------------------------------------------------------------------------
+
+def test_live_candidates_are_every_encoder_with_every_llm_at_their_own_tower_layer():
+  from vlmsel_jax.models import vlm  # pylint: disable=g-import-not-at-top
+  from vlmsel_jax.selection import mordal_live  # pylint: disable=g-import-not-at-top
+  from vlmsel_jax.training import loop  # pylint: disable=g-import-not-at-top
+
+  grid = mordal_live.candidate_grid(["/m/vit_a", "enc@layer=-5"], ["/m/llm", "/m/llm_b"])
+  assert grid == {("/m/vit_a", "/m/llm"): "vit_a+llm", ("/m/vit_a", "/m/llm_b"): "vit_a+llm_b",
+                  ("enc@layer=-5", "/m/llm"): "enc@layer=-5+llm",
+                  ("enc@layer=-5", "/m/llm_b"): "enc@layer=-5+llm_b"}
+  with pytest.raises(mordal.MordalError, match=r"needs --vision_models and --llm_models"):
+    mordal_live.candidate_grid(["/m/vit_a"], [])
+  with pytest.raises(mordal.MordalError, match=r"--vision_models lists a model twice"):
+    mordal_live.candidate_grid(["/m/vit_a", "/m/vit_a"], ["/m/llm"])
+  # A spec's own @layer= is its tower layer; the others keep the recipe's (--vision_layer).
+  base = loop.TrainConfig(vision="/m/vit_a", llm="/m/llm", stage=2, data="d", workdir="w",
+                          vlm=vlm.VLMConfig(vision_layer=-2))
+  own = mordal_live.candidate_config(base, "enc@layer=-5", "/m/llm_b", max_steps=3)
+  assert (own.vision, own.llm, own.vlm.vision_layer, own.max_steps) == (
+      "enc@layer=-5", "/m/llm_b", -5, 3)
+  assert mordal_live.candidate_config(base, "/m/vit_b", "/m/llm").vlm.vision_layer == -2
+
 
 def test_live_mode_trains_continuing_checkpoints_and_records_replayable_curves(tmp_path, capsys):
   """Mordal live mode on two tiny VLM candidates: real training runs, continued not restarted."""
@@ -359,16 +382,16 @@ def test_live_mode_trains_continuing_checkpoints_and_records_replayable_curves(t
   llm_csv = tmp_path / "l.csv"
   llm_csv.write_text(f"name,{llm}\n{llm},1\n")
   output = tmp_path / "out" / "mordal.json"
-  _run(["--method=mordal", "--mordal_live",
-               f"--mordal_candidates={vits[0]}|{llm},{vits[1]}|{llm}",
-               f"--vision_similarity={vision_csv}", f"--llm_similarity={llm_csv}",
-               "--mordal_initial_budget=0.25", "--mordal_rounds=1", "--mordal_top_clusters=2",
-               "--mordal_fractions=0.25,0.5,1.0", "--mordal_min_points=3",
-               "--stage=2", f"--data=llava:{data}@{images}", "--data_kind=conversation",
-               f"--eval_data=llava:{data}@{images}", f"--workdir={tmp_path / 'runs'}",
-               "--max_steps=4", "--batch_size=8", "--max_len=32", "--learning_rate=1e-2",
-               "--lora_rank=4", "--save_every=1", "--eval_limit=8", "--eval_batch_size=8",
-               f"--output={output}"])
+  _run(["--method=mordal", "--mordal_live", f"--vision_models={vits[0]},{vits[1]}",
+        f"--llm_models={llm}",
+        f"--vision_similarity={vision_csv}", f"--llm_similarity={llm_csv}",
+        "--mordal_initial_budget=0.25", "--mordal_rounds=1", "--mordal_top_clusters=2",
+        "--mordal_fractions=0.25,0.5,1.0", "--mordal_min_points=3",
+        "--stage=2", f"--data=llava:{data}@{images}", "--data_kind=conversation",
+        f"--eval_data=llava:{data}@{images}",
+        "--max_steps=4", "--batch_size=8", "--max_len=32", "--learning_rate=1e-2",
+        "--lora_rank=4", "--save_every=1", "--eval_limit=8", "--eval_batch_size=8",
+        f"--output_dir={output.parent}"])
   payload = json_lib.loads(output.read_text())
   assert payload["mode"] == "live" and payload["grid_cost"] == 8.0
   assert set(payload["ranking"]) == {"vit0+llm", "vit1+llm"}
@@ -381,7 +404,7 @@ def test_live_mode_trains_continuing_checkpoints_and_records_replayable_curves(t
     reached[name] = max(reached.get(name, 0.0), float(cost))
   assert payload["cost"] == sum(reached.values())
   for name, steps in reached.items():
-    _, meta = checkpoint.restore_params(str(tmp_path / "runs" / name / "checkpoints"))
+    _, meta = checkpoint.restore_params(str(tmp_path / "out" / "runs" / name / "checkpoints"))
     assert meta["step"] == steps
   # A line per training call as it finished (in the curves' order): a running count (the number
   # of calls is not known in advance), what was trained, the search's cost so far against the
@@ -426,7 +449,7 @@ def test_replay_on_the_ground_truths_own_learning_curves(tmp_path, flagfile, ste
   cwd = os.getcwd()
   os.chdir(REPO)
   try:
-    _run([f"--flagfile={os.path.join(REPO, flagfile)}", f"--output={out}"])
+    _run([f"--flagfile={os.path.join(REPO, flagfile)}", f"--output_dir={out.parent}"])
   finally:
     os.chdir(cwd)
   data = json.load(open(out))
@@ -457,7 +480,7 @@ def test_similarity_csv_round_trips_names_with_commas_quotes_and_hub_ids(tmp_pat
   matrix = np.round(rng.uniform(size=(5, 5)), 6)
   path = tmp_path / "vision_cka.csv"
   path.write_text(report.similarity_csv(names, matrix))
-  got_names, got = mordal_cli.read_similarity(str(path))
+  got_names, got = tables.read_similarity(str(path))
   assert got_names == names
   np.testing.assert_array_equal(got, matrix)
   # The file is plain CSV: any csv reader sees one field per name.

@@ -58,7 +58,7 @@ def _run_processes(argvs: list[list[str]]) -> list[subprocess.CompletedProcess]:
 def test_multiprocess_score_matches_single_process(banks):
   names, feats, text, paths, text_path, d = banks
   port = multiprocess_util.free_port()
-  argvs = [[f"--candidates={','.join(paths)}", f"--text={text_path}",
+  argvs = [[f"--banks={','.join(paths)}", f"--text_bank={text_path}",
             f"--output_dir={d / f'out{i}'}", f"--coordinator_address=127.0.0.1:{port}",
             "--num_processes=2", f"--process_id={i}"] + FLAGS for i in range(2)]
   results = _run_processes(argvs)
@@ -86,8 +86,8 @@ def test_multiprocess_score_matches_single_process(banks):
 
 def test_multiprocess_half_specified_settings_fail_with_one_line(banks):
   _, _, _, paths, text_path, d = banks
-  r = subprocess.run([sys.executable, "-m", "vlmsel_jax.score", f"--candidates={paths[0]}",
-                      f"--text={text_path}", f"--output_dir={d / 'bad'}", "--num_processes=2"]
+  r = subprocess.run([sys.executable, "-m", "vlmsel_jax.score", f"--banks={paths[0]}",
+                      f"--text_bank={text_path}", f"--output_dir={d / 'bad'}", "--num_processes=2"]
                      + FLAGS, env=multiprocess_util.cpu_env(1), capture_output=True, text=True, timeout=TIMEOUT_S)
   assert r.returncode == 1
   last = r.stderr.strip().splitlines()[-1]

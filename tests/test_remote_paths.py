@@ -40,11 +40,12 @@ from PIL import Image
 from vlmsel_jax.runtime import atomic
 from vlmsel_jax.features import extraction
 from vlmsel_jax.features import feature_bank as fb
-from vlmsel_jax import groundtruth
 from vlmsel_jax import score
-from vlmsel_jax.selection import evaluate as sel_evaluate
-from vlmsel_jax.selection import mordal_cli
+from vlmsel_jax.selection import judge
+from vlmsel_jax.selection import reports as sel_reports
+from vlmsel_jax.selection import tables as sel_tables
 from vlmsel_jax.training import checkpoint as ckpt_lib
+from vlmsel_jax.training import groundtruth
 from vlmsel_jax.training import loop
 
 BUCKET = "bkt"
@@ -431,24 +432,23 @@ def test_score_binary_writes_output_dir_to_a_bucket_as_locally(gcs, tmp_path):
 
 def test_selection_result_files_and_tables_in_a_bucket(gcs, tmp_path):
   payload = {"a": 1}
-  local = sel_evaluate.write_result_files(str(tmp_path / "sel" / "out.json"), payload, "# md\n",
+  local = sel_reports.write_result_files(str(tmp_path / "sel"), "out", payload, "# md\n",
+                                         extra={"_t.csv": "x,y\n1,2\n"})
+  remote = sel_reports.write_result_files(f"gs://{BUCKET}/sel", "out", payload, "# md\n",
                                           extra={"_t.csv": "x,y\n1,2\n"})
-  remote = sel_evaluate.write_result_files(f"gs://{BUCKET}/sel/out.json", payload, "# md\n",
-                                           extra={"_t.csv": "x,y\n1,2\n"})
   assert remote == [f"gs://{BUCKET}/sel/{n}" for n in ("out.json", "out.md", "out_t.csv")]
   assert _keys(gcs) == ["sel/out.json", "sel/out.md", "sel/out_t.csv"]
   for path, name in zip(local, ("out.json", "out.md", "out_t.csv")):
     assert _get(gcs, f"sel/{name}") == open(path, "rb").read()
   FakeGCS.put(f"{BUCKET}/t/truth.csv", b"candidate,task,accuracy\na,t,0.5\nb,t,0.7\n")
-  assert sel_evaluate.read_long_table(f"gs://{BUCKET}/t/truth.csv", "accuracy") == {
+  assert judge.read_long_table(f"gs://{BUCKET}/t/truth.csv", "accuracy") == {
       "t": {"a": 0.5, "b": 0.7}}
   # Mordal's similarity tables (score's vision_cka.csv) read back from the bucket; a medoid name
   # with "=" in it still splits where the right-hand side is an existing (remote) file.
   table = f"gs://{BUCKET}/sim/llm.csv"
   FakeGCS.put(table[len("gs://"):], b"name,a,b\na,1,0.5\nb,0.5,1\n")
-  entry = mordal_cli._llm_similarity_entry  # pylint: disable=protected-access
-  assert entry(f"m@layer=-5={table}") == ("m@layer=-5", table)
-  names, matrix = mordal_cli.read_similarity(table)
+  assert sel_tables.similarity_entry(f"m@layer=-5={table}") == ("m@layer=-5", table)
+  names, matrix = sel_tables.read_similarity(table)
   assert names == ["a", "b"] and matrix.tolist() == [[1.0, 0.5], [0.5, 1.0]]
 
 
@@ -570,16 +570,17 @@ def test_groundtruth_tables_in_a_bucket_round_trip_as_locally(gcs, tmp_path):
   runs = [{"candidate": "a", "seed": s, "accuracy": 0.6 + s / 10, "a_score": -1.0,
            "majority_accuracy": 0.3, "questions": 300, "stage1_steps": 8, "stage2_steps": 8,
            "date": "2026-01-01", "command": "cmd"} for s in (0, 1)]
-  for output in (str(tmp_path / "gt.csv"), f"gs://{BUCKET}/gt/gt.csv"):
-    groundtruth.write_tables(output, runs, ["a"])
+  for output_dir in (str(tmp_path), f"gs://{BUCKET}/gt"):
+    groundtruth.write_tables(output_dir, runs, ["a"])
     assert [(r["seed"], r["questions"]) for r in groundtruth.read_runs(
-        groundtruth.runs_path(output))] == [(0, 300), (1, 300)]
-  assert _keys(gcs) == ["gt/gt.csv", "gt/gt.json", "gt/gt_runs.csv"]
-  for name in ("gt.csv", "gt.json", "gt_runs.csv"):
+        groundtruth.runs_path(output_dir))] == [(0, 300), (1, 300)]
+  names = ("groundtruth.csv", "groundtruth.json", "groundtruth_runs.csv")
+  assert _keys(gcs) == [f"gt/{name}" for name in names]
+  for name in names:
     assert _get(gcs, f"gt/{name}") == (tmp_path / name).read_bytes()
   curves = f"gs://{BUCKET}/gt/curves.csv"
   atomic.write_text_atomic(curves, "candidate,accuracy\na,0.5\n")
   assert groundtruth.read_curves(curves) == [{"candidate": "a", "accuracy": "0.5"}]
-  with atomic.open_text(f"gs://{BUCKET}/gt/gt.csv", newline="") as f:
+  with atomic.open_text(f"gs://{BUCKET}/gt/groundtruth.csv", newline="") as f:
     assert next(csv.DictReader(f))["candidate"] == "a"
   assert groundtruth.read_curve_points(f"gs://{BUCKET}/gt") == {}

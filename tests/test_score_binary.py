@@ -12,10 +12,12 @@ from absl import flags
 
 from vlmsel_jax.features import feature_bank as fb
 from vlmsel_jax import score
+from vlmsel_jax.scoring import c_score_flags
+from vlmsel_jax.scoring import flags as scoring_flags
 from vlmsel_jax.scoring import synthetic
 from vlmsel_jax.scores import cka
 from vlmsel_jax.scores import gw
-from vlmsel_jax.selection import mordal_cli
+from vlmsel_jax.selection import tables as sel_tables
 
 FLAGS = flags.FLAGS
 FAST = ["--gw_anneal_iterations=10", "--noprogress"]
@@ -70,7 +72,7 @@ def test_synthetic_pool_outputs(tmp_path):
 def test_banks_are_paired_by_id_and_judged_against_ground_truth(banks, tmp_path):
   pool, text, paths, truth, _ = banks
   out = str(tmp_path / "out")
-  _run([f"--candidates={','.join(paths)}", f"--text={text}", "--metrics=gw,cka",
+  _run([f"--banks={','.join(paths)}", f"--text_bank={text}", "--metrics=gw,cka",
         f"--ground_truth={truth}", f"--output_dir={out}"])
   data = json.load(open(os.path.join(out, "scores.json")))
   assert data["candidates"] == ["isometric", "warp_1.5_noise_0.3", "random"]
@@ -84,7 +86,7 @@ def test_banks_are_paired_by_id_and_judged_against_ground_truth(banks, tmp_path)
   assert data["evaluation"]["cka"]["spearman"] == pytest.approx(1.0)
   assert "How well each score predicts the ground truth" in open(os.path.join(out, "report.md")).read()
   # The candidates' CKA with one another, in the square table Mordal's replay reads.
-  names, matrix = mordal_cli.read_similarity(os.path.join(out, "vision_cka.csv"))
+  names, matrix = sel_tables.read_similarity(os.path.join(out, "vision_cka.csv"))
   assert names == data["candidates"]
   feats = {"isometric": pool.candidates[0], "warp_1.5_noise_0.3": pool.candidates[5],
            "random": pool.candidates[11]}
@@ -94,7 +96,7 @@ def test_banks_are_paired_by_id_and_judged_against_ground_truth(banks, tmp_path)
 
 
 def test_variant_names_with_commas_reach_mordal_intact(banks, tmp_path):
-  # The project's variant syntax puts commas in names (absl list flags split --candidate_names on
+  # The project's variant syntax puts commas in names (absl list flags split --bank_names on
   # them, so the names come from each bank's 'name' metadata): vision_cka.csv must quote them.
   pool, text, _, _, _ = banks
   names = ["efficientnet-lite0@layer=-4,res=128", "org/name@layer=-2,res=128", 'q"uote,d']
@@ -104,9 +106,9 @@ def test_variant_names_with_commas_reach_mordal_intact(banks, tmp_path):
     fb.save_bank(p, pool.candidates[row], pool.ids, {"name": name})
     paths.append(p)
   out = str(tmp_path / "out")
-  _run([f"--candidates={','.join(paths)}", f"--text={text}", "--metrics=cka",
+  _run([f"--banks={','.join(paths)}", f"--text_bank={text}", "--metrics=cka",
         f"--output_dir={out}"])
-  got, matrix = mordal_cli.read_similarity(os.path.join(out, "vision_cka.csv"))
+  got, matrix = sel_tables.read_similarity(os.path.join(out, "vision_cka.csv"))
   assert got == names
   assert matrix.shape == (3, 3)
   np.testing.assert_array_equal(np.diag(matrix), 1.0)
@@ -146,11 +148,11 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(banks, tmp_path, case, 
   out = tmp_path / "out"
   out.mkdir()
   (out / "keep.txt").write_text("old")
-  argv = [f"--candidates={cands}", f"--text={text}", args, f"--output_dir={out}"]
+  argv = [f"--banks={cands}", f"--text_bank={text}", args, f"--output_dir={out}"]
   if case == "truth":
     argv.append(f"--ground_truth={truth}")
   if case == "small":
-    argv[1] = f"--text={_bad_bank(tmp_path, 'text3.npz', pool.text[:3])}"
+    argv[1] = f"--text_bank={_bad_bank(tmp_path, 'text3.npz', pool.text[:3])}"
   with pytest.raises(ValueError, match=match):
     _run(argv)
   assert sorted(os.listdir(out)) == ["keep.txt"]
@@ -161,7 +163,7 @@ def test_cli_error_is_one_line_and_nonzero(banks, tmp_path):
   _, text, _, _, _ = banks
   bad = _bad_bank(tmp_path, "nan.npz", np.full((60, 3), np.nan, np.float32))
   proc = subprocess.run(
-      [sys.executable, "-m", "vlmsel_jax.score", f"--candidates={bad}", f"--text={text}",
+      [sys.executable, "-m", "vlmsel_jax.score", f"--banks={bad}", f"--text_bank={text}",
        "--metrics=cka", f"--output_dir={tmp_path / 'out'}"],
       capture_output=True, text=True, timeout=120)
   assert proc.returncode == 1
@@ -182,7 +184,9 @@ def test_helpfull_documents_every_flag():
   proc = subprocess.run([sys.executable, "-m", "vlmsel_jax.score", "--helpfull"],
                         capture_output=True, text=True, timeout=120)
   text = " ".join((proc.stdout + proc.stderr).split())
-  ours = FLAGS.get_flags_for_module(score)
+  # The binary's own flags and those of the library flag modules it reads.
+  ours = [flag for module in (score, scoring_flags, c_score_flags)
+          for flag in FLAGS.get_flags_for_module(module)]
   assert len(ours) >= 30
   for flag in ours:
     shown = f"--[no]{flag.name}:" if flag.boolean else f"--{flag.name}:"

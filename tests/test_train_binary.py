@@ -3,6 +3,7 @@ on-disk data written by the test (a folder dataset for captions, LLaVA JSON for 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -17,6 +18,8 @@ from vlmsel_jax import a_score
 from vlmsel_jax import evaluate
 from vlmsel_jax import train
 from vlmsel_jax.training import checkpoint as ckpt_lib
+from vlmsel_jax.training import flags as train_flags
+from vlmsel_jax.training import loop
 from vlmsel_jax.training import evaluate_run
 
 FLAGS = flags.FLAGS
@@ -55,7 +58,7 @@ def world(tmp_path_factory):
 
 
 def _common(world):
-  return [f"--vision={world['vit']}", f"--llm={world['llm']}", "--batch_size=8",
+  return [f"--vision_model={world['vit']}", f"--llm_model={world['llm']}", "--batch_size=8",
           "--max_len=32", "--learning_rate=1e-2", "--save_every=2", "--log_every=1",
           "--eval_limit=8", "--eval_batch_size=4"]
 
@@ -63,7 +66,7 @@ def _common(world):
 def test_stage1_then_stage2_then_evaluate(world, capsys):
   s1 = str(world["root"] / "s1")
   _run(train, _common(world) + ["--stage=1", f"--data={world['folder_train']}",
-                                f"--eval_data={world['folder_test']}", f"--workdir={s1}",
+                                f"--eval_data={world['folder_test']}", f"--output_dir={s1}",
                                 "--max_steps=4"])
   summary = json.load(open(os.path.join(s1, "summary.json")))
   assert summary["steps"] == 4 and summary["eval"]["pairs"] == 8
@@ -73,7 +76,7 @@ def test_stage1_then_stage2_then_evaluate(world, capsys):
   s2 = str(world["root"] / "s2")
   _run(train, _common(world) + ["--stage=2", f"--data={world['llava_train']}",
                                 "--data_kind=conversation", f"--eval_data={world['llava_test']}",
-                                f"--workdir={s2}", f"--init_from={s1}", "--max_steps=3",
+                                f"--output_dir={s2}", f"--init_from={s1}", "--max_steps=3",
                                 "--lora_rank=4", "--system_prompt=Answer in one word.",
                                 "--max_len=48"])
   result = json.load(open(os.path.join(s2, "eval.json")))
@@ -85,17 +88,17 @@ def test_stage1_then_stage2_then_evaluate(world, capsys):
   meta = checkpointer.read_meta(checkpointer.latest_step())
   checkpointer.close()
   assert evaluate_run.config_from_meta(meta, s2).system_prompt == "Answer in one word."
-  _run(evaluate, [f"--workdir={s2}", f"--eval_data={world['llava_test']}", "--eval_limit=8",
+  _run(evaluate, [f"--output_dir={s2}", f"--eval_data={world['llava_test']}", "--eval_limit=8",
                   "--eval_batch_size=4"])
   assert json.load(open(os.path.join(s2, "eval.json")))["examples"] == result["examples"]
   capsys.readouterr()
   with pytest.raises(SystemExit) as bad:
-    _run(evaluate, [f"--workdir={s2}", f"--eval_data=folder:{world['root'] / 'missing'}"])
+    _run(evaluate, [f"--output_dir={s2}", f"--eval_data=folder:{world['root'] / 'missing'}"])
   assert bad.value.code == 1
   assert capsys.readouterr().err.strip().splitlines()[-1].startswith("evaluate: error: data spec")
 
   capsys.readouterr()
-  _run(evaluate, [f"--workdir={s1}", f"--eval_data={world['folder_test']}", "--eval_limit=8"])
+  _run(evaluate, [f"--output_dir={s1}", f"--eval_data={world['folder_test']}", "--eval_limit=8"])
   again = json.load(open(os.path.join(s1, "eval.json")))
   # Re-evaluating the same checkpoint on the same data gives the same A score.
   np.testing.assert_allclose(again["a_score"], summary["eval"]["a_score"], rtol=1e-6)
@@ -105,15 +108,19 @@ def test_a_score_binary_writes_one_row_per_candidate(world, capsys):
   output = str(world["root"] / "a" / "a_scores.csv")
   argv = _common(world) + ["--stage=1", f"--data={world['folder_train']}",
                            f"--eval_data={world['folder_test']}",
-                           f"--workdir={world['root'] / 'a'}", "--max_steps=2",
-                           f"--vision_candidates={world['vit']}@-1,{world['vit']}@layer=-2",
-                           f"--a_score_output={output}"]
+                           f"--output_dir={world['root'] / 'a'}", "--max_steps=2",
+                           f"--vision_models={world['vit']}@-1,{world['vit']}@layer=-2"]
   _run(a_score, argv)
   lines = open(output).read().splitlines()
   assert lines[0].startswith("candidate,vision,vision_layer,a_score")
   assert [line.split(",")[0] for line in lines[1:]] == ["vit@layer=-1", "vit@layer=-2"]
   assert [int(line.split(",")[2]) for line in lines[1:]] == [-1, -2]
   assert all(float(line.split(",")[7]) > 0 for line in lines[1:])  # final training loss
+  # The JSON beside the table, and each candidate's run under <output_dir>/runs/.
+  assert [r["candidate"] for r in json.load(open(world["root"] / "a" / "a_scores.json"))["rows"]
+          ] == ["vit@layer=-1", "vit@layer=-2"]
+  for name in ("vit@layer=-1", "vit@layer=-2"):
+    assert (world["root"] / "a" / "runs" / name / "checkpoints").is_dir()
   # A progress line per candidate as it finishes, counted over the two, timed.
   progress = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[")]
   assert len(progress) == 2
@@ -128,13 +135,47 @@ def test_a_score_binary_writes_one_row_per_candidate(world, capsys):
 
 
 def test_train_flag_errors_are_one_line(world):
-  with pytest.raises(Exception, match="--workdir is required"):
+  with pytest.raises(Exception, match="--output_dir is required"):
     _run(train, _common(world) + [f"--data={world['folder_train']}"])
   with pytest.raises(Exception, match="no such checkpoint directory"):
     _run(train, _common(world) + ["--stage=2", f"--data={world['llava_train']}",
                                   "--data_kind=conversation",
-                                  f"--workdir={world['root'] / 'bad'}",
+                                  f"--output_dir={world['root'] / 'bad'}",
                                   f"--init_from={world['root'] / 'missing'}"])
+
+
+def test_the_tower_layer_is_the_specs_else_vision_layer(tmp_path):
+  """One place decides the tower layer: a vision spec's own @layer=, else --vision_layer; the
+  VLM config (and so the checkpoint's meta) carries what it decided."""
+  base = ["train", "--data=easy-vqa", f"--output_dir={tmp_path}"]
+  FLAGS.unparse_flags()
+  FLAGS(base)
+  spec = "efficientnet-lite0@layer=-3,res=160"
+  assert train_flags.config_from_flags(vision="efficientnet-lite0", llm="x").vlm.vision_layer == -2
+  for argv in ([], ["--vision_layer=-1"], ["--vision_layer=-3"]):
+    FLAGS.unparse_flags()
+    FLAGS(base + argv)
+    config = train_flags.config_from_flags(vision=spec, llm="x")  # The spec's layer wins.
+    assert config.vlm.vision_layer == -3 and config.meta({})["vlm"]["vision_layer"] == -3
+    assert config.workdir == str(tmp_path)
+  plain = train_flags.config_from_flags(vision="efficientnet-lite0", llm="x")
+  assert plain.vlm.vision_layer == -3  # No layer of its own: --vision_layer.
+  other = train_flags.config_from_flags(vision="efficientnet-lite0@layer=-4", llm="x",
+                                        output_dir=str(tmp_path / "o"))
+  assert other.vlm.vision_layer == -4 and other.workdir == str(tmp_path / "o")
+  assert loop.tower_layer("efficientnet-lite0@-5", -2) == -5
+  assert loop.tower_layer("efficientnet-lite0@res=160", -1) == -1
+  # A config whose spec names another layer than its VLM config is refused, not mended.
+  with pytest.raises(ValueError, match=r"names layer -4, but the VLM config has vision_layer=-3"):
+    dataclasses.replace(plain, vision="efficientnet-lite0@layer=-4")
+  with pytest.raises(Exception, match="--vision_model is required"):
+    train_flags.config_from_flags(vision=None, llm="x")
+  with pytest.raises(Exception, match="--llm_model is required"):
+    train_flags.config_from_flags(vision=spec, llm=None)
+  FLAGS.unparse_flags()
+  FLAGS(["train", "--data=easy-vqa"])
+  with pytest.raises(Exception, match="--output_dir is required"):
+    train_flags.config_from_flags(vision=spec, llm="x")
 
 
 def test_majority_answer_reads_no_image(world, monkeypatch):

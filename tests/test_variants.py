@@ -2,7 +2,7 @@
 the C score; the score pool's precomputed scores; easy-vqa as an extraction dataset.
 
 References: EfficientNet-Lite run directly on ``models.efficientnet.preprocess`` (TensorFlow's
-recipe, with jax's resize) at the variant's size, and ``correspondence_score.score_records`` at
+recipe, with jax's resize) at the variant's size, and ``c_score.score_records`` at
 the variant's layer.
 """
 
@@ -18,12 +18,13 @@ import pytest
 from PIL import Image
 
 import vlm_fixtures as fx
-from vlmsel_jax import correspondence_score
 from vlmsel_jax.features import extraction
 from vlmsel_jax.features import feature_bank as fb
+from vlmsel_jax.scoring import c_score
 from vlmsel_jax.scoring import pool as scoring
 from vlmsel_jax import zoo
 from vlmsel_jax.data import registry
+from vlmsel_jax.models import vlm
 from vlmsel_jax.training import loop
 
 skimage_data = pytest.importorskip("skimage.data", reason="sample photos need scikit-image")
@@ -140,26 +141,27 @@ def test_variant_errors_name_the_spec(tmp_path):
 
 
 def test_train_config_takes_the_layer_of_the_vision_spec():
-  config = loop.TrainConfig(vision="efficientnet-lite0@layer=-3,res=160", llm="x", stage=1,
-                            data="easy-vqa", workdir="/tmp/unused")
+  spec = "efficientnet-lite0@layer=-3,res=160"
+  config = loop.TrainConfig(vision=spec, llm="x", stage=1, data="easy-vqa", workdir="/tmp/unused",
+                            vlm=vlm.VLMConfig(vision_layer=loop.tower_layer(spec, -2)))
   assert config.vlm.vision_layer == -3
   assert config.meta({})["vlm"]["vision_layer"] == -3
-  replaced = dataclasses.replace(config, vision="efficientnet-lite0@layer=-4")
-  assert replaced.vlm.vision_layer == -4
-  plain = dataclasses.replace(replaced, vision="efficientnet-lite0")
-  assert plain.vlm.vision_layer == -4  # No layer of its own: the configured one stays.
+  assert loop.tower_layer("efficientnet-lite0@layer=-4", -2) == -4
+  assert loop.tower_layer("efficientnet-lite0", -4) == -4  # No layer of its own: the default.
+  # The layer is resolved once: a config whose spec names another layer is refused.
+  with pytest.raises(ValueError, match="names layer -4"):
+    dataclasses.replace(config, vision="efficientnet-lite0@layer=-4")
 
 
 def test_c_scores_use_the_variant_layer_and_are_cached(tmp_path, monkeypatch):
   vit = fx.tiny_vit_dir(str(tmp_path / "vit"))
   options = dict(seed=0, homography_images=("astronaut",), pairs_per_image=1, num_keypoints=8)
   specs = [vit, f"{vit}@layer=1"]
-  got = correspondence_score.cached_c_scores(specs, str(tmp_path / "cache"), progress=False,
-                                             **options)
+  got = c_score.cached_c_scores(specs, str(tmp_path / "cache"), progress=False, **options)
   assert list(got) == ["vit", "vit@layer=1"]
   for spec, name, layer in ((vit, "vit", -2), (f"{vit}@layer=1", "vit@layer=1", 1)):
-    records, total = correspondence_score.load_records("homography", **options)
-    want = correspondence_score.score_records(zoo.load(vit), records, layer=layer, total=total)
+    records, total = c_score.load_records("homography", **options)
+    want = c_score.score_records(zoo.load(vit), records, layer=layer, total=total)
     assert got[name]["layer"] == layer
     assert got[name]["c_score"] == pytest.approx(want["c_score"], abs=1e-9)
 
@@ -167,11 +169,11 @@ def test_c_scores_use_the_variant_layer_and_are_cached(tmp_path, monkeypatch):
     raise AssertionError("a cached C score ran the model")
 
   monkeypatch.setattr(zoo.Resolved, "load", no_load)
-  assert correspondence_score.cached_c_scores(specs, str(tmp_path / "cache"), progress=False,
-                                              **options) == got
+  assert c_score.cached_c_scores(specs, str(tmp_path / "cache"), progress=False,
+                                 **options) == got
   with pytest.raises(AssertionError, match="ran the model"):  # Other options: computed anew.
-    correspondence_score.cached_c_scores(specs, str(tmp_path / "cache"), progress=False,
-                                         **{**options, "num_keypoints": 9})
+    c_score.cached_c_scores(specs, str(tmp_path / "cache"), progress=False,
+                            **{**options, "num_keypoints": 9})
 
 
 def test_precomputed_scores_are_ranked_and_judged_like_the_rest():

@@ -1,8 +1,9 @@
-r"""Evaluate a trained VLM run: ``python -m vlmsel_jax.evaluate --workdir=runs/lite0_s2``.
+r"""Evaluate a trained VLM run: ``python -m vlmsel_jax.evaluate --output_dir=runs/lite0_s2``.
 
 Reads the run's latest checkpoint (its meta says which models and VLM config), computes the A
 score (mean per-token caption log-likelihood, METHODS §4) and/or VQA accuracy with the
-majority-answer baseline, and writes ``eval.json`` into the workdir.
+majority-answer baseline, and writes ``eval.json`` into the run's directory
+(``--output_dir``, the one ``train`` wrote).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from vlmsel_jax.training import evaluate_run
 from vlmsel_jax.training import loop
 from vlmsel_jax.training import run_flags
 
-_WORKDIR = run_flags.WORKDIR
+_OUTPUT_DIR = run_flags.OUTPUT_DIR
 _DATA = run_flags.EVAL_DATA
 _METRICS = flags.DEFINE_list("eval_metrics", None, "a_score and/or vqa (default: a_score for a "
                              "stage-1 run, vqa for stage 2).")
@@ -35,17 +36,17 @@ _SYSTEM = run_flags.SYSTEM_PROMPT
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not _WORKDIR.value:
-    raise app.UsageError("--workdir is required")
+  if not _OUTPUT_DIR.value:
+    raise app.UsageError("--output_dir is required (the run's directory)")
   runtime_flags.initialize_from_flags()
-  directory = os.path.join(_WORKDIR.value, loop.CHECKPOINT_DIR)
+  directory = os.path.join(_OUTPUT_DIR.value, loop.CHECKPOINT_DIR)
   checkpointer = ckpt_lib.Checkpointer(directory, save_every=1, keep=1)
   step = checkpointer.latest_step()
   if step is None:
     raise app.UsageError(f"{directory}: no checkpoint to evaluate")
   meta = checkpointer.read_meta(step)
   checkpointer.close()
-  config = evaluate_run.config_from_meta(meta, _WORKDIR.value)
+  config = evaluate_run.config_from_meta(meta, _OUTPUT_DIR.value)
   if _SYSTEM.value is not None:
     config = dataclasses.replace(config, system_prompt=_SYSTEM.value)
   try:

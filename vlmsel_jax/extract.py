@@ -1,11 +1,12 @@
 r"""Extracts feature banks: each model's features of a paired image–caption dataset.
 
   python -m vlmsel_jax.extract --flagfile=my_extract.flags
-  python -m vlmsel_jax.extract --models=smollm2-135m,/models/clip-vit-b32 \
-      --data_dir=data/coco_val --output_dir=banks
+  python -m vlmsel_jax.extract --vision_models=/models/clip-vit-b32 \
+      --text_models=smollm2-135m --data_dir=data/coco_val --output_dir=banks
 
 Writes <output_dir>/<name>.safetensors per model (vision models: image features; text models:
 caption features), reusing banks whose inputs have not changed and resuming interrupted runs.
+The work is ``vlmsel_jax.features.extraction.extract``.
 """
 
 from __future__ import annotations
@@ -22,16 +23,20 @@ from vlmsel_jax.runtime import parallel
 from vlmsel_jax.runtime import flags as runtime_flags
 from vlmsel_jax import zoo
 
-MODELS = flags.DEFINE_list(
-    "models", [], "Models to extract: zoo names (" + ", ".join(zoo.names()) + "), local paths "
-    "(a Hugging Face model directory or a .gguf file) or Hugging Face Hub ids (org/name, "
-    "org/name@revision), each optionally with a variant: "
-    "efficientnet-lite0@layer=-3,res=160 (see vlmsel_jax.zoo).")
+_SPECS = ("zoo names (" + ", ".join(zoo.names()) + "), local paths (a Hugging Face model "
+          "directory or a .gguf file) or Hugging Face Hub ids (org/name, org/name@revision), "
+          "each optionally with a variant: efficientnet-lite0@layer=-3,res=160 (see "
+          "vlmsel_jax.zoo).")
+VISION_MODELS = flag_util.shared(flags.DEFINE_list, "vision_models", [],
+                                 "Vision models to extract (image features): " + _SPECS)
+TEXT_MODELS = flag_util.shared(flags.DEFINE_list, "text_models", [],
+                               "Text models to extract (caption features): " + _SPECS)
 OUTPUT_DIR = flag_util.shared(flags.DEFINE_string, "output_dir", None, "Where results are "
                               "written.")
-LAYER = flags.DEFINE_integer(
-    "layer", None, "Hidden-state index to read (negative counts from the end; default: -1, the "
-    "last layer, for vision models and -2, the second to last, for text models).")
+LAYER = flag_util.shared(
+    flags.DEFINE_integer, "layer", None, "Hidden-state index to read (negative counts from the "
+    "end; default: -1, the last layer, for vision models and -2, the second to last, for text "
+    "models).")
 POOLING = flags.DEFINE_enum(
     "pooling", None, sorted(set(extraction.VISION_POOLINGS + zoo.TEXT_POOLINGS)),
     "How tokens become one vector. Vision: cls, mean (patch tokens / feature map), pooler, or "
@@ -71,17 +76,17 @@ def options() -> extraction.ExtractOptions:
 
 
 def run() -> list[extraction.ExtractResult]:
-  """The binary's body: flags → ``extraction.extract``."""
-  if not MODELS.value:
-    raise InputError("no models: pass --models=name_or_path,... (zoo names: "
-                     f"{', '.join(zoo.names())})")
+  """The binary's body: flags → ``extraction.extract_from`` (vision models first)."""
+  if not VISION_MODELS.value and not TEXT_MODELS.value:
+    raise InputError("no models: pass --vision_models=name_or_path,... and/or "
+                     f"--text_models=... (zoo names: {', '.join(zoo.names())})")
   if not OUTPUT_DIR.value:
     raise InputError("--output_dir is required")
-  dataset = data_flags.paired_dataset()
-  return extraction.extract(zoo.candidate_list(MODELS.value),
-                            None if dataset else data_flags.DATA_DIR.value, OUTPUT_DIR.value,
-                            captions=data_flags.CAPTIONS.value, dataset=dataset,
-                            options=options())
+  vision, text = zoo.candidate_list(VISION_MODELS.value), zoo.candidate_list(TEXT_MODELS.value)
+  extraction.check_kinds(vision, "vision", "vision_models")
+  extraction.check_kinds(text, "text", "text_models")
+  return extraction.extract_from(vision + text, data_flags.source(), OUTPUT_DIR.value,
+                                 options=options())
 
 
 def main(argv):

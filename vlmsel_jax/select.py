@@ -1,12 +1,14 @@
-r"""Selection policies and their evaluation: ``python -m vlmsel_jax.select --method=... ``.
+r"""Selection policies and judging them: ``python -m vlmsel_jax.select --method=...``.
 
-Every method lives in its own module under ``vlmsel_jax/selection/``; that module defines the
-flags only it reads (at import, the absl way) and a ``run(method: str) -> dict`` that reads
-``FLAGS``, does the work, writes its outputs under ``--output`` and returns the JSON it wrote.
-This binary only owns the flags every method shares and the dispatch.
+Every method has its own module under ``vlmsel_jax/selection/`` (``<name>_cli.py``); that module
+defines the flags it reads (at import, the absl way; ``--vision_models``, ``--llm_models``,
+``--ground_truth`` and ``--ground_truth_column`` through ``flag_util.shared``, since several
+define them) and a ``run(method: str) -> dict`` that reads ``FLAGS``, calls the library, writes
+``<--output_dir>/<method>.json`` with its figures and tables beside it (fixed names) and returns
+the JSON it wrote. This binary only owns the flags every method shares and the dispatch.
 
   python -m vlmsel_jax.select --method=ac_law --table=T.csv --a_column=A --c_column=C \
-      --targets=vqa,gqa --output=out/ac_law.json
+      --targets=vqa,gqa --output_dir=out/ac_law
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from vlmsel_jax.runtime import flag_util
 METHOD_MODULES = {
     "ac_law": "vlmsel_jax.selection.ac_cli",
     "ac_policy": "vlmsel_jax.selection.ac_cli",
-    "evaluate": "vlmsel_jax.selection.evaluate_cli",
+    "judge": "vlmsel_jax.selection.judge_cli",
     "mordal": "vlmsel_jax.selection.mordal_cli",
     "mordal_llm_similarity": "vlmsel_jax.selection.llm_similarity_cli",
     "dcd": "vlmsel_jax.selection.dcd_cli",
@@ -36,8 +38,8 @@ for _method, _name in METHOD_MODULES.items():
     _MODULES[_name] = importlib.import_module(_name)
 
 METHOD = flags.DEFINE_enum("method", None, sorted(METHOD_MODULES), "Selection method to run.")
-OUTPUT = flag_util.shared(flags.DEFINE_string, "output", None,
-                          "Output JSON path; figures and tables go beside it.")
+OUTPUT_DIR = flag_util.shared(flags.DEFINE_string, "output_dir", None, "Where results are "
+                              "written.")
 SEED = flag_util.shared(flags.DEFINE_integer, "seed", 0, "Seed of every random choice.")
 K = flag_util.shared(flags.DEFINE_integer, "k", 3, "k of Recall@k / top-k metrics.")
 
@@ -53,10 +55,10 @@ def run_method() -> dict:
   name = METHOD_MODULES[METHOD.value]
   if name not in _MODULES:
     raise app.UsageError(f"--method={METHOD.value}: module {name} is not installed")
-  if OUTPUT.value is None:
-    raise app.UsageError("--output is required (a JSON path)")
+  if not OUTPUT_DIR.value:
+    raise app.UsageError("--output_dir is required (a directory)")
   result = _MODULES[name].run(METHOD.value)
-  logging.info("wrote %s", OUTPUT.value)
+  logging.info("wrote %s/%s.json", OUTPUT_DIR.value, METHOD.value)
   return result
 
 

@@ -2,13 +2,13 @@ r"""Train a LLaVA-style VLM: ``python -m vlmsel_jax.train --flagfile=configs/tra
 
 Stage 1 trains the projector on image–caption pairs; stage 2 the projector and LoRA adapters (or
 the whole LLM with ``--full_finetune``) on instruction / VQA data, usually starting from a stage-1
-run (``--init_from=<stage-1 workdir>``). A run lives in ``--workdir``: ``checkpoints/`` (orbax,
-resumed automatically when present), ``metrics.jsonl`` and, with ``--eval``, ``eval.json``.
-Re-running with a larger ``--max_steps`` continues the same run (successive halving reuses runs
-this way).
+run (``--init_from=<stage-1 output_dir>``). A run lives in ``--output_dir``: ``checkpoints/``
+(orbax, resumed automatically when present), ``metrics.jsonl``, ``summary.json`` and, with
+``--eval``, ``eval.json``. Re-running with a larger ``--max_steps`` continues the same run
+(successive halving reuses runs this way). The recipe's flags are ``vlmsel_jax.training.flags``.
 
-  python -m vlmsel_jax.train --vision=efficientnet-lite0 --llm=smollm2-135m --stage=1 \
-      --data=easy-vqa --workdir=runs/lite0_s1 --max_steps=200
+  python -m vlmsel_jax.train --vision_model=efficientnet-lite0 --llm_model=smollm2-135m \
+      --stage=1 --data=easy-vqa --output_dir=runs/lite0_s1 --max_steps=200
 """
 
 from __future__ import annotations
@@ -17,20 +17,28 @@ import json
 import os
 
 from absl import app
+from absl import flags
 from absl import logging
 
-from vlmsel_jax.runtime import parallel
 from vlmsel_jax.runtime import atomic
-from vlmsel_jax.runtime import flags as runtime_flags  # noqa: F401  (defines the multi-process flags)
-from vlmsel_jax.training import loop
+from vlmsel_jax.runtime import flag_util
+from vlmsel_jax.runtime import parallel
+from vlmsel_jax.runtime import flags as runtime_flags
 from vlmsel_jax.training import flags as train_flags
+from vlmsel_jax.training import loop
+
+_VISION_MODEL = flag_util.shared(
+    flags.DEFINE_string, "vision_model", None, "Vision tower: a zoo name, a local model path or "
+    "a Hugging Face Hub id, optionally with a variant: efficientnet-lite0@layer=-3,res=160 (its "
+    "layer wins over --vision_layer).")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   runtime_flags.initialize_from_flags()
-  config = train_flags.config_from_flags()
+  config = train_flags.config_from_flags(vision=_VISION_MODEL.value,
+                                         llm=train_flags.LLM_MODEL.value)
   # Built once: training and the evaluation after it share the loaded models.
   built = loop.build_model(config)
   summary = loop.train(config, built=built)

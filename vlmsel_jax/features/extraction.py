@@ -394,6 +394,60 @@ def _extract_one(resolved: zoo.Resolved, dataset: paired.PairedDataset, path: st
                        batches_run=batches_run, resumed_rows=start, n=n, dim=features.shape[1])
 
 
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+  """Where the paired images and captions come from: a data spec or an image folder.
+
+  Attributes:
+    data: A data spec (``vlmsel_jax.data.registry``: easy-vqa, folder:DIR, ...), or None.
+    data_split: The split of ``data``.
+    data_dir: An image folder with a captions file, instead of ``data``.
+    captions: The captions file of ``data_dir`` (default ``<data_dir>/captions.jsonl``).
+  """
+
+  data: str | None = None
+  data_split: str = "train"
+  data_dir: str | None = None
+  captions: str | None = None
+
+  def open(self) -> paired.PairedDataset | None:
+    """The ``PairedDataset`` ``data`` names, or None when ``data_dir`` names the folder.
+
+    Raises:
+      ValueError: neither or both are given; DataError: a spec extraction cannot read.
+    """
+    from vlmsel_jax.data import registry  # pylint: disable=g-import-not-at-top
+    if bool(self.data) == bool(self.data_dir):
+      raise ValueError("give the dataset once: --data=easy-vqa (or folder:DIR), or "
+                       "--data_dir=DIR")
+    if not self.data:
+      return None
+    return registry.open_paired_dataset(self.data, split=self.data_split)
+
+  def describe(self) -> str:
+    """The dataset in a few words, for reports."""
+    if self.data:
+      return f"`{self.data}` ({self.data_split} split)"
+    return f"`{self.data_dir}`"
+
+
+def check_kinds(specs: Sequence[str], kind: str, flag: str) -> None:
+  """Raises ExtractError, one line naming ``--flag`` and the spec, unless every spec is a
+  ``kind`` ("vision" or "text") model; resolves the specs (nothing is loaded)."""
+  for spec in specs:
+    resolved = zoo.resolve(spec)
+    if resolved.kind != kind:
+      raise ExtractError(f"--{flag}: {spec} is a {resolved.kind} model, not a {kind} model")
+
+
+def extract_from(specs: Sequence[str], source: DataSource, output_dir: str, *,
+                 options: ExtractOptions = ExtractOptions()) -> list[ExtractResult]:
+  """``extract`` of the dataset ``source`` names."""
+  dataset = source.open()
+  return extract(specs, None if dataset else source.data_dir, output_dir,
+                 captions=source.captions, dataset=dataset, options=options)
+
+
 def extract(specs: Sequence[str], data_dir: str | None, output_dir: str, *,
             captions: str | None = None, dataset: paired.PairedDataset | None = None,
             options: ExtractOptions = ExtractOptions(),

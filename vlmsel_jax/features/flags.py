@@ -1,13 +1,14 @@
 """The dataset flags of the binaries that extract feature banks (``extract``, ``score``).
 
-One definition (``flag_util.shared``), and ``paired_dataset()``: what they name, for
-``extraction.extract``.
+One definition (``flag_util.shared``), and ``source()``: the ``extraction.DataSource`` they
+name.
 """
 
 from __future__ import annotations
 
 from absl import flags
 
+from vlmsel_jax.features import extraction
 from vlmsel_jax.runtime import flag_util
 
 DATA_DIR = flag_util.shared(flags.DEFINE_string, "data_dir", None, "Image folder of the paired "
@@ -23,22 +24,7 @@ MAX_SAMPLES = flag_util.shared(flags.DEFINE_integer, "max_samples", 0, "Use at m
                                "samples, drawn with --seed (0: all).", lower_bound=0)
 
 
-def paired_dataset():
-  """The ``PairedDataset`` --data names, or None when --data_dir names the folder.
-
-  Raises:
-    ValueError: neither or both are given; DataError: a spec extraction cannot read.
-  """
-  from vlmsel_jax.data import registry  # pylint: disable=g-import-not-at-top
-  if bool(DATA.value) == bool(DATA_DIR.value):
-    raise ValueError("give the dataset once: --data=easy-vqa (or folder:DIR), or --data_dir=DIR")
-  if not DATA.value:
-    return None
-  return registry.open_paired_dataset(DATA.value, split=DATA_SPLIT.value)
-
-
-def describe() -> str:
-  """The dataset in a few words, for reports."""
-  if DATA.value:
-    return f"`{DATA.value}` ({DATA_SPLIT.value} split)"
-  return f"`{DATA_DIR.value}`"
+def source() -> extraction.DataSource:
+  """The dataset the flags name (``--data`` or ``--data_dir``), unopened."""
+  return extraction.DataSource(data=DATA.value, data_split=DATA_SPLIT.value,
+                               data_dir=DATA_DIR.value, captions=CAPTIONS.value)

@@ -156,7 +156,7 @@ def similarity_csv(names: Sequence[str], matrix: np.ndarray) -> str:
   """A square matrix as CSV: a header row of names, then one row per name (Mordal's format).
 
   Written with the csv module: variant names carry commas (``enc@layer=-4,res=128``), which
-  must be quoted to stay one field for ``mordal_cli.read_similarity``.
+  must be quoted to stay one field for ``selection.tables.read_similarity``.
   """
   buf = io.StringIO()
   w = csv.writer(buf, lineterminator="\n")

@@ -1,1 +1,1 @@
-"""Selection policies (AC law and policy, Mordal, DCD, GW ranking) and their evaluation harness."""
+"""Selection policies (AC law and policy, Mordal, DCD, GW ranking) and judging their rankings."""

@@ -44,7 +44,7 @@ table's columns gives), ridge and Bayesian always use ``normalized``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import scipy.linalg
@@ -74,6 +74,11 @@ MAX_REGION_LEVEL = 52  # 2^52 cells per side resolves any two distinct float64 v
 
 class ACError(ValueError):
   """Inputs the AC fits cannot use; the message says which."""
+
+
+class TableError(ValueError):
+  """A settings table or option the AC methods cannot use; the message names the file, column,
+  line or flag."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -501,3 +506,120 @@ def check_settings(a, c, names: Sequence[str] | None = None) -> None:
       raise ACError(f"duplicate settings {names[seen[key]]} and {names[i]}: both have "
                     f"A={key[0]:g}, C={key[1]:g}")
     seen[key] = i
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports: what ``select --method=ac_law`` / ``ac_policy`` write, from a settings table
+# (``tables.read_settings``).
+
+
+def law_report(table: Mapping[str, Any], groups: Mapping[str, Sequence[str]], source: str
+               ) -> tuple[dict[str, Any], LawFit]:
+  """The AC law on ``table`` (read from ``source``): R² and coefficients per target and model,
+  and the mean R² of each group of targets."""
+  targets = table["targets"]
+  try:
+    law = fit_law(table["a"], table["c"], table["y"], targets)
+  except ACError as e:
+    raise TableError(f"{source}: {e}") from None
+  r2 = law.r2["AC_quad"]
+  payload: dict[str, Any] = {
+      "r2": {t: float(v) for t, v in zip(targets, r2)},
+      "mean_r2": float(r2.mean()),
+      "coefficients": law.coefficient_dict("AC_quad"),
+      "terms": list(MODELS["AC_quad"]),
+      "r2_by_model": {m: {t: float(v) for t, v in zip(targets, law.r2[m])} for m in MODELS},
+      "mean_r2_by_model": {m: float(law.r2[m].mean()) for m in MODELS},
+      "coefficients_by_model": {m: law.coefficient_dict(m) for m in MODELS},
+      "settings": len(table["names"]),
+  }
+  if groups:
+    index = {t: j for j, t in enumerate(targets)}
+    payload["groups"] = {g: list(cols) for g, cols in groups.items()}
+    payload["mean_r2_by_group"] = {
+        g: float(np.mean([r2[index[t]] for t in cols])) for g, cols in groups.items()}
+    payload["mean_r2_by_group_by_model"] = {
+        m: {g: float(np.mean([law.r2[m][index[t]] for t in cols])) for g, cols in groups.items()}
+        for m in MODELS}
+  return payload, law
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyOptions:
+  """How ``policy_report`` replays the policies: every sampler with every fit, ``trials`` times
+  at ``budget`` (and ``curve_trials`` times at every budget for the Recall@k curve; 0: none)."""
+
+  budget: int = 4
+  k: int = 3
+  trials: int = 1000
+  seed: int = 0
+  samplers: tuple[str, ...] = SAMPLERS
+  fits: tuple[str, ...] = FITS
+  rank_trained: str = "prediction"
+  fit_inputs: str = "raw"
+  ridge_alpha: float = RIDGE_ALPHA
+  curve_trials: int = 200
+
+  def check(self, n: int, source: str) -> None:
+    """Raises ``TableError`` for options that cannot run on ``n`` settings."""
+    bad = ([s for s in self.samplers if s not in SAMPLERS] +
+           [f for f in self.fits if f not in FITS])
+    if bad:
+      raise TableError(f"unknown sampler / fit {', '.join(bad)}: samplers are "
+                       f"{', '.join(SAMPLERS)}, fits {', '.join(FITS)}")
+    if not self.samplers or not self.fits:
+      raise TableError("--sampler and --fit must name at least one each")
+    if n < 2:
+      raise TableError(f"{source}: {n} setting(s); a policy needs at least 2")
+    if self.budget >= n:
+      raise TableError(f"--budget={self.budget} trains every one of the {n} settings; use fewer")
+    if not 1 <= self.k < n:
+      raise TableError(f"--k={self.k} must be at least 1 and below the {n} settings")
+
+
+def policy_report(table: Mapping[str, Any], options: PolicyOptions, source: str,
+                  progress: Callable[[], None] | None = None
+                  ) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
+  """Replays every policy on ``table`` (read from ``source``); returns the JSON payload and the
+  Recall@k-vs-budget curves (``replay``'s result over budgets 1..n; None without
+  ``curve_trials``). ``progress`` is called once per trial."""
+  n = len(table["names"])
+  o = options
+  o.check(n, source)
+  policies = [Policy(s, f) for s in o.samplers for f in o.fits]
+  common = dict(k=o.k, seed=o.seed, fit_inputs=o.fit_inputs, rank_trained=o.rank_trained,
+                ridge_alpha=o.ridge_alpha, progress=progress)
+  main = replay(table["a"], table["c"], table["y"], policies, budgets=[o.budget],
+                trials=o.trials, **common)
+  curves = None
+  if o.curve_trials:
+    curves = replay(table["a"], table["c"], table["y"], policies,
+                    budgets=list(range(1, n + 1)), trials=o.curve_trials, **common)
+  targets = table["targets"]
+  per_policy = {}
+  for p in policies:
+    values = main[p.name][0]
+    per_policy[p.name] = {
+        "sampler": p.sampler, "fit": p.fit,
+        "recall_at_k": {t: float(v) for t, v in zip(targets, values)},
+        "mean_recall_at_k": float(values.mean())}
+    if curves is not None:
+      per_policy[p.name]["curve_mean_recall_at_k"] = [float(v) for v in curves[p.name].mean(1)]
+  reference = REFERENCE_POLICY if REFERENCE_POLICY in per_policy else policies[0].name
+  rnd = main["random_choice"][0]
+  payload = {
+      "recall_at_k": per_policy[reference]["recall_at_k"],
+      "mean_recall_at_k": per_policy[reference]["mean_recall_at_k"],
+      "random_recall_at_k": {t: float(v) for t, v in zip(targets, rnd)},
+      "mean_random_recall_at_k": float(rnd.mean()),
+      "reference_policy": reference,
+      "policies": per_policy,
+      "best_policy": max(per_policy, key=lambda name: per_policy[name]["mean_recall_at_k"]),
+      "budget": o.budget, "k": o.k, "trials": o.trials, "seed": o.seed,
+      "rank_trained": o.rank_trained, "fit_inputs": o.fit_inputs, "ridge_alpha": o.ridge_alpha,
+      "settings": n,
+  }
+  if curves is not None:
+    payload["curve"] = {"budgets": list(range(1, n + 1)), "trials": o.curve_trials,
+                        "random_choice": [float(v) for v in curves["random_choice"].mean(1)]}
+  return payload, curves

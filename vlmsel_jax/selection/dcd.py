@@ -14,10 +14,15 @@ get the mean rank), so a *lower* score predicts a better model. The weights depe
 the similarity of two tasks is measured through each model's own conductance. Leave-one-task-out
 evaluation treats each task in turn as the target, with every other task as a source, and judges
 the predicted order by NDCG@k (relevance = true accuracy on the target) and top-k overlap.
+
+``compute_profiles`` measures the profiles of vision towers on image folders (one per task);
+``report`` is ``select --method=dcd``'s result: DCD's leave-one-task-out next to uniform weights'.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -28,6 +33,12 @@ from vlmsel_jax.scoring import metrics as rank_metrics
 ETA = 2.5
 GAMMA = 4.0
 EPS = 1e-8
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+# Integration rules of the layer conductance (Captum's names; gausslegendre is its default).
+QUADRATURES = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle",
+               "riemann_trapezoid")
+# The image embedding whose L2 norm is attributed.
+EMBEDDINGS = ("pooler", "cls", "mean")
 
 
 class DCDError(ValueError):
@@ -164,3 +175,89 @@ def leave_one_task_out(profiles: Mapping[str, Mapping[str, np.ndarray]],
   keys = [f"ndcg@{k}" for k in ks] + [f"overlap@{k}" for k in ks]
   mean = {k: float(np.mean([per_task[t][k] for t in tasks])) for k in keys}
   return {"models": models, "tasks": tasks, "per_task": per_task, "mean": mean, "keys": keys}
+
+
+# ---------------------------------------------------------------------------------------------
+# Profiles of real towers, and the report of ``select --method=dcd``.
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfileOptions:
+  """How ``compute_profiles`` measures a profile: over ``images_per_task`` images of each task
+  (a ``seed``ed subset; 0 = all), ``steps`` integration steps of rule ``quadrature``, attributing
+  the L2 norm of the ``embedding``, ``batch_size`` images at a time."""
+
+  images_per_task: int = 16
+  steps: int = 50
+  quadrature: str = "gausslegendre"
+  embedding: str = "pooler"
+  batch_size: int = 8
+  seed: int = 0
+
+
+def image_files(folder: str, limit: int, seed: int) -> list[str]:
+  """The folder's images in name order, or a seeded subset of ``limit`` of them (kept sorted)."""
+  if not os.path.isdir(folder):
+    raise DCDError(f"{folder}: image folder not found")
+  files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+  if not files:
+    raise DCDError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+  if limit and len(files) > limit:
+    keep = np.sort(np.random.default_rng(seed).choice(len(files), limit, replace=False))
+    files = [files[i] for i in keep]
+  return [os.path.join(folder, f) for f in files]
+
+
+def compute_profiles(specs: Sequence[str], task_specs: Sequence[str],
+                     options: ProfileOptions = ProfileOptions()
+                     ) -> dict[str, dict[str, np.ndarray]]:
+  """Loads each model (a zoo spec) and task (``name=image_folder``); returns model → task →
+  block-conductance profile. The models are vision towers: vision transformers (blocks = their
+  transformer blocks) or EfficientNet-Lite (blocks = its MBConv blocks)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from vlmsel_jax import zoo  # pylint: disable=g-import-not-at-top
+  from vlmsel_jax.models.efficientnet import modeling as efficientnet  # pylint: disable=g-import-not-at-top
+  from vlmsel_jax.models.vit import modeling  # pylint: disable=g-import-not-at-top
+  from vlmsel_jax.selection import conductance  # pylint: disable=g-import-not-at-top
+
+  tasks = []
+  for spec in task_specs:
+    if "=" not in spec:
+      raise DCDError(f"--dcd_tasks entry {spec!r} is not name=image_folder")
+    name, folder = (x.strip() for x in spec.split("=", 1))
+    tasks.append((name, image_files(folder, options.images_per_task, options.seed)))
+  names = [t for t, _ in tasks]
+  if len(set(names)) != len(names):
+    raise DCDError(f"--dcd_tasks names are not unique: {', '.join(names)}")
+  out: dict[str, dict[str, np.ndarray]] = {}
+  for spec in specs:
+    loaded = zoo.load(spec)
+    if not isinstance(loaded.model, (modeling.Vit, efficientnet.EfficientNetLite)):
+      raise DCDError(f"{spec}: DCD attributes through the blocks of a vision tower (a ViT "
+                     f"or an EfficientNet-Lite); this is a {type(loaded.model).__name__}")
+    if loaded.name in out:
+      raise DCDError(f"two models are named {loaded.name!r}")
+    out[loaded.name] = {}
+    for task, files in tasks:
+      images = np.stack([loaded.preprocessing(Image.open(f)) for f in files])
+      out[loaded.name][task] = conductance.block_conductance(
+          loaded.model, images, batch_size=options.batch_size, n_steps=options.steps,
+          method=options.quadrature, embedding=options.embedding)
+  return out
+
+
+def report(profiles: Mapping[str, Mapping[str, np.ndarray]],
+           accuracy: Mapping[str, Mapping[str, float]], *, eta: float = ETA,
+           gamma: float = GAMMA, ks: Sequence[int] = (1, 3, 5),
+           run: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """Leave-one-task-out with DCD's weights (``dcd``) and with uniform ones (``uniform``), the
+  profiles, and ``run`` (how the inputs were made)."""
+  result = leave_one_task_out(profiles, accuracy, eta=eta, gamma=gamma, ks=ks)
+  uniform = leave_one_task_out(profiles, accuracy, ks=ks, uniform=True)
+  return {
+      "dcd": result, "uniform": uniform,
+      "mean": result["mean"],
+      "profiles": {m: {t: np.asarray(v).tolist() for t, v in per.items()}
+                   for m, per in profiles.items()},
+      "run": dict(run or {}),
+  }

@@ -7,12 +7,13 @@ training loop's, in ``<workdir>/<vision>+<llm>``, so it resumes and is skipped o
 same held-out images then go through encoder → projector → LLM, and each LLM's representation of
 an image is its hidden state at ``layer`` averaged over the image-token positions. Linear CKA
 between two LLMs' (n, d) representations is their similarity; the square matrix, one per medoid,
-is what ``--llm_similarity=medoid=path`` of the Mordal search reads.
+is what ``--llm_similarity=medoid=path`` of the Mordal search reads; ``similarity_report`` makes
+one per medoid, as ``select --method=mordal_llm_similarity`` writes them.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import re
 from typing import Any, Sequence
 
 import jax
@@ -21,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from vlmsel_jax.scores import cka
+from vlmsel_jax.scoring import report
 from vlmsel_jax.selection import mordal_live
 from vlmsel_jax.training import evaluate_run
 from vlmsel_jax.training import evaluation
@@ -31,9 +33,11 @@ from vlmsel_jax.training import step as step_lib
 
 def warmup_config(base: loop.TrainConfig, vision: str, llm: str, workdir: str
                   ) -> loop.TrainConfig:
-  """``base``'s recipe as a stage-1 (projector only) run of ``vision`` + ``llm``."""
-  return dataclasses.replace(base, vision=vision, llm=llm, stage=1,
-                             workdir=mordal_live.workdir_of(workdir, mordal_live.candidate_name(vision, llm)))
+  """``base``'s recipe as a stage-1 (projector only) run of ``vision`` + ``llm`` in
+  ``<workdir>/<vision>+<llm>`` (tower layer: ``mordal_live.candidate_config``'s)."""
+  return mordal_live.candidate_config(
+      base, vision, llm, stage=1,
+      workdir=mordal_live.workdir_of(workdir, mordal_live.candidate_name(vision, llm)))
 
 
 @nnx.jit(static_argnames="layer")
@@ -113,3 +117,39 @@ def held_out_records(spec: str, limit: int | None) -> list[dict]:
   from vlmsel_jax.data import registry  # pylint: disable=g-import-not-at-top
   source = registry.open_source(spec, kind="paired", split="test")
   return [source[i] for i in evaluation.evaluation_indices(len(source), limit)]
+
+
+def csv_suffix(vision: str) -> str:
+  """The suffix of the CSV of the LLM CKA through ``vision`` beside the result JSON (the medoid's
+  spec with anything but letters, digits and ``._=-`` as ``_``)."""
+  return "_" + re.sub(r"[^A-Za-z0-9._=-]+", "_", vision) + ".csv"
+
+
+def similarity_report(base: loop.TrainConfig, visions: Sequence[str], llms: Sequence[str], *,
+                      layer: int = -2, limit: int | None = None, batch_size: int = 16,
+                      progress: progress_lib.Progress | None = None
+                      ) -> tuple[dict[str, Any], dict[str, str]]:
+  """``llm_similarity`` through each vision medoid of ``visions``, on ``limit`` held-out images of
+  ``base.data``, warm-ups under ``base.workdir``; returns the JSON payload and one CSV per medoid
+  (``csv_suffix`` → the matrix, for ``select --method=mordal --llm_similarity=medoid=path``)."""
+  if not visions:
+    raise ValueError("--vision_models is required (the vision medoids)")
+  if len(llms) < 2:
+    raise ValueError("--llm_models needs two or more LLMs")
+  records = held_out_records(base.data, limit)
+  payload: dict[str, Any] = {
+      "llms": list(llms), "layer": layer, "images": len(records),
+      "warmup_steps": base.max_steps, "data": base.data, "workdir": base.workdir, "vision": {}}
+  csvs = {}
+  for vision in visions:
+    names, matrix, runs = llm_similarity(base, vision, llms, base.workdir, records, layer=layer,
+                                         batch_size=batch_size, progress=progress)
+    csvs[csv_suffix(vision)] = report.similarity_csv(names, matrix)
+    # The tower layer the warm-ups saw: the medoid's own (@layer=), else --vision_layer; it must
+    # be the layer the candidate of that name was trained with.
+    vision_layer = warmup_config(base, vision, names[0], base.workdir).vlm.vision_layer
+    payload["vision"][vision] = {
+        "cka": matrix.tolist(), "csv_suffix": csv_suffix(vision), "vision_layer": vision_layer,
+        "warmup_workdirs": {llm: runs[llm]["workdir"] for llm in names},
+        "warmup_loss": {llm: loop.final_loss(runs[llm]["workdir"]) for llm in names}}
+  return payload, csvs

@@ -1,5 +1,8 @@
 """Mordal live mode: the search's ``train(candidate, fraction)`` drives real VLM training.
 
+The candidates are every encoder with every LLM (``candidate_grid``); ``search_live`` runs the
+search with a ``LiveTrainer`` and returns its result with the curves it recorded.
+
 A data fraction r of a candidate is ``round(r · full_steps)`` training steps of the recipe in the
 base ``TrainConfig`` (one epoch of the seeded shuffle over r of it sees the first r of the
 permutation, which is what ``--data_fraction`` selects). Each candidate trains in its own workdir
@@ -19,10 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Sequence
 
-from vlmsel_jax.runtime import atomic
 from vlmsel_jax import zoo
+from vlmsel_jax.runtime import atomic
 from vlmsel_jax.selection import mordal
+from vlmsel_jax.selection import tables
 from vlmsel_jax.training import evaluate_run
 from vlmsel_jax.training import loop
 from vlmsel_jax.training import progress as progress_lib
@@ -43,25 +48,33 @@ def candidate_name(vision: str, llm: str) -> str:
   return f"{_short_name(vision)}+{_short_name(llm)}"
 
 
+def candidate_config(base: loop.TrainConfig, vision: str, llm: str, **changes
+                     ) -> loop.TrainConfig:
+  """``base``'s recipe as the run of ``vision`` + ``llm``: the tower layer is the vision spec's own
+  ``@layer=``, else ``base``'s (so build ``base`` from a spec that names no layer: its layer is
+  then ``--vision_layer``); ``changes`` replace other fields."""
+  vlm = dataclasses.replace(base.vlm, vision_layer=loop.tower_layer(vision, base.vlm.vision_layer))
+  return dataclasses.replace(base, vision=vision, llm=llm, vlm=vlm, **changes)
+
+
 def workdir_of(workdir: str, candidate: str) -> str:
   """The candidate's own training directory (a Hub id's '/' is not a directory level)."""
   return os.path.join(workdir, zoo.file_stem(candidate))
 
 
-def parse_candidates(entries: list[str]) -> dict[tuple[str, str], str]:
-  """``["vision|llm", ...]`` → {(vision, llm): name}."""
-  out: dict[tuple[str, str], str] = {}
-  for entry in entries:
-    vision, sep, llm = entry.partition("|")
-    if not sep or not vision.strip() or not llm.strip():
-      raise mordal.MordalError(f"--mordal_candidates entry {entry!r} is not vision|llm")
-    key = (vision.strip(), llm.strip())
-    if key in out:
-      raise mordal.MordalError(f"--mordal_candidates lists {entry!r} twice")
-    out[key] = candidate_name(*key)
+def candidate_grid(visions: Sequence[str], llms: Sequence[str]) -> dict[tuple[str, str], str]:
+  """Every encoder with every LLM: {(vision, llm): name}, the candidates of a live search."""
+  visions = [v.strip() for v in visions if v.strip()]
+  llms = [l.strip() for l in llms if l.strip()]
+  if not visions or not llms:
+    raise mordal.MordalError("--mordal_live needs --vision_models and --llm_models (the "
+                             "candidates are every encoder with every LLM)")
+  for flag, names in (("--vision_models", visions), ("--llm_models", llms)):
+    if len(set(names)) != len(names):
+      raise mordal.MordalError(f"{flag} lists a model twice: {', '.join(names)}")
+  out = {(v, l): candidate_name(v, l) for v in visions for l in llms}
   if len(set(out.values())) != len(out):
-    raise mordal.MordalError("--mordal_candidates: two candidates get the same name; use "
-                             "distinct model paths")
+    raise mordal.MordalError("two candidates get the same name; use distinct model paths")
   return out
 
 
@@ -85,8 +98,8 @@ class LiveTrainer:
   def config_for(self, candidate: str, steps: int) -> loop.TrainConfig:
     vision, llm = self.by_name[candidate]
     optim = dataclasses.replace(self.base.optim, schedule_steps=self.full_steps)
-    return dataclasses.replace(self.base, vision=vision, llm=llm, max_steps=steps, optim=optim,
-                               workdir=workdir_of(self.base.workdir, candidate), progress=False)
+    return candidate_config(self.base, vision, llm, max_steps=steps, optim=optim,
+                            workdir=workdir_of(self.base.workdir, candidate), progress=False)
 
   def __call__(self, candidate: str, fraction: float) -> tuple[float, float]:
     if candidate not in self.by_name:
@@ -120,8 +133,7 @@ class LiveTrainer:
       if key not in seen:
         seen.add(key)
         rows.append(row)
-    return atomic.csv_text(rows, ["candidate", "vision", "llm", "data_fraction", "accuracy",
-                                  "cost"])
+    return atomic.csv_text(rows, list(tables.CURVE_COLUMNS))
 
 
 def live_payload(result: mordal.MordalResult, trainer: LiveTrainer,
@@ -140,19 +152,23 @@ def live_payload(result: mordal.MordalResult, trainer: LiveTrainer,
   }
 
 
-def live_markdown(p: dict) -> str:
-  lines = ["# Mordal search (live: real training runs)", "",
-           f"Cost is training steps (a full run is {p['full_steps']} steps); checkpoints are "
-           "continued, never restarted.", "", "| | value |", "|---|---|",
-           f"| predicted best | **{p['top1']}** |",
-           f"| search cost (steps) | {p['cost']:g} |",
-           f"| grid-search cost (steps) | {p['grid_cost']:g} |",
-           f"| grid / search cost | **{p['cost_ratio']:.2f}×** |",
-           f"| candidates trained (any fraction) | {p['trained_candidates']} of "
-           f"{p['candidates']} |", "", "## Ranking", "", "| # | candidate | estimate | measured |",
-           "|---|---|---|---|"]
-  for i, c in enumerate(p["ranking"]):
-    est = p["estimates"].get(c)
-    measured = ", ".join(f"{float(r):g}: {a:.3f}" for r, a in p["trained"].get(c, {}).items())
-    lines.append(f"| {i + 1} | {c} | {'—' if est is None else f'{est:.3f}'} | {measured or '—'} |")
-  return "\n".join(lines) + "\n"
+def search_live(base: loop.TrainConfig, candidates: dict[tuple[str, str], str],
+                vision_similarity: str, llm_similarity: Sequence[str],
+                config: mordal.MordalConfig, *, eval_limit: int | None, eval_batch_size: int,
+                progress: progress_lib.Progress | None = None) -> tuple[dict, str]:
+  """The Mordal search over ``candidates``, each ``train(candidate, fraction)`` a real run of
+  ``base``'s recipe (``LiveTrainer``); returns the JSON payload and the recorded curves (CSV in
+  the replay table's format)."""
+  if not vision_similarity:
+    raise mordal.MordalError("--vision_similarity is required")
+  trainer = LiveTrainer(base, candidates, full_steps=base.max_steps, eval_limit=eval_limit,
+                        eval_batch_size=eval_batch_size, progress=progress)
+  vision_names, vision_sim = tables.read_similarity(vision_similarity)
+  result = mordal.search(candidates, vision_names, vision_sim,
+                         tables.read_llm_similarity(list(llm_similarity)), trainer, config)
+  payload = live_payload(result, trainer, config, {
+      "vision_models": list(dict.fromkeys(v for v, _ in candidates)),
+      "llm_models": list(dict.fromkeys(l for _, l in candidates)),
+      "vision_similarity": vision_similarity, "llm_similarity": list(llm_similarity),
+      "workdir": base.workdir})
+  return payload, trainer.curves_csv()

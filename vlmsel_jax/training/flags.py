@@ -2,7 +2,10 @@
 train one run per candidate (``a_score``, ``groundtruth``) and select's live modes (Mordal, LLM
 similarity), which take their recipe from the same flags.
 
-``config_from_flags`` turns them into a ``loop.TrainConfig``.
+``config_from_flags(vision=..., llm=...)`` turns them into a ``loop.TrainConfig`` for one model
+pair: the candidate is always given, never read from a flag here, so a binary that trains many
+candidates builds each one's config the same way ``train`` builds its one. ``vision_models`` and
+``llm_models`` check a candidate list flag.
 """
 
 from __future__ import annotations
@@ -19,25 +22,24 @@ from vlmsel_jax.training import run_flags
 from vlmsel_jax.training import step as step_lib
 
 # The run's directory and its evaluation, shared with the evaluate binary.
-WORKDIR = run_flags.WORKDIR
+OUTPUT_DIR = run_flags.OUTPUT_DIR
 EVAL_DATA = run_flags.EVAL_DATA
 EVAL_LIMIT = run_flags.EVAL_LIMIT
 EVAL_BATCH = run_flags.EVAL_BATCH
 SYSTEM_PROMPT = run_flags.SYSTEM_PROMPT
 
-_VISION = flags.DEFINE_string("vision", None, "Vision tower: a zoo name, a local model path or a "
-                              "Hugging Face Hub id, "
-                              "optionally with a variant: efficientnet-lite0@layer=-3,res=160 "
-                              "(its layer replaces --vision_layer).")
-_LLM = flags.DEFINE_string("llm", None, "LLM: a zoo name, a local HF directory, a .gguf file or a "
-                           "Hugging Face Hub id (org/name[@revision]).")
+LLM_MODEL = flag_util.shared(flags.DEFINE_string, "llm_model", None, "LLM: a zoo name, a local "
+                             "HF directory, a .gguf file or a Hugging Face Hub id "
+                             "(org/name[@revision]).")
 _STAGE = flags.DEFINE_enum("stage", "1", ["1", "2"], "1: projector on captions; 2: projector + "
                            "LoRA on instruction/VQA data.")
-_DATA = flag_util.shared(flags.DEFINE_string, "data", None, "Data spec (vlmsel_jax.data.registry), e.g. "
-                            "easy-vqa, llava:FILE.json@IMAGE_ROOT, folder:DIR.")
+_DATA = flag_util.shared(flags.DEFINE_string, "data", None, "Data spec "
+                         "(vlmsel_jax.data.registry), e.g. easy-vqa, llava:FILE.json@IMAGE_ROOT, "
+                         "folder:DIR.")
 _DATA_KIND = flags.DEFINE_enum("data_kind", None, ["paired", "vqa", "conversation"],
                                "Record kind to read (default: paired for stage 1, vqa for 2).")
-_VISION_LAYER = flags.DEFINE_integer("vision_layer", -2, "Tower hidden state used (-2: "
+_VISION_LAYER = flags.DEFINE_integer("vision_layer", -2, "Tower hidden state used by a vision "
+                                     "spec that names none (a spec's own @layer= wins; -2: "
                                      "second-to-last).")
 _IMAGE_TOKENS = flags.DEFINE_enum("image_tokens", "patch", list(vlm.IMAGE_TOKENS),
                                   "patch: one token per grid cell; mean: one token.")
@@ -64,7 +66,7 @@ _BATCH = flag_util.shared(flags.DEFINE_integer, "batch_size", 32, "Samples per b
 _MAX_STEPS = flags.DEFINE_integer("max_steps", 100, "Micro-steps to train to.", lower_bound=1)
 _FRACTION = flags.DEFINE_float("data_fraction", 1.0, "Train on the first r of a seeded "
                                "permutation of the data.")
-_SEED = flag_util.shared(flags.DEFINE_integer, "seed", 0, "Seed of every random choice "
+SEED = flag_util.shared(flags.DEFINE_integer, "seed", 0, "Seed of every random choice "
                          "(training: initialisation and data order).")
 _MAX_LEN = flags.DEFINE_integer("max_len", 128, "Tokens per example (image tokens included).",
                                 lower_bound=2)
@@ -75,8 +77,8 @@ _MESH = flags.DEFINE_string("mesh", "data:-1,fsdp:1", "Device mesh, e.g. data:2,
 _SAVE_EVERY = flags.DEFINE_integer("save_every", 100, "Checkpoint every N steps.", lower_bound=1)
 _KEEP = flags.DEFINE_integer("keep", 2, "Checkpoints kept.", lower_bound=1)
 _LOG_EVERY = flags.DEFINE_integer("log_every", 10, "Log metrics every N steps.", lower_bound=1)
-_INIT_FROM = flags.DEFINE_string("init_from", None, "Workdir of a run whose latest projector "
-                                 "initialises this one (stage 2 from stage 1).")
+_INIT_FROM = flags.DEFINE_string("init_from", None, "Output directory of a run whose latest "
+                                 "projector initialises this one (stage 2 from stage 1).")
 _MAX_TARGETS = flags.DEFINE_integer(
     "max_targets", 0, "Apply the LM head only at up to this many target (caption / answer) "
     "positions per example, the same loss for a fraction of the head's cost with a large "
@@ -88,53 +90,80 @@ EVAL = flags.DEFINE_bool("eval", True, "Evaluate at the end (A score for stage 1
                           "for stage 2) and write eval.json.")
 
 
-def config_from_flags() -> loop.TrainConfig:
-  for flag in (_VISION, _LLM, _DATA, WORKDIR):
-    if not flag.value:
-      raise app.UsageError(f"--{flag.name} is required")
-  _, variant = zoo.split_variant(_VISION.value)
-  if (variant.layer is not None and flags.FLAGS["vision_layer"].present
-      and variant.layer != _VISION_LAYER.value):
-    raise app.UsageError(f"--vision={_VISION.value} names layer {variant.layer} and "
-                         f"--vision_layer={_VISION_LAYER.value} another; give the layer once")
+def config_from_flags(*, vision: str, llm: str, output_dir: str | None = None
+                      ) -> loop.TrainConfig:
+  """The recipe of the training flags as the run of one (``vision``, ``llm``) pair.
+
+  Args:
+    vision: The vision spec; its own ``@layer=`` is the tower layer, else ``--vision_layer``
+      (``loop.tower_layer``).
+    llm: The LLM spec.
+    output_dir: The run's directory (default: ``--output_dir``).
+
+  Raises:
+    app.UsageError: a missing model, data or output directory, or a bad VLM setting.
+  """
+  output_dir = output_dir or OUTPUT_DIR.value
+  for value, name in ((vision, "--vision_model"), (llm, "--llm_model"), (_DATA.value, "--data"),
+                      (output_dir, "--output_dir")):
+    if not value:
+      raise app.UsageError(f"{name} is required")
   accumulate = _ACCUMULATE.value
   schedule = _SCHEDULE_STEPS.value or max(_MAX_STEPS.value // accumulate, 1)
   try:
-    vlm_config = vlm.VLMConfig(vision_layer=_VISION_LAYER.value, image_tokens=_IMAGE_TOKENS.value,
-                               image_pool=_IMAGE_POOL.value, projector=_PROJECTOR.value)
-  except ValueError as e:
+    vlm_config = vlm.VLMConfig(vision_layer=loop.tower_layer(vision, _VISION_LAYER.value),
+                               image_tokens=_IMAGE_TOKENS.value, image_pool=_IMAGE_POOL.value,
+                               projector=_PROJECTOR.value)
+  except (ValueError, zoo.ZooError) as e:
     raise app.UsageError(str(e)) from None
   return loop.TrainConfig(
-      vision=_VISION.value, llm=_LLM.value, stage=int(_STAGE.value), data=_DATA.value,
-      workdir=WORKDIR.value, data_kind=_DATA_KIND.value, vlm=vlm_config,
+      vision=vision, llm=llm, stage=int(_STAGE.value), data=_DATA.value, workdir=output_dir,
+      data_kind=_DATA_KIND.value, vlm=vlm_config,
       lora_rank=_LORA_RANK.value, lora_alpha=_LORA_ALPHA.value,
       lora_targets=tuple(_LORA_TARGETS.value), full_finetune=_FULL.value,
       optim=step_lib.OptimConfig(learning_rate=_LR.value, warmup_ratio=_WARMUP.value,
                                  schedule_steps=schedule, weight_decay=_WD.value,
                                  clip_norm=_CLIP.value, accumulate=accumulate),
       batch_size=_BATCH.value, max_steps=_MAX_STEPS.value, data_fraction=_FRACTION.value,
-      seed=_SEED.value, max_len=_MAX_LEN.value, system_prompt=SYSTEM_PROMPT.value, dtype=_DTYPE.value,
-      mesh=_MESH.value, save_every=_SAVE_EVERY.value, keep=_KEEP.value,
+      seed=SEED.value, max_len=_MAX_LEN.value, system_prompt=SYSTEM_PROMPT.value,
+      dtype=_DTYPE.value, mesh=_MESH.value, save_every=_SAVE_EVERY.value, keep=_KEEP.value,
       log_every=_LOG_EVERY.value, init_from=_INIT_FROM.value,
       skip_bad_records=_SKIP_BAD.value, max_targets=_MAX_TARGETS.value)
 
 
-def vision_candidates(values: list[str]) -> tuple[list[str], list[str]]:
-  """A --vision_candidates list → (specs, names), for binaries that train one run per candidate.
+def vision_models(values: list[str], flag: str = "--vision_models"
+                  ) -> tuple[list[str], list[str]]:
+  """A vision list flag → (specs, names), for binaries that train one run per candidate.
 
   Every spec is resolved (a one-line usage error names a bad one) and names must be distinct.
-  --vision, which those binaries do not need, is set to the first candidate's model when unset,
-  so ``config_from_flags`` can run; each run replaces it with its own candidate.
   """
   specs = zoo.candidate_list(values or [])
   if not specs:
-    raise app.UsageError("--vision_candidates is required")
+    raise app.UsageError(f"{flag} is required")
   try:
     names = [zoo.resolve(c).name for c in specs]
   except zoo.ZooError as e:
-    raise app.UsageError(f"--vision_candidates: {e}") from None
+    raise app.UsageError(f"{flag}: {e}") from None
   if len(set(names)) != len(names):
-    raise app.UsageError(f"--vision_candidates: duplicate candidates in {', '.join(names)}")
-  if not _VISION.value:
-    flags.FLAGS.vision = zoo.split_variant(specs[0])[0]
+    raise app.UsageError(f"{flag}: duplicate candidates in {', '.join(names)}")
+  return specs, names
+
+
+def llm_models(values: list[str], flag: str = "--llm_models") -> tuple[list[str], list[str]]:
+  """An LLM list flag → (specs, names); ([], []) when empty.
+
+  Raises:
+    app.UsageError: an LLM spec that does not resolve, is not a text model, or is repeated.
+  """
+  specs = [x.strip() for x in values or [] if x.strip()]
+  try:
+    resolved = [zoo.resolve(x) for x in specs]
+  except zoo.ZooError as e:
+    raise app.UsageError(f"{flag}: {e}") from None
+  for r in resolved:
+    if r.kind != "text":
+      raise app.UsageError(f"{flag}: {r.spec!r} is a {r.kind} model, not an LLM")
+  names = [r.name for r in resolved]
+  if len(set(names)) != len(names):
+    raise app.UsageError(f"{flag}: duplicate LLMs in {', '.join(names)}")
   return specs, names

@@ -33,7 +33,11 @@ CHECKPOINT_DIR = "checkpoints"
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """One training run; the training binary fills it from flags."""
+  """One training run; ``training.flags.config_from_flags`` fills it from flags.
+
+  ``vlm.vision_layer`` is the run's tower layer, resolved (``tower_layer``): the vision
+  spec's own ``@layer=`` when it names one.
+  """
 
   vision: str
   llm: str
@@ -66,11 +70,13 @@ class TrainConfig:
   max_targets: int = 0
 
   def __post_init__(self):
-    # A vision spec's own layer (``efficientnet-lite0@layer=-3``) is the candidate setting: it
-    # decides the tower layer, and meta() records it, so a checkpoint says what it was.
-    _, variant = zoo.split_variant(self.vision)
-    if variant.layer is not None and variant.layer != self.vlm.vision_layer:
-      object.__setattr__(self, "vlm", dataclasses.replace(self.vlm, vision_layer=variant.layer))
+    # The tower layer is set once, by whoever builds the config (``tower_layer``); a vision spec
+    # that names another layer than the VLM config carries is a contradiction, not a default.
+    own = zoo.split_variant(self.vision)[1].layer
+    if own is not None and own != self.vlm.vision_layer:
+      raise ValueError(f"vision {self.vision!r} names layer {own}, but the VLM config has "
+                       f"vision_layer={self.vlm.vision_layer}; build the config with "
+                       "loop.tower_layer(vision, default)")
 
   def kind(self) -> str:
     if self.data_kind:
@@ -93,6 +99,18 @@ class TrainConfig:
     }
 
 
+def tower_layer(vision: str, default: int) -> int:
+  """The tower layer a run of ``vision`` uses: the spec's own ``@layer=`` (a candidate setting,
+  ``efficientnet-lite0@layer=-3``), else ``default`` (``--vision_layer``).
+
+  The one place the two meet: every config builder (``training.flags.config_from_flags``) sets
+  ``TrainConfig.vlm.vision_layer`` from it, and ``meta()`` records it, so a checkpoint says what
+  it was.
+  """
+  layer = zoo.split_variant(vision)[1].layer
+  return default if layer is None else layer
+
+
 @dataclasses.dataclass
 class Built:
   """A VLM ready to train or evaluate, split into its trained and frozen parts."""
@@ -111,10 +129,11 @@ def build_model(config: TrainConfig) -> Built:
   """Loads the tower and LLM from the zoo and assembles the (LoRA-adapted) VLM."""
   vision = zoo.load(config.vision, dtype=config.dtype)
   if vision.kind != "vision":
-    raise ValueError(f"--vision={config.vision} is a {vision.kind} model, not a vision tower")
+    raise ValueError(f"vision {config.vision!r} is a {vision.kind} model, not a vision "
+                     "tower")
   text = zoo.load(config.llm, dtype=config.dtype)
   if text.kind != "text" or not hasattr(text.model, "embed_tokens"):
-    raise ValueError(f"--llm={config.llm} is not a decoder LLM")
+    raise ValueError(f"llm {config.llm!r} is not a decoder LLM")
   rngs = nnx.Rngs(params=config.seed)
   model = vlm_lib.VLM(vision.model, text.model, config.vlm,
                       image_size=vision.preprocessing.image_size, rngs=rngs)

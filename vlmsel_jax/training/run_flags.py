@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from absl import flags
 
-WORKDIR = flags.DEFINE_string("workdir", None, "The run's directory (checkpoints, metrics, "
-                              "summaries).")
+from vlmsel_jax.runtime import flag_util
+
+OUTPUT_DIR = flag_util.shared(
+    flags.DEFINE_string, "output_dir", None, "The directory the binary writes, with fixed file "
+    "names inside. train / evaluate: the run's directory (checkpoints/, metrics.jsonl, "
+    "eval.json, summary.json); a_score / groundtruth: their tables, and one run per candidate "
+    "under runs/.")
 EVAL_DATA = flags.DEFINE_string("eval_data", None, "Held-out data spec (default: the test split "
                                 "of the run's training data).")
 EVAL_LIMIT = flags.DEFINE_integer("eval_limit", 0, "Held-out examples evaluated, spread evenly "

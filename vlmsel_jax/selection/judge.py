@@ -1,31 +1,29 @@
-"""The evaluation harness every selection method is judged by: scores vs ground truth, per task.
+"""Judging a selection method: its scores against a ground truth, per task and on average.
 
 Inputs are plain tables. The ground truth is a CSV ``candidate,task,accuracy`` (the accuracy of
 the VLM built from ``candidate`` on ``task``). A method's scores come either as a CSV
 ``candidate,task,score`` (one method per file) or as the ``scores.csv`` that
 ``python -m vlmsel_jax.score`` writes (columns ``candidate``, one column per metric and
 ``rank_<metric>``; every metric becomes a method, and the file covers one task, named by the
-caller). For every method and task the harness computes the metrics of ``vlmsel_jax.scoring.metrics``
+caller). For every method and task ``judge`` computes the metrics of ``vlmsel_jax.scoring.metrics``
 (Pearson, Spearman, Kendall, weighted τ, R², NDCG@k, Recall@k, top-1 regret) of the accuracy
 against the score oriented so that larger = predicted better, then the mean over tasks.
 
 Nothing is silently dropped: a candidate present in the scores and not in the ground truth (or
 the reverse), a task present in one and not the other, a duplicate row, a non-finite value: each
-is an ``EvalError`` whose one-line message names the file, line, task or candidate.
+is a ``JudgeError`` whose one-line message names the file, line, task or candidate.
 
-``write_result_files`` (JSON + markdown + PNG beside it, written atomically) is shared by the
-selection binaries (``evaluate_cli``, ``mordal_cli``, ``dcd_cli``).
+``select --method=judge`` (``judge_cli``) runs ``judge_files``; its markdown and plot are
+``reports.judge_markdown`` and ``figures.judge_bars``.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import math
 import os
-import shutil
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -36,7 +34,7 @@ from vlmsel_jax.scoring import pool as scoring
 DEFAULT_KS = (1, 3, 5)
 
 
-class EvalError(ValueError):
+class JudgeError(ValueError):
   """A bad input table or an inconsistency between tables; the message is one line."""
 
 
@@ -57,7 +55,7 @@ class MethodScores:
 
 
 def parse_float(text: str | None, where: str, what: str,
-                error: type[ValueError] = EvalError) -> float:
+                error: type[ValueError] = JudgeError) -> float:
   """``text`` as a finite float, or ``error`` naming ``where`` (file:line) and ``what``."""
   try:
     value = float(text)  # type: ignore[arg-type]
@@ -71,14 +69,14 @@ def parse_float(text: str | None, where: str, what: str,
 def _open_csv(path: str, needed: Sequence[str]) -> tuple[csv.DictReader, Any]:
   # The tables may be results written to a bucket (``score``'s scores.csv): read through atomic.
   if not atomic.isfile(path):
-    raise EvalError(f"{path}: file not found")
+    raise JudgeError(f"{path}: file not found")
   f = atomic.open_text(path, newline="", encoding="utf-8")
   reader = csv.DictReader(f)
   fields = reader.fieldnames or []
   for column in needed:
     if column not in fields:
       f.close()
-      raise EvalError(f"{path}: no '{column}' column (columns: {', '.join(fields) or 'none'})")
+      raise JudgeError(f"{path}: no '{column}' column (columns: {', '.join(fields) or 'none'})")
   return reader, f
 
 
@@ -86,7 +84,7 @@ def read_long_table(path: str, value_column: str) -> dict[str, dict[str, float]]
   """Reads a ``candidate,task,<value_column>`` CSV as task → candidate → value.
 
   Raises:
-    EvalError: a missing file or column, an empty name, a duplicate (candidate, task), a value
+    JudgeError: a missing file or column, an empty name, a duplicate (candidate, task), a value
       that is not a finite number, or no rows.
   """
   reader, f = _open_csv(path, ("candidate", "task", value_column))
@@ -95,13 +93,13 @@ def read_long_table(path: str, value_column: str) -> dict[str, dict[str, float]]
     for line, row in enumerate(reader, start=2):
       candidate, task = (row["candidate"] or "").strip(), (row["task"] or "").strip()
       if not candidate or not task:
-        raise EvalError(f"{path}:{line}: empty candidate or task name")
+        raise JudgeError(f"{path}:{line}: empty candidate or task name")
       per_task = table.setdefault(task, {})
       if candidate in per_task:
-        raise EvalError(f"{path}:{line}: candidate {candidate!r} appears twice for task {task!r}")
+        raise JudgeError(f"{path}:{line}: candidate {candidate!r} appears twice for task {task!r}")
       per_task[candidate] = parse_float(row[value_column], f"{path}:{line}", value_column)
   if not table:
-    raise EvalError(f"{path}: no rows")
+    raise JudgeError(f"{path}: no rows")
   return table
 
 
@@ -132,20 +130,20 @@ def read_score_binary_csv(path: str, task: str, label: str | None = None) -> lis
     names = [c for c in fields[1:] if not c.startswith("rank_")]
     unknown = [m for m in names if m not in scoring.METRICS]
     if unknown:
-      raise EvalError(f"{path}: column(s) {', '.join(unknown)} are not metrics of "
-                      "vlmsel_jax.score, so their direction is unknown; convert the file to "
-                      "candidate,task,score and pass --eval_lower_is_better where needed")
+      raise JudgeError(f"{path}: column(s) {', '.join(unknown)} are not metrics of "
+                       "vlmsel_jax.score, so their direction is unknown; convert the file to "
+                       "candidate,task,score and pass --judge_lower_is_better where needed")
     values: dict[str, dict[str, float]] = {m: {} for m in names}
     for line, row in enumerate(reader, start=2):
       candidate = (row["candidate"] or "").strip()
       if not candidate:
-        raise EvalError(f"{path}:{line}: empty candidate name")
+        raise JudgeError(f"{path}:{line}: empty candidate name")
       for m in names:
         if candidate in values[m]:
-          raise EvalError(f"{path}:{line}: candidate {candidate!r} appears twice")
+          raise JudgeError(f"{path}:{line}: candidate {candidate!r} appears twice")
         values[m][candidate] = parse_float(row[m], f"{path}:{line}", m)
   if not names or not values[names[0]]:
-    raise EvalError(f"{path}: no rows")
+    raise JudgeError(f"{path}: no rows")
   prefix = f"{label}/" if label else ""
   return [MethodScores(prefix + m, scoring.METRICS[m].higher_is_better, {task: values[m]},
                        {task: path}) for m in names]
@@ -180,12 +178,12 @@ def load_methods(specs: Sequence[str], truth_tasks: Sequence[str],
   for spec in specs:
     label, path, task = parse_score_spec(spec)
     if not path:
-      raise EvalError(f"empty path in score spec {spec!r}")
+      raise JudgeError(f"empty path in score spec {spec!r}")
     if is_score_binary_csv(path):
       if task is None:
         if len(truth_tasks) != 1:
-          raise EvalError(f"{path}: a vlmsel_jax.score scores.csv holds one task; name it as "
-                          f"{path}:TASK (ground-truth tasks: {', '.join(truth_tasks)})")
+          raise JudgeError(f"{path}: a vlmsel_jax.score scores.csv holds one task; name it as "
+                           f"{path}:TASK (ground-truth tasks: {', '.join(truth_tasks)})")
         task = truth_tasks[0]
       methods = read_score_binary_csv(path, task, label)
       for m in methods:
@@ -195,7 +193,8 @@ def load_methods(specs: Sequence[str], truth_tasks: Sequence[str],
       values = read_long_table(path, "score")
       if task is not None:
         if task not in values:
-          raise EvalError(f"{path}: no rows for task {task!r} (tasks: {', '.join(sorted(values))})")
+          raise JudgeError(f"{path}: no rows for task {task!r} "
+                           f"(tasks: {', '.join(sorted(values))})")
         values = {task: values[task]}
       name = label or os.path.splitext(os.path.basename(path))[0]
       methods = [MethodScores(name, name not in lower, values, {t: path for t in values})]
@@ -205,45 +204,45 @@ def load_methods(specs: Sequence[str], truth_tasks: Sequence[str],
         continue
       into = merged[m.name]
       if into.higher_is_better != m.higher_is_better:
-        raise EvalError(f"method {m.name!r}: files disagree on its direction")
+        raise JudgeError(f"method {m.name!r}: files disagree on its direction")
       for t, v in m.values.items():
         if t in into.values:
-          raise EvalError(f"method {m.name!r}: task {t!r} is given by both {into.sources[t]} "
-                          f"and {m.sources[t]}")
+          raise JudgeError(f"method {m.name!r}: task {t!r} is given by both {into.sources[t]} "
+                           f"and {m.sources[t]}")
         into.values[t] = v
         into.sources[t] = m.sources[t]
   unknown = sorted(lower - set(merged))
   if unknown:
-    raise EvalError(f"--eval_lower_is_better names unknown method(s) {', '.join(unknown)} "
-                    f"(methods: {', '.join(merged)})")
+    raise JudgeError(f"--judge_lower_is_better names unknown method(s) {', '.join(unknown)} "
+                     f"(methods: {', '.join(merged)})")
   return list(merged.values())
 
 
 def _check_match(method: MethodScores, truth: Mapping[str, Mapping[str, float]], truth_path: str,
                  tasks: Sequence[str]):
-  """Raises EvalError unless ``method`` scores exactly the ground truth's candidates per task."""
+  """Raises JudgeError unless ``method`` scores exactly the ground truth's candidates per task."""
   extra = sorted(set(method.values) - set(tasks))
   if extra:
     src = method.sources[extra[0]]
-    raise EvalError(f"{src}: task(s) {', '.join(extra)} of method {method.name!r} are not in the "
-                    f"ground truth {truth_path} (tasks: {', '.join(tasks)})")
+    raise JudgeError(f"{src}: task(s) {', '.join(extra)} of method {method.name!r} are not in the "
+                     f"ground truth {truth_path} (tasks: {', '.join(tasks)})")
   missing = [t for t in tasks if t not in method.values]
   if missing:
-    raise EvalError(f"method {method.name!r} has no scores for task(s) {', '.join(missing)} of "
-                    f"the ground truth {truth_path}")
+    raise JudgeError(f"method {method.name!r} has no scores for task(s) {', '.join(missing)} of "
+                     f"the ground truth {truth_path}")
   for t in tasks:
     src = method.sources[t]
     no_truth = sorted(set(method.values[t]) - set(truth[t]))
     if no_truth:
-      raise EvalError(f"{src}: task {t!r}: candidate(s) {', '.join(no_truth)} have no accuracy "
-                      f"in {truth_path}")
+      raise JudgeError(f"{src}: task {t!r}: candidate(s) {', '.join(no_truth)} have no accuracy "
+                       f"in {truth_path}")
     no_score = sorted(set(truth[t]) - set(method.values[t]))
     if no_score:
-      raise EvalError(f"{src}: task {t!r}: no score for candidate(s) {', '.join(no_score)} of "
-                      f"{truth_path}")
+      raise JudgeError(f"{src}: task {t!r}: no score for candidate(s) {', '.join(no_score)} of "
+                       f"{truth_path}")
     if len(truth[t]) < rank_metrics.MIN_CANDIDATES:
-      raise EvalError(f"{truth_path}: task {t!r} has {len(truth[t])} candidate(s); ranking "
-                      f"metrics need at least {rank_metrics.MIN_CANDIDATES}")
+      raise JudgeError(f"{truth_path}: task {t!r} has {len(truth[t])} candidate(s); ranking "
+                       f"metrics need at least {rank_metrics.MIN_CANDIDATES}")
 
 
 def metric_names(ks: Sequence[int]) -> list[str]:
@@ -252,8 +251,8 @@ def metric_names(ks: Sequence[int]) -> list[str]:
           [f"ndcg@{k}" for k in ks] + [f"recall@{k}" for k in ks] + ["top1_regret"])
 
 
-def evaluate_scores(true: Mapping[str, float], scores: Mapping[str, float], higher_is_better: bool,
-                    ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+def judge_scores(true: Mapping[str, float], scores: Mapping[str, float], higher_is_better: bool,
+                 ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
   """``metrics.all_metrics`` of one task: candidate → accuracy vs candidate → score."""
   names = sorted(true)
   t = np.array([true[c] for c in names], np.float64)
@@ -286,17 +285,17 @@ def mean_over_tasks(per_task: Mapping[str, Mapping[str, float]], keys: Sequence[
   return out
 
 
-def evaluate(truth: Mapping[str, Mapping[str, float]], methods: Sequence[MethodScores], *,
-             truth_path: str = "ground truth", tasks: Sequence[str] | None = None,
-             ks: Sequence[int] = DEFAULT_KS) -> dict[str, Any]:
+def judge(truth: Mapping[str, Mapping[str, float]], methods: Sequence[MethodScores], *,
+          truth_path: str = "ground truth", tasks: Sequence[str] | None = None,
+          ks: Sequence[int] = DEFAULT_KS) -> dict[str, Any]:
   """Judges every method against the ground truth on every task.
 
   Args:
     truth: task → candidate → accuracy (non-negative: it is NDCG's gain).
     methods: the methods to judge; each must score exactly the ground truth's candidates on
-      exactly the evaluated tasks.
+      exactly the judged tasks.
     truth_path: names the ground truth in error messages.
-    tasks: the tasks to evaluate (default: every ground-truth task); each must be in the truth.
+    tasks: the tasks to judge on (default: every ground-truth task); each must be in the truth.
     ks: the k of NDCG@k and Recall@k.
 
   Returns:
@@ -306,28 +305,28 @@ def evaluate(truth: Mapping[str, Mapping[str, float]], methods: Sequence[MethodS
     Ties count as ties (``vlmsel_jax.scoring.metrics``): no value depends on the candidates' order.
   """
   if not methods:
-    raise EvalError("no score files given")
+    raise JudgeError("no score files given")
   names = [m.name for m in methods]
   if len(set(names)) != len(names):
-    raise EvalError(f"method names are not unique: {', '.join(names)}")
+    raise JudgeError(f"method names are not unique: {', '.join(names)}")
   if tasks is None:
     tasks = sorted(truth)
   else:
     absent = [t for t in tasks if t not in truth]
     if absent:
-      raise EvalError(f"{truth_path}: no rows for task(s) {', '.join(absent)} "
-                      f"(tasks: {', '.join(sorted(truth))})")
+      raise JudgeError(f"{truth_path}: no rows for task(s) {', '.join(absent)} "
+                       f"(tasks: {', '.join(sorted(truth))})")
     methods = [dataclasses.replace(m, values={t: v for t, v in m.values.items() if t in tasks})
                for m in methods]
   for t in tasks:
     if any(v < 0 for v in truth[t].values()):
-      raise EvalError(f"{truth_path}: task {t!r} has a negative accuracy; NDCG needs "
-                      "non-negative gains")
+      raise JudgeError(f"{truth_path}: task {t!r} has a negative accuracy; NDCG needs "
+                       "non-negative gains")
   keys = metric_names(ks)
   out: dict[str, Any] = {"tasks": list(tasks), "ks": list(ks), "metrics": keys, "methods": {}}
   for m in methods:
     _check_match(m, truth, truth_path, tasks)
-    per_task = {t: evaluate_scores(truth[t], m.values[t], m.higher_is_better, ks) for t in tasks}
+    per_task = {t: judge_scores(truth[t], m.values[t], m.higher_is_better, ks) for t in tasks}
     out["methods"][m.name] = {
         "higher_is_better": m.higher_is_better,
         "per_task": per_task,
@@ -338,102 +337,24 @@ def evaluate(truth: Mapping[str, Mapping[str, float]], methods: Sequence[MethodS
   return out
 
 
-def fmt(v: Any, digits: int = 3) -> str:
-  """A number for a markdown table (NaN as "nan", tiny values in %g)."""
-  if isinstance(v, float):
-    if math.isnan(v):
-      return "nan"
-    return f"{v:.{digits}g}" if abs(v) < 1e-3 and v != 0 else f"{v:.{digits}f}"
-  return str(v)
+def cutoffs(k: int) -> tuple[int, ...]:
+  """NDCG@k / Recall@k cut-offs: 1, 3, 5 and ``k``."""
+  return tuple(sorted({1, 3, 5, int(k)}))
 
 
-def markdown(result: Mapping[str, Any], *, title: str = "Selection methods against ground truth",
-             run_info: Mapping[str, Any] | None = None) -> str:
-  """The mean table and one table per task."""
-  keys = result["metrics"]
-  lines = [f"# {title}", "",
-           "Each score is oriented so that larger = predicted better. R² is that of a "
-           "least-squares line; NDCG@k uses the accuracy as gains; Recall@k = 1 if the truly best "
-           "candidate is in the predicted top k; top-1 regret = best accuracy − accuracy of the "
-           "predicted best. Candidates with equal scores are a tie, never ordered by name: the "
-           "top-k metrics are averaged over every order of a tie (a constant score gets Recall@1 "
-           "= 1/N for one best of N). Means are over the tasks where a metric is defined (a "
-           "constant score has no correlation).", "",
-           f"## Mean over {len(result['tasks'])} task(s): {', '.join(result['tasks'])}", "",
-           "| method | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-  for name, m in result["methods"].items():
-    lines.append(f"| {name} | " + " | ".join(fmt(m["mean"][k]) for k in keys) + " |")
-  for t in result["tasks"]:
-    lines += ["", f"## Task {t}", "", "| method | selects | " + " | ".join(keys) + " |",
-              "|---|---|" + "---|" * len(keys)]
-    for name, m in result["methods"].items():
-      lines.append(f"| {name} | {fmt_pick(m['selects'][t])} | " +
-                   " | ".join(fmt(m["per_task"][t][k]) for k in keys) + " |")
-  if run_info:
-    lines += ["", "## Run", "", "```"] + [f"{k} = {v}" for k, v in run_info.items()] + ["```"]
-  return "\n".join(lines) + "\n"
-
-
-def plot(result: Mapping[str, Any], path: str,
-         shown: Sequence[str] = ("spearman", "weighted_tau", "ndcg@1", "ndcg@3", "ndcg@5")):
-  """Grouped bars: the mean over tasks of a few metrics, one group per method."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
-  shown = [k for k in shown if k in result["metrics"]]
-  names = list(result["methods"])
-  fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(names) * len(shown) / 3 + 2), 3.6))
-  width = 0.8 / max(len(shown), 1)
-  x = np.arange(len(names))
-  for i, k in enumerate(shown):
-    vals = [result["methods"][n]["mean"][k] for n in names]
-    ax.bar(x + i * width - 0.4 + width / 2, np.nan_to_num(vals), width, label=k)
-  ax.set_xticks(x, names, rotation=30, ha="right", fontsize=7)
-  ax.axhline(0.0, color="black", linewidth=0.5)
-  ax.set_ylabel(f"mean over {len(result['tasks'])} task(s)", fontsize=8)
-  ax.legend(fontsize=7, ncol=len(shown))
-  ax.tick_params(labelsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
-def write_result_files(output_json: str, payload: Mapping[str, Any], markdown_text: str,
-                       plot_fn: Callable[[str], None] | None = None,
-                       extra: Mapping[str, str] | None = None) -> list[str]:
-  """Writes ``output_json``, ``<stem>.md``, (given ``plot_fn``) ``<stem>.png`` and each
-  ``extra`` file (``<stem><suffix>`` → text) atomically.
-
-  Everything is written into a local staging directory (beside the output when that is local)
-  first and each file moved in atomically (``atomic.publish``), the way ``vlmsel_jax.scoring.report``
-  does; a run that dies before leaves no file. ``output_json`` may be local or any epath URI
-  (``gs://bucket/out.json``). Returns the paths written.
-  """
-  output_json = atomic.absolute(output_json)
-  parent = os.path.dirname(output_json)
-  stem = os.path.splitext(os.path.basename(output_json))[0]
-  staging = atomic.staging_dir(output_json, f".{stem}.tmp-")
-  try:
-    names = [(os.path.basename(output_json), output_json), (stem + ".md",
-                                                            os.path.join(parent, stem + ".md"))]
-    with open(os.path.join(staging, names[0][0]), "w", encoding="utf-8") as f:
-      json.dump(payload, f, indent=2, allow_nan=True)
-      f.write("\n")
-    with open(os.path.join(staging, names[1][0]), "w", encoding="utf-8") as f:
-      f.write(markdown_text)
-    if plot_fn is not None:
-      plot_fn(os.path.join(staging, stem + ".png"))
-      names.append((stem + ".png", os.path.join(parent, stem + ".png")))
-    for suffix, text in (extra or {}).items():
-      with open(os.path.join(staging, stem + suffix), "w", encoding="utf-8") as f:
-        f.write(text)
-      names.append((stem + suffix, os.path.join(parent, stem + suffix)))
-    atomic.makedirs(parent)
-    written = []
-    for name, dest in names:
-      atomic.publish(os.path.join(staging, name), dest)
-      written.append(dest)
-    return written
-  finally:
-    shutil.rmtree(staging, ignore_errors=True)
+def judge_files(truth_path: str, score_specs: Sequence[str], *, column: str = "accuracy",
+                lower_is_better: Iterable[str] = (), tasks: Sequence[str] | None = None,
+                ks: Sequence[int] = DEFAULT_KS) -> dict[str, Any]:
+  """``judge`` of the score files ``score_specs`` (``[label=]path[:task]``, see ``load_methods``)
+  against the ground-truth CSV ``truth_path`` (accuracy in ``column``); the result also names
+  its inputs (``ground_truth``, ``scores``)."""
+  if not truth_path:
+    raise JudgeError("--ground_truth is required (CSV candidate,task,accuracy)")
+  if not score_specs:
+    raise JudgeError("--scores is required (one or more score files)")
+  truth = read_truth(truth_path, column)
+  methods = load_methods(score_specs, sorted(truth), lower_is_better)
+  result = judge(truth, methods, truth_path=truth_path, tasks=tasks or None, ks=ks)
+  result["ground_truth"] = truth_path
+  result["scores"] = list(score_specs)
+  return result

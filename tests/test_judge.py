@@ -1,4 +1,4 @@
-"""The evaluation harness (--method=evaluate): metrics vs scipy / scikit-learn, tables, errors."""
+"""Judging rankings (--method=judge): metrics vs scipy / scikit-learn, tables, errors."""
 
 import csv
 import itertools
@@ -14,7 +14,7 @@ from sklearn.metrics import ndcg_score
 from vlmsel_jax.scoring import report
 from vlmsel_jax.scoring import pool as scoring
 from vlmsel_jax import select
-from vlmsel_jax.selection import evaluate
+from vlmsel_jax.selection import judge
 
 FLAGS = flags.FLAGS
 
@@ -40,7 +40,7 @@ def _tables(tmp_path):
 
 def _run(argv):
   FLAGS.unparse_flags()
-  FLAGS(["select", "--method=evaluate"] + argv)
+  FLAGS(["select", "--method=judge"] + argv)
   return select.run_method()
 
 
@@ -63,10 +63,11 @@ def _reference(true, score):
   return out
 
 
-def test_evaluate_matches_scipy_and_sklearn_per_task_and_mean(tables, tmp_path):
+def test_judge_matches_scipy_and_sklearn_per_task_and_mean(tables, tmp_path):
   truth, scores = tables
-  out = str(tmp_path / "out" / "eval.json")
-  result = _run([f"--truth={truth}", f"--scores={scores}", f"--output={out}"])
+  out = str(tmp_path / "out" / "judge.json")
+  result = _run([f"--ground_truth={truth}", f"--scores={scores}",
+                 f"--output_dir={tmp_path / 'out'}"])
   assert result["tasks"] == ["gqa", "vqa"]
   m = result["methods"]["myscore"]
   for task in TRUTH:
@@ -78,9 +79,9 @@ def test_evaluate_matches_scipy_and_sklearn_per_task_and_mean(tables, tmp_path):
         np.mean([m["per_task"][t][key] for t in TRUTH]), abs=1e-12)
   on_disk = json.load(open(out))
   assert on_disk["methods"]["myscore"]["mean"] == pytest.approx(m["mean"])
-  md = open(str(tmp_path / "out" / "eval.md")).read()
+  md = open(str(tmp_path / "out" / "judge.md")).read()
   assert "| myscore |" in md and "## Task vqa" in md
-  assert open(str(tmp_path / "out" / "eval.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+  assert open(str(tmp_path / "out" / "judge.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_score_binary_csv_per_task_and_gw_is_flipped(tables, tmp_path):
@@ -92,8 +93,8 @@ def test_score_binary_csv_per_task_and_gw_is_flipped(tables, tmp_path):
     path = _write(tmp_path / f"scores_{task}.csv", "candidate,gw,cka,rank_gw,rank_cka",
                   [(c, gw[i], SCORES[task][i], 0, 0) for i, c in enumerate(CANDS)])
     specs.append(f"{path}:{task}")
-  result = _run([f"--truth={truth}", f"--scores={','.join(specs)}",
-                 f"--output={tmp_path / 'e.json'}"])
+  result = _run([f"--ground_truth={truth}", f"--scores={','.join(specs)}",
+                 f"--output_dir={tmp_path}"])
   assert set(result["methods"]) == {"gw", "cka"}
   assert result["methods"]["gw"]["higher_is_better"] is False
   # 1 − score, flipped, ranks exactly as the score: every metric but Pearson's sign agrees.
@@ -104,8 +105,8 @@ def test_score_binary_csv_per_task_and_gw_is_flipped(tables, tmp_path):
 
 def test_k_flag_adds_its_cutoff(tables, tmp_path):
   truth, scores = tables
-  result = _run([f"--truth={truth}", f"--scores={scores}", "--k=2",
-                 f"--output={tmp_path / 'e.json'}"])
+  result = _run([f"--ground_truth={truth}", f"--scores={scores}", "--k=2",
+                 f"--output_dir={tmp_path}"])
   want = ndcg_score([TRUTH["vqa"]], [SCORES["vqa"]], k=2)
   assert result["methods"]["myscore"]["per_task"]["vqa"]["ndcg@2"] == pytest.approx(want)
 
@@ -151,8 +152,8 @@ def test_bad_tables_are_one_clear_error_and_write_nothing(tmp_path, case, match)
     scores = str(tmp_path / "gone.csv")
   out = tmp_path / "out"
   out.mkdir()
-  with pytest.raises(evaluate.EvalError, match=match):
-    _run([f"--truth={truth}", f"--scores={scores}", f"--output={out / 'e.json'}"])
+  with pytest.raises(judge.JudgeError, match=match):
+    _run([f"--ground_truth={truth}", f"--scores={scores}", f"--output_dir={out}"])
   assert os.listdir(out) == []
 
 
@@ -160,16 +161,16 @@ def test_score_binary_csv_needs_a_task_when_truth_has_several(tables, tmp_path):
   truth, _ = tables
   path = _write(tmp_path / "scores.csv", "candidate,cka,rank_cka",
                 [(c, 0.1 * i, i) for i, c in enumerate(CANDS)])
-  with pytest.raises(evaluate.EvalError, match=r"scores.csv: a vlmsel_jax.score scores.csv "
+  with pytest.raises(judge.JudgeError, match=r"scores.csv: a vlmsel_jax.score scores.csv "
                      r"holds one task; name it as .*scores.csv:TASK"):
-    _run([f"--truth={truth}", f"--scores={path}", f"--output={tmp_path / 'e.json'}"])
+    _run([f"--ground_truth={truth}", f"--scores={path}", f"--output_dir={tmp_path}"])
 
 
 def test_same_task_from_two_files_is_an_error(tables, tmp_path):
   truth, scores = tables
-  with pytest.raises(evaluate.EvalError, match=r"task 'gqa' is given by both"):
-    _run([f"--truth={truth}", f"--scores=s={scores},s={scores}:gqa",
-          f"--output={tmp_path / 'e.json'}"])
+  with pytest.raises(judge.JudgeError, match=r"task 'gqa' is given by both"):
+    _run([f"--ground_truth={truth}", f"--scores=s={scores},s={scores}:gqa",
+          f"--output_dir={tmp_path}"])
 
 
 def test_constant_score_gives_nan_correlation_and_is_left_out_of_the_mean(tmp_path):
@@ -178,7 +179,7 @@ def test_constant_score_gives_nan_correlation_and_is_left_out_of_the_mean(tmp_pa
   scores = _write(tmp_path / "s.csv", "candidate,task,score",
                   [(c, t, 1.0 if t == "vqa" else SCORES[t][i])
                    for t in TRUTH for i, c in enumerate(CANDS)])
-  result = _run([f"--truth={truth}", f"--scores={scores}", f"--output={tmp_path / 'e.json'}"])
+  result = _run([f"--ground_truth={truth}", f"--scores={scores}", f"--output_dir={tmp_path}"])
   m = result["methods"]["s"]
   assert np.isnan(m["per_task"]["vqa"]["spearman"])
   assert m["mean"]["spearman"] == pytest.approx(m["per_task"]["gqa"]["spearman"])
@@ -190,22 +191,22 @@ def test_constant_score_gives_nan_correlation_and_is_left_out_of_the_mean(tmp_pa
   assert vqa["recall@3"] == pytest.approx(3.0 / 5.0)
   assert vqa["top1_regret"] == pytest.approx(np.mean([0.70 - a for a in TRUTH["vqa"]]))
   assert m["selects"] == {"vqa": CANDS, "gqa": ["c"]}
-  md = open(str(tmp_path / "e.md")).read()
+  md = open(str(tmp_path / "judge.md")).read()
   assert "| s | tie of 5: a, b, c, d, e |" in md and "| s | c |" in md
 
 
 @pytest.mark.parametrize("score", [[1.0] * 5, [2.0, 2.0, 1.0, 1.0, 0.0], [0.3, 0.3, 0.9, 0.9, 0.1]],
                          ids=["constant", "two-ties", "tie-at-top"])
 def test_renaming_the_candidates_never_changes_the_judgement(score):
-  # Names decide the order evaluate_scores lists the candidates in (sorted): every assignment of
+  # Names decide the order judge_scores lists the candidates in (sorted): every assignment of
   # the names to (accuracy, score) pairs must give the same metrics, to the bit.
   true = TRUTH["vqa"]
-  want = evaluate.evaluate_scores(dict(zip(CANDS, true)), dict(zip(CANDS, score)), True)
+  want = judge.judge_scores(dict(zip(CANDS, true)), dict(zip(CANDS, score)), True)
   for names in itertools.permutations(CANDS):
-    got = evaluate.evaluate_scores(dict(zip(names, true)), dict(zip(names, score)), True)
+    got = judge.judge_scores(dict(zip(names, true)), dict(zip(names, score)), True)
     for key, value in got.items():
       assert value == want[key] or (np.isnan(value) and np.isnan(want[key])), (names, key)
-    tied = evaluate.selects(dict(zip(names, score)), True)
+    tied = judge.selects(dict(zip(names, score)), True)
     assert tied == sorted(n for n, s in zip(names, score) if s == max(score))
 
 
@@ -223,5 +224,5 @@ def test_score_binary_csv_round_trips_names_with_commas(tmp_path):
   assert [r["candidate"] for r in rows] == names
   assert [int(r["rank_cka"]) for r in rows] == [3, 1, 2, 4]
   assert [int(r["rank_gw"]) for r in rows] == [3, 2, 4, 1]  # GW: lower is better
-  methods = evaluate.read_score_binary_csv(str(path), "vqa")
+  methods = judge.read_score_binary_csv(str(path), "vqa")
   assert {m.name: m.values["vqa"] for m in methods} == values
