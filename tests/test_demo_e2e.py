@@ -212,7 +212,8 @@ def test_groundtruth_learning_curves_match_the_uninterrupted_run(world, tmp_path
   # one after the fact, and says so.
   _run(groundtruth, flags_for(curved) + ["--curve_fractions=0.25,0.5"])
   assert _rows(gt.curves_path(curved, 0)) == curve
-  with pytest.raises(SystemExit):
+  with pytest.raises(gt.GroundTruthError, match=r"past the curve point at fraction 0\.5 .* "
+                     r"was never measured"):
     _run(groundtruth, flags_for(plain) + ["--curve_fractions=0.5"])
   with pytest.raises(Exception, match=r"--curve_fractions: each must be in \(0, 1\)"):
     _run(groundtruth, flags_for(plain) + ["--curve_fractions=1.0"])

@@ -18,7 +18,7 @@ _PROGRAM = textwrap.dedent("""
     from vlmsel_jax.zoo import specs
 
     RAISE = flags.DEFINE_enum("raise", "none", ["none", "usage", "value", "os", "ours", "key",
-                                                "multiline"], "")
+                                                "multiline", "log"], "")
     COUNT = flags.DEFINE_integer("count", 1, "")
 
     def main(argv):
@@ -33,6 +33,11 @@ _PROGRAM = textwrap.dedent("""
         raise specs.ZooError("no-such-model: not a zoo name")
       if kind == "key":
         {}["bug"]
+      if kind == "log":
+        import logging
+        from absl import logging as absl_logging
+        logging.getLogger("jax._src.xla_bridge").info("library noise")
+        absl_logging.warning("a warning stays")
       if kind == "multiline":
         raise ValueError("first line\\n\\n   second   line")
       print("ok", COUNT.value)
@@ -116,3 +121,11 @@ def test_one_line_and_deliberate():
   assert errors.is_deliberate(FileNotFoundError("x"))
   assert not errors.is_deliberate(KeyError("x"))
   assert not errors.is_deliberate(RuntimeError("x"))
+
+
+def test_other_packages_info_lines_are_hidden_unless_verbose(tmp_path):
+  proc = _run(tmp_path, "--raise=log")
+  assert proc.returncode == 0
+  assert "library noise" not in proc.stderr and "a warning stays" in proc.stderr
+  proc = _run(tmp_path, "--raise=log", "--verbosity=1")
+  assert "library noise" in proc.stderr and "a warning stays" in proc.stderr

@@ -25,6 +25,7 @@ from flax import nnx
 from PIL import Image, ImageDraw
 
 import multiprocess_util
+from vlmsel_jax.runtime import errors as boundary
 from vlmsel_jax.features import extraction
 from vlmsel_jax.features import feature_bank as fb
 from vlmsel_jax import score
@@ -229,8 +230,8 @@ def test_a_model_under_the_other_kind_of_flag_is_one_line(setup, tmp_path, capsy
     flags(["extract", f"--{flag}={spec}", f"--data_dir={setup['data']}", f"--output_dir={out}",
            "--noprogress"])
     try:
-      with pytest.raises(SystemExit) as e:
-        extract.main(["extract"])
+      with pytest.raises(SystemExit) as e:  # Through the binary's error boundary.
+        boundary.guard(extract.main, "extract")(["extract"])
     finally:
       flags.unparse_flags()
     assert e.value.code == 1

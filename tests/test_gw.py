@@ -395,7 +395,7 @@ _ALL_FLAGS = {"gw_epsilon": 2e-3, "gw_anneal_epsilons": ["0.02", "0.004"],
               "gw_anneal_iterations": 3, "gw_sinkhorn_iterations": 123,
               "gw_anneal_sinkhorn_iterations": 7, "gw_iterations": 17, "gw_cg_iterations": 99,
               "gw_cg_tol": 1e-7, "gw_polish": False, "gw_rank": 5, "gw_lowrank_iterations": 44,
-              "gw_lowrank_gamma": 20.0, "gw_precision": "float64"}
+              "gw_lowrank_gamma": 20.0, "gw_oracle": "device", "gw_precision": "float64"}
 
 
 def test_flags_map_to_each_solvers_record():
@@ -403,11 +403,11 @@ def test_flags_map_to_each_solvers_record():
   want = {
       "annealed": gw.AnnealedOptions(epsilons=(0.02, 0.004), stage_iterations=3, gw_iterations=17,
                                      sinkhorn_iterations=7, polish=False, cg_iterations=99,
-                                     cg_tol=1e-7, precision="float64"),
+                                     cg_tol=1e-7, oracle="device", precision="float64"),
       "entropic": gw.EntropicOptions(epsilon=2e-3, gw_iterations=17, sinkhorn_iterations=123,
                                      polish=False, cg_iterations=99, cg_tol=1e-7,
-                                     precision="float64"),
-      "cg": gw.CGOptions(iterations=99, tol=1e-7, precision="float64"),
+                                     oracle="device", precision="float64"),
+      "cg": gw.CGOptions(iterations=99, tol=1e-7, oracle="device", precision="float64"),
       "lowrank": gw.LowRankOptions(rank=5, epsilon=2e-3, iterations=44, gamma=20.0,
                                    precision="float64"),
   }

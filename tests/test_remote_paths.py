@@ -37,6 +37,7 @@ from etils.epath import backend as epath_backend
 from fsspec.spec import AbstractFileSystem
 from PIL import Image
 
+from vlmsel_jax.runtime import result_dir
 from vlmsel_jax.runtime import atomic
 from vlmsel_jax.features import extraction
 from vlmsel_jax.features import feature_bank as fb
@@ -408,10 +409,12 @@ def test_score_binary_writes_output_dir_to_a_bucket_as_locally(gcs, tmp_path):
   local = tmp_path / "local_out"
   written_local = _score([f"--output_dir={local}"])
   written = _score([f"--output_dir=gs://{BUCKET}/runs/score"])
-  names = ["scores.json", "scores.csv", "scores.png", "report.md", "vision_cka.csv"]
+  names = sorted(["scores.json", "scores.csv", "scores.png", "report.md", "vision_cka.csv"])
   assert [os.path.basename(p) for p in written_local] == names
   assert written == [f"gs://{BUCKET}/runs/score/{n}" for n in names]
-  assert _keys(gcs) == sorted(f"runs/score/{n}" for n in names)  # Nothing else: no staging.
+  # Nothing else (no staging), but the manifest naming the result's files, written last.
+  assert _keys(gcs) == sorted(f"runs/score/{n}" for n in names + [result_dir.MANIFEST])
+  assert json.loads(_get(gcs, f"runs/score/{result_dir.MANIFEST}")) == {"files": names}
   for name in names:
     assert _comparable(name, _get(gcs, f"runs/score/{name}")) == _comparable(
         name, (local / name).read_bytes()), name

@@ -14,6 +14,7 @@ from absl import flags
 from PIL import Image
 
 import vlm_fixtures as fx
+from vlmsel_jax.runtime import errors
 from vlmsel_jax import a_score
 from vlmsel_jax import evaluate
 from vlmsel_jax import train
@@ -92,8 +93,9 @@ def test_stage1_then_stage2_then_evaluate(world, capsys):
                   "--eval_batch_size=4"])
   assert json.load(open(os.path.join(s2, "eval.json")))["examples"] == result["examples"]
   capsys.readouterr()
-  with pytest.raises(SystemExit) as bad:
-    _run(evaluate, [f"--output_dir={s2}", f"--eval_data=folder:{world['root'] / 'missing'}"])
+  with pytest.raises(SystemExit) as bad:  # Through the binary's error boundary.
+    errors.guard(lambda argv: _run(evaluate, [f"--output_dir={s2}", "--eval_data=folder:"
+                                              f"{world['root'] / 'missing'}"]), "evaluate")([])
   assert bad.value.code == 1
   assert capsys.readouterr().err.strip().splitlines()[-1].startswith("evaluate: error: data spec")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 from absl import app
 from absl import flags
 
+from vlmsel_jax.runtime import errors
 from vlmsel_jax.runtime import flag_util
 from vlmsel_jax.runtime import parallel
 from vlmsel_jax.runtime import flags as runtime_flags
@@ -56,7 +57,7 @@ def main(argv):
 
 def console_main():
   """The ``vlmsel-a-score`` console command."""
-  app.run(main)
+  errors.run(main, "a_score")
 
 
 if __name__ == "__main__":

@@ -16,12 +16,11 @@ atomically. The work is ``vlmsel_jax.scoring.c_score.score_models``; the pair fl
 
 from __future__ import annotations
 
-import sys
-
 from absl import app
 from absl import flags
 from absl import logging
 
+from vlmsel_jax.runtime import errors
 from vlmsel_jax.runtime import flag_util
 from vlmsel_jax.scores import correspondence as corr
 from vlmsel_jax.scoring import c_score
@@ -94,11 +93,7 @@ def main(argv):
   if OUTPUT_DIR.value is None:
     raise app.UsageError("--output_dir is required")
   thresholds = alphas()
-  try:
-    payload = run(thresholds)
-  except ValueError as e:  # ZooError and CorrespondenceDataError are ValueErrors.
-    print(f"correspondence_score: error: {e}", file=sys.stderr)
-    sys.exit(1)
+  payload = run(thresholds)
   for name, r in payload["models"].items():
     logging.info("%s: %s", name, ", ".join(f"{k} {r[k]:.2f}" for k in r if k.startswith("pck")))
   print(c_score.results_csv(payload["models"], thresholds), end="")
@@ -106,7 +101,7 @@ def main(argv):
 
 def console_main():
   """The ``vlmsel-correspondence-score`` console command."""
-  app.run(main)
+  errors.run(main, "correspondence_score")
 
 
 if __name__ == "__main__":

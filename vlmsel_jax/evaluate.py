@@ -11,11 +11,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 
 from absl import app
 from absl import flags
 
+from vlmsel_jax.runtime import errors
 from vlmsel_jax.runtime import parallel
 from vlmsel_jax.runtime import flags as runtime_flags
 from vlmsel_jax.training import checkpoint as ckpt_lib
@@ -40,29 +40,26 @@ def main(argv):
     raise app.UsageError("--output_dir is required (the run's directory)")
   runtime_flags.initialize_from_flags()
   directory = os.path.join(_OUTPUT_DIR.value, loop.CHECKPOINT_DIR)
+  # Looked up without a checkpoint manager, which would create the directory it manages.
+  if ckpt_lib.latest_step(directory) is None:
+    raise ValueError(f"{directory}: no checkpoint to evaluate")
   checkpointer = ckpt_lib.Checkpointer(directory, save_every=1, keep=1)
   step = checkpointer.latest_step()
-  if step is None:
-    raise app.UsageError(f"{directory}: no checkpoint to evaluate")
   meta = checkpointer.read_meta(step)
   checkpointer.close()
   config = evaluate_run.config_from_meta(meta, _OUTPUT_DIR.value)
   if _SYSTEM.value is not None:
     config = dataclasses.replace(config, system_prompt=_SYSTEM.value)
-  try:
-    out = evaluate_run.evaluate(config, data=_DATA.value, metrics=_METRICS.value,
-                                limit=_LIMIT.value or None, batch_size=_BATCH.value,
-                                max_new_tokens=_MAX_NEW.value)
-  except (ValueError, ckpt_lib.CheckpointError) as e:  # Data, prompt and checkpoint errors.
-    print(f"evaluate: error: {' '.join(str(e).split())}", file=sys.stderr)
-    sys.exit(1)
+  out = evaluate_run.evaluate(config, data=_DATA.value, metrics=_METRICS.value,
+                              limit=_LIMIT.value or None, batch_size=_BATCH.value,
+                              max_new_tokens=_MAX_NEW.value)
   if parallel.is_primary():
     print(json.dumps({k: v for k, v in out.items() if k != "examples"}, indent=1))
 
 
 def console_main():
   """The ``vlmsel-evaluate`` console command."""
-  app.run(main)
+  errors.run(main, "evaluate")
 
 
 if __name__ == "__main__":

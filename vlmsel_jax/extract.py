@@ -11,11 +11,10 @@ The work is ``vlmsel_jax.features.extraction.extract``.
 
 from __future__ import annotations
 
-import sys
-
 from absl import app
 from absl import flags
 
+from vlmsel_jax.runtime import errors
 from vlmsel_jax.runtime import flag_util
 from vlmsel_jax.features import extraction
 from vlmsel_jax.features import flags as data_flags
@@ -92,12 +91,8 @@ def run() -> list[extraction.ExtractResult]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  try:
-    runtime_flags.initialize_from_flags()
-    results = run()
-  except ValueError as e:  # Every input error of the zoo, data, loader and extraction.
-    print(f"extract: error: {' '.join(str(e).split())}", file=sys.stderr)
-    sys.exit(1)
+  runtime_flags.initialize_from_flags()
+  results = run()
   if parallel.is_primary():  # The bank paths are process 0's; other hosts say nothing.
     for r in results:
       print(f"{r.path}\t{'cached' if r.cached else 'extracted'}\t{r.n}x{r.dim}")
@@ -105,7 +100,7 @@ def main(argv):
 
 def console_main():
   """The ``vlmsel-extract`` console command."""
-  app.run(main)
+  errors.run(main, "extract")
 
 
 if __name__ == "__main__":

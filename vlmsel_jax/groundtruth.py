@@ -47,6 +47,7 @@ import sys
 from absl import app
 from absl import flags
 
+from vlmsel_jax.runtime import errors
 from vlmsel_jax.runtime import flag_util
 from vlmsel_jax.runtime import parallel
 from vlmsel_jax.runtime import flags as runtime_flags
@@ -133,18 +134,14 @@ def main(argv):
                                                  train_flags.LLM_MODEL.value)}
   progress = progress_lib.Progress(len(options.seeds) * len(candidates),
                                    enabled=parallel.is_primary())
-  try:
-    spread = gt.run(candidates, output_dir, options, progress=progress)
-  except gt.GroundTruthError as e:
-    print(f"groundtruth: error: {e}", file=sys.stderr)
-    sys.exit(1)
+  spread = gt.run(candidates, output_dir, options, progress=progress)
   if parallel.is_primary():
     print(json.dumps({"seed_spread": spread}))
 
 
 def console_main():
   """The ``vlmsel-groundtruth`` console command."""
-  app.run(main)
+  errors.run(main, "groundtruth")
 
 
 if __name__ == "__main__":

@@ -21,16 +21,13 @@ each process solves its own, results are gathered, and only process 0 writes --o
 
 from __future__ import annotations
 
-import sys
-
 from absl import app
 from absl import flags
 
-from vlmsel_jax.features import feature_bank
+from vlmsel_jax.runtime import errors
 from vlmsel_jax.features import flags as data_flags
 from vlmsel_jax.runtime import flag_util
 from vlmsel_jax.runtime import flags as runtime_flags
-from vlmsel_jax.scores import checks
 from vlmsel_jax.scoring import c_score_flags
 from vlmsel_jax.scoring import flags as scoring_flags
 from vlmsel_jax.scoring import pipeline
@@ -103,19 +100,15 @@ def run() -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  try:
-    runtime_flags.initialize_from_flags()
-    written = run()
-  except (feature_bank.BankError, checks.FeatureError, ValueError) as e:
-    print(f"score: error: {e}", file=sys.stderr)
-    sys.exit(1)
+  runtime_flags.initialize_from_flags()
+  written = run()
   for path in written:
     print(path)
 
 
 def console_main():
   """The ``vlmsel-score`` console command."""
-  app.run(main)
+  errors.run(main, "score")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from vlmsel_jax.runtime import errors
 from vlmsel_jax.runtime import flag_util
 
 # method -> module implementing it. Modules are imported before flag parsing so their flags exist.
@@ -65,16 +66,17 @@ def run_method() -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  try:
-    run_method()
-  except (ValueError, OSError) as e:
-    # Bad input (tables, flags, files) is reported as one line naming the problem.
-    raise SystemExit(f"select --method={METHOD.value}: error: {e}") from None
+  run_method()
+
+
+def _name() -> str:
+  """What opens an error line: the binary and, once parsed, its method."""
+  return f"select --method={METHOD.value}" if METHOD.value else "select"
 
 
 def console_main():
   """The ``vlmsel-select`` console command."""
-  app.run(main)
+  errors.run(main, _name)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from vlmsel_jax.runtime import errors
 from vlmsel_jax.runtime import atomic
 from vlmsel_jax.runtime import flag_util
 from vlmsel_jax.runtime import parallel
@@ -56,7 +57,7 @@ def main(argv):
 
 def console_main():
   """The ``vlmsel-train`` console command."""
-  app.run(main)
+  errors.run(main, "train")
 
 
 if __name__ == "__main__":

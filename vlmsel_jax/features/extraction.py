@@ -491,6 +491,9 @@ def extract(specs: Sequence[str], data_dir: str | None, output_dir: str, *,
     seen[r.file_stem] = r.spec
   if (dataset is None) == (data_dir is None):
     raise ExtractError("give exactly one of a data folder and a dataset")
+  if atomic.exists(output_dir) and not atomic.isdir(output_dir):
+    raise ExtractError(f"{output_dir}: exists and is not a directory; the banks go in a "
+                       "directory")
   if dataset is None:
     dataset = paired.load_paired(data_dir, captions)
   dataset = dataset.sample(options.max_samples, options.seed)

@@ -9,6 +9,10 @@
 - anything else is a bug and keeps its traceback.
 
 ``--verbose_errors`` or ``VLMSEL_DEBUG=1`` shows the traceback of every error.
+
+Other packages' INFO log lines (JAX probing for backends, orbax describing its checkpoint
+handlers) are hidden unless ``--verbosity`` is 1 or more, so that a failing run says one thing;
+this package's own INFO lines and everyone's warnings stay.
 """
 
 from __future__ import annotations
@@ -18,8 +22,11 @@ import re
 import sys
 from typing import Callable, NoReturn, Sequence
 
+import logging as std_logging
+
 from absl import app
 from absl import flags
+from absl import logging
 
 VERBOSE_ERRORS = flags.DEFINE_bool(
     "verbose_errors", False, "Show the traceback of every error, not only one line (also: "
@@ -44,8 +51,20 @@ def one_line(message: object) -> str:
   return re.sub(r"\s+", " ", "; ".join(lines)) or "(no message)"
 
 
-def _fail(name: str, message: object, code: int) -> NoReturn:
-  sys.stderr.write(f"{name}: error: {one_line(message)}\n")
+Name = str | Callable[[], str]
+
+
+def _resolve(name: Name) -> str:
+  if isinstance(name, str):
+    return name
+  try:
+    return name()
+  except Exception:  # pylint: disable=broad-except  (e.g. flags not parsed yet)
+    return os.path.splitext(os.path.basename(sys.argv[0]))[0] or "vlmsel"
+
+
+def _fail(name: Name, message: object, code: int) -> NoReturn:
+  sys.stderr.write(f"{_resolve(name)}: error: {one_line(message)}\n")
   sys.stderr.flush()
   sys.exit(code)
 
@@ -90,7 +109,7 @@ def _holder_of(flag: str, argv: Sequence[str]) -> str | None:
   return None
 
 
-def parse_flags(name: str) -> Callable[[list[str]], list[str]]:
+def parse_flags(name: Name) -> Callable[[list[str]], list[str]]:
   """An ``app.run`` flags parser whose errors are one line naming the flag (and flagfile)."""
 
   def parse(argv: list[str]) -> list[str]:
@@ -105,7 +124,7 @@ def parse_flags(name: str) -> Callable[[list[str]], list[str]]:
   return parse
 
 
-def guard(main: Callable[[list[str]], object], name: str) -> Callable[[list[str]], object]:
+def guard(main: Callable[[list[str]], object], name: Name) -> Callable[[list[str]], object]:
   """``main`` with the boundary around it (for ``app.run``)."""
 
   def guarded(argv: list[str]) -> object:
@@ -123,6 +142,25 @@ def guard(main: Callable[[list[str]], object], name: str) -> Callable[[list[str]
   return guarded
 
 
-def run(main: Callable[[list[str]], object], name: str) -> None:
-  """``app.run(main)`` behind the boundary; ``name`` opens every error line."""
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+class OwnInfoOnly(std_logging.Filter):
+  """Lets through warnings and errors, and INFO lines of this package's own modules."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if record.levelno >= std_logging.WARNING or record.pathname.startswith(_PACKAGE_DIR):
+      return True
+    try:
+      return flags.FLAGS.verbosity >= 1
+    except flags.UnparsedFlagAccessError:
+      return False
+
+
+def run(main: Callable[[list[str]], object], name: Name) -> None:
+  """``app.run(main)`` behind the boundary; ``name`` (or what it returns, once the flags are
+  parsed) opens every error line."""
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, OwnInfoOnly) for f in handler.filters):
+    handler.addFilter(OwnInfoOnly())
   app.run(guard(main, name), flags_parser=parse_flags(name))

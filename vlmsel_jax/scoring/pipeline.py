@@ -24,6 +24,7 @@ from vlmsel_jax.features import extraction
 from vlmsel_jax.features import feature_bank
 from vlmsel_jax.runtime import atomic
 from vlmsel_jax.runtime import parallel
+from vlmsel_jax.runtime import result_dir
 from vlmsel_jax.scoring import pool
 from vlmsel_jax.scoring import report
 from vlmsel_jax.scoring import synthetic
@@ -243,11 +244,19 @@ def run(config: ScoreConfig) -> list[str]:
   """Scores the pool ``config`` names and writes the results; returns the written paths.
 
   Every process of a multi-process run computes the same result; only process 0 writes, and
-  the others return [].
+  the others return []. Process 0 holds ``output_dir``'s lock from the start, so a path that
+  cannot be a result directory, or one another run is writing, stops the run before any work.
   """
-  run_start = time.time()
   if not config.output_dir:
     raise InputError("--output_dir is required")
+  if not parallel.is_primary():
+    return _run(config)
+  with result_dir.locked(config.output_dir):
+    return _run(config)
+
+
+def _run(config: ScoreConfig) -> list[str]:
+  run_start = time.time()
   metric_names = pool.parse_metrics(config.metrics)
   if config.c_score_pairs and not config.cache_dir:
     raise InputError("--c_score_pairs caches its results: give --cache_dir")

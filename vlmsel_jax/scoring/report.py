@@ -1,9 +1,9 @@
-"""Writes a scored pool: scores.csv, scores.json, report.md and scores.png, atomically.
+"""Writes a scored pool: scores.csv, scores.json, report.md and scores.png, as one unit.
 
-All files are first written into a local staging directory (beside ``output_dir`` when that is
-local) and then moved in one by one, each atomically (``atomic.publish``: ``os.replace``
-locally, a temporary object renamed over the target on ``gs://`` and other epath file systems);
-a run that dies before that leaves ``output_dir`` as it was.
+All files are written into a staging directory beside ``output_dir``, which then replaces it
+in one atomic exchange (``runtime/result_dir``); what else the directory held (a bank cache,
+a user's files) is kept. On ``gs://`` and other epath file systems the files are published one
+by one, each atomically, the manifest last.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import io
 import json
 import math
 import os
-import shutil
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from vlmsel_jax.runtime import atomic
+from vlmsel_jax.runtime import result_dir
 from vlmsel_jax.scoring import pool as scoring
 
 EVAL_COLUMNS = ("pearson", "spearman", "kendall", "weighted_tau", "r2", "ndcg@1", "ndcg@3",
@@ -169,18 +169,17 @@ def similarity_csv(names: Sequence[str], matrix: np.ndarray) -> str:
 def write_outputs(result: scoring.PoolScores, output_dir: str, *, title: str,
                   preamble: str = "", run_info: Mapping[str, Any] | None = None,
                   extra: Mapping[str, str] | None = None) -> list[str]:
-  """Writes the result files (and ``extra``: file name → text) into ``output_dir`` atomically.
+  """Writes the result files (and ``extra``: file name → text) as one new ``output_dir``.
 
-  ``output_dir`` may be local (made absolute) or any epath URI (``gs://bucket/run``).
-  Returns their paths.
+  The directory is replaced as a unit (``result_dir.replace``): a reader, or a run killed at any
+  point, sees the previous result or this one, whole. ``output_dir`` may be local (made
+  absolute) or any epath URI (``gs://bucket/run``, published file by file). Returns the paths.
   """
-  output_dir = atomic.absolute(output_dir)
-  staging = atomic.staging_dir(output_dir,
-                               f".{os.path.basename(output_dir.rstrip('/'))}.tmp-")
-  try:
-    payload = result.to_json()
-    if run_info:
-      payload["run"] = dict(run_info)
+  payload = result.to_json()
+  if run_info:
+    payload["run"] = dict(run_info)
+
+  def fill(staging: str) -> None:
     with open(os.path.join(staging, "scores.json"), "w") as f:
       json.dump(payload, f, indent=2, allow_nan=True)
       f.write("\n")
@@ -192,11 +191,5 @@ def write_outputs(result: scoring.PoolScores, output_dir: str, *, title: str,
     for name, text in (extra or {}).items():
       with open(os.path.join(staging, name), "w") as f:
         f.write(text)
-    atomic.makedirs(output_dir)
-    written = []
-    for name in ("scores.json", "scores.csv", "scores.png", "report.md", *(extra or {})):
-      atomic.publish(os.path.join(staging, name), os.path.join(output_dir, name))
-      written.append(os.path.join(output_dir, name))
-    return written
-  finally:
-    shutil.rmtree(staging, ignore_errors=True)
+
+  return result_dir.replace(atomic.absolute(output_dir), fill)

@@ -141,9 +141,13 @@ def vision_models(values: list[str], flag: str = "--vision_models"
   if not specs:
     raise app.UsageError(f"{flag} is required")
   try:
-    names = [zoo.resolve(c).name for c in specs]
+    resolved = [zoo.resolve(c) for c in specs]
   except zoo.ZooError as e:
     raise app.UsageError(f"{flag}: {e}") from None
+  for r in resolved:
+    if r.kind != "vision":
+      raise app.UsageError(f"{flag}: {r.spec!r} is a {r.kind} model, not a vision tower")
+  names = [r.name for r in resolved]
   if len(set(names)) != len(names):
     raise app.UsageError(f"{flag}: duplicate candidates in {', '.join(names)}")
   return specs, names

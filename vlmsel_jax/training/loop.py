@@ -256,11 +256,13 @@ def train(config: TrainConfig, *, source=None, built: Built | None = None,
     raise ValueError(f"max_targets must be >= 0, got {config.max_targets}")
   if not 0 < config.data_fraction <= 1:
     raise ValueError(f"data_fraction must be in (0, 1], got {config.data_fraction}")
-  atomic.makedirs(config.workdir)
+  # Everything that can refuse the run (mesh, data, models) comes before its directory is made:
+  # a run that cannot start leaves nothing behind.
   mesh = parallel.make_mesh(config.mesh)
-  built = build_model(config) if built is None else built
   source = open_data(config) if source is None else source
+  built = build_model(config) if built is None else built
   loader = make_loader(config, source, transform_for(config, built.builder))
+  atomic.makedirs(config.workdir)
 
   tx = config.optim.make()
   state, state_sh = step_lib.init_state(built.params, tx, mesh)
