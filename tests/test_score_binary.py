@@ -1,6 +1,7 @@
 """The score binary: outputs on the synthetic pool and on banks, ground truth, bad input."""
 
 import csv
+import io
 import json
 import os
 import subprocess
@@ -58,7 +59,8 @@ def test_synthetic_pool_outputs(tmp_path):
   data = json.load(open(os.path.join(out, "scores.json")))
   assert data["candidates"][0] == "isometric" and len(data["candidates"]) == 12
   assert set(data["rankings"]) == {"gw", "cka", "rsa", "mutual_knn"}
-  assert data["selected"]["gw"] == data["rankings"]["gw"][0]
+  assert data["selected"]["gw"] == [data["rankings"]["gw"][0]]
+  assert data["ranks"]["gw"][data["rankings"]["gw"][0]] == 1
   assert set(data["evaluation"]["gw"]) >= {"pearson", "spearman", "kendall", "weighted_tau", "r2",
                                            "ndcg@5", "recall@3", "top1_regret"}
   assert data["evaluation"]["cka"]["spearman"] > 0.8
@@ -192,3 +194,29 @@ def test_helpfull_documents_every_flag():
     shown = f"--[no]{flag.name}:" if flag.boolean else f"--{flag.name}:"
     assert shown in text, flag.name
     assert flag.help and " ".join(flag.help.split())[:30] in text, flag.name
+
+
+def test_ties_are_reported_as_ties_never_broken_by_name_order(tmp_path):
+  """Two candidates with the same features score the same under every metric: both are
+  selected, share their rank, and the report says "tie of 2" whichever is listed first."""
+  from vlmsel_jax.scoring import pool as scoring_pool  # pylint: disable=g-import-not-at-top
+  from vlmsel_jax.scoring import report  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  text = rng.normal(size=(40, 6))
+  twin = text @ rng.normal(size=(6, 5)) + 0.1 * rng.normal(size=(40, 5))
+  other = rng.normal(size=(40, 5))
+  for names in (["twin_a", "twin_b", "other"], ["other", "twin_b", "twin_a"]):
+    feats = {"twin_a": twin, "twin_b": twin.copy(), "other": other}
+    result = scoring_pool.score_pool(names, [feats[n] for n in names], text,
+                                     ["cka", "rsa"], show_progress=False,
+                                     ground_truth={"twin_a": 0.7, "twin_b": 0.7, "other": 0.2})
+    for m in ("cka", "rsa"):
+      assert result.selected[m] == [n for n in names if n.startswith("twin")]
+      assert result.ranks[m] == {"twin_a": 1, "twin_b": 1, "other": 3}
+    md = report.report_markdown(result, title="t")
+    tied = ", ".join(f"**{n}**" for n in names if n.startswith("twin")) + " (tie of 2)"
+    assert f"| cka (linear CKA) | {tied} | higher is better |" in md.splitlines()
+    assert f"actually trained best are {tied} (0.7000)" in md
+    rows = {r["candidate"]: r for r in csv.DictReader(io.StringIO(report.scores_csv(result)))}
+    assert rows["twin_a"]["rank_cka"] == rows["twin_b"]["rank_cka"] == "1"
+    assert rows["other"]["rank_cka"] == "3"

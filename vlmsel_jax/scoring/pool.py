@@ -86,6 +86,11 @@ class PoolScores:
   values: dict[str, dict[str, float]]            # metric → candidate → value
   rankings: dict[str, list[str]]                 # metric → candidates, predicted best first
   diagnostics: dict[str, gw.GWResult]            # candidate → its GW result (diagnostics)
+  # metric → candidate → competition rank (1 = predicted best; tied values share a rank), and
+  # metric → every candidate tied at the best value: a score that cannot tell candidates apart
+  # selects all of them, never whichever happened to be listed first.
+  ranks: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+  selected: dict[str, list[str]] = dataclasses.field(default_factory=dict)
   evaluation: dict[str, dict[str, float]] | None = None  # metric → judgement vs ground truth
   ground_truth: dict[str, float] | None = None
 
@@ -96,7 +101,8 @@ class PoolScores:
                         "description": METRICS[m].description} for m in self.metrics},
         "scores": {c: {m: self.values[m][c] for m in self.metrics} for c in self.candidates},
         "rankings": self.rankings,
-        "selected": {m: r[0] for m, r in self.rankings.items()},
+        "ranks": self.ranks,
+        "selected": self.selected,
         "gw_diagnostics": {c: {"converged": r.converged, "iterations": r.iterations,
                                "solver": r.solver} for c, r in self.diagnostics.items()},
         "ground_truth": self.ground_truth,
@@ -180,11 +186,17 @@ def score_pool(names: Sequence[str], candidates: Sequence[np.ndarray], text: np.
         values[m][name] = float(METRICS[m].fn(x, text, settings))
         bar.update(1)
 
-  rankings = {}
+  rankings, ranks, selected = {}, {}, {}
   for m in metric_names:
     oriented = rank_metrics.orient([values[m][n] for n in names], METRICS[m].higher_is_better)
     order = np.argsort(-oriented, kind="stable")
     rankings[m] = [names[i] for i in order]
+    if np.isnan(oriented).any():
+      ranks[m] = {n: i + 1 for i, n in enumerate(rankings[m])}
+      selected[m] = rankings[m][:1]
+    else:
+      ranks[m] = dict(zip(names, (int(r) for r in rank_metrics.competition_ranks(oriented))))
+      selected[m] = [names[i] for i in rank_metrics.top_group(oriented)]
 
   evaluation = None
   if ground_truth is not None:
@@ -198,6 +210,6 @@ def score_pool(names: Sequence[str], candidates: Sequence[np.ndarray], text: np.
       predicted = rank_metrics.orient([values[m][n] for n in names], METRICS[m].higher_is_better)
       evaluation[m] = rank_metrics.all_metrics(truth, predicted)
   return PoolScores(candidates=names, metrics=metric_names, values=values, rankings=rankings,
-                    diagnostics=diagnostics, evaluation=evaluation,
+                    ranks=ranks, selected=selected, diagnostics=diagnostics, evaluation=evaluation,
                     ground_truth=None if ground_truth is None else
                     {n: float(ground_truth[n]) for n in names})

@@ -37,16 +37,28 @@ def scores_csv(result: scoring.PoolScores) -> str:
   """One row per candidate: its value and its rank (1 = predicted best) under every metric.
 
   Written with the csv module, so a name with a comma or a quote (``a@layer=-4,res=128``) stays
-  one field. The ranks are scoring's rankings, as in the report.
+  one field. The ranks are competition ranks (tied values share the best of their ranks), as in
+  the report.
   """
   buf = io.StringIO()
   w = csv.writer(buf, lineterminator="\n")
   w.writerow(["candidate"] + result.metrics + [f"rank_{m}" for m in result.metrics])
-  ranks = {m: {c: i + 1 for i, c in enumerate(result.rankings[m])} for m in result.metrics}
+  ranks = result.ranks
   for c in result.candidates:
     w.writerow([c] + [repr(result.values[m][c]) for m in result.metrics] +
                [ranks[m][c] for m in result.metrics])
   return buf.getvalue()
+
+
+def _names(names: Sequence[str]) -> str:
+  """One name in bold, or tied names with their count: a tie is reported, never broken."""
+  if len(names) == 1:
+    return f"**{names[0]}**"
+  return ", ".join(f"**{n}**" for n in names) + f" (tie of {len(names)})"
+
+
+def _truths(result: scoring.PoolScores, names: Sequence[str]) -> str:
+  return ", ".join(_fmt(result.ground_truth[n]) for n in names)
 
 
 def report_markdown(result: scoring.PoolScores, *, title: str, preamble: str = "",
@@ -55,36 +67,36 @@ def report_markdown(result: scoring.PoolScores, *, title: str, preamble: str = "
   if preamble:
     lines += [preamble.strip(), ""]
   if result.ground_truth is not None:
-    best = max(result.candidates, key=lambda c: result.ground_truth[c])
+    top = max(result.ground_truth.values())
+    best = [c for c in result.candidates if result.ground_truth[c] == top]
     lines += ["## Headline", ""]
+    trained = (f"the candidate{'s' if len(best) > 1 else ''} that actually trained best "
+               f"{'are' if len(best) > 1 else 'is'} {_names(best)} ({_fmt(top)}).")
     if "gw" in result.metrics:
-      pick = result.rankings["gw"][0]
-      lines.append(f"GW selects **{pick}** (ground truth {_fmt(result.ground_truth[pick])}); "
-                   f"the candidate that actually trained best is **{best}** "
-                   f"({_fmt(result.ground_truth[best])}).")
+      pick = result.selected["gw"]
+      lines.append(f"GW selects {_names(pick)} (ground truth {_truths(result, pick)}); "
+                   + trained)
     else:
-      lines.append(f"The candidate that actually trained best is **{best}** "
-                   f"({_fmt(result.ground_truth[best])}).")
+      lines.append(trained[0].upper() + trained[1:])
     lines += ["", "| score | selects | its ground truth | Pearson | Spearman | weighted τ |",
               "|---|---|---|---|---|---|"]
     for m in result.metrics:
-      pick, ev = result.rankings[m][0], result.evaluation[m]
-      lines.append(f"| {m} | {pick} | {_fmt(result.ground_truth[pick])} | "
+      pick, ev = result.selected[m], result.evaluation[m]
+      lines.append(f"| {m} | {_names(pick).replace('**', '')} | {_truths(result, pick)} | "
                    f"{_fmt(ev['pearson'], 3)} | {_fmt(ev['spearman'], 3)} | "
                    f"{_fmt(ev['weighted_tau'], 3)} |")
     lines.append("")
   lines += ["## Selection", "", "| metric | predicted best | direction |", "|---|---|---|"]
   for m in result.metrics:
     direction = "higher is better" if scoring.METRICS[m].higher_is_better else "lower is better"
-    lines.append(f"| {m} ({scoring.METRICS[m].description}) | **{result.rankings[m][0]}** | "
+    lines.append(f"| {m} ({scoring.METRICS[m].description}) | {_names(result.selected[m])} | "
                  f"{direction} |")
   if result.ground_truth is not None:
-    lines += ["", f"Best candidate by ground truth: **{best}** "
-              f"({_fmt(result.ground_truth[best])})."]
+    lines += ["", f"Best candidate by ground truth: {_names(best)} ({_fmt(top)})."]
   lines += ["", "## Scores (rank in parentheses)", ""]
   header = ["candidate"] + (["ground truth"] if result.ground_truth is not None else []) + result.metrics
   lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  ranks = {m: {c: i + 1 for i, c in enumerate(result.rankings[m])} for m in result.metrics}
+  ranks = result.ranks
   order = (sorted(result.candidates, key=lambda c: -result.ground_truth[c])
            if result.ground_truth is not None else result.candidates)
   for c in order:
