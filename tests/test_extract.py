@@ -23,6 +23,7 @@ import transformers
 from absl import flags as absl_flags
 from flax import nnx
 from PIL import Image, ImageDraw
+from safetensors.numpy import save_file
 
 import multiprocess_util
 from vlmsel_jax.runtime import errors as boundary
@@ -197,6 +198,42 @@ def test_rerun_is_a_cache_hit_and_changes_invalidate(setup, tmp_path):
     assert not redo[0].cached and redo[0].batches_run == 3
   finally:
     os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_a_bank_changed_in_place_is_extracted_again(setup, tmp_path, caplog):
+  """Same size, other bytes: not a cache hit. Unparseable: neither. No checksum: still a hit."""
+  out = tmp_path / "banks"
+  shutil.copytree(setup["out"], out)
+  clip, vit, llama = (str(out / f"{n}.safetensors") for n in ("clip", "vit", "llama"))
+  with open(clip, "rb") as f:
+    size = int.from_bytes(f.read(8), "little")
+    begin, end = json.loads(f.read(size))["features"]["data_offsets"]
+  data = bytearray(open(clip, "rb").read())
+  at = 8 + size + (begin + end) // 2 // 4 * 4
+  data[at:at + 4] = b"\xff\xff\x7f\x7f"  # A float32 3.4e38 among the features.
+  open(clip, "r+b").write(bytes(data))
+  assert os.path.getsize(clip) == os.path.getsize(setup["out"] / "clip.safetensors")
+  with pytest.raises(fb.BankError, match="checksum mismatch"):
+    fb.load_bank(clip)
+  # vit as written before banks recorded a checksum: trusted (unverified) as it was.
+  old = _bank(setup, "vit")
+  meta = {k: v for k, v in old.metadata.items() if k != fb.CHECKSUM_KEY}
+  save_file({"features": old.features, "ids": old.ids.astype(np.int64)}, vit, metadata=meta)
+  open(llama, "r+b").write(b"\x00" * 16)  # Its header's length: no longer parseable.
+  with caplog.at_level("WARNING"):
+    again = extraction.extract(setup["specs"], str(setup["data"]), str(out), options=FAST)
+  assert [(r.cached, r.batches_run) for r in again] == [(False, 3), (True, 0), (False, 3)]
+  warnings = [r.getMessage() for r in caplog.records
+              if r.levelname == "WARNING" and "extracting it again" in r.getMessage()]
+  assert len(warnings) == 2, warnings
+  assert warnings[0].startswith(f"{clip}: checksum mismatch: the file changed after it was "
+                                "written") and warnings[0].endswith("extracting it again")
+  assert warnings[1].startswith(f"{llama}: cannot read feature bank")
+  assert not any("\n" in w for w in warnings)
+  for name in ("clip", "vit", "llama"):
+    np.testing.assert_array_equal(_bank(setup, name, out).features, _bank(setup, name).features)
+    np.testing.assert_array_equal(_bank(setup, name, out).ids, _bank(setup, name).ids)
+  assert fb.CHECKSUM_KEY in _bank(setup, "clip", out).metadata
 
 
 def test_cli_cache_hit_logs_and_bad_input_is_one_line(setup, tmp_path):

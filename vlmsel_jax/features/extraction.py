@@ -9,10 +9,12 @@ ids from the captions file.
 
 Caching: a bank records a content key (model files' names, sizes and mtimes; the captions file
 and each selected image's size and mtime; every option that changes the features). A re-run whose
-key matches the existing bank does nothing. Resume: every ``checkpoint_every`` batches the rows
-done so far are written atomically to ``<name>.partial.npz`` (arrays ``partial_features``,
-``rows``, ``cache_key``: not a bank, ``load_bank`` rejects it); a re-run with the same key starts
-after them, and the file is removed once the bank is written.
+key matches the existing bank does nothing, once the bank's content checksum (see
+``feature_bank``) shows its bytes are those written; a bank that fails it is extracted again.
+Resume: every ``checkpoint_every`` batches the rows done so far are written atomically to
+``<name>.partial.npz`` (arrays ``partial_features``, ``rows``, ``cache_key``: not a bank,
+``load_bank`` rejects it); a re-run with the same key starts after them, and the file is removed
+once the bank is written.
 
 Several hosts (``jax.distributed``, e.g. a TPU pod slice running the binary on every worker): the
 mesh spans every device of every host, each process decodes only the images its own devices
@@ -138,18 +140,26 @@ def cache_key(resolved: zoo.Resolved, data_hash: str, options: ExtractOptions) -
 
 
 def bank_info(path: str) -> tuple[str | None, tuple[int, ...]]:
-  """(cache key, features shape) of a bank without reading its features; (None, ()) when there
-  is no readable bank or it records no key."""
+  """(cache key, features shape) of a bank; (None, ()) when there is no usable bank or it records
+  no key.
+
+  A local bank's content checksum is checked (``feature_bank.check_bank``, a slice of rows at a
+  time): one that cannot be read or whose bytes changed after it was written is not a cache hit,
+  with a warning naming it, and is extracted again. A bank without a checksum (written before
+  banks recorded one) counts as it is. A bank in a bucket is judged by its header alone (see
+  ``_remote_bank_info``); ``load_bank`` checks it when it is read for use.
+  """
   if not atomic.isfile(path):
     return None, ()
   try:
     if not atomic.is_local(path):
       return _remote_bank_info(path)
-    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-    with safe_open(atomic.local_path(path), framework="numpy") as f:
-      return (f.metadata() or {}).get("cache_key"), tuple(f.get_slice("features").get_shape())
-  except Exception:  # pylint: disable=broad-except
-    # A corrupt bank is simply not a cache hit; it is rewritten.
+    metadata, shape = feature_bank.check_bank(atomic.local_path(path))
+    return metadata.get("cache_key"), shape
+  except Exception as e:  # pylint: disable=broad-except
+    # A corrupt bank is not a cache hit; it is rewritten.
+    reason = str(e) if isinstance(e, feature_bank.BankError) else f"{path}: unreadable bank ({e})"
+    logging.warning("%s; extracting it again", " ".join(reason.split()))
     return None, ()
 
 

@@ -7,11 +7,19 @@ sample ``ids[i]``. Two formats:
   * ``.npz``: arrays ``features`` and ``ids`` (integers or strings); other arrays are ignored.
 Writes are atomic (temporary file + rename), so a killed run never leaves a bank that looks whole.
 A bank's path may be local or a bucket URI (``gs://``; see ``vlmsel_jax.runtime.atomic``).
+
+Every bank written records a content checksum (``content_sha256``: safetensors metadata, or an
+``.npz`` array of that name): the sha256 of the features' dtype, shape and little-endian bytes
+and of the ids (``content_checksum``). Reading a bank checks it, so bytes changed after the write
+(a flipped bit, a disk error, a stray edit of the same size) are a BankError naming the file, not
+features served as if whole. Banks written without one (older ones, or another tool's) are read
+unverified.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from typing import Any, Mapping
@@ -19,6 +27,11 @@ from typing import Any, Mapping
 import numpy as np
 
 from vlmsel_jax.runtime import atomic
+
+
+CHECKSUM_KEY = "content_sha256"
+# Rows hashed at a time when a bank is checked without reading it whole (``check_bank``).
+_CHUNK_BYTES = 64 << 20
 
 
 class BankError(ValueError):
@@ -52,6 +65,96 @@ def _normalize_ids(ids: Any, n: int, path: str) -> np.ndarray:
   return ids
 
 
+def _ids_bytes(ids: Any) -> bytes:
+  """The ids as the checksum sees them: int64 little-endian, or a JSON list of strings."""
+  ids = np.asarray(ids)
+  if ids.dtype.kind in "iu":
+    return b"int64:" + ids.astype("<i8").tobytes()
+  if ids.dtype.kind in "UO":
+    return b"str:" + json.dumps([str(v) for v in ids.tolist()]).encode()
+  return b"raw:" + ids.tobytes()  # Never written by save_bank: fails the check.
+
+
+def _checksum_start(dtype: np.dtype, shape: tuple[int, ...], ids: Any) -> Any:
+  """A sha256 that has taken in everything but the features' bytes."""
+  h = hashlib.sha256()
+  h.update(json.dumps({"dtype": np.dtype(dtype).name, "shape": [int(v) for v in shape]}).encode())
+  h.update(_ids_bytes(ids))
+  return h
+
+
+def _little_endian(a: np.ndarray) -> np.ndarray:
+  return np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+
+
+def content_checksum(features: np.ndarray, ids: Any) -> str:
+  """The checksum a bank of ``features`` and ``ids`` records (hex sha256)."""
+  features = np.asarray(features)
+  h = _checksum_start(features.dtype, features.shape, ids)
+  h.update(_little_endian(features).reshape(-1).view(np.uint8))
+  return h.hexdigest()
+
+
+def _mismatch(path: str, recorded: str, actual: str) -> BankError:
+  return BankError(f"{path}: checksum mismatch: the file changed after it was written (content "
+                   f"sha256 {actual[:12]}..., recorded {recorded[:12]}...); write or extract it "
+                   "again")
+
+
+def _verify(path: str, recorded: str | None, features: np.ndarray, ids: Any) -> None:
+  if recorded is None:
+    return  # Written before banks recorded checksums: unverified.
+  actual = content_checksum(features, ids)
+  if actual != recorded:
+    raise _mismatch(path, recorded, actual)
+
+
+def check_bank(path: str) -> tuple[dict[str, str], tuple[int, ...]]:
+  """(metadata, features shape) of a local bank, its checksum checked without holding it whole.
+
+  A ``.safetensors`` bank's features are hashed a slice of rows at a time; an ``.npz`` bank is
+  read (``load_bank``). Raises BankError naming ``path`` for a bank that cannot be read or whose
+  content does not match its checksum; a bank with no checksum passes unverified.
+  """
+  if os.path.splitext(path)[1].lower() != ".safetensors":
+    bank = load_bank(path)
+    return bank.metadata, tuple(bank.features.shape)
+  try:
+    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+    with safe_open(path, framework="numpy") as f:
+      metadata = dict(f.metadata() or {})
+      keys = set(f.keys())
+      if "features" not in keys:
+        found = ", ".join(sorted(keys)) or "none"
+        raise BankError(f"{path}: no 'features' tensor (found: {found})")
+      sliced = f.get_slice("features")
+      shape = tuple(int(v) for v in sliced.get_shape())
+      recorded = metadata.get(CHECKSUM_KEY)
+      if recorded is not None:
+        if "ids" in keys:
+          ids = f.get_tensor("ids")
+        elif "ids" in metadata:
+          ids = np.asarray(json.loads(metadata["ids"]))
+        else:
+          raise BankError(f"{path}: no 'ids' (sample ids are needed to pair rows across banks)")
+        if len(shape) != 2 or not shape[0]:  # Nothing to slice by rows: read it whole.
+          _verify(path, recorded, f.get_tensor("features"), ids)
+        else:
+          first = sliced[0:1]
+          h = _checksum_start(first.dtype, shape, ids)
+          step = max(1, _CHUNK_BYTES // max(1, first.nbytes))
+          for start in range(0, shape[0], step):
+            rows = sliced[start:min(start + step, shape[0])]  # Slices do not clamp.
+            h.update(_little_endian(rows).reshape(-1).view(np.uint8))
+          if h.hexdigest() != recorded:
+            raise _mismatch(path, recorded, h.hexdigest())
+  except BankError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise BankError(f"{path}: cannot read feature bank ({type(e).__name__}: {e})") from None
+  return metadata, shape
+
+
 def load_bank(path: str) -> FeatureBank:
   """Reads a bank; raises BankError naming ``path`` for anything missing or malformed."""
   if not atomic.exists(path):
@@ -73,6 +176,7 @@ def load_bank(path: str) -> FeatureBank:
 def _load_local(path: str, local: str, ext: str) -> FeatureBank:
   """``load_bank`` of the local file ``local`` holding ``path`` (the name errors give)."""
   metadata: dict[str, str] = {}
+  recorded = None
   try:
     if ext == ".safetensors":
       from safetensors import safe_open  # pylint: disable=g-import-not-at-top
@@ -88,12 +192,15 @@ def _load_local(path: str, local: str, ext: str) -> FeatureBank:
           ids = np.asarray(json.loads(metadata.pop("ids")))
         else:
           ids = None
+        recorded = metadata.get(CHECKSUM_KEY)
     else:  # .npz
       with np.load(local, allow_pickle=False) as f:
         if "features" not in f.files:
           raise BankError(f"{path}: no 'features' array (found: {', '.join(f.files) or 'none'})")
         features = f["features"]
         ids = f["ids"] if "ids" in f.files else None
+        if CHECKSUM_KEY in f.files:
+          recorded = str(f[CHECKSUM_KEY])
   except BankError:
     raise
   except Exception as e:  # pylint: disable=broad-except
@@ -103,15 +210,19 @@ def _load_local(path: str, local: str, ext: str) -> FeatureBank:
     raise BankError(f"{path}: 'features' must be 2-D (n samples x d), got shape {features.shape}")
   if ids is None:
     raise BankError(f"{path}: no 'ids' (sample ids are needed to pair rows across banks)")
+  # Before the ids are judged: a flipped byte there is reported as what it is.
+  _verify(path, recorded, features, ids)
   ids = _normalize_ids(ids, features.shape[0], path)
   return FeatureBank(features=features, ids=ids, metadata=metadata, path=path)
 
 
 def save_bank(path: str, features: np.ndarray, ids, metadata: Mapping[str, Any] | None = None):
-  """Writes a bank atomically in the format given by ``path``'s extension."""
+  """Writes a bank atomically in the format given by ``path``'s extension, with its checksum."""
   features = np.ascontiguousarray(features)
   ids = _normalize_ids(ids, features.shape[0], path)
   meta = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in (metadata or {}).items()}
+  checksum = content_checksum(features, ids)
+  meta[CHECKSUM_KEY] = checksum
   ext = os.path.splitext(path)[1].lower()
 
   def write(tmp: str) -> None:
@@ -125,7 +236,7 @@ def save_bank(path: str, features: np.ndarray, ids, metadata: Mapping[str, Any] 
       save_file(tensors, tmp, metadata=meta)
     elif ext == ".npz":
       with open(tmp, "wb") as f:
-        np.savez(f, features=features, ids=ids)
+        np.savez(f, features=features, ids=ids, **{CHECKSUM_KEY: np.asarray(checksum)})
     else:
       raise BankError(f"{path}: unsupported feature bank format {ext!r}; use .safetensors or .npz")
 
