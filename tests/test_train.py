@@ -208,11 +208,15 @@ def test_incompatible_checkpoint_is_refused_by_name(dirs, tmp_path):
 def test_corrupt_checkpoint_gives_a_clear_error(dirs, tmp_path):
   source = fx.shape_records(16, "vqa")
   loop.train(_config(dirs, tmp_path, max_steps=2), source=source)
-  step_dir = tmp_path / "checkpoints" / "2"
-  for root, _, files in os.walk(step_dir / "state"):
-    for name in files:
-      with open(os.path.join(root, name), "wb") as f:
-        f.write(b"garbage")
+  # Every kept step (1 and 2) is damaged: a damaged latest step alone falls back to an earlier
+  # one (tests/test_checkpoint_recovery.py).
+  steps = sorted(os.listdir(tmp_path / "checkpoints"))
+  assert steps == ["1", "2"]
+  for step in steps:
+    for root, _, files in os.walk(tmp_path / "checkpoints" / step / "state"):
+      for name in files:
+        with open(os.path.join(root, name), "wb") as f:
+          f.write(b"garbage")
   with pytest.raises(ckpt_lib.CheckpointError, match="cannot restore the train state"):
     loop.train(_config(dirs, tmp_path, max_steps=4), source=source)
 

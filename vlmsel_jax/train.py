@@ -3,8 +3,10 @@ r"""Train a LLaVA-style VLM: ``python -m vlmsel_jax.train --flagfile=configs/tra
 Stage 1 trains the projector on image–caption pairs; stage 2 the projector and LoRA adapters (or
 the whole LLM with ``--full_finetune``) on instruction / VQA data, usually starting from a stage-1
 run (``--init_from=<stage-1 output_dir>``). A run lives in ``--output_dir``: ``checkpoints/``
-(orbax, resumed automatically when present), ``metrics.jsonl``, ``summary.json`` and, with
-``--eval``, ``eval.json``. Re-running with a larger ``--max_steps`` continues the same run
+(orbax, resumed automatically when present, from the newest intact step: a damaged latest step
+is skipped with a warning), ``metrics.jsonl``, ``summary.json`` and, with ``--eval``,
+``eval.json``. Running a finished run's command again trains nothing and rewrites ``summary.json``
+with the loss, grad norm and learning rate the run recorded. Re-running with a larger ``--max_steps`` continues the same run
 (successive halving reuses runs this way). The recipe's flags are ``vlmsel_jax.training.flags``.
 
   python -m vlmsel_jax.train --vision_model=efficientnet-lite0 --llm_model=smollm2-135m \

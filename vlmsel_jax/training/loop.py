@@ -222,6 +222,8 @@ class MetricsLog:
   def __init__(self, path: str, resume_step: int):
     self.path = path
     self.primary = parallel.is_primary()
+    # The last record kept (up to the restored step); {} when there is none.
+    self.last: dict = {}
     if not self.primary:
       return
     kept = []
@@ -229,8 +231,15 @@ class MetricsLog:
       with atomic.open_text(path) as f:
         for line in f:
           line = line.strip()
-          if line and json.loads(line).get("step", 0) <= resume_step:
+          if not line:
+            continue
+          try:
+            record = json.loads(line)
+          except json.JSONDecodeError:  # A line cut short by a kill while it was written.
+            continue
+          if record.get("step", 0) <= resume_step:
             kept.append(line)
+            self.last = record
     atomic.write_text_atomic(path, "".join(k + "\n" for k in kept))
 
   def write(self, record: dict) -> None:
@@ -273,10 +282,10 @@ def train(config: TrainConfig, *, source=None, built: Built | None = None,
   ckpt = ckpt_lib.Checkpointer(os.path.join(config.workdir, CHECKPOINT_DIR),
                                save_every=config.save_every, keep=config.keep)
   start = 0
-  latest = ckpt.latest_step()
-  if latest is not None:
-    like = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
-    restored, data_state = ckpt.restore(latest, like, meta)
+  # The newest intact checkpoint (a damaged newer one is skipped with a warning).
+  found = ckpt.restore_latest(_state_tree(state), meta)
+  if found is not None:
+    _, restored, data_state = found
     state = step_lib.TrainState(restored["step"], restored["params"], restored["opt_state"])
     loader.set_state(data_state)
     start = int(restored["step"])
@@ -290,7 +299,9 @@ def train(config: TrainConfig, *, source=None, built: Built | None = None,
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     bar = tqdm(total=config.max_steps, initial=start, desc=f"stage {config.stage}",
                unit="step", dynamic_ncols=True)
-  last = {}
+  # What the last logged step recorded (loss, grad norm, learning rate, ...): the summary of an
+  # invocation that trains no further step (a finished run run again) reports it as it was.
+  last = dict(log.last)
   tic, interval_tokens = time.perf_counter(), 0
   done_here = 0
   for step in range(start, config.max_steps):
