@@ -192,3 +192,20 @@ def test_majority_answer_reads_no_image(world, monkeypatch):
 
   monkeypatch.setattr(type(source), "__getitem__", no_reads)
   assert evaluation.majority_answer_of(source) == expected
+
+
+def test_compute_settings_reach_the_model_but_not_the_checkpoint_identity():
+  """--attention_impl and --remat set how the VLM computes; a run may resume with them changed,
+  so the checkpoint meta (its compatibility keys) does not record them."""
+  FLAGS.unparse_flags()
+  FLAGS(["train", "--data=easy-vqa", "--attention_impl=einsum", "--remat"])
+  try:
+    config = train_flags.config_from_flags(vision="efficientnet-lite0", llm="smollm2-135m",
+                                           output_dir="/tmp/unused")
+  finally:
+    FLAGS.unparse_flags()
+  assert config.vlm.attention_impl == "einsum" and config.vlm.remat
+  assert "remat" not in config.meta({})["vlm"] and "attention_impl" not in config.meta({})["vlm"]
+  plain = dataclasses.replace(config, vlm=dataclasses.replace(config.vlm, remat=False,
+                                                              attention_impl="auto"))
+  assert plain.meta({}) == config.meta({})

@@ -1,7 +1,9 @@
 """JAX/Flax NNX ports of pretrained LLMs and vision encoders, and their checkpoint loader.
 
 One sub-package per model family (``modeling.py``: config + modules; ``params.py``: checkpoint
-key table). Loading a checkpoint goes down three floors, each importing only those below it:
+key table); ``attention`` is what they share: how attention is computed (the CPU-tuned einsum
+or ``jax.nn.dot_product_attention``) and whether layers are rematerialized. Loading a checkpoint
+goes down three floors, each importing only those below it:
 
 * ``checkpoint``: the errors, the key-table type and ``assign_tensors``, which fills a model from
   (key, array) pairs through a key table;

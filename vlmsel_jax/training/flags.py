@@ -14,6 +14,7 @@ from absl import app
 from absl import flags
 
 from vlmsel_jax import zoo
+from vlmsel_jax.models import attention
 from vlmsel_jax.models import lora
 from vlmsel_jax.models import vlm
 from vlmsel_jax.runtime import flag_util
@@ -46,6 +47,12 @@ _IMAGE_TOKENS = flags.DEFINE_enum("image_tokens", "patch", list(vlm.IMAGE_TOKENS
 _IMAGE_POOL = flags.DEFINE_integer("image_pool", 1, "Average-pool the patch grid by this factor.",
                                    lower_bound=1)
 _PROJECTOR = flags.DEFINE_enum("projector", "mlp2x_gelu", list(vlm.PROJECTORS), "Projector.")
+_ATTENTION = flags.DEFINE_enum(
+    "attention_impl", "auto", list(attention.ATTENTION_IMPLS), "How the tower and the LLM "
+    "compute attention: auto (jax.nn.dot_product_attention's fused kernels on GPU/TPU, the "
+    "einsum on CPU), fused or einsum.")
+_REMAT = flags.DEFINE_bool("remat", False, "Rematerialize every tower and LLM layer in the "
+                           "backward pass: less activation memory for one more forward pass.")
 _LORA_RANK = flags.DEFINE_integer("lora_rank", 8, "LoRA rank (stage 2).", lower_bound=1)
 _LORA_ALPHA = flags.DEFINE_float("lora_alpha", 16.0, "LoRA alpha (scale = alpha / rank).")
 _LORA_TARGETS = flags.DEFINE_list("lora_targets", list(lora.DEFAULT_TARGETS),
@@ -113,7 +120,8 @@ def config_from_flags(*, vision: str, llm: str, output_dir: str | None = None
   try:
     vlm_config = vlm.VLMConfig(vision_layer=loop.tower_layer(vision, _VISION_LAYER.value),
                                image_tokens=_IMAGE_TOKENS.value, image_pool=_IMAGE_POOL.value,
-                               projector=_PROJECTOR.value)
+                               projector=_PROJECTOR.value, attention_impl=_ATTENTION.value,
+                               remat=_REMAT.value)
   except (ValueError, zoo.ZooError) as e:
     raise app.UsageError(str(e)) from None
   return loop.TrainConfig(

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from vlmsel_jax.models import hf_config
+from vlmsel_jax.models import attention, hf_config
 
 SUPPORTED_MODEL_TYPES = ("bert",)
 SUPPORTED_ARCHITECTURES = ("BertModel",)
@@ -57,6 +57,10 @@ class BertConfig:
     hidden_act: MLP activation, a key of ``ACTIVATIONS``.
     pooler: Whether the model has the dense + tanh pooler that gives ``pooler_output``.
     model_type: The transformers ``model_type`` the config came from.
+    attention_impl: How attention is computed: ``"auto"``, ``"fused"`` or ``"einsum"``
+      (``vlmsel_jax.models.attention``); not part of the checkpoint.
+    remat: Rematerialize each encoder layer in the backward pass (``jax.checkpoint``); not part of
+      the checkpoint.
   """
 
   vocab_size: int
@@ -70,8 +74,11 @@ class BertConfig:
   hidden_act: str = "gelu"
   pooler: bool = True
   model_type: str = "bert"
+  attention_impl: str = "auto"
+  remat: bool = False
 
   def __post_init__(self):
+    attention.check_impl(self.attention_impl)
     if self.hidden_size % self.num_heads:
       raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of num_heads "
                        f"({self.num_heads})")
@@ -135,6 +142,7 @@ class Attention(nnx.Module):
     self.v_proj = nnx.Linear(d, d, **kw)
     self.o_proj = nnx.Linear(d, d, **kw)
     self.num_heads = config.num_heads
+    self.attention_impl = config.attention_impl
 
   def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
     """Attends (b, t, d) tokens to each other; ``mask`` (b, t) is True for real tokens."""
@@ -144,6 +152,9 @@ class Attention(nnx.Module):
     q = self.q_proj(x).reshape(b, t, h, dh)
     k = self.k_proj(x).reshape(b, t, h, dh)
     v = self.v_proj(x).reshape(b, t, h, dh)
+    if attention.resolve(self.attention_impl) == "fused":
+      out = attention.fused(q, k, v, mask[:, None, None, :], scale=dh ** -0.5)
+      return self.o_proj(out.reshape(b, t, d))
     scores = (jnp.einsum("bqhd,bkhd->bhqk", q, k) * (dh ** -0.5)).astype(jnp.float32)
     # The most negative float rather than -inf, as transformers does: a row with every key
     # masked then averages all keys instead of producing NaN.
@@ -252,7 +263,7 @@ class Bert(nnx.Module):
     x = self.embed_norm(x)
     hidden = [x]
     for layer in self.layers:
-      x = layer(x, mask)
+      x = attention.remat_call(c.remat, layer, x, mask)
       hidden.append(x)
     pooled = jnp.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None
     return BertOutput(last_hidden_state=x, hidden_states=tuple(hidden), pooler_output=pooled)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vlmsel_jax.models import hf_config
+from vlmsel_jax.models import attention, hf_config
 from vlmsel_jax.models.llama import modeling as llama_modeling
 from vlmsel_jax.models.llama.modeling import (
     FULL_ATTENTION,
@@ -68,6 +68,10 @@ class Gemma3Config:
     tie_word_embeddings: Whether the LM head reuses the token embedding (Gemma 3: yes).
     max_position_embeddings: Longest context the checkpoint was trained for.
     model_type: The transformers ``model_type`` the config came from.
+    attention_impl: How attention is computed: ``"auto"``, ``"fused"`` or ``"einsum"``
+      (``vlmsel_jax.models.attention``); not part of the checkpoint.
+    remat: Rematerialize each decoder layer in the backward pass (``jax.checkpoint``) of the forward
+      pass (not of ``prefill`` / ``decode``); not part of the checkpoint.
   """
 
   vocab_size: int
@@ -89,8 +93,11 @@ class Gemma3Config:
   tie_word_embeddings: bool = True
   max_position_embeddings: int = 32768
   model_type: str = "gemma3_text"
+  attention_impl: str = "auto"
+  remat: bool = False
 
   def __post_init__(self):
+    attention.check_impl(self.attention_impl)
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of "
                        f"num_kv_heads ({self.num_kv_heads})")
@@ -226,7 +233,7 @@ class Attention(llama_modeling.Attention):
     super().__init__(llama_modeling.LlamaConfig(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
         num_layers=c.num_layers, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
-        head_dim=c.head_dim), dtype=dtype, rngs=rngs)
+        head_dim=c.head_dim, attention_impl=c.attention_impl), dtype=dtype, rngs=rngs)
     self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype=dtype)
     self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype=dtype)
     self.scaling = c.query_pre_attn_scalar ** -0.5

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vlmsel_jax.models import hf_config
+from vlmsel_jax.models import attention, hf_config
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 FULL_ATTENTION = "full_attention"
@@ -61,6 +61,10 @@ class LlamaConfig:
     layer_types: Per layer, ``"full_attention"`` or ``"sliding_attention"``; empty means all full.
     max_position_embeddings: Longest context the checkpoint was trained for (informational).
     model_type: The transformers ``model_type`` the config came from.
+    attention_impl: How attention is computed: ``"auto"``, ``"fused"`` or ``"einsum"``
+      (``vlmsel_jax.models.attention``); not part of the checkpoint.
+    remat: Rematerialize each decoder layer in the backward pass (``jax.checkpoint``) of the forward
+      pass (not of ``prefill`` / ``decode``); not part of the checkpoint.
   """
 
   vocab_size: int
@@ -82,8 +86,11 @@ class LlamaConfig:
   layer_types: tuple[str, ...] = ()
   max_position_embeddings: int = 2048
   model_type: str = "llama"
+  attention_impl: str = "auto"
+  remat: bool = False
 
   def __post_init__(self):
+    attention.check_impl(self.attention_impl)
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of "
                        f"num_kv_heads ({self.num_kv_heads})")
@@ -282,6 +289,7 @@ class Attention(nnx.Module):
     self.num_kv_heads = c.num_kv_heads
     self.head_dim = c.head_dim
     self.scaling = c.head_dim ** -0.5
+    self.attention_impl = c.attention_impl
 
   def _rotated_qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
     b, t, _ = x.shape
@@ -292,9 +300,18 @@ class Attention(nnx.Module):
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
 
-  def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+              causal: bool = True) -> jax.Array:
+    """Attention of (b, t, heads, d) queries over (b, s, kv_heads, d) keys and values.
+
+    ``mask`` is (b or 1, 1, 1, t, s), True where a query sees a key; ``causal`` says the mask
+    hides every key after its query (t == s), a hint the fused path passes on.
+    """
     b, t = q.shape[:2]
     kv, groups, dh = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
+    if attention.resolve(self.attention_impl) == "fused":
+      out = attention.fused(q, k, v, mask[:, :, 0], scale=self.scaling, is_causal=causal)
+      return self.o_proj(out.reshape(b, t, self.num_heads * dh))
     # Query head h reads kv head h // groups, the order of transformers' repeat_kv.
     q = q.reshape(b, t, kv, groups, dh)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k) * self.scaling
@@ -318,7 +335,7 @@ class Attention(nnx.Module):
     rows = jnp.arange(x.shape[0])
     keys = cache[0].at[rows, index].set(k[:, 0])
     values = cache[1].at[rows, index].set(v[:, 0])
-    return self._attend(q, keys, values, mask), (keys, values)
+    return self._attend(q, keys, values, mask, causal=False), (keys, values)
 
 
 class MLP(nnx.Module):
@@ -413,7 +430,7 @@ class Llama(nnx.Module):
     x, rope, masks = self._inputs(input_ids, attention_mask, positions, inputs_embeds)
     hidden = [x]
     for kind, layer in zip(self.config.layer_types, self.layers):
-      x = layer(x, *rope[kind], masks[kind])
+      x = attention.remat_call(self.config.remat, layer, x, *rope[kind], masks[kind])
       hidden.append(x)
     x = self.final_norm(x)
     # transformers replaces the last layer's output with the normed one in output_hidden_states.

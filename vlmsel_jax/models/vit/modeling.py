@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from vlmsel_jax.models import hf_config
+from vlmsel_jax.models import attention, hf_config
 
 VARIANTS = ("clip", "siglip", "dinov2", "vit")
 POOLINGS = ("cls", "mean", "patch_grid", "pooler")
@@ -123,6 +123,10 @@ class VitConfig:
     contrastive: The checkpoint is a full ``CLIPModel`` / ``SiglipModel``: the vision weights sit
       under ``vision_model.`` and the text tower and projections are skipped.
     model_type: The transformers ``model_type`` the config came from.
+    attention_impl: How attention is computed: ``"auto"``, ``"fused"`` or ``"einsum"``
+      (``vlmsel_jax.models.attention``); not part of the checkpoint.
+    remat: Rematerialize each encoder layer in the backward pass (``jax.checkpoint``); not part of
+      the checkpoint.
   """
 
   variant: str
@@ -143,8 +147,11 @@ class VitConfig:
   pooler_output_size: int | None = None
   contrastive: bool = False
   model_type: str = ""
+  attention_impl: str = "auto"
+  remat: bool = False
 
   def __post_init__(self):
+    attention.check_impl(self.attention_impl)
     object.__setattr__(self, "image_size", _pair(self.image_size))
     object.__setattr__(self, "patch_size", _pair(self.patch_size))
     if self.variant not in VARIANTS:
@@ -317,11 +324,17 @@ def _layer_norm(config: VitConfig, dtype: Any, rngs: nnx.Rngs) -> nnx.LayerNorm:
                        dtype=dtype, param_dtype=dtype, rngs=rngs)
 
 
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int) -> jax.Array:
-  """Unmasked multi-head attention of (b, tq, d) queries over (b, tk, d) keys and values."""
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int,
+            impl: str = "auto") -> jax.Array:
+  """Unmasked multi-head attention of (b, tq, d) queries over (b, tk, d) keys and values;
+  ``impl`` is an ``attention_impl`` (``vlmsel_jax.models.attention``)."""
   b, tq, d = q.shape
   tk = k.shape[1]
   dh = d // num_heads
+  if attention.resolve(impl) == "fused":
+    out = attention.fused(q.reshape(b, tq, num_heads, dh), k.reshape(b, tk, num_heads, dh),
+                          v.reshape(b, tk, num_heads, dh), scale=dh ** -0.5)
+    return out.reshape(b, tq, d)
   # Heads moved ahead of tokens once, so both products are plain batched matmuls over
   # (b, heads): XLA:CPU ran the einsum form, which leaves the layout to it, slower
   # (benchmarks/README.md).
@@ -345,9 +358,11 @@ class Attention(nnx.Module):
     self.v_proj = nnx.Linear(d, d, use_bias=config.qkv_bias, **kw)
     self.o_proj = nnx.Linear(d, d, **kw)
     self.num_heads = config.num_heads
+    self.attention_impl = config.attention_impl
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    out = _attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.num_heads)
+    out = _attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.num_heads,
+                  self.attention_impl)
     return self.o_proj(out)
 
 
@@ -421,6 +436,7 @@ class AttentionPoolingHead(nnx.Module):
     self.norm = _layer_norm(config, dtype, rngs)
     self.mlp = MLP(config, dtype=dtype, rngs=rngs)
     self.num_heads = config.num_heads
+    self.attention_impl = config.attention_impl
 
   def _project(self, x: jax.Array, part: int) -> jax.Array:
     """Applies the q (0), k (1) or v (2) slice of the fused input projection."""
@@ -432,7 +448,7 @@ class AttentionPoolingHead(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     probe = jnp.broadcast_to(self.probe[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
     h = _attend(self._project(probe, 0), self._project(x, 1), self._project(x, 2),
-                self.num_heads)
+                self.num_heads, self.attention_impl)
     h = self.out_proj(h)
     h = h + self.mlp(self.norm(h))
     return h[:, 0]
@@ -584,7 +600,7 @@ class Vit(nnx.Module):
                        f"{len(self.layers)} encoder layers")
     hidden = [x]
     for i, layer in enumerate(self.layers):
-      x = layer(x)
+      x = attention.remat_call(c.remat, layer, x)
       if block_offsets is not None:
         x = x + block_offsets[i]
       hidden.append(x)

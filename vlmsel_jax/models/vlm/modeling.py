@@ -15,12 +15,13 @@ outside every trainable filter.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vlmsel_jax.models import attention
 from vlmsel_jax.models.gemma3 import modeling as gemma3
 from vlmsel_jax.models.llama import modeling as llama
 
@@ -38,14 +39,22 @@ class VLMConfig:
     image_pool: Average-pool the patch grid by this factor per side (1: keep the native grid).
       Pooling trades image detail for sequence length, which CPU training budgets need.
     projector: "mlp2x_gelu" (LLaVA-1.5) or "linear" (LLaVA-1).
+    attention_impl: How the tower and the LLM compute attention: "auto" (fused
+      ``jax.nn.dot_product_attention`` on GPU / TPU, the einsum on CPU), "fused" or "einsum"
+      (``vlmsel_jax.models.attention``). The VLM sets it on both when it is built.
+    remat: Rematerialize every tower and LLM layer in the backward pass (``jax.checkpoint``):
+      less activation memory for one more forward pass per layer. Set on both when built.
   """
 
   vision_layer: int = -2
   image_tokens: str = "patch"
   image_pool: int = 1
   projector: str = "mlp2x_gelu"
+  attention_impl: str = "auto"
+  remat: bool = False
 
   def __post_init__(self):
+    attention.check_impl(self.attention_impl)
     if self.image_tokens not in IMAGE_TOKENS:
       raise ValueError(f"image_tokens {self.image_tokens!r} is not one of "
                        f"{', '.join(IMAGE_TOKENS)}")
@@ -54,8 +63,13 @@ class VLMConfig:
     if self.image_pool < 1:
       raise ValueError(f"image_pool must be >= 1, got {self.image_pool}")
 
+  # How the model computes, not what it is: a run may resume with another attention path or
+  # with remat switched, and checkpoints saved before these existed stay compatible.
+  COMPUTE_FIELDS: ClassVar[tuple[str, ...]] = ("attention_impl", "remat")
+
   def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    """The fields that identify the model (checkpoint meta), without the compute settings."""
+    return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.COMPUTE_FIELDS}
 
 
 def tower_grid(tower: nnx.Module, pixels: jax.Array, layer: int) -> jax.Array:
@@ -130,6 +144,8 @@ class VLM(nnx.Module):
 
   def __init__(self, tower: nnx.Module, llm: llama.Llama | gemma3.Gemma3, config: VLMConfig, *,
                image_size: tuple[int, int], rngs: nnx.Rngs):
+    attention.configure(tower, attention_impl=config.attention_impl, remat=config.remat)
+    attention.configure(llm, attention_impl=config.attention_impl, remat=config.remat)
     self.tower = tower
     self.llm = llm
     self.config = config
