@@ -28,7 +28,7 @@ def _fill(generation: int, names=_FILES):
 
 
 def _contents(directory) -> dict[str, str]:
-  return {name: open(os.path.join(directory, name)).read()
+  return {name: open(os.path.join(directory, name), errors="replace").read()
           for name in sorted(os.listdir(directory)) if os.path.isfile(os.path.join(directory, name))}
 
 
@@ -192,3 +192,39 @@ def test_kill_9_at_any_point_leaves_one_whole_result(tmp_path):
     seen.add(next(iter(files.values())))
     assert sorted(os.listdir(tmp_path)) == ["out"]
   assert len(seen) >= 2  # the kills fell at different points
+
+
+def test_kill_9_of_score_leaves_the_old_result_or_the_new_one(tmp_path):
+  """The score binary itself, killed at random points while it replaces a result: its
+  --output_dir always holds one whole result, the old run's or the new one's."""
+  def score(seed, out):
+    return subprocess.Popen(
+        [sys.executable, "-m", "vlmsel_jax.score", "--synthetic_pool", "--synthetic_n=40",
+         "--metrics=cka,rsa", f"--seed={seed}", f"--output_dir={out}", "--noprogress"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+  whole = {}
+  for seed in (0, 1):
+    out = tmp_path / f"whole{seed}"
+    start = time.time()
+    assert score(seed, out).wait() == 0
+    took = time.time() - start
+    whole[seed] = _contents(out)["scores.csv"]
+  assert whole[0] != whole[1]
+  target = tmp_path / "out"
+  assert score(0, target).wait() == 0
+  rng = random.Random(1)
+  for _ in range(4):
+    proc = score(1, target)
+    time.sleep(rng.uniform(0.5, 1.0) * took)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with result_dir.locked(str(target)):
+      files = _contents(target)
+    manifest = json.loads(files.pop(result_dir.MANIFEST))["files"]
+    assert sorted(files) == sorted(manifest)
+    assert files["scores.csv"] in (whole[0], whole[1])
+    assert json.loads(files["scores.json"])["run"]["seed"] == (
+        0 if files["scores.csv"] == whole[0] else 1)
+    assert sorted(os.listdir(tmp_path)) == ["out", "whole0", "whole1"]
