@@ -39,11 +39,23 @@ GW is multiplied back by median(D^Y)², i.e. it is in the text space's squared u
 
 The linear minimisation oracle of the CG steps is an exact linear assignment: with n×n uniform
 marginals the vertices of the transport polytope are permutations (Birkhoff), so the exact EMD of
-POT's CG is a linear assignment problem. It is solved on the host through ``jax.pure_callback``
-by POT's network simplex (``ot.emd``, whose basic solutions here are permutations; faster than
-SciPy's LAPJV on these gradients: benchmarks/README.md), falling back to SciPy's
-``linear_sum_assignment`` if the simplex stops at its iteration cap; everything else runs on
-the device.
+POT's CG is a linear assignment problem. The records with CG steps choose where it is solved
+(``oracle``):
+
+  * "host": through ``jax.pure_callback`` by POT's network simplex (``ot.emd``, whose basic
+    solutions here are permutations; faster than SciPy's LAPJV on these gradients:
+    benchmarks/README.md), falling back to SciPy's ``linear_sum_assignment`` if the simplex
+    stops at its iteration cap. Every CG iteration copies the n×n gradient to the host and waits
+    for it; the batched and row-sharded paths run the CG steps per candidate on one device.
+  * "device": the ε-scaled auction algorithm of ``assignment.py`` (within n·1e-5·R of the
+    optimal permutation's cost, R the gradient's spread; each call warm-started from the
+    previous call's prices). No callback anywhere: ``gw_distances`` runs the whole solve as one
+    program vmapped (or mapped) over candidates and sharded over devices, and a row-sharded
+    problem (``gw_distance(..., devices=...)``) keeps its CG steps partitioned.
+  * "auto" (the default): device on GPU/TPU, host on CPU. Measured on CPU
+    (benchmarks/gw_device_vs_pot.py) both reach the same objective, but the simplex is faster
+    there: the auction's rounds are each a few O(n²) passes, which an accelerator runs in
+    microseconds and two CPU cores do not.
 """
 
 from __future__ import annotations
@@ -66,6 +78,7 @@ from ott.solvers.quadratic import gromov_wasserstein as ott_gw
 from ott.solvers.quadratic import gromov_wasserstein_lr as ott_gw_lr
 
 from vlmsel_jax.runtime import parallel
+from vlmsel_jax.scores import assignment
 from vlmsel_jax.scores import checks
 from vlmsel_jax.scores import distances
 from vlmsel_jax.scores import linalg
@@ -74,6 +87,11 @@ from vlmsel_jax.scores import linalg
 # Options in: one frozen record per solver.
 
 PRECISIONS = ("auto", "float32", "float64")
+# Where the CG steps' linear assignments are solved: "host" (POT's network simplex through a
+# callback), "device" (the auction of assignment.py, no callback), "auto" (device on GPU/TPU,
+# host on CPU, where the simplex is faster at the same objective:
+# benchmarks/gw_device_vs_pot.py).
+ORACLES = ("auto", "host", "device")
 
 
 class OptionError(ValueError):
@@ -124,9 +142,23 @@ class _SolverOptions:
       if not (_is_real(v) and 0 < v < float("inf")):
         raise OptionError(self, f, "> 0")
 
+  def cg_oracle(self, platform: str | None = None) -> str:
+    """Where the CG steps' assignments are solved on ``platform``: "host" or "device".
+
+    ``platform`` is the backend the solve runs on ("cpu", "gpu", "tpu"; None: jax's default
+    backend); it resolves ``oracle="auto"``. Records without CG steps answer "device".
+    """
+    oracle = getattr(self, "oracle", "device")
+    if oracle != "auto":
+      return oracle
+    platform = platform or jax.default_backend()
+    return "host" if platform == "cpu" else "device"
+
   def _check_common(self, tol_field: str | None = None, polish: bool = False):
     if self.precision not in PRECISIONS:
       raise OptionError(self, "precision", f"one of {', '.join(PRECISIONS)}")
+    if hasattr(self, "oracle") and self.oracle not in ORACLES:
+      raise OptionError(self, "oracle", f"one of {', '.join(ORACLES)}")
     if tol_field is not None:
       tol = getattr(self, tol_field)
       if tol is not None and not (_is_real(tol) and 0 <= tol < float("inf")):
@@ -155,6 +187,10 @@ class AnnealedOptions(_SolverOptions):
     cg_iterations: maximum Frank-Wolfe iterations of the polish.
     cg_tol: stop the polish when the relative decrease of the objective falls below this;
       None = POT's 1e-9 in float64, 1e-6 in float32 (whose round-off is ~1e-7).
+    oracle: where the polish's linear assignments are solved: "host" (POT's network simplex
+      through ``jax.pure_callback``), "device" (the auction algorithm of ``assignment``, no
+      callback: the whole solve stays on the accelerator and batches run vmapped and sharded
+      end to end) or "auto" (device on GPU/TPU, host on CPU, where it is faster).
     precision: "auto" (float32), "float32" or "float64".
   """
   solver: ClassVar[str] = "annealed"
@@ -165,6 +201,7 @@ class AnnealedOptions(_SolverOptions):
   polish: bool = True
   cg_iterations: int = 1000
   cg_tol: float | None = None
+  oracle: str = "auto"
   precision: str = "auto"
 
   def __post_init__(self):
@@ -193,7 +230,7 @@ class EntropicOptions(_SolverOptions):
     sinkhorn_iterations: maximum Sinkhorn iterations per linearized problem (warm-started from
       the previous outer iteration's potentials, so a few hundred suffice).
     polish: run the CG polish from the entropic coupling.
-    cg_iterations, cg_tol, precision: as ``AnnealedOptions``.
+    cg_iterations, cg_tol, oracle, precision: as ``AnnealedOptions``.
   """
   solver: ClassVar[str] = "entropic"
   epsilon: float = 1e-3
@@ -202,6 +239,7 @@ class EntropicOptions(_SolverOptions):
   polish: bool = True
   cg_iterations: int = 1000
   cg_tol: float | None = None
+  oracle: str = "auto"
   precision: str = "auto"
 
   def __post_init__(self):
@@ -221,6 +259,9 @@ class CGOptions(_SolverOptions):
     iterations: maximum Frank-Wolfe iterations (POT's 1000, METHODS §1).
     tol: stop when the relative decrease of the objective falls below this; None = POT's 1e-9
       in float64, 1e-6 in float32.
+    oracle: "host", "device" or "auto", as ``AnnealedOptions``. From the product coupling the
+      path depends on how near-tied oracle answers are broken, so "device" follows POT's path
+      less closely than "host" (the auction breaks ties differently from the simplex).
     precision: "auto" (float64), "float32" or "float64". CG from the product coupling is
       path-dependent: in float32, round-off in the first near-tied oracle answers sends it to
       another local minimum than POT's float64 run (measured on 12 synthetic problems: ratios
@@ -230,6 +271,7 @@ class CGOptions(_SolverOptions):
   _auto_dtype: ClassVar[type] = np.float64
   iterations: int = 1000
   tol: float | None = None
+  oracle: str = "auto"
   precision: str = "auto"
 
   def __post_init__(self):
@@ -291,12 +333,13 @@ FLAG_FIELDS: dict[type, dict[str, str]] = {
                       "gw_iterations": "gw_iterations",
                       "gw_anneal_sinkhorn_iterations": "sinkhorn_iterations",
                       "gw_polish": "polish", "gw_cg_iterations": "cg_iterations",
-                      "gw_cg_tol": "cg_tol", "gw_precision": "precision"},
+                      "gw_cg_tol": "cg_tol", "gw_oracle": "oracle", "gw_precision": "precision"},
     EntropicOptions: {"gw_epsilon": "epsilon", "gw_iterations": "gw_iterations",
                       "gw_sinkhorn_iterations": "sinkhorn_iterations", "gw_polish": "polish",
                       "gw_cg_iterations": "cg_iterations", "gw_cg_tol": "cg_tol",
-                      "gw_precision": "precision"},
-    CGOptions: {"gw_cg_iterations": "iterations", "gw_cg_tol": "tol", "gw_precision": "precision"},
+                      "gw_oracle": "oracle", "gw_precision": "precision"},
+    CGOptions: {"gw_cg_iterations": "iterations", "gw_cg_tol": "tol", "gw_oracle": "oracle",
+                "gw_precision": "precision"},
     LowRankOptions: {"gw_epsilon": "epsilon", "gw_rank": "rank",
                      "gw_lowrank_iterations": "iterations", "gw_lowrank_gamma": "gamma",
                      "gw_precision": "precision"},
@@ -419,25 +462,48 @@ def _linear_assignment(cost: jax.Array) -> jax.Array:
                            vmap_method="sequential")
 
 
+# The device oracle's auction (assignment.py): the final ε relative to the gradient's spread R
+# (its permutation is within n·ε of the optimal one), and the first ε of the warm-started calls
+# after the first (the first starts cold, from the column reduction, at assignment.EPS_START).
+DEVICE_ORACLE_TOL = 1e-5
+DEVICE_ORACLE_WARM_EPS = 1e-3
+
+
 def _cg_from(cx: jax.Array, cy: jax.Array, coupling: jax.Array, max_iterations: int,
-             tol: float):
-  """Frank-Wolfe on the GW objective from ``coupling``; returns (coupling, converged, iters).
+             tol: float, oracle: str = "host"):
+  """Frank-Wolfe on the GW objective from ``coupling``; returns (coupling, converged, iters,
+  oracle rounds).
 
   Every oracle answer is a permutation S/n, so cx S cy = cx[:, σ⁻¹-ordered] cy costs one matmul
   and cx π cy is updated in place along the segment: one n³ product per iteration.
+  ``oracle``: "host" (``_linear_assignment``, a callback) or "device" (``assignment.auction``,
+  each call warm-started from the previous call's prices; its bidding rounds are counted).
   """
+  if oracle not in ("host", "device"):
+    raise ValueError(f"oracle must be 'host' or 'device' here, got {oracle!r}")
   n = cx.shape[0]
   cx2, cy2 = cx * cx, cy * cy
+
+  def lmo(grad, prices, it):
+    if oracle == "host":
+      return _linear_assignment(grad), prices, jnp.array(0, jnp.int32)
+    eps_start = jnp.where(it == 0, assignment.EPS_START, DEVICE_ORACLE_WARM_EPS)
+    out = assignment.auction(grad, prices=prices, eps_start=eps_start, tol=DEVICE_ORACLE_TOL)
+    return out.cols, out.prices, out.rounds
 
   def parts(t, cxtcy):
     p, q = t.sum(axis=1), t.sum(axis=0)
     return p, q, p @ cx2 @ p + q @ cy2 @ q - 2.0 * jnp.sum(cxtcy * t)
 
-  def body(state):
-    t, cxtcy, value, _, it, _ = state
+  def gradient(t, cxtcy):
     p, q = t.sum(axis=1), t.sum(axis=0)
-    grad = 2.0 * (cx2 @ p)[:, None] + 2.0 * (cy2 @ q)[None, :] - 4.0 * cxtcy
-    cols = _linear_assignment(grad)
+    return 2.0 * (cx2 @ p)[:, None] + 2.0 * (cy2 @ q)[None, :] - 4.0 * cxtcy
+
+  def body(state):
+    t, cxtcy, value, _, it, _, prices, rounds = state
+    p, q = t.sum(axis=1), t.sum(axis=0)
+    grad = gradient(t, cxtcy)
+    cols, prices, lmo_rounds = lmo(grad, prices, it)
     s = jax.nn.one_hot(cols, n, dtype=t.dtype) / n
     # cx S cy with S_{i, σ(i)} = 1/n:  (S cy)_{i,:} = cy[σ(i), :] / n.
     cxscy = cx @ (cy[cols, :] / n)
@@ -459,18 +525,20 @@ def _cg_from(cx: jax.Array, cy: jax.Array, coupling: jax.Array, max_iterations: 
     t = jnp.where(keep, new_t, t)
     cxtcy = jnp.where(keep, new_cxtcy, cxtcy)
     value = jnp.minimum(new_value, value)
-    return t, cxtcy, value, converged, it + 1, step
+    return t, cxtcy, value, converged, it + 1, step, prices, rounds + lmo_rounds
 
   def cond(state):
-    _, _, _, converged, it, _ = state
+    _, _, _, converged, it, *_ = state
     return (~converged) & (it < max_iterations)
 
   cxtcy = cx @ coupling @ cy
   _, _, value = parts(coupling, cxtcy)
+  prices = (assignment.column_reduction_prices(gradient(coupling, cxtcy)) if oracle == "device"
+            else jnp.zeros((n,), coupling.dtype))
   init = (coupling, cxtcy, value, jnp.array(False), jnp.array(0, jnp.int32),
-          jnp.array(1.0, coupling.dtype))
-  t, _, _, converged, iters, _ = jax.lax.while_loop(cond, body, init)
-  return t, converged, iters
+          jnp.array(1.0, coupling.dtype), prices, jnp.array(0, jnp.int32))
+  t, _, _, converged, iters, _, _, rounds = jax.lax.while_loop(cond, body, init)
+  return t, converged, iters, rounds
 
 
 # ----------------------------------------------------------------------------------------------
@@ -602,14 +670,29 @@ def coupling_stage(cx: jax.Array, cy: jax.Array, opts: SolverOptions):
 
 
 def cg_stage(cx: jax.Array, cy: jax.Array, coupling: jax.Array, converged: jax.Array,
-             iterations: jax.Array, opts: SolverOptions):
-  """The CG steps (when ``opts`` has them) and the objective: (gw, converged, iters)."""
+             iterations: jax.Array, opts: SolverOptions, platform: str | None = None):
+  """The CG steps (when ``opts`` has them) and the objective: (gw, converged, iters).
+
+  ``platform`` resolves ``oracle="auto"`` (None: jax's default backend).
+  """
   steps = opts.cg_steps()
   if steps is not None:
-    coupling, cg_conv, cg_iters = _cg_from(cx, cy, coupling, *steps)
+    coupling, cg_conv, cg_iters, _ = cg_polish(cx, cy, coupling, opts, platform)
     converged = cg_conv if isinstance(opts, CGOptions) else converged & cg_conv
     iterations = iterations + cg_iters
   return gw_objective(cx, cy, coupling), converged, iterations
+
+
+def cg_polish(cx: jax.Array, cy: jax.Array, coupling: jax.Array, opts: SolverOptions,
+              platform: str | None = None):
+  """The CG steps of ``opts`` from ``coupling``: (coupling, converged, CG iterations, auction
+  rounds). The rounds are the device oracle's bidding rounds, summed over its calls (0 with
+  the host oracle); ``platform`` resolves ``oracle="auto"``. ``opts`` must have CG steps.
+  """
+  steps = opts.cg_steps()
+  if steps is None:
+    raise ValueError(f"{type(opts).__name__} has no CG steps (polish=False or lowrank)")
+  return _cg_from(cx, cy, coupling, *steps, oracle=opts.cg_oracle(platform))
 
 
 def solve_normalized(cx: jax.Array, cy: jax.Array, opts: SolverOptions):
@@ -668,6 +751,7 @@ def gw_distance(x, y, *, options: SolverOptions = AnnealedOptions(), distance: s
   opts = _check_options(options)
   x, y = checks.check_pair(x, y, "x", "y")
   _check_distance_args(distance, scale)
+  opts = _resolve_oracle(opts, _platform(devices))
   with jax.enable_x64(opts.dtype == np.float64):
     if devices is not None and len(devices) > 1:
       return _solve_sharded(x.astype(opts.dtype), y.astype(opts.dtype), distance, scale, opts,
@@ -676,6 +760,24 @@ def gw_distance(x, y, *, options: SolverOptions = AnnealedOptions(), distance: s
     _check_costs(cx, "x")
     gw, conv, iters = _solve_jit(cx, cy, opts)
     return _result(gw, conv, iters, unit, opts)
+
+
+def _platform(devices) -> str:
+  """The platform ("cpu", "gpu", "tpu") of ``devices`` (None: of jax's default devices)."""
+  devices = jax.devices() if devices is None or len(devices) == 0 else list(devices)
+  return devices[0].platform
+
+
+def _resolve_oracle(opts: SolverOptions, platform: str) -> SolverOptions:
+  """``opts`` with ``oracle="auto"`` replaced by what it means on ``platform``."""
+  if getattr(opts, "oracle", None) == "auto":
+    return dataclasses.replace(opts, oracle=opts.cg_oracle(platform))
+  return opts
+
+
+def _callback_free(opts: SolverOptions) -> bool:
+  """No host callback in the solve: no CG steps, or CG steps with the device oracle."""
+  return opts.cg_steps() is None or opts.cg_oracle() == "device"
 
 
 @functools.lru_cache(maxsize=None)
@@ -687,8 +789,11 @@ def _sharded_programs(mesh: jax.sharding.Mesh, distance: str, scale: str, opts: 
                   out_shardings=(rows, rows, replicated))
   stage = jax.jit(functools.partial(coupling_stage, opts=opts), in_shardings=(rows, rows),
                   out_shardings=(rows, replicated, replicated))
-  finish = jax.jit(lambda cx, cy, t, conv, it: (gw_objective(cx, cy, t), conv, it),
-                   in_shardings=(rows, rows, rows, replicated, replicated),
+  # Callback-free CG steps (device oracle) are partitioned like the rest; otherwise only the
+  # objective is, and _solve_sharded runs the CG steps on one device.
+  last = (functools.partial(cg_stage, opts=opts) if _callback_free(opts)
+          else lambda cx, cy, t, conv, it: (gw_objective(cx, cy, t), conv, it))
+  finish = jax.jit(last, in_shardings=(rows, rows, rows, replicated, replicated),
                    out_shardings=replicated)
   return costs, stage, finish
 
@@ -697,10 +802,11 @@ def _solve_sharded(x, y, distance, scale, opts: SolverOptions, devices):
   """One problem split over ``devices`` (any hosts): rows of every n×n matrix on one device each.
 
   The cost matrices are built sharded (no host holds them whole), the callback-free coupling
-  stage runs as one GSPMD-partitioned program, and so does the objective. The CG steps call the
-  host (the assignment oracle), which hung inside multi-device programs on XLA:CPU, so when the
-  solver has them they run as a single-device program on every process's first local device,
-  on gathered matrices: that stage needs the whole problem on one device of each host.
+  stage runs as one GSPMD-partitioned program, and so does the objective, with the CG steps
+  when their oracle is the device's (``oracle="device"``). The host oracle calls the host,
+  which hung inside multi-device programs on XLA:CPU, so with it the CG steps run as a
+  single-device program on every process's first local device, on gathered matrices: that
+  stage needs the whole problem on one device of each host.
   """
   n = x.shape[0]
   if n % len(devices):
@@ -715,7 +821,7 @@ def _solve_sharded(x, y, distance, scale, opts: SolverOptions, devices):
     raise _zero_median_error("x")
   coupling, conv, iters = stage(cx, cy)
   unit = parallel.gather_to_host(unit)
-  if opts.cg_steps() is None:
+  if _callback_free(opts):
     gw, conv, iters = finish(cx, cy, coupling, conv, iters)
     return _result(*(parallel.gather_to_host(v) for v in (gw, conv, iters)), unit, opts)
   local = jax.local_devices()[0]
@@ -786,6 +892,27 @@ def _batched_coupling_stage(opts: SolverOptions, mesh: jax.sharding.Mesh, mode: 
   return jax.jit(sharded)
 
 
+@functools.lru_cache(maxsize=None)
+def _batched_solve(opts: SolverOptions, mesh: jax.sharding.Mesh, mode: str):
+  """jit(shard_map(vmap or map of solve_normalized)): the whole solve, CG steps included.
+
+  For solves without host callbacks (``_callback_free``: the device oracle, or no CG steps):
+  each device runs its block of candidates end to end and returns (gw, converged, iters).
+  """
+  spec = jax.sharding.PartitionSpec(parallel.CANDIDATE_AXIS)
+  platform = mesh.devices.flat[0].platform
+  solve = lambda cx, cy: cg_stage(cx, cy, *coupling_stage(cx, cy, opts), opts, platform)
+
+  def local(cxs, cy):
+    if mode == "map":
+      return jax.lax.map(lambda cx: solve(cx, cy), cxs)
+    return jax.vmap(solve, in_axes=(0, None))(cxs, cy)
+
+  sharded = jax.shard_map(local, mesh=mesh, in_specs=(spec, jax.sharding.PartitionSpec()),
+                          out_specs=(spec, spec, spec), check_vma=False)
+  return jax.jit(sharded)
+
+
 def gw_distances(candidates: Sequence, y, *, options: SolverOptions = AnnealedOptions(),
                  distance: str = "angular", scale: str = "median", devices=None,
                  names: Sequence[str] | None = None,
@@ -797,7 +924,9 @@ def gw_distances(candidates: Sequence, y, *, options: SolverOptions = AnnealedOp
   placed with the candidate axis split over a 1-D ``Mesh`` of ``devices`` (default: all), and
   solved in one jitted call: ``batch_mode`` "vmap" (``jax.vmap`` of the solver), "map"
   (``jax.lax.map``, one candidate after another on each device) or "auto" (map on CPU, vmap on
-  accelerators). ``options`` and the rest as ``gw_distance``.
+  accelerators). ``options`` and the rest as ``gw_distance``. With the device oracle (or no CG
+  steps) that call is the whole solve; with the host oracle the CG steps then run per
+  candidate, each on the device that holds it (``_batched_coupling_stage``).
 
   Returns:
     One ``GWResult`` per candidate, in order (a list, so results zip with candidate names);
@@ -807,6 +936,7 @@ def gw_distances(candidates: Sequence, y, *, options: SolverOptions = AnnealedOp
   opts = _check_options(options)
   if candidates is None or len(candidates) == 0:
     raise ValueError("gw_distances: the candidate list is empty")
+  opts = _resolve_oracle(opts, _platform(devices))
   with jax.enable_x64(opts.dtype == np.float64):
     return _gw_distances(candidates, y, distance, scale, opts, devices, names, batch_mode)
 
@@ -845,6 +975,10 @@ def _gw_distances(candidates, y, distance, scale, opts, devices, names, batch_mo
   stacked = _global(blocks, (padded, n, n), by_candidate)
   cy = _global(cys, (n, n), replicated)
   mode = _resolve_batch_mode(batch_mode, mesh)
+  if _callback_free(opts):
+    gws, conv, its = (parallel.gather_to_host(v)
+                      for v in _batched_solve(opts, mesh, mode)(stacked, cy))
+    return [_result(gws[i], conv[i], its[i], unit, opts) for i in range(k)]
   couplings, convs, iters = _batched_coupling_stage(opts, mesh, mode)(stacked, cy)
   # Programs with host callbacks (CG) and multi-device programs (the stage above, the gathers
   # below) never run at the same time: each phase is waited for before the next starts.

@@ -60,10 +60,14 @@ GW_LOWRANK_GAMMA = flags.DEFINE_float("gw_lowrank_gamma", _LOWRANK.gamma,
                                       lower_bound=0.0)
 GW_PRECISION = flags.DEFINE_enum("gw_precision", _ANNEALED.precision, list(gw.PRECISIONS),
                                  "GW arithmetic: auto = float64 for cg, float32 otherwise.")
+GW_ORACLE = flags.DEFINE_enum(
+    "gw_oracle", _ANNEALED.oracle, list(gw.ORACLES), "Where the CG steps' linear assignments are "
+    "solved: host (POT's network simplex, through a callback), device (an auction, no callback), "
+    "auto (device on GPU/TPU, host on CPU, where it is faster at equal objective).")
 # The flags gw.options_from_flags maps to the solver's options record.
 GW_FLAGS = (GW_EPSILON, GW_ANNEAL_EPSILONS, GW_ANNEAL_ITERATIONS, GW_SINKHORN_ITERATIONS,
              GW_ANNEAL_SINKHORN_ITERATIONS, GW_ITERATIONS, GW_CG_ITERATIONS, GW_CG_TOL, GW_POLISH,
-             GW_RANK, GW_LOWRANK_ITERATIONS, GW_LOWRANK_GAMMA, GW_PRECISION)
+             GW_RANK, GW_LOWRANK_ITERATIONS, GW_LOWRANK_GAMMA, GW_PRECISION, GW_ORACLE)
 GW_BATCH_SIZE = flags.DEFINE_integer(
     "gw_batch_size", 0, "Candidates per batched (vmapped, device-sharded) GW call; 0 = the "
     "number of devices.", lower_bound=0)
