@@ -75,7 +75,7 @@ class Shape:
 
 
 SHAPES = {
-    # The sizes of tests/vlm_fixtures.py (tiny_llm_dir, tiny_vit_dir) and tests/test_train.py.
+    # The sizes of tests/vlm_fixtures.py (tiny_llm_dir, tiny_vit_dir) and tests/training/test_train.py.
     "tiny": Shape("tiny", hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64, vocab=32,
                   seq=32, vit_hidden=16, vit_layers=2, vit_heads=2, vit_intermediate=32,
                   image=32, patch=8, batch=8),

@@ -1,4 +1,4 @@
-"""One process of the 2-process training test (tests/test_train_multiprocess.py).
+"""One process of the 2-process training test (tests/training/test_train_multiprocess.py).
 
 argv: coordinator_address num_processes process_id llm_dir vit_dir workdir out_npz
 """

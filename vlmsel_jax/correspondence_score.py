@@ -35,8 +35,8 @@ OUTPUT_DIR = flag_util.shared(flags.DEFINE_string, "output_dir", None, "Where re
                               "written.")
 LAYER = flag_util.shared(flags.DEFINE_integer, "layer", None, "hidden_states index of the "
                          "patch grid (default -2: the second-to-last layer / stage).")
-METHOD = flags.DEFINE_enum("method", "soft_argmax", list(corr.METHODS),
-                           "How a similarity map becomes a point.")
+READOUT = flags.DEFINE_enum("c_score_readout", "soft_argmax", list(corr.METHODS),
+                            "How a similarity map becomes a point.")
 TEMPERATURE = flags.DEFINE_float("temperature", corr.DEFAULT_TEMPERATURE,
                                  "Soft-argmax temperature (cosine-similarity units).",
                                  lower_bound=1e-6)
@@ -76,7 +76,7 @@ def run(thresholds: tuple[float, ...]) -> dict:
   """The binary's body: flags → ``c_score.score_models``; returns its payload."""
   return c_score.score_models(
       VISION_MODELS.value, c_score_flags.C_SCORE_PAIRS.value or "homography", OUTPUT_DIR.value,
-      layer=LAYER.value, method=METHOD.value, temperature=TEMPERATURE.value,
+      layer=LAYER.value, method=READOUT.value, temperature=TEMPERATURE.value,
       window=None if WINDOW.value < 0 else WINDOW.value, alphas=thresholds,
       progress=PROGRESS.value, **c_score_flags.record_options(SEED.value),
       homography_strength=HOMOGRAPHY_STRENGTH.value,

@@ -12,7 +12,7 @@ color is the shape?" → blue) and yes/no answers ("is there not a red shape?" �
 including elimination (two shapes ruled out leave the third). About 10% of images have
 questions that leave the colour or the shape open; for those the image's pixels decide: the shape
 is filled with one exact palette colour, and its area over its bounding box separates rectangles
-(≈ 1), circles (≈ π/4) and triangles (≈ 1/2). `tests/test_data_sources.py` checks that the pixels
+(≈ 1), circles (≈ π/4) and triangles (≈ 1/2). `tests/data/test_data_sources.py` checks that the pixels
 agree with the questions on every image whose questions do decide. An image that neither decides
 is a bad record (error, or skipped and counted).
 """

@@ -9,7 +9,7 @@ runs is chosen here, in one place, from an ``attention_impl`` setting:
 * ``"fused"``: always ``jax.nn.dot_product_attention``;
 * ``"einsum"``: always the family's own einsum.
 
-The two give the same outputs up to float rounding (tests/test_attention_paths.py); masked keys
+The two give the same outputs up to float rounding (tests/models/test_attention_paths.py); masked keys
 get a large negative score in both, so a query with no visible key averages every key in both
 (cuDNN aside: its output at such a query, a padding position, is not that average).
 

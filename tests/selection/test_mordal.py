@@ -19,7 +19,7 @@ from vlmsel_jax.selection import mordal_replay
 from vlmsel_jax.selection import tables
 
 FLAGS = flags.FLAGS
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _table_train(table, calls=None):
@@ -359,7 +359,7 @@ def test_live_mode_trains_continuing_checkpoints_and_records_replayable_curves(t
   """Mordal live mode on two tiny VLM candidates: real training runs, continued not restarted."""
   import json as json_lib
   import sys
-  sys.path.insert(0, os.path.dirname(__file__))
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   import vlm_fixtures as fx  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from vlmsel_jax.training import checkpoint  # pylint: disable=g-import-not-at-top

@@ -131,7 +131,7 @@ def test_multiprocess_one_problem_sharded_over_both_hosts():
   pool = synthetic.make_pool(n=160, seed=0)
   x, y = pool.candidates[5], pool.text
   # (lowrank_gw_large runs sharded over processes too, but its many small cross-process
-  # reductions make it minutes slow on CPU processes; tests/test_parallel_large_n.py checks it
+  # reductions make it minutes slow on CPU processes; tests/runtime/test_parallel_large_n.py checks it
   # sharded over the devices of one process.)
   want = {"dense": gw.gw_distance(x, y, options=gw.AnnealedOptions(stage_iterations=5))}
   for got in outs:  # Every process returns the whole result.

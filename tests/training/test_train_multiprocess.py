@@ -16,7 +16,7 @@ from vlmsel_jax.training import checkpoint
 from vlmsel_jax.training import loop
 from vlmsel_jax.training import step as step_lib
 
-WORKER = os.path.join(os.path.dirname(__file__), "multiprocess_train_worker.py")
+WORKER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "multiprocess_train_worker.py")
 
 
 @pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (fake) devices")

@@ -255,7 +255,7 @@ def test_shard_disjoint_in_a_real_two_process_run(tmp_path):
   script.write_text(_TWO_PROCESS_SCRIPT)
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["JAX_PLATFORMS"] = "cpu"
-  tests_dir = os.path.dirname(__file__)
+  tests_dir = os.path.dirname(os.path.abspath(__file__))  # where test_data_pipeline is
   procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port),
                              str(tmp_path / f"out{i}.json"), tests_dir], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

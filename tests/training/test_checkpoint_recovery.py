@@ -29,7 +29,7 @@ from vlmsel_jax.training import checkpoint as ckpt_lib
 
 FLAGS = flags.FLAGS
 META = {"vision": "v", "llm": "l", "stage": 1}
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _state(scale: float) -> dict:

@@ -18,7 +18,7 @@ from sklearn.preprocessing import PolynomialFeatures
 from vlmsel_jax.selection import ac
 from vlmsel_jax.selection import tables
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLE = os.path.join(REPO, "configs", "data", "ac_example_15.csv")
 TARGETS = ["mmbench", "mme", "okvqa", "seed_bench", "mmmu", "textvqa", "vizwiz", "scienceqa"]
 

@@ -49,7 +49,7 @@ from vlmsel_jax.models.efficientnet import EfficientNetConfig
 
 FORMATS = {"zip": True, "legacy": False}
 # Gemma 3 270M's tokenizer, "Hello  world\n\n<start_of_turn>user" -> <bos> Hello ▁▁ world \n\n
-# <start_of_turn> user (tests/test_gguf_gemma3.py checks it against transformers' GGUF tokenizer).
+# <start_of_turn> user (tests/models/test_gguf_gemma3.py checks it against transformers' GGUF tokenizer).
 GEMMA3_TEXT = "Hello  world\n\n<start_of_turn>user"
 GEMMA3_IDS = [2, 9259, 138, 12392, 108, 105, 2364]
 

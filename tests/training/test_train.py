@@ -209,7 +209,7 @@ def test_corrupt_checkpoint_gives_a_clear_error(dirs, tmp_path):
   source = fx.shape_records(16, "vqa")
   loop.train(_config(dirs, tmp_path, max_steps=2), source=source)
   # Every kept step (1 and 2) is damaged: a damaged latest step alone falls back to an earlier
-  # one (tests/test_checkpoint_recovery.py).
+  # one (tests/training/test_checkpoint_recovery.py).
   steps = sorted(os.listdir(tmp_path / "checkpoints"))
   assert steps == ["1", "2"]
   for step in steps:
