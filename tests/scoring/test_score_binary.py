@@ -132,7 +132,8 @@ def _bad_bank(d, name, features, ids=None):
     ("missing", r"gone.npz: feature bank file not found"),
     ("metric", r"unknown metric\(s\) gww"),
     ("empty", r"no candidates"),
-    ("truth", r"ground truth has no accuracy for candidate\(s\) nan"),
+    ("truth", r"truth.csv: ground truth has no accuracy for candidate\(s\) nan \(its "
+              r"candidates: "),
 ])
 def test_bad_input_is_one_clear_error_and_writes_nothing(banks, tmp_path, case, match):
   pool, text, paths, truth, d = banks

@@ -265,6 +265,12 @@ def _run(config: ScoreConfig) -> list[str]:
   names, feats, text, truth, preamble = load_pool(config)
   if config.synthetic_pool and config.ground_truth:
     truth = read_ground_truth(config.ground_truth, config.ground_truth_column)
+  if truth is not None and config.ground_truth:
+    missing = [n for n in names if n not in truth]
+    if missing:
+      raise InputError(f"{config.ground_truth}: ground truth has no {config.ground_truth_column} "
+                       f"for candidate(s) {', '.join(missing)} (its candidates: "
+                       f"{', '.join(sorted(truth)) or 'none'})")
   start = time.time()
   precomputed = {}
   if config.ground_truth_scores:
