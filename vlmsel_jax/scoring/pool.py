@@ -94,6 +94,22 @@ class PoolScores:
   evaluation: dict[str, dict[str, float]] | None = None  # metric → judgement vs ground truth
   ground_truth: dict[str, float] | None = None
 
+  def __post_init__(self):
+    # Ranks and selections follow from the values; computed here so that every PoolScores has
+    # them, however it was built.
+    for m in self.metrics:
+      if m in self.ranks and m in self.selected:
+        continue
+      oriented = rank_metrics.orient([self.values[m][n] for n in self.candidates],
+                                     METRICS[m].higher_is_better)
+      if np.isnan(oriented).any():  # No order among NaNs: the ranking's order stands.
+        self.ranks[m] = {n: i + 1 for i, n in enumerate(self.rankings[m])}
+        self.selected[m] = self.rankings[m][:1]
+      else:
+        self.ranks[m] = dict(zip(self.candidates,
+                                 (int(r) for r in rank_metrics.competition_ranks(oriented))))
+        self.selected[m] = [self.candidates[i] for i in rank_metrics.top_group(oriented)]
+
   def to_json(self) -> dict[str, Any]:
     return {
         "candidates": self.candidates,
@@ -186,17 +202,11 @@ def score_pool(names: Sequence[str], candidates: Sequence[np.ndarray], text: np.
         values[m][name] = float(METRICS[m].fn(x, text, settings))
         bar.update(1)
 
-  rankings, ranks, selected = {}, {}, {}
+  rankings = {}
   for m in metric_names:
     oriented = rank_metrics.orient([values[m][n] for n in names], METRICS[m].higher_is_better)
     order = np.argsort(-oriented, kind="stable")
     rankings[m] = [names[i] for i in order]
-    if np.isnan(oriented).any():
-      ranks[m] = {n: i + 1 for i, n in enumerate(rankings[m])}
-      selected[m] = rankings[m][:1]
-    else:
-      ranks[m] = dict(zip(names, (int(r) for r in rank_metrics.competition_ranks(oriented))))
-      selected[m] = [names[i] for i in rank_metrics.top_group(oriented)]
 
   evaluation = None
   if ground_truth is not None:
@@ -210,6 +220,6 @@ def score_pool(names: Sequence[str], candidates: Sequence[np.ndarray], text: np.
       predicted = rank_metrics.orient([values[m][n] for n in names], METRICS[m].higher_is_better)
       evaluation[m] = rank_metrics.all_metrics(truth, predicted)
   return PoolScores(candidates=names, metrics=metric_names, values=values, rankings=rankings,
-                    ranks=ranks, selected=selected, diagnostics=diagnostics, evaluation=evaluation,
+                    diagnostics=diagnostics, evaluation=evaluation,
                     ground_truth=None if ground_truth is None else
                     {n: float(ground_truth[n]) for n in names})
