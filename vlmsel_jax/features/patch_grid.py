@@ -38,27 +38,17 @@ from vlmsel_jax import zoo
 DEFAULT_LAYER = -2
 
 
-def _family(loaded: zoo.LoadedModel) -> str:
-  # pylint: disable=g-import-not-at-top
-  from vlmsel_jax.models.efficientnet import modeling as efficientnet
-  from vlmsel_jax.models.handcrafted import modeling as handcrafted
-  from vlmsel_jax.models.vit import modeling as vit
-  # pylint: enable=g-import-not-at-top
-  if isinstance(loaded.model, vit.Vit):
-    return "vit"
-  if isinstance(loaded.model, efficientnet.EfficientNetLite):
-    return "efficientnet"
-  if isinstance(loaded.model, handcrafted.TOWERS):
-    return "handcrafted"
-  raise ValueError(f"model {loaded.name!r} ({type(loaded.model).__name__}) has no patch grid: "
-                   "only ViT-family, EfficientNet-Lite and handcrafted (pixel patches, HOG) "
-                   "vision encoders do")
+def _check_tower(loaded: zoo.LoadedModel) -> None:
+  if not callable(getattr(loaded.model, "patch_grid", None)):
+    raise ValueError(f"model {loaded.name!r} ({type(loaded.model).__name__}) has no patch grid: "
+                     "it is not a vision tower")
 
 
 def default_layer(loaded: zoo.LoadedModel) -> int:
-  """``DEFAULT_LAYER`` (second-to-last) for trained towers; a handcrafted tower's own output
-  (-1), which has no classification head after it to avoid."""
-  return -1 if _family(loaded) == "handcrafted" else DEFAULT_LAYER
+  """The tower's ``GRID_DEFAULT_LAYER``: -2 (second-to-last) for trained towers, -1 for a
+  handcrafted tower, which has no classification head after its last grid to avoid."""
+  _check_tower(loaded)
+  return getattr(loaded.model, "GRID_DEFAULT_LAYER", DEFAULT_LAYER)
 
 
 def _check_layer(loaded: zoo.LoadedModel, layer: int) -> None:
@@ -82,26 +72,18 @@ def patch_grid(loaded: zoo.LoadedModel, pixels: jax.Array,
     (B, h, w, D) float features, unnormalised.
 
   Raises:
-    ValueError: a model that is neither family, or a layer out of range.
+    ValueError: a model that is not a vision tower, or a layer out of range.
   """
-  family = _family(loaded)
+  _check_tower(loaded)
   layer = default_layer(loaded) if layer is None else layer
   _check_layer(loaded, layer)
-  # pylint: disable=g-import-not-at-top
-  if family == "vit":
-    from vlmsel_jax.models.vit import modeling
-  elif family == "efficientnet":
-    from vlmsel_jax.models.efficientnet import modeling
-  else:
-    from vlmsel_jax.models.handcrafted import modeling
-  # pylint: enable=g-import-not-at-top
-  return modeling.select_features(loaded.model(pixels), layer, "patch_grid")
+  return loaded.model.patch_grid(pixels, layer)
 
 
 def patch_grid_fn(loaded: zoo.LoadedModel,
                   layer: int | None = None) -> Callable[[jax.Array], jax.Array]:
   """``pixels -> patch_grid(loaded, pixels, layer)`` compiled with ``jax.jit`` (once per shape)."""
-  _family(loaded)
+  _check_tower(loaded)
   layer = default_layer(loaded) if layer is None else layer
   _check_layer(loaded, layer)
   graphdef, state = nnx.split(loaded.model)

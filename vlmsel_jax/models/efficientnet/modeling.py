@@ -403,6 +403,13 @@ class EfficientNetLite(nnx.Module):
     self.head_bn = _batch_norm(HEAD_CHANNELS, c, dtype, rngs)
     self.fc = nnx.Linear(HEAD_CHANNELS, c.num_classes, dtype=dtype, param_dtype=dtype, rngs=rngs)
 
+  # The vision-tower protocol (see ``Vit.patch_grid``).
+  GRID_DEFAULT_LAYER = -2
+
+  def patch_grid(self, pixels: jax.Array, layer: int) -> jax.Array:
+    """(batch, rows, cols, channels): the NHWC map ``hidden_states[layer]``."""
+    return self(pixels).hidden_states[layer]
+
   def __call__(self, pixel_values: jax.Array,
                block_offsets: Sequence[jax.Array] | None = None) -> EfficientNetOutput:
     """Classifies a batch of preprocessed images.

@@ -62,6 +62,13 @@ class PixelPatches(nnx.Module):
   def num_layers(self) -> int:
     return 1
 
+  # The vision-tower protocol (see ``vit.Vit.patch_grid``). No classification head follows
+  # the last grid, so it is the default.
+  GRID_DEFAULT_LAYER = -1
+
+  def patch_grid(self, pixels: jax.Array, layer: int) -> jax.Array:
+    return self(pixels).hidden_states[layer]
+
   def __call__(self, pixels: jax.Array) -> HandcraftedOutput:
     b, h, w, c = pixels.shape
     p = self.config.patch_size
@@ -164,6 +171,13 @@ class Hog(nnx.Module):
   @property
   def num_layers(self) -> int:
     return 2
+
+  # The vision-tower protocol (see ``vit.Vit.patch_grid``). No classification head follows
+  # the last grid, so it is the default.
+  GRID_DEFAULT_LAYER = -1
+
+  def patch_grid(self, pixels: jax.Array, layer: int) -> jax.Array:
+    return self(pixels).hidden_states[layer]
 
   def __call__(self, pixels: jax.Array) -> HandcraftedOutput:
     histograms = cell_histograms(pixels, self.config)

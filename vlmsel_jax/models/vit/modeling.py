@@ -547,6 +547,14 @@ class Vit(nnx.Module):
       x = x + self.patch_embed.bias[...]
     return x
 
+  # The vision-tower protocol the VLM and the C score use (``vlm.tower_grid``,
+  # ``features.patch_grid``): the default patch-grid layer, and the grid at a layer.
+  GRID_DEFAULT_LAYER = -2
+
+  def patch_grid(self, pixels: jax.Array, layer: int) -> jax.Array:
+    """(batch, rows, cols, dim) patch tokens at ``layer`` (no CLS / register tokens)."""
+    return select_features(self(pixels), layer, "patch_grid")
+
   def __call__(self, pixel_values: jax.Array,
                block_offsets: Sequence[jax.Array] | None = None) -> VitOutput:
     """Runs the vision transformer on a batch of images.

@@ -73,19 +73,15 @@ class VLMConfig:
 
 
 def tower_grid(tower: nnx.Module, pixels: jax.Array, layer: int) -> jax.Array:
-  """(batch, rows, cols, dim) patch features of a ViT-family, EfficientNet or handcrafted
-  (pixel patches, HOG) tower at ``layer``."""
-  # pylint: disable=g-import-not-at-top
-  from vlmsel_jax.models import efficientnet
-  from vlmsel_jax.models import handcrafted
-  from vlmsel_jax.models import vit
-  # pylint: enable=g-import-not-at-top
-  if isinstance(tower, (efficientnet.EfficientNetLite, *handcrafted.TOWERS)):
-    return tower(pixels).hidden_states[layer]
-  if isinstance(tower, vit.Vit):
-    return vit.select_features(tower(pixels), layer, "patch_grid")
-  raise TypeError(f"{type(tower).__name__} is not a supported vision tower (ViT family, "
-                  "EfficientNet-Lite, pixel patches or HOG)")
+  """(batch, rows, cols, dim) patch features of a vision tower at ``layer``.
+
+  Any module with the vision-tower protocol is a tower: ``patch_grid(pixels, layer)`` and
+  ``GRID_DEFAULT_LAYER`` (ViT family, EfficientNet-Lite, pixel patches, HOG, and every family
+  added since).
+  """
+  if not callable(getattr(tower, "patch_grid", None)):
+    raise TypeError(f"{type(tower).__name__} is not a vision tower (it has no patch_grid)")
+  return tower.patch_grid(pixels, layer)
 
 
 def image_features(tower: nnx.Module, pixels: jax.Array, config: VLMConfig) -> jax.Array:
