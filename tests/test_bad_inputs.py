@@ -42,6 +42,8 @@ def _world(tmp_path_factory):
   (root / "garbage.npz").write_bytes(b"PK\x03\x04 not really a zip archive")
   (root / "truth.csv").write_text("candidate,accuracy\na,0.5\nb,0.7\nc,0.6\n")
   (root / "bad_truth.csv").write_text("candidate,accuracy\na,0.5\nb,high\nc,0.6\n")
+  (root / "nan_truth.csv").write_text("candidate,accuracy\na,0.5\nb,nan\nc,0.6\n")
+  (root / "flat_truth.csv").write_text("candidate,accuracy\na,0.5\nb,0.5\nc,0.5\n")
   (root / "scores.csv").write_text("candidate,task,score\na,vqa,1\nb,vqa,2\nc,vqa,3\n")
   (root / "truth_tasks.csv").write_text(
       "candidate,task,accuracy\na,vqa,0.5\nb,vqa,0.7\nc,vqa,0.6\n")
@@ -113,6 +115,16 @@ CASES = {
         ["score", "--banks={w}/a.npz,{w}/b.npz,{w}/c.npz", "--text_bank={w}/text.npz",
          "--ground_truth={w}/bad_truth.csv", "--output_dir={w}/out", "--metrics=cka"], 1,
         "bad_truth.csv"),
+    # The reader, not a correlation deep inside, names the file and line (it once said "true").
+    "score: a ground truth that is NaN": (
+        ["score", "--banks={w}/a.npz,{w}/b.npz,{w}/c.npz", "--text_bank={w}/text.npz",
+         "--ground_truth={w}/nan_truth.csv", "--output_dir={w}/out", "--metrics=cka"], 1,
+        "nan_truth.csv:3", "finite"),
+    # Undefined correlations would be written as NaN and every selection judged right.
+    "score: a ground truth equal for every candidate": (
+        ["score", "--banks={w}/a.npz,{w}/b.npz,{w}/c.npz", "--text_bank={w}/text.npz",
+         "--ground_truth={w}/flat_truth.csv", "--output_dir={w}/out", "--metrics=cka"], 1,
+        "flat_truth.csv", "every candidate"),
     "score: a bad flag value": (
         ["score", "--gw_solver=fast", "--synthetic_pool", "--output_dir={w}/out"], 2,
         "--gw_solver"),

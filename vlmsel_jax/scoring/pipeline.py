@@ -96,6 +96,15 @@ def read_ground_truth(path: str, column: str) -> dict[str, float]:
         truth[name] = float(row[column])
       except (TypeError, ValueError):
         raise InputError(f"{path}:{line}: {column} {row[column]!r} is not a number") from None
+      if not math.isfinite(truth[name]):
+        raise InputError(f"{path}:{line}: {column} is {row[column].strip()} (a ground truth "
+                         "must be a finite number)")
+  if not truth:
+    raise InputError(f"{path}: no candidates (the file has a header and no rows)")
+  if len(truth) > 1 and len(set(truth.values())) == 1:
+    # Every correlation with it is undefined and every selection is "right": nothing to judge.
+    raise InputError(f"{path}: {column} is {next(iter(truth.values()))} for every candidate, so "
+                     "no score can be judged against it")
   return truth
 
 
