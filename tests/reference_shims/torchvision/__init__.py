@@ -6,8 +6,9 @@ module level only for data transforms, datasets and ``FrozenBatchNorm2d``, none 
 code the parity tests compare with runs. Every name here is a placeholder whose use raises, so a
 reference that did reach torchvision fails loudly instead of computing something else.
 
-Only ``tests/references.py`` puts this directory on ``sys.path``, and only when the real
-torchvision cannot be imported.
+Only ``tests/references.py`` puts this directory on ``sys.path``, only when the real torchvision
+cannot be imported, and only while it imports a reference: it then takes the placeholder out of
+``sys.modules`` and ``FINDER`` out of ``sys.meta_path``, so transformers still finds no torchvision.
 """
 
 import importlib.abc
@@ -60,6 +61,7 @@ class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     module.__path__ = []
 
 
-sys.meta_path.insert(0, _Finder())
+FINDER = _Finder()
+sys.meta_path.insert(0, FINDER)
 sys.modules[__name__].__class__ = _Module
 __version__ = "0.0+unavailable"
