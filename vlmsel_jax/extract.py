@@ -38,11 +38,11 @@ LAYER = flag_util.shared(
     "models).")
 POOLING = flags.DEFINE_enum(
     "pooling", None, sorted(set(extraction.VISION_POOLINGS + zoo.TEXT_POOLINGS)),
-    "How tokens become one vector. Vision: cls, mean (patch tokens / feature map), pooler, or "
-    "logits (classifiers such as EfficientNet-Lite); default cls, or mean for models without a "
-    "CLS token. Text: mean or last over the caption's tokens (decoders: the caption's own "
-    "tokens; minilm-l6: all tokens incl. [CLS]/[SEP], the sentence-transformers convention); "
-    "default mean.")
+    "How tokens become one vector. Vision: cls, mean (patch tokens / feature map), pooler, "
+    "logits (classifiers such as EfficientNet-Lite) or embedding (an OpenCLIP tower's CLIP image "
+    "embedding); default cls, or mean for models without a CLS token. Text: mean or last over "
+    "the caption's tokens (decoders: the caption's own tokens; minilm-l6: all tokens incl. "
+    "[CLS]/[SEP], the sentence-transformers convention); default mean.")
 BATCH_SIZE = flag_util.shared(flags.DEFINE_integer, "batch_size", 32, "Samples per batch (global; "
                               "training: one micro-batch).", lower_bound=1)
 DTYPE = flag_util.shared(flags.DEFINE_enum, "dtype", "float32", "Model dtype (training: of "

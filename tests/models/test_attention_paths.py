@@ -22,8 +22,11 @@ from flax import nnx
 
 from vlmsel_jax.models import attention
 from vlmsel_jax.models.bert import modeling as bert
+from vlmsel_jax.models.gemma import modeling as gemma
 from vlmsel_jax.models.gemma3 import modeling as gemma3
 from vlmsel_jax.models.llama import modeling as llama
+from vlmsel_jax.models.phi3 import modeling as phi3
+from vlmsel_jax.models.qwen3 import modeling as qwen3
 from vlmsel_jax.models.vit import modeling as vit
 from vlmsel_jax.models.vlm import modeling as vlm
 
@@ -47,6 +50,46 @@ def _gemma3_config(**overrides) -> gemma3.Gemma3Config:
               final_logit_softcapping=5.0)
   base.update(overrides)
   return gemma3.Gemma3Config(**base)
+
+
+def _gemma_config(**overrides) -> gemma.GemmaConfig:
+  """Gemma 1: multi-query, every layer global."""
+  base = dict(vocab_size=40, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+              num_kv_heads=1, head_dim=16)
+  base.update(overrides)
+  return gemma.GemmaConfig(**base)
+
+
+def _gemma2_config(**overrides) -> gemma.GemmaConfig:
+  """Gemma 2: four norms, local / global layers, soft-capped scores (always the einsum path, the
+  fused one cannot cap) and logits."""
+  base = dict(vocab_size=40, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+              num_kv_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=3,
+              sandwich_norms=True, attn_logit_softcapping=3.0, final_logit_softcapping=5.0,
+              model_type="gemma2")
+  base.update(overrides)
+  return gemma.GemmaConfig(**base)
+
+
+def _phi3_config(**overrides) -> phi3.Phi3Config:
+  """Half-rotary heads, a 3-token window on every layer, and longrope whose original context (4)
+  the tests' sequences exceed, so the long factors and the attention factor are in play."""
+  base = dict(vocab_size=40, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+              num_kv_heads=2, head_dim=8, rotary_dim=4, sliding_window=3,
+              layer_types=("sliding_attention",) * 2,
+              long_rope=phi3.LongRopeScaling(short_factor=(1.0, 1.5), long_factor=(2.0, 5.0),
+                                             original_max_position_embeddings=4,
+                                             attention_factor=1.2))
+  base.update(overrides)
+  return phi3.Phi3Config(**base)
+
+
+def _qwen3_config(**overrides) -> qwen3.Qwen3Config:
+  base = dict(vocab_size=40, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+              num_kv_heads=2, head_dim=16, qkv_bias=True, o_bias=True, sliding_window=3,
+              layer_types=("full_attention", "sliding_attention"))
+  base.update(overrides)
+  return qwen3.Qwen3Config(**base)
 
 
 def _randomize(model: nnx.Module, seed: int, scale: float = 0.3) -> nnx.Module:
@@ -179,6 +222,10 @@ def test_each_family_takes_the_path_it_is_set_to(monkeypatch):
 DECODERS = {
     "llama": lambda: _randomize(llama.Llama(_llama_config(), rngs=nnx.Rngs(0)), 3),
     "gemma3": lambda: _randomize(gemma3.Gemma3(_gemma3_config(), rngs=nnx.Rngs(0)), 4),
+    "gemma": lambda: _randomize(gemma.Gemma(_gemma_config(), rngs=nnx.Rngs(0)), 17),
+    "gemma2": lambda: _randomize(gemma.Gemma(_gemma2_config(), rngs=nnx.Rngs(0)), 18),
+    "phi3": lambda: _randomize(phi3.Phi3(_phi3_config(), rngs=nnx.Rngs(0)), 15),
+    "qwen3": lambda: _randomize(qwen3.Qwen3(_qwen3_config(), rngs=nnx.Rngs(0)), 16),
 }
 
 

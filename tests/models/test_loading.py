@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -20,6 +21,7 @@ from vlmsel_jax.models import (
     load_model,
     load_pretrained,
 )
+from vlmsel_jax.models.loading import supported_architectures, supported_model_types
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=64)
@@ -145,24 +147,30 @@ def test_loading_missing_shard(tmp_path):
     load_pretrained(tmp_path)
 
 
+# Every family's names, from its own tuple: the message must list exactly what FAMILIES loads.
+_KNOWN_TYPES = {"bert", "clip", "convnext", "dinov2", "efficientnet_lite", "gemma", "gemma2",
+                "gemma3_text", "internvl_vision", "llama", "mistral", "phi3", "qwen2", "qwen3",
+                "siglip", "vit"}
+
+
 def test_loading_unsupported_model_type(ckpt):
   _edit_config(ckpt, model_type="gpt2", architectures=["GPT2LMHeadModel"])
+  listed = supported_model_types()
+  assert _KNOWN_TYPES <= set(listed) and listed == sorted(set(listed))
   with pytest.raises(UnsupportedModelError,
                      match=r"model_type 'gpt2' \(architectures \['GPT2LMHeadModel'\]\) is not "
-                     r"supported; supported model_type: bert, clip, clip_vision_model, dinov2, "
-                     r"dinov2_with_registers, efficientnet_lite, gemma3_text, llama, mistral, qwen2, siglip, "
-                     r"siglip_vision_model, vit$"):
+                     r"supported; supported model_type: " + re.escape(", ".join(listed)) + "$"):
     load_pretrained(ckpt)
 
 
 def test_loading_unsupported_architecture(ckpt):
   _edit_config(ckpt, architectures=["LlamaForSequenceClassification"])
+  listed = supported_architectures()
+  assert {"LlamaForCausalLM", "Phi3ForCausalLM", "Qwen3ForCausalLM", "GemmaForCausalLM",
+          "Gemma2ForCausalLM", "ConvNextModel", "CLIPVisionModel"} <= set(listed)
   with pytest.raises(UnsupportedModelError,
                      match=r"architectures \['LlamaForSequenceClassification'\] are not "
-                     r"supported; supported architectures: BertModel, CLIPModel, CLIPVisionModel, "
-                     r"Dinov2Model, Dinov2WithRegistersModel, EfficientNet, Gemma3ForCausalLM, LlamaForCausalLM, "
-                     r"MistralForCausalLM, Qwen2ForCausalLM, SiglipModel, SiglipVisionModel, "
-                     r"ViTModel$"):
+                     r"supported; supported architectures: " + re.escape(", ".join(listed)) + "$"):
     load_pretrained(ckpt)
 
 

@@ -67,6 +67,15 @@ def test_apply_lora_rejects_targets_that_match_nothing(dirs):
     lora.apply_lora(llm, rank=2, alpha=4, targets=("qproj",), rngs=nnx.Rngs(0))
 
 
+def test_a_fused_projection_is_a_target_when_all_its_parts_are():
+  assert lora.is_target("qkv_proj", lora.DEFAULT_TARGETS)
+  assert lora.is_target("gate_up_proj", lora.DEFAULT_TARGETS)
+  assert lora.is_target("qkv_proj", ("qkv_proj",))
+  assert not lora.is_target("qkv_proj", ("q_proj", "v_proj"))
+  assert not lora.is_target("gate_up_proj", ("up_proj", "down_proj"))
+  assert not lora.is_target("fc1", lora.DEFAULT_TARGETS)
+
+
 def test_splice_places_image_tokens_in_order():
   text = jnp.zeros((1, 6, 2))
   image = jnp.asarray([[[1.0, 1.0], [2.0, 2.0]]])

@@ -58,7 +58,7 @@ def test_variant_names_are_canonical():
 
 
 @pytest.mark.parametrize("spec, match", [
-    ("efficientnet-lite0@foo=1", r"unknown setting 'foo' \(known: layer, res\)"),
+    ("efficientnet-lite0@foo=1", r"unknown setting 'foo' \(known: layer, res, t\)"),
     ("efficientnet-lite0@res=x", r"res='x' is not an integer"),
     ("efficientnet-lite0@res=1,res=2", r"res is given twice"),
     ("efficientnet-lite0@res=4", r"res=4: give an input side between 8 and 4096"),

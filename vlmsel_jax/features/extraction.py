@@ -52,7 +52,8 @@ from vlmsel_jax.data import paired
 
 CACHE_VERSION = 1
 DTYPES = ("float32", "bfloat16")
-VISION_POOLINGS = ("cls", "mean", "pooler", "logits")
+# "embedding": a CLIP tower's own image embedding (OpenCLIP ConvNeXt: its projection head).
+VISION_POOLINGS = ("cls", "mean", "pooler", "logits", "embedding")
 BANK_EXT = ".safetensors"
 PARTIAL_SUFFIX = ".partial.npz"
 
@@ -217,7 +218,7 @@ def _layer_and_pooling(loaded: zoo.LoadedModel, options: ExtractOptions) -> tupl
   if pooling not in loaded.poolings:
     raise ExtractError(f"pooling {pooling!r} is not available for {loaded.name}; choose from "
                        f"{', '.join(loaded.poolings)}")
-  if pooling in ("pooler", "logits") and layer != -1:
+  if pooling in ("pooler", "logits", "embedding") and layer != -1:
     raise ExtractError(f"pooling {pooling!r} reads the model's {pooling} output, which has no "
                        "layer; leave --layer unset")
   return layer, pooling

@@ -13,12 +13,16 @@ encoder's own resolution:
   as a ViT's second-to-last block output is the last before its final block. Its native grid is
   coarse; ``layer=-4`` (the fifth stage, the last at stride 16: 14x14 for lite0) is finer and
   is a flag away in ``correspondence_score``.
+* ConvNeXt (transformers, OpenCLIP): the NHWC map ``hidden_states[layer]``: the stem's, then
+  each stage's. Its default is the last stage (``layer=-1``, stride 32): only pooling and the
+  classifier / CLIP projection follow it, no layer on the grid (``ConvNext.GRID_DEFAULT_LAYER``).
 * Pixel patches / HOG (``models.handcrafted``): their grids (the patches; HOG's blocks at -1,
   its cell histograms at -2).
 
 ``resize_for_grid`` prepares an image for a grid: the whole image resized to the model's input
 size (no centre crop, so every keypoint stays visible and pixel ↔ grid is an affine map per axis)
-and normalised with the model's own mean and standard deviation.
+and normalised with the model's own mean and standard deviation; for a multi-encoder tower
+(``zoo.multi``), each member's own, on the tower's input canvas.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from flax import nnx
 from PIL import Image
 
 from vlmsel_jax import zoo
+from vlmsel_jax.zoo import multi
 
 DEFAULT_LAYER = -2
 
@@ -105,6 +110,14 @@ def resize_for_grid(loaded: zoo.LoadedModel, image: np.ndarray) -> np.ndarray:
   prep = loaded.preprocessing
   if prep is None:
     raise ValueError(f"model {loaded.name!r} has no image preprocessing (not a vision model)")
+  return _resize_for(prep, image)
+
+
+def _resize_for(prep, image: np.ndarray) -> np.ndarray:
+  """``resize_for_grid`` with a preprocessing: each member's own of a multi-encoder tower,
+  packed onto its canvas."""
+  if isinstance(prep, multi.MultiPreprocessing):
+    return prep.pack([_resize_for(member, image) for member in prep.members])
   height, width = prep.image_size
   pil = Image.fromarray(np.asarray(image, np.uint8)).convert("RGB")
   if (pil.height, pil.width) != (height, width):

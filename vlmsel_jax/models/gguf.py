@@ -1,4 +1,5 @@
-"""GGUF (llama.cpp) checkpoints of the llama, qwen2 and gemma3 architectures as a weight source.
+"""GGUF (llama.cpp) checkpoints of the llama, qwen2, gemma, gemma2 and gemma3 architectures as a
+weight source.
 
 A GGUF file holds the weights (possibly block-quantized), the hyper-parameters and the tokenizer
 of one model, all under llama.cpp's names. ``GGUFFile`` reads one with the ``gguf`` package and
@@ -14,13 +15,17 @@ turns it into what the generic loader takes: a transformers-style config dict an
   inverting gguf's own ``TensorNameMap`` for the architecture;
 * undoes the row permutation llama.cpp's converter applies to the llama q/k projections
   (llama.cpp rotates interleaved pairs of a llama head, transformers rotates its two halves).
-  Qwen2 and Gemma 3 files are written unpermuted: llama.cpp rotates their halves, as transformers
-  does. Gemma 3 files store every RMSNorm weight plus one (llama.cpp's norm multiplies by the
-  weight, Gemma's by 1 + weight), which is subtracted again here;
+  Qwen2 and Gemma (1, 2, 3) files are written unpermuted: llama.cpp rotates their halves, as
+  transformers does. Gemma files store every RMSNorm weight plus one (llama.cpp's norm multiplies
+  by the weight, Gemma's by 1 + weight), which is subtracted again here;
 * reads Llama 3.1's ``rope_freqs.weight`` (llama.cpp stores the llama3 RoPE rescaling as one
   divisor per frequency and no parameters; GGUF has no metadata keys for it) into the config's
   ``rope_freq_factors``, which the NNX Llama divides its inverse frequencies by, as llama.cpp
   does. transformers has no such field: the dict alone describes unscaled RoPE to transformers.
+* reads the phi3 and qwen3 architectures too (Phi-3 / Phi-4-mini, Qwen3): Phi-3's fused
+  ``attn_qkv`` / ``ffn_up`` map onto the NNX Phi3's fused projections as they are, its longrope
+  factors (the ``rope_factors_short`` / ``rope_factors_long`` tensors) go into the config, and a
+  SentencePiece Phi-3 vocabulary is converted by transformers' GGUF tokenizer conversion.
 
 Typical use::
 
@@ -33,8 +38,8 @@ Typical use::
 ``loading.load_gguf`` turns a file into (NNX model, config, tokenizer); ``loading.load_pretrained``
 takes a ``.gguf`` file too and returns the model alone.
 
-Of ``vlmsel_jax`` this module imports only ``checkpoint`` (its errors) and the llama / gemma3 key
-tables, whose checkpoint keys it renames GGUF's tensors to.
+Of ``vlmsel_jax`` this module imports only ``checkpoint`` (its errors) and the llama / gemma /
+gemma3 key tables, whose checkpoint keys it renames GGUF's tensors to.
 """
 
 from __future__ import annotations
@@ -53,7 +58,8 @@ import transformers
 from gguf import GGMLQuantizationType, GGUFValueType
 from tokenizers import decoders, models, pre_tokenizers, processors
 
-from vlmsel_jax.models import gemma3, llama
+from vlmsel_jax.models import gemma, gemma3, llama
+from vlmsel_jax.models import phi3, qwen3
 from vlmsel_jax.models.checkpoint import CheckpointFileError, UnsupportedModelError
 
 __all__ = [
@@ -91,7 +97,9 @@ def _dequantizable_types() -> tuple[GGMLQuantizationType, ...]:
 
 SUPPORTED_TENSOR_TYPES = _dequantizable_types()
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma", "gemma2", "gemma3", "phi3", "qwen3")
+# Gemma's llama.cpp architectures: norm weights stored plus one, a SentencePiece vocabulary.
+_GEMMA_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
 
 # Architectures whose q/k rows llama.cpp's converter permutes: only where llama.cpp rotates
 # interleaved pairs (LLAMA_ROPE_TYPE_NORM; convert_hf_to_gguf.py's LlamaModel.modify_tensors).
@@ -101,8 +109,15 @@ _PERMUTED_QK = ("llama",)
 # llama.cpp architecture -> transformers (model_type, architectures) of the NNX family loading it.
 _TRANSFORMERS_MODEL = {"llama": ("llama", "LlamaForCausalLM"),
                        "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+                       "phi3": ("phi3", "Phi3ForCausalLM"),
+                       "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+                       "gemma": ("gemma", "GemmaForCausalLM"),
+                       "gemma2": ("gemma2", "Gemma2ForCausalLM"),
                        "gemma3": ("gemma3_text", "Gemma3ForCausalLM")}
 _ROPE_FREQS = "rope_freqs.weight"
+# Phi-3's longrope factors: llama.cpp's converter writes them as tensors, not metadata.
+_PHI3_ROPE_FACTORS = {"short_factor": "rope_factors_short.weight",
+                      "long_factor": "rope_factors_long.weight"}
 
 # tokenizer.ggml.pre values -> how text is split before byte-level BPE. llama.cpp's "smollm" is
 # single digits, then the GPT-2 regex; "llama-bpe" is Llama 3's regex, "qwen2" Qwen2's.
@@ -215,6 +230,18 @@ def _key_patterns(architecture: str) -> list[re.Pattern[str]]:
     table = gemma3.key_table(gemma3.Gemma3Config(
         vocab_size=1, hidden_size=1, intermediate_size=1, num_layers=1, num_heads=1,
         num_kv_heads=1, head_dim=1, query_pre_attn_scalar=1))
+  elif architecture in ("gemma", "gemma2"):
+    table = gemma.key_table(gemma.GemmaConfig(
+        vocab_size=1, hidden_size=1, intermediate_size=1, num_layers=1, num_heads=1,
+        num_kv_heads=1, head_dim=1, sandwich_norms=architecture == "gemma2"))
+  elif architecture == "phi3":
+    table = phi3.key_table(phi3.Phi3Config(
+        vocab_size=1, hidden_size=2, intermediate_size=1, num_layers=1, num_heads=1,
+        num_kv_heads=1, head_dim=2))
+  elif architecture == "qwen3":
+    table = qwen3.key_table(qwen3.Qwen3Config(
+        vocab_size=1, hidden_size=1, intermediate_size=1, num_layers=1, num_heads=1,
+        num_kv_heads=1, head_dim=1))
   elif architecture in SUPPORTED_ARCHITECTURES:
     table = llama.key_table(llama.LlamaConfig(
         vocab_size=1, hidden_size=1, intermediate_size=1, num_layers=1, num_heads=1,
@@ -290,7 +317,8 @@ def _field_value(field: Any) -> Any:
 
 
 class GGUFFile:
-  """A llama, qwen2 or gemma3 GGUF file as a source of (Hugging Face key, float32 array) pairs.
+  """A llama, qwen2, gemma, gemma2 or gemma3 GGUF file as a source of (Hugging Face key, float32
+  array) pairs.
 
   Opening checks the file (readable, a supported architecture, only tensor types ``gguf`` can
   dequantize, no feature the NNX model lacks) and builds the config; tensors are dequantized one
@@ -360,7 +388,8 @@ class GGUFFile:
     names = {t.name for t in self.reader.tensors}
 
     def unsupported(what: str) -> UnsupportedModelError:
-      model = "NNX Gemma 3" if arch == "gemma3" else "NNX Llama"
+      model = {"gemma3": "NNX Gemma 3", "gemma": "NNX Gemma", "gemma2": "NNX Gemma"}.get(
+          arch, "NNX Llama")
       return UnsupportedModelError(f"{self.path}: {what} is not supported by the {model}")
 
     if self.get(f"{arch}.expert_count", 0):
@@ -368,7 +397,8 @@ class GGUFFile:
                         f"{self.get(f'{arch}.expert_count')})")
     scaling = self.get(f"{arch}.rope.scaling.type", "none")
     # Gemma 3's long-context checkpoints scale the global layers' RoPE linearly.
-    if scaling != "none" and not (arch == "gemma3" and scaling == "linear"):
+    if scaling != "none" and not (arch == "gemma3" and scaling == "linear") and not (
+        arch == "phi3" and scaling == "longrope"):
       raise unsupported(f"RoPE scaling {scaling!r}")
     if _ROPE_FREQS in names and arch != "llama":
       # llama.cpp itself reads the factors for llama only (Llama 3.1+); it loads no such tensor
@@ -387,7 +417,8 @@ class GGUFFile:
     if value_dim != head_dim:
       raise unsupported(f"a value head width ({value_dim}) other than the key's ({head_dim})")
     rope_dim = int(self.get(f"{arch}.rope.dimension_count", head_dim))
-    if rope_dim != head_dim:
+    # Phi-3 / Phi-4-mini rotate part of each head (partial_rotary_factor); the others all.
+    if rope_dim != head_dim and arch != "phi3":
       raise unsupported(f"partial rotary embeddings (rope.dimension_count {rope_dim}, "
                         f"head width {head_dim})")
 
@@ -418,6 +449,10 @@ class GGUFFile:
     }
     if arch == "gemma3":
       config = {**common, **self._gemma3_config(common, scaling)}
+    elif arch in ("gemma", "gemma2"):
+      config = {**common, **self._gemma_config(common)}
+    elif arch == "phi3":
+      config = {**common, **self._phi3_config(common, rope_dim, names)}
     else:
       model_type, architecture = _TRANSFORMERS_MODEL[arch]
       config = {
@@ -472,6 +507,73 @@ class GGUFFile:
           f"{self.path}: tensor {_ROPE_FREQS!r} holds factors that are not positive and finite")
     return [float(v) for v in values]
 
+  def _phi3_config(self, common: dict[str, Any], rope_dim: int,
+                   names: set[str]) -> dict[str, Any]:
+    """The ``Phi3Config`` fields llama.cpp's phi3 metadata and tensors imply.
+
+    llama.cpp's converter writes the rotated width (``rope.dimension_count``), the pretraining
+    context (``rope.scaling.original_context_length``), the sliding window (0 for none) and, for
+    the long-context checkpoints, longrope's attention factor as metadata and its short / long
+    factors as the tensors ``rope_factors_short`` / ``rope_factors_long``. The config says what
+    transformers' Phi3Config of the original checkpoint says: the window applies to every layer
+    (llama.cpp itself currently ignores Phi-3's window), and the factors are chosen per call by
+    sequence length (llama.cpp chooses by context size).
+
+    Raises:
+      CheckpointFileError: only one of the factor tensors, or one that is corrupt, of another
+        length than ``rope_dim // 2``, or not positive and finite.
+    """
+    head_dim = common["head_dim"]
+    partial = rope_dim / head_dim
+    if int(head_dim * partial) != rope_dim:
+      # transformers rotates int(head_dim * factor) channels; a factor a hair above the ratio
+      # gives exactly rope_dim where the plain ratio rounds below it.
+      partial = (rope_dim + 0.5) / head_dim
+    rope = {"rope_type": "default", "rope_theta": float(self.get("phi3.rope.freq_base", 10000.0)),
+            "partial_rotary_factor": partial}
+    config = {"model_type": "phi3", "architectures": ["Phi3ForCausalLM"], "hidden_act": "silu",
+              "rope_parameters": rope}
+    original = self.get("phi3.rope.scaling.original_context_length")
+    if original is not None:
+      config["original_max_position_embeddings"] = int(original)
+    present = [n for n in _PHI3_ROPE_FACTORS.values() if n in names]
+    if present and len(present) != len(_PHI3_ROPE_FACTORS):
+      raise CheckpointFileError(f"{self.path}: GGUF file has {present[0]!r} but not its "
+                                "short / long counterpart")
+    if present:
+      rope["rope_type"] = "longrope"
+      for field, name in _PHI3_ROPE_FACTORS.items():
+        rope[field] = self._factor_tensor(name, rope_dim // 2)
+      attention_factor = self.get("phi3.rope.scaling.attn_factor")
+      if attention_factor is not None:
+        rope["attention_factor"] = float(attention_factor)
+    window = int(self.get("phi3.attention.sliding_window", 0) or 0)
+    config["sliding_window"] = window if window > 0 else None
+    return config
+
+  def _factor_tensor(self, name: str, count: int) -> list[float]:
+    """The ``count`` positive, finite values of the 1-D tensor ``name``.
+
+    Raises:
+      CheckpointFileError: the tensor is corrupt, has another length, or a value that is not
+        positive and finite.
+    """
+    t = next(t for t in self.reader.tensors if t.name == name)
+    try:
+      values = dequantize(t.data, t.tensor_type, t.name).ravel()
+    except UnsupportedModelError:
+      raise
+    except ValueError as e:
+      raise CheckpointFileError(f"{self.path}: tensor {name!r} is corrupt "
+                                f"({_one_line(e)})") from None
+    if values.size != count:
+      raise CheckpointFileError(f"{self.path}: tensor {name!r} has {values.size} values, not "
+                                f"one per rotary frequency ({count})")
+    if not np.all(np.isfinite(values) & (values > 0)):
+      raise CheckpointFileError(
+          f"{self.path}: tensor {name!r} holds factors that are not positive and finite")
+    return [float(v) for v in values]
+
   def _gemma3_config(self, common: dict[str, Any], scaling: str) -> dict[str, Any]:
     """The ``Gemma3TextConfig`` fields llama.cpp's gemma3 metadata implies.
 
@@ -500,13 +602,46 @@ class GGUFFile:
         "final_logit_softcapping": self.get("gemma3.final_logit_softcapping"),
     }
 
+  def _gemma_config(self, common: dict[str, Any]) -> dict[str, Any]:
+    """The ``GemmaConfig`` / ``Gemma2Config`` fields llama.cpp's gemma / gemma2 metadata implies.
+
+    llama.cpp hard-codes what the file does not store: a RoPE base of 10000 (the converter writes
+    none); Gemma 2's even layers slide, its window defaults to 4096 and its soft-caps to 50
+    (attention) and 30 (logits), and its attention scores are scaled by head_dim ** -0.5 except in
+    the 46-layer (27B) model, which uses (hidden / heads) ** -0.5.
+    """
+    arch = self.architecture
+    model_type, architecture = _TRANSFORMERS_MODEL[arch]
+    config = {
+        "model_type": model_type,
+        "architectures": [architecture],
+        "rope_parameters": {"rope_type": "default",
+                            "rope_theta": float(self.get(f"{arch}.rope.freq_base", 10000.0))},
+    }
+    if arch == "gemma":
+      return {**config, "hidden_act": "gelu_pytorch_tanh"}
+    layers = common["num_hidden_layers"]
+    scalar = (common["hidden_size"] // common["num_attention_heads"] if layers == 46
+              else common["head_dim"])
+    return {
+        **config,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": scalar,
+        "sliding_window": int(self.get("gemma2.attention.sliding_window", 4096)),
+        "layer_types": list(gemma.modeling.gemma2_layer_types(layers)),
+        "attn_logit_softcapping": float(self.get("gemma2.attn_logit_softcapping", 50.0)),
+        "final_logit_softcapping": float(self.get("gemma2.final_logit_softcapping", 30.0)),
+    }
+
   def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
     c = self.config
     rotary_heads = {"q_proj": c["num_attention_heads"], "k_proj": c["num_key_value_heads"]}
-    gemma = self.architecture == "gemma3"
+    gemma = self.architecture in _GEMMA_ARCHITECTURES
     permuted = self.architecture in _PERMUTED_QK
     for t in self.reader.tensors:
       if t.name == _ROPE_FREQS and "rope_freq_factors" in c:
+        continue  # already in the config
+      if self.architecture == "phi3" and t.name in _PHI3_ROPE_FACTORS.values():
         continue  # already in the config
       key = hf_key(t.name, self.architecture)
       # GGUF lists ne[0] (the innermost, contiguous axis) first: numpy order is the reverse.
@@ -533,8 +668,8 @@ class GGUFFile:
   def tokenizer(self) -> transformers.PreTrainedTokenizerBase:
     """Builds the file's byte-level BPE tokenizer (``tokenizer.ggml.model == "gpt2"``).
 
-    A Gemma 3 file's SentencePiece vocabulary (``"llama"``, scores instead of merges) is
-    converted by transformers' GGUF tokenizer conversion instead.
+    A Gemma (1, 2 or 3) file's SentencePiece vocabulary (``"llama"``, scores instead of merges)
+    is converted by transformers' GGUF tokenizer conversion instead.
 
     Vocabulary, merges, control / user-defined tokens, special token ids, BOS/EOS insertion and
     the chat template come from the metadata; the pre-tokenizer follows ``tokenizer.ggml.pre``.
@@ -544,7 +679,8 @@ class GGUFFile:
       CheckpointFileError: the vocabulary or merges are missing or malformed.
     """
     kind = self.get("tokenizer.ggml.model")
-    if kind == "llama" and self.architecture == "gemma3":
+    # Phi-3's SentencePiece vocabulary too (Phi-4-mini, also phi3, is byte-level BPE).
+    if kind == "llama" and self.architecture in (*_GEMMA_ARCHITECTURES, "phi3"):
       return self._converted_tokenizer()
     if kind != "gpt2":
       raise UnsupportedModelError(
@@ -608,10 +744,12 @@ class GGUFFile:
     return fast
 
   def _converted_tokenizer(self) -> transformers.PreTrainedTokenizerBase:
-    """transformers' GGUF tokenizer for a Gemma 3 file, built without torch.
+    """transformers' GGUF tokenizer for a Gemma (1, 2 or 3) or Phi-3 SentencePiece file, built
+    without torch.
 
     ``AutoTokenizer.from_pretrained(dir, gguf_file=...)`` returns a ``GemmaTokenizer`` for a
-    gemma3 file (its config's ``gemma3_text`` maps to that class), whose backend is
+    gemma2 or gemma3 file (its config's model type maps to that class; transformers reads no
+    gemma file, whose vocabulary its conversion treats as Gemma 2's), whose backend is
     ``convert_gguf_tokenizer(*get_gguf_tokenizer(path)[:2])``. ``get_gguf_tokenizer`` reads the
     file with transformers' GGUF reader, which imports torch; ``convert_gguf_tokenizer`` and its
     module do not. So the metadata comes from this file's ``gguf.GGUFReader`` instead
@@ -626,7 +764,11 @@ class GGUFFile:
     architecture, tokenizer_dict, tokenizer_config = self._gguf_tokenizer_fields(hf_gguf)
     try:
       backend, extra = hf_gguf.convert_gguf_tokenizer(architecture, tokenizer_dict)
-      return transformers.GemmaTokenizer(tokenizer_object=backend, **{**tokenizer_config, **extra})
+      # AutoTokenizer gives a phi3 file the plain backend class (transformers has no Phi-3
+      # tokenizer class); its conversion rebuilds Phi-3's normalizer.
+      tokenizer_class = (transformers.TokenizersBackend if self.architecture == "phi3"
+                         else transformers.GemmaTokenizer)
+      return tokenizer_class(tokenizer_object=backend, **{**tokenizer_config, **extra})
     except (ValueError, KeyError, TypeError, IndexError) as e:
       raise CheckpointFileError(
           f"{self.path}: cannot build the tokenizer ({_one_line(e)})") from None

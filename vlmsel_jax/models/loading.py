@@ -32,6 +32,12 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 
 from vlmsel_jax.models import bert, efficientnet, gemma3, llama, vit
+from vlmsel_jax.models import siglip2
+from vlmsel_jax.models import convnext
+from vlmsel_jax.models import gemma
+from vlmsel_jax.models import internvit
+from vlmsel_jax.models import eva02
+from vlmsel_jax.models import phi3, qwen3
 from vlmsel_jax.models.checkpoint import (
     CheckpointFileError,
     KeyTable,
@@ -50,6 +56,8 @@ __all__ = [
     "load_model",
     "load_pretrained",
     "load_torch_checkpoint",
+    "is_timm_config",
+    "load_timm_pretrained",
     "read_safetensors",
     "supported_architectures",
     "supported_model_types",
@@ -88,12 +96,44 @@ FAMILIES: tuple[Family, ...] = (
         key_table=gemma3.key_table,
     ),
     Family(
+        name="gemma",
+        model_types=gemma.SUPPORTED_MODEL_TYPES,
+        architectures=gemma.SUPPORTED_ARCHITECTURES,
+        config_from_hf=gemma.GemmaConfig.from_hf,
+        build=gemma.Gemma,
+        key_table=gemma.key_table,
+    ),
+    Family(
+        name="phi3",
+        model_types=phi3.SUPPORTED_MODEL_TYPES,
+        architectures=phi3.SUPPORTED_ARCHITECTURES,
+        config_from_hf=phi3.Phi3Config.from_hf,
+        build=phi3.Phi3,
+        key_table=phi3.key_table,
+    ),
+    Family(
+        name="qwen3",
+        model_types=qwen3.SUPPORTED_MODEL_TYPES,
+        architectures=qwen3.SUPPORTED_ARCHITECTURES,
+        config_from_hf=qwen3.Qwen3Config.from_hf,
+        build=qwen3.Qwen3,
+        key_table=qwen3.key_table,
+    ),
+    Family(
         name="vit",
         model_types=vit.SUPPORTED_MODEL_TYPES,
         architectures=vit.SUPPORTED_ARCHITECTURES,
         config_from_hf=vit.VitConfig.from_hf,
         build=vit.Vit,
         key_table=vit.key_table,
+    ),
+    Family(
+        name="siglip2",
+        model_types=siglip2.SUPPORTED_MODEL_TYPES,
+        architectures=siglip2.SUPPORTED_ARCHITECTURES,
+        config_from_hf=siglip2.config_from_hf,
+        build=siglip2.Siglip2Vit,
+        key_table=siglip2.key_table,
     ),
     Family(
         name="bert",
@@ -110,6 +150,22 @@ FAMILIES: tuple[Family, ...] = (
         config_from_hf=efficientnet.EfficientNetConfig.from_dict,
         build=efficientnet.EfficientNetLite,
         key_table=efficientnet.key_table,
+    ),
+    Family(
+        name="convnext",
+        model_types=convnext.SUPPORTED_MODEL_TYPES,
+        architectures=convnext.SUPPORTED_ARCHITECTURES,
+        config_from_hf=convnext.ConvNextConfig.from_hf,
+        build=convnext.ConvNext,
+        key_table=convnext.key_table,
+    ),
+    Family(
+        name="internvit",
+        model_types=internvit.SUPPORTED_MODEL_TYPES,
+        architectures=internvit.SUPPORTED_ARCHITECTURES,
+        config_from_hf=internvit.InternVitConfig.from_hf,
+        build=internvit.InternVit,
+        key_table=internvit.key_table,
     ),
 )
 
@@ -278,7 +334,8 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = "float32") -> nnx.M
 
 def load_gguf(path: str | os.PathLike, dtype: Any = "float32"
               ) -> tuple[nnx.Module, dict[str, Any], Any]:
-  """Loads a llama / qwen2 / gemma3 GGUF file: (NNX model, transformers-style config, tokenizer).
+  """Loads a GGUF file of an architecture ``gguf.SUPPORTED_ARCHITECTURES`` lists (llama, qwen2,
+  gemma, gemma2, gemma3): (NNX model, transformers-style config, tokenizer).
 
   Args:
     path: The ``.gguf`` file.
@@ -286,13 +343,14 @@ def load_gguf(path: str | os.PathLike, dtype: Any = "float32"
       dequantized to float32 first.
 
   Returns:
-    The NNX ``Llama`` / ``Gemma3``, the config dict ``GGUFFile`` built from the metadata, and the
-    file's tokenizer (a transformers ``PreTrainedTokenizerFast``, or ``GemmaTokenizer``).
+    The NNX ``Llama`` / ``Gemma`` / ``Gemma3``, the config dict ``GGUFFile`` built from the
+    metadata, and the file's tokenizer (a transformers ``PreTrainedTokenizerFast``, or
+    ``GemmaTokenizer``).
 
   Raises:
     CheckpointFileError: the file is missing, truncated or corrupt (the message names it).
-    UnsupportedModelError: not the llama / qwen2 / gemma3 architecture, a feature the module
-      lacks, or a tokenizer other than byte-level BPE (Gemma 3's SentencePiece aside);
+    UnsupportedModelError: not a supported architecture, a feature the module lacks, or a
+      tokenizer other than byte-level BPE (Gemma's SentencePiece aside);
       ``gguf.UnsupportedQuantizationError`` for tensor types ``gguf`` cannot dequantize.
     CheckpointError: the tensors do not fit the model (every problem listed).
   """
@@ -321,3 +379,39 @@ def load_torch_checkpoint(path: str | os.PathLike, config: Mapping[str, Any], *,
   """
   source = TorchStateDict(path)
   return load_model(config, source, dtype=dtype, source=str(source))
+
+
+# timm Hub directories: a config.json with the timm ``architecture`` (and ``model_args``,
+# ``pretrained_cfg``) instead of a transformers ``model_type``, and timm's own state-dict keys.
+# The EVA-02 towers are the timm architectures implemented here.
+
+
+def is_timm_config(config: Mapping[str, Any]) -> bool:
+  """Whether a ``config.json`` is a timm model's: an ``architecture``, no ``model_type``."""
+  return "model_type" not in config and isinstance(config.get("architecture"), str)
+
+
+def load_timm_pretrained(path: str | os.PathLike, *, dtype: Any = "float32") -> nnx.Module:
+  """Loads a timm Hub directory (``config.json`` + ``model.safetensors`` / ``pytorch_model.bin``).
+
+  Raises:
+    CheckpointFileError: a file is missing, truncated or corrupt (the message names it).
+    UnsupportedModelError: not a timm config, or an architecture other than the EVA-02 towers
+      (``eva02.ARCHITECTURES``) or ``model_args`` they cannot take.
+    CheckpointError: the tensors do not fit the model (every problem listed).
+  """
+  src = HFDirectory(path)
+  if not is_timm_config(src.config):
+    raise UnsupportedModelError(f"{src}: not a timm model directory (config.json has no "
+                                "'architecture', or has a transformers 'model_type')")
+  if not eva02.is_eva02(src.config):
+    raise UnsupportedModelError(
+        f"{src}: timm architecture {src.config['architecture']!r} is not supported; supported "
+        f"timm architectures: {', '.join(eva02.ARCHITECTURES)}")
+  try:
+    model_config = eva02.Eva02Config.from_timm(src.config)
+  except ValueError as e:
+    raise UnsupportedModelError(f"{src}: {e}") from None
+  jdtype = _resolve_dtype(dtype)
+  abstract = nnx.eval_shape(lambda: eva02.Eva02(model_config, dtype=jdtype, rngs=nnx.Rngs(0)))
+  return assign_tensors(abstract, eva02.key_table(model_config), src, source=str(src))

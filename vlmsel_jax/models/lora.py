@@ -19,6 +19,20 @@ from flax import nnx
 # The Linear layers of a Llama-style decoder LoRA usually adapts (LLaVA adapts all of them).
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
+# Fused projections (Phi-3 stores q, k and v as one ``qkv_proj``, gate and up as one
+# ``gate_up_proj``) are adapted when every projection they hold is targeted, so the default
+# targets mean "every projection" in each family, and the target list saved with a run is the
+# same whichever family it trains.
+FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"),
+                     "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def is_target(name: str, targets: Iterable[str]) -> bool:
+  """Whether a Linear layer called ``name`` is adapted under ``targets``: named itself, or a
+  fused projection all of whose parts are named."""
+  targets = set(targets)
+  return name in targets or set(FUSED_PROJECTIONS.get(name, (None,))) <= targets
+
 
 class LoRAParam(nnx.Param):
   """A LoRA adapter weight; the only LLM weights a LoRA stage trains."""
@@ -53,7 +67,8 @@ def _children(module: nnx.Module) -> Iterable[tuple[str, Any]]:
 
 def apply_lora(model: nnx.Module, *, rank: int, alpha: float,
                targets: Iterable[str] = DEFAULT_TARGETS, rngs: nnx.Rngs) -> int:
-  """Wraps, in place, every ``nnx.Linear`` attribute of ``model`` named in ``targets``.
+  """Wraps, in place, every ``nnx.Linear`` attribute of ``model`` named in ``targets`` (and each
+  fused projection whose parts all are: ``is_target``).
 
   Returns:
     How many layers were adapted.
@@ -67,7 +82,7 @@ def apply_lora(model: nnx.Module, *, rank: int, alpha: float,
   def visit(module: nnx.Module) -> None:
     nonlocal count
     for name, child in _children(module):
-      if isinstance(child, nnx.Linear) and name in targets:
+      if isinstance(child, nnx.Linear) and is_target(name, targets):
         setattr(module, name, LoRALinear(child, rank=rank, alpha=alpha, rngs=rngs))
         count += 1
       elif isinstance(child, LoRALinear):

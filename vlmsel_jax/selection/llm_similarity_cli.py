@@ -51,7 +51,7 @@ def run(method: str) -> dict:
     raise ValueError("--llm_models needs two or more LLMs")
   # The recipe, as a run of the first models (the tower without its variant, so that the recipe's
   # layer is --vision_layer); each warm-up replaces the models, layer and directory.
-  base = train_flags.config_from_flags(vision=zoo.split_variant(visions[0])[0], llm=llms[0],
+  base = train_flags.config_from_flags(vision=zoo.base_spec(visions[0]), llm=llms[0],
                                        output_dir=os.path.join(fv.output_dir, "runs"))
   progress = progress_lib.Progress(len(visions) * len(llms), enabled=parallel.is_primary())
   payload, csvs = llm_similarity.similarity_report(

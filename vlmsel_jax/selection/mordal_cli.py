@@ -129,7 +129,7 @@ def run_live(method: str, config: mordal.MordalConfig) -> dict:
   # The recipe, as a run of the first models (the tower without its variant, so that the recipe's
   # layer is --vision_layer); each candidate's run replaces the models, layer and directory.
   (vision, llm), _ = next(iter(candidates.items()))
-  base = train_flags.config_from_flags(vision=zoo.split_variant(vision)[0], llm=llm,
+  base = train_flags.config_from_flags(vision=zoo.base_spec(vision), llm=llm,
                                        output_dir=os.path.join(fv.output_dir, "runs"))
   # A line per train(candidate, fraction) call as it finishes; their number is the search's to
   # decide, so a count without a total.

@@ -32,6 +32,7 @@ from vlmsel_jax.training import evaluate_run
 from vlmsel_jax.training import loop
 from vlmsel_jax.training import progress as progress_lib
 from vlmsel_jax.zoo import hub
+from vlmsel_jax.zoo import multi
 
 
 def _short_name(spec: str) -> str:
@@ -45,7 +46,11 @@ def _short_name(spec: str) -> str:
 
 
 def candidate_name(vision: str, llm: str) -> str:
-  return f"{_short_name(vision)}+{_short_name(llm)}"
+  """``<vision>+<llm>`` of short names; a multi-encoder vision's members are shortened one by one
+  and the whole put in parentheses (``zoo.candidate_pair_name``), so the name reads back."""
+  if zoo.is_multi(vision):
+    return zoo.candidate_pair_name(multi.map_members(vision, _short_name), _short_name(llm))
+  return zoo.candidate_pair_name(_short_name(vision), _short_name(llm))
 
 
 def candidate_config(base: loop.TrainConfig, vision: str, llm: str, **changes

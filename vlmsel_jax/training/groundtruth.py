@@ -136,10 +136,12 @@ def candidate_grid(visions: Sequence[str], vision_names: Sequence[str], llms: Se
                    ) -> list[tuple[str, str, str]]:
   """(name, vision spec, LLM spec) of every candidate: each vision with the one ``llm``, named by
   the vision alone, without ``llms``; else every (vision, LLM) pair, vision-major, named
-  ``<vision>+<llm>`` (the zoo names, variants included)."""
+  ``<vision>+<llm>`` (the zoo names, variants included; a multi-encoder vision in parentheses,
+  ``(a+b)+<llm>``, so ``zoo.split_candidate_pair_name`` reads the pair back). The tuples carry
+  the specs themselves, so nothing downstream parses a name."""
   if not llms:
     return [(name, v, llm) for v, name in zip(visions, vision_names)]
-  return [(f"{vn}+{ln}", v, x) for v, vn in zip(visions, vision_names)
+  return [(zoo.candidate_pair_name(vn, ln), v, x) for v, vn in zip(visions, vision_names)
           for x, ln in zip(llms, llm_names)]
 
 

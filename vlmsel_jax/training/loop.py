@@ -101,7 +101,8 @@ class TrainConfig:
 
 def tower_layer(vision: str, default: int) -> int:
   """The tower layer a run of ``vision`` uses: the spec's own ``@layer=`` (a candidate setting,
-  ``efficientnet-lite0@layer=-3``), else ``default`` (``--vision_layer``).
+  ``efficientnet-lite0@layer=-3``), else ``default`` (``--vision_layer``). A multi-encoder spec
+  (``a@layer=-2+b``) always names its one layer, -1: its members' layers are in the spec.
 
   The one place the two meet: every config builder (``training.flags.config_from_flags``) sets
   ``TrainConfig.vlm.vision_layer`` from it, and ``meta()`` records it, so a checkpoint says what

@@ -15,6 +15,7 @@ importing only those listed before it:
   EfficientNet-Lite weights;
 * ``loaders``: weights on disk → ``LoadedModel``, one loader per format;
 * ``registry``: the short names and their packages;
+* ``multi``: multi-encoder towers (``a+b``): members' grids on one grid, concatenated;
 * ``resolver``: ``resolve`` and ``load``.
 
 The NNX models, their key tables and the checkpoint sources live in ``vlmsel_jax.models``, which
@@ -26,6 +27,7 @@ from vlmsel_jax.zoo.features import (
     FeatureFn,
     LoadedModel,
     bert_model,
+    convnext_model,
     efficientnet_model,
     handcrafted_model,
     llama_model,
@@ -41,13 +43,22 @@ from vlmsel_jax.zoo.preprocessing import (
     preprocessing_from_hf,
 )
 from vlmsel_jax.zoo.registry import GEMMA_CHAT_TEMPLATE, ZooEntry, entry, names, register
+from vlmsel_jax.zoo.multi import (
+    MultiPreprocessing,
+    MultiResolved,
+    base_spec,
+    candidate_pair_name,
+    split_candidate_pair_name,
+)
 from vlmsel_jax.zoo.resolver import Resolved, load, resolve
 from vlmsel_jax.zoo.specs import (
     KINDS,
+    MULTI_LAYER,
     Variant,
     ZooError,
     candidate_list,
     file_stem,
+    is_multi,
     split_variant,
 )
 
@@ -59,20 +70,27 @@ __all__ = [
     "FeatureFn",
     "ImagePreprocessing",
     "LoadedModel",
+    "MULTI_LAYER",
+    "MultiPreprocessing",
+    "MultiResolved",
     "Preprocessing",
     "Resolved",
     "Variant",
     "ZooEntry",
     "ZooError",
     "assemble_chunks",
+    "base_spec",
     "bert_model",
     "cache_root",
     "candidate_list",
+    "candidate_pair_name",
+    "convnext_model",
     "default_preprocessing",
     "efficientnet_model",
     "entry",
     "file_stem",
     "handcrafted_model",
+    "is_multi",
     "llama_model",
     "load",
     "load_lite",
@@ -81,6 +99,7 @@ __all__ = [
     "preprocessing_from_hf",
     "register",
     "resolve",
+    "split_candidate_pair_name",
     "split_variant",
     "vit_model",
     "weights_file",

@@ -15,6 +15,8 @@ from typing import Any, Callable, Mapping
 import jax.numpy as jnp
 
 from vlmsel_jax.models import bert, efficientnet, handcrafted, vit
+from vlmsel_jax.models import convnext
+from vlmsel_jax.models import diffusion
 from vlmsel_jax.zoo.preprocessing import ImagePreprocessing, Preprocessing
 
 TEXT_POOLINGS = ("mean", "last")
@@ -94,9 +96,13 @@ def _handcrafted_features(model, inputs, layer, pooling):
 
 
 def vit_model(name: str, model, preprocessing: Preprocessing) -> LoadedModel:
-  """Wraps an NNX ``Vit`` (CLS pooling of the last layer by default; mean without CLS)."""
+  """Wraps an NNX ``Vit`` or a tower returning ``VitOutput`` (InternViT, EVA-02): CLS pooling of
+  the last layer by default; mean without CLS."""
   config = model.config
   poolings = ("cls", "mean", "pooler") if config.has_class_token else ("mean", "pooler")
+  if not getattr(config, "pooler", True):
+    # A tower without pooler_output (InternViT, a SigLIP without head) offers no "pooler".
+    poolings = tuple(p for p in poolings if p != "pooler")
   return LoadedModel(name=name, kind="vision", model=model, features=_vit_features,
                      num_layers=config.num_layers + 1, poolings=poolings, default_layer=-1,
                      default_pooling=poolings[0], preprocessing=preprocessing)
@@ -139,3 +145,35 @@ def handcrafted_model(name: str, model, preprocessing: ImagePreprocessing) -> Lo
   return LoadedModel(name=name, kind="vision", model=model, features=_handcrafted_features,
                      num_layers=model.num_layers, poolings=("mean",), default_layer=-1,
                      default_pooling="mean", preprocessing=preprocessing)
+
+
+def _convnext_features(model, inputs, layer, pooling):
+  return convnext.select_features(model(inputs["pixels"]), layer, pooling)
+
+
+def convnext_model(name: str, model, preprocessing: Any) -> LoadedModel:
+  """Wraps an NNX ``ConvNext``. Layers index its ``hidden_states``: the stem's map, then each
+  stage's (-1: the last stage). Poolings: ``mean`` (spatial mean of the layer; the default, as
+  for EfficientNet-Lite, since it holds at every ``@layer=``), ``pooler`` (LayerNorm of the last
+  map's mean: what transformers' classifier reads) and, for an OpenCLIP tower, ``embedding``
+  (its CLIP image embedding); the last two read no layer.
+  """
+  poolings = (("mean", "pooler", "embedding") if model.config.projection is not None
+              else ("mean", "pooler"))
+  return LoadedModel(name=name, kind="vision", model=model, features=_convnext_features,
+                     num_layers=model.config.num_stages + 1, poolings=poolings,
+                     default_layer=-1, default_pooling="mean", preprocessing=preprocessing)
+
+
+def _diffusion_features(model, inputs, layer, pooling):
+  return diffusion.select_features(model(inputs["pixels"]), layer, pooling)
+
+
+def diffusion_model(name: str, model, preprocessing: ImagePreprocessing) -> LoadedModel:
+  """Wraps a ``diffusion.DiffusionTower``: spatial mean of one feature map (a UNet up block's
+  output, a DiT block's patch grid), by default the tower's ``GRID_DEFAULT_LAYER`` (DIFT's up
+  block 1; a DiT's middle block)."""
+  return LoadedModel(name=name, kind="vision", model=model, features=_diffusion_features,
+                     num_layers=model.num_layers, poolings=("mean",),
+                     default_layer=model.GRID_DEFAULT_LAYER, default_pooling="mean",
+                     preprocessing=preprocessing)

@@ -3,9 +3,11 @@
 A Hub model is fetched with ``huggingface_hub.snapshot_download`` into the standard Hub cache
 (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``), limited to what a
 checkpoint directory needs: the configs, the tokenizer files and chat template, and the weights
-(safetensors; ``pytorch_model*.bin`` only when the repo has no safetensors). ``HF_HUB_OFFLINE=1``
-and ``HF_TOKEN`` work exactly as they do for transformers, since huggingface_hub reads them: a
-cached model loads offline, a missing one is one line that says how to fetch it.
+(safetensors; ``pytorch_model*.bin`` only when the repo has no safetensors; for an OpenCLIP repo
+without a transformers config, ``open_clip_model.safetensors``, else
+``open_clip_pytorch_model.bin``). ``HF_HUB_OFFLINE=1`` and ``HF_TOKEN`` work exactly as they do
+for transformers, since huggingface_hub reads them: a cached model loads offline, a missing one is
+one line that says how to fetch it.
 
 Typical use::
 
@@ -33,10 +35,15 @@ CONFIG_PATTERNS = (
     "config.json", "generation_config.json", "preprocessor_config.json",
     "processor_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
     "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
-    "chat_template.jinja", "chat_template.json",
+    "chat_template.jinja", "chat_template.json", "open_clip_config.json",
 )
-# transformers' weight file names; other files of a repo (open_clip_*.safetensors, tf_model.h5,
-# flax_model.msgpack, onnx/...) are not fetched.
+# An OpenCLIP repo's config (model_cfg, preprocess_cfg) and weights of the whole CLIP model, in
+# OpenCLIP's order of preference. The weights are fetched only for a repo without a transformers
+# config.json: repos that have both (laion's ViTs) would otherwise be downloaded twice.
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+OPEN_CLIP_WEIGHT_PATTERNS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+# transformers' weight file names; other files of a repo (tf_model.h5, flax_model.msgpack,
+# onnx/...) are not fetched, nor OpenCLIP's where a config.json is (see OPEN_CLIP_*).
 SAFETENSORS_PATTERNS = ("model.safetensors", "model.safetensors.index.json",
                         "model-*-of-*.safetensors")
 PYTORCH_BIN_PATTERNS = ("pytorch_model.bin", "pytorch_model.bin.index.json",
@@ -87,6 +94,15 @@ def _has(path: Path, patterns: tuple[str, ...]) -> bool:
   return any(fnmatch.fnmatch(p.name, pat) for p in path.iterdir() for pat in patterns)
 
 
+def _download_open_clip(path: Path, download) -> Path:
+  """An OpenCLIP repo (``open_clip_config.json``, no ``config.json``): its safetensors weights,
+  else its ``open_clip_pytorch_model.bin``."""
+  path = download(OPEN_CLIP_WEIGHT_PATTERNS[:1])
+  if not _has(path, OPEN_CLIP_WEIGHT_PATTERNS[:1]):
+    path = download(OPEN_CLIP_WEIGHT_PATTERNS[1:])
+  return path
+
+
 def _cache_dir() -> str:
   from huggingface_hub import constants  # pylint: disable=g-import-not-at-top
   return constants.HF_HUB_CACHE
@@ -124,6 +140,8 @@ def snapshot(repo_id: str, revision: str | None = None) -> HubSnapshot:
     if not _has(path, SAFETENSORS_PATTERNS):
       # Many repos carry only pytorch_model.bin; it is fetched only when there are no safetensors.
       path = download(PYTORCH_BIN_PATTERNS)
+    if not (path / "config.json").is_file() and (path / OPEN_CLIP_CONFIG).is_file():
+      path = _download_open_clip(path, download)
   except errors.GatedRepoError:
     raise HubError(f"model {name!r} is gated on the Hugging Face Hub: accept its licence on the "
                    "Hub and set HF_TOKEN") from None
@@ -144,6 +162,12 @@ def snapshot(repo_id: str, revision: str | None = None) -> HubSnapshot:
   except errors.HfHubHTTPError as e:
     detail = " ".join(str(e).split()[:30])
     raise HubError(f"model {name!r}: the Hugging Face Hub answered {detail}") from None
+  if not (path / "config.json").is_file() and (path / OPEN_CLIP_CONFIG).is_file():
+    if not _has(path, OPEN_CLIP_WEIGHT_PATTERNS):
+      raise HubError(f"model {name!r}: the cached OpenCLIP snapshot {path} has no weights "
+                     f"({' or '.join(OPEN_CLIP_WEIGHT_PATTERNS)}); "
+                     f"{_fetch_hint(repo_id, revision)}")
+    return HubSnapshot(repo_id=repo_id, revision=revision, commit=path.name, path=path)
   if not (path / "config.json").is_file():
     raise HubError(f"model {name!r}: the cached snapshot {path} has no config.json (not a "
                    f"transformers model, or a partial download); {_fetch_hint(repo_id, revision)}")

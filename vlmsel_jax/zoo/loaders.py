@@ -2,7 +2,8 @@
 
 Every loader is ``loader(path, name, dtype) -> LoadedModel``: ``load_hf_dir`` for a Hugging Face
 directory (a ViT with its image processor's preprocessing, a decoder LLM or BERT with its
-tokenizer), ``load_gguf`` for a llama.cpp file (model and tokenizer from the file), and the loaders
+tokenizer), ``load_gguf`` for a llama.cpp file (model and tokenizer from the file),
+``load_open_clip_dir`` for an OpenCLIP directory of a ConvNeXt tower, and the loaders
 of registered models with files of their own: a GGUF file shipped as chunks, an EfficientNet-Lite
 ``.pth`` state dict, and the towers without weights.
 """
@@ -16,22 +17,36 @@ from typing import Sequence
 import transformers
 
 from vlmsel_jax.models import efficientnet, handcrafted, loading
+from vlmsel_jax.models import siglip2
+from vlmsel_jax.models import diffusion
+from vlmsel_jax.models.convnext import open_clip as open_clip_dir
 from vlmsel_jax.zoo import features, packages
 from vlmsel_jax.zoo.features import LoadedModel
 from vlmsel_jax.zoo.preprocessing import (
+    BICUBIC,
     HALF,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     CropFractionPreprocessing,
+    Preprocessing,
     default_preprocessing,
     preprocessing_from_hf,
+    preprocessing_from_timm,
 )
+from vlmsel_jax.zoo.preprocessing import preprocessing_from_convnext, preprocessing_from_open_clip
 from vlmsel_jax.zoo.specs import ZooError
 
 
 def load_hf_dir(path: Path, name: str, dtype: str) -> LoadedModel:
-  """A Hugging Face model directory of the vit, llama, gemma3 or bert family."""
+  """A Hugging Face model directory of the vit, llama, gemma3, gemma, phi3, qwen3, bert or
+  convnext family."""
   src = loading.HFDirectory(path)
+  if loading.is_timm_config(src.config):
+    return load_timm_dir(path, name, dtype)
   family = loading.family_for(src.config, str(path))
   model = loading.load_model(src.config, src, dtype=dtype, source=str(src))
+  if family.name == "siglip2":
+    return features.vit_model(name, model, naflex_grid_preprocessing(path, model.config))
   if family.name == "vit":
     default = default_preprocessing(model.config.variant, model.config.image_size)
     processor_file = path / "preprocessor_config.json"
@@ -44,11 +59,70 @@ def load_hf_dir(path: Path, name: str, dtype: str) -> LoadedModel:
       raise ZooError(f"{path}: the preprocessing makes {preprocessing.image_size} images but the "
                      f"model takes {model.config.image_size}")
     return features.vit_model(name, model, preprocessing)
-  if family.name in ("llama", "gemma3"):
+  if family.name == "internvit":
+    return features.vit_model(name, model, _internvit_preprocessing(path, model.config))
+  if family.name in ("llama", "gemma3", "gemma", "phi3", "qwen3"):
     return features.llama_model(name, model, _hf_tokenizer(path))
+  if family.name == "convnext":
+    return features.convnext_model(name, model, _convnext_preprocessing(path, model.config))
   if family.name == "bert":
     return features.bert_model(name, model, _hf_tokenizer(path))
   raise ZooError(f"{path}: no extraction is defined for the {family.name} family")
+
+
+def _internvit_preprocessing(path: Path, config) -> Preprocessing:
+  """An InternViT's ``preprocessor_config.json`` (GotOcr2ImageProcessor fields), over InternVL's
+  documented defaults: a bicubic resize to the model size, ImageNet mean / std.
+
+  Extraction takes the whole image as one tile: ``crop_to_patches`` (InternVL's dynamic tiling for
+  the VLM) is not applied.
+  """
+  default = Preprocessing(resize_to=config.image_size, resample=BICUBIC, mean=IMAGENET_MEAN,
+                          std=IMAGENET_STD)
+  processor_file = path / "preprocessor_config.json"
+  if not processor_file.is_file():
+    return default
+  with open(processor_file, encoding="utf-8") as f:
+    return preprocessing_from_hf(json.load(f), default, str(processor_file))
+
+
+def load_timm_dir(path: Path, name: str, dtype: str) -> LoadedModel:
+  """A timm Hub directory (``config.json`` with ``architecture``): an EVA-02 tower with timm's
+  eval preprocessing from its ``pretrained_cfg``."""
+  model = loading.load_timm_pretrained(path, dtype=dtype)
+  config = loading.HFDirectory(path).config
+  preprocessing = preprocessing_from_timm(config.get("pretrained_cfg") or {},
+                                          str(path / "config.json"))
+  if preprocessing.image_size != model.config.image_size:
+    raise ZooError(f"{path}: the preprocessing makes {preprocessing.image_size} images but the "
+                   f"model takes {model.config.image_size}")
+  return features.vit_model(name, model, preprocessing)
+
+
+def naflex_grid_preprocessing(path: Path, config) -> Preprocessing:
+  """A SigLIP2 NaFlex tower's preprocessing in the zoo: one fixed square grid for every image.
+
+  The VLM needs a static number of image tokens and a jitted batch one shape, so every image is
+  resized (aspect ratio not kept) to the square grid transformers' ``Siglip2ImageProcessor`` gives
+  a square image: ``isqrt(max_num_patches)`` patches a side (16 x 16 for the Hub's 256), resampled
+  and normalised as ``preprocessor_config.json`` says. ``@res=`` picks another side
+  (``resolver``); ``models.siglip2.NaflexPreprocessing`` is the aspect-keeping pipeline.
+  """
+  processor_file = path / "preprocessor_config.json"
+  processor = {}
+  if processor_file.is_file():
+    with open(processor_file, encoding="utf-8") as f:
+      processor = json.load(f)
+  try:
+    naflex = siglip2.NaflexPreprocessing.from_hf(processor)
+  except ValueError as e:
+    raise ZooError(f"{processor_file}: {e}") from None
+  if (naflex.patch_size, naflex.patch_size) != tuple(config.patch_size):
+    raise ZooError(f"{processor_file}: patch_size {naflex.patch_size} but the model's patches are "
+                   f"{config.patch_size}")
+  side = naflex.square_size
+  return Preprocessing(resize_to=(side, side), resample=naflex.resample,
+                       rescale_factor=naflex.rescale_factor, mean=naflex.mean, std=naflex.std)
 
 
 def _hf_tokenizer(path: Path):
@@ -105,6 +179,17 @@ def load_pixel_patches(path: Path, name: str, dtype: str) -> LoadedModel:
   return features.handcrafted_model(name, model, preprocessing)
 
 
+def load_diffusion_pipeline(path: Path, name: str, dtype: str) -> LoadedModel:
+  """A diffusers pipeline directory (``model_index.json``) as a diffusion-feature tower
+  (``models.diffusion``): a centred square crop resized to the model's native side (the
+  denoiser's latent size times the VAE's downscale), scaled to [-1, 1] as Stable Diffusion's
+  image processor does; ``res`` takes any other side."""
+  tower, info = diffusion.load_tower(path, dtype=dtype)
+  preprocessing = CropFractionPreprocessing(size=info.image_size, crop_fraction=1.0, mean=HALF,
+                                            std=HALF)
+  return features.diffusion_model(name, tower, preprocessing)
+
+
 def load_hog(path: Path, name: str, dtype: str) -> LoadedModel:
   """Dalal-Triggs HOG (9 bins, 8 px cells, 2x2-cell L2-Hys blocks) of a 128 px image in [0, 1]."""
   del path, dtype
@@ -112,3 +197,26 @@ def load_hog(path: Path, name: str, dtype: str) -> LoadedModel:
   preprocessing = CropFractionPreprocessing(size=128, crop_fraction=1.0, mean=(0.0, 0.0, 0.0),
                                             std=(1.0, 1.0, 1.0))
   return features.handcrafted_model(name, model, preprocessing)
+
+
+def _convnext_preprocessing(path: Path, config):
+  """A transformers ConvNeXt's ``preprocessor_config.json`` (ConvNextImageProcessor), or the hub
+  checkpoints' settings at the config's image size without one."""
+  processor_file = path / "preprocessor_config.json"
+  processor = None
+  if processor_file.is_file():
+    with open(processor_file, encoding="utf-8") as f:
+      processor = json.load(f)
+  return preprocessing_from_convnext(processor, config.image_size, str(processor_file))
+
+
+def load_open_clip_dir(path: Path, name: str, dtype: str) -> LoadedModel:
+  """An OpenCLIP model directory (``open_clip_config.json`` and ``open_clip_model.safetensors``
+  or ``open_clip_pytorch_model.bin``, a Hub repo's layout) whose vision tower is a timm ConvNeXt:
+  the tower with its projection head, and OpenCLIP's eval preprocessing."""
+  src = open_clip_dir.OpenClipDirectory(path)
+  model = loading.load_model(src.config, src, dtype=dtype, source=str(src.file))
+  preprocessing = preprocessing_from_open_clip(src.preprocess_cfg, model.config.image_size,
+                                               str(path / open_clip_dir.CONFIG_FILE))
+  return features.convnext_model(name, model, preprocessing)
+

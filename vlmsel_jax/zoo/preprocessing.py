@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Mapping
 
 import numpy as np
@@ -258,3 +259,201 @@ def preprocessing_from_hf(processor: Mapping[str, Any], default: Preprocessing,
         std=tuple(float(v) for v in p.get("image_std", default.std)))
   except ValueError as e:
     raise ZooError(f"{source}: {e}") from None
+
+
+# timm's interpolation names -> PIL filters (what torchvision's Resize uses on a PIL image).
+TIMM_INTERPOLATIONS = {"nearest": int(Image.Resampling.NEAREST), "bilinear": BILINEAR,
+                       "bicubic": BICUBIC, "lanczos": int(Image.Resampling.LANCZOS)}
+TIMM_DEFAULT_CROP_PCT = 0.875
+
+
+@dataclasses.dataclass(frozen=True)
+class TimmPreprocessing:
+  """timm's eval transform (``transforms_imagenet_eval``, crop_mode "center") of a square model.
+
+  The shorter side is resized to ``floor(size / crop_pct)`` with ``interpolation`` (the longer
+  to ``int()`` of the same scale), a ``size`` x ``size`` centre crop is taken with torchvision's
+  ``round()`` offsets, the pixels are scaled to [0, 1] in float32 and normalized per channel.
+  """
+
+  size: int
+  crop_pct: float
+  interpolation: str
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+
+  def __post_init__(self):
+    if self.size < 1 or not 0 < self.crop_pct <= 1:
+      raise ValueError(f"size ({self.size}) must be positive and crop_pct ({self.crop_pct}) in "
+                       "(0, 1]")
+    if self.interpolation not in TIMM_INTERPOLATIONS:
+      raise ValueError(f"interpolation {self.interpolation!r} is not one of "
+                       f"{', '.join(TIMM_INTERPOLATIONS)}")
+
+  @property
+  def image_size(self) -> tuple[int, int]:
+    return (self.size, self.size)
+
+  @property
+  def scale_size(self) -> int:
+    """The shorter side after the resize."""
+    return math.floor(self.size / self.crop_pct)
+
+  def to_dict(self) -> dict[str, Any]:
+    return {"recipe": "timm_eval_center_crop", **dataclasses.asdict(self)}
+
+  def crop_box(self, height: int, width: int) -> tuple[int, int]:
+    """(top, left) of torchvision's ``CenterCrop`` in a ``height`` x ``width`` image."""
+    return (int(round((height - self.size) / 2.0)), int(round((width - self.size) / 2.0)))
+
+  def __call__(self, image: Image.Image) -> np.ndarray:
+    """A PIL image -> (size, size, 3) float32, normalized."""
+    image = image.convert("RGB")
+    w, h = image.size
+    short = self.scale_size
+    if min(w, h) != short:
+      # torchvision's Resize(int): the shorter side to `short`, the longer one int() of the scale.
+      if w <= h:
+        w, h = short, int(short * h / w)
+      else:
+        w, h = int(short * w / h), short
+      image = image.resize((w, h), resample=TIMM_INTERPOLATIONS[self.interpolation])
+    top, left = self.crop_box(h, w)
+    x = np.asarray(image)[top:top + self.size, left:left + self.size]
+    # torchvision's ToTensor: float32 division by 255; Normalize in float32.
+    x = x.astype(np.float32) / np.float32(255.0)
+    mean = np.asarray(self.mean, np.float32)
+    std = np.asarray(self.std, np.float32)
+    return np.ascontiguousarray((x - mean) / std, dtype=np.float32)
+
+
+def preprocessing_from_timm(pretrained_cfg: Mapping[str, Any],
+                            source: str = "config.json") -> TimmPreprocessing:
+  """Reads the ``pretrained_cfg`` of a timm ``config.json``: input_size, crop_pct, interpolation,
+  crop_mode, mean, std; absent ones take ``timm.data.resolve_data_config``'s defaults (crop_pct
+  0.875, bicubic, ImageNet mean / std).
+
+  Raises:
+    ZooError: a non-square input, a crop_mode other than "center", or a field this pipeline
+      cannot reproduce.
+  """
+  cfg = dict(pretrained_cfg)
+  try:
+    _, height, width = cfg["input_size"]
+    if height != width:
+      raise ValueError(f"input_size {cfg['input_size']} is not square")
+    if cfg.get("crop_mode", "center") not in ("center", None):
+      raise ValueError(f"crop_mode {cfg['crop_mode']!r} is not supported (only 'center')")
+    return TimmPreprocessing(size=int(height),
+                             crop_pct=float(cfg.get("crop_pct") or TIMM_DEFAULT_CROP_PCT),
+                             interpolation=str(cfg.get("interpolation") or "bicubic"),
+                             mean=tuple(float(v) for v in cfg.get("mean", IMAGENET_MEAN)),
+                             std=tuple(float(v) for v in cfg.get("std", IMAGENET_STD)))
+  except (KeyError, TypeError, ValueError) as e:
+    raise ZooError(f"{source}: pretrained_cfg cannot be reproduced ({e})") from None
+
+
+# transformers' ConvNextImageProcessor: below this shortest_edge it resizes the short side to
+# shortest_edge / crop_pct and centre-crops; from it on it warps the image to a square.
+CONVNEXT_CROP_BELOW = 384
+CONVNEXT_CROP_PCT = 224 / 256
+
+
+def preprocessing_from_convnext(processor: Mapping[str, Any] | None, image_size: int,
+                                source: str = "preprocessor_config.json") -> Preprocessing:
+  """transformers' ``ConvNextImageProcessor`` (PIL backend) from its ``preprocessor_config.json``.
+
+  ``processor`` None (no file): the hub checkpoints' settings at ``image_size``: crop_pct 0.875,
+  bicubic, ImageNet mean / std. A file's missing fields take the processor class's defaults.
+
+  Raises:
+    ZooError: a setting this pipeline cannot reproduce (no resize / rescale / normalization, an
+      extra centre crop, a size without shortest_edge).
+  """
+  p = dict(processor) if processor is not None else {}
+  for flag in ("do_resize", "do_rescale", "do_normalize"):
+    if p.get(flag) is False:
+      raise ZooError(f"{source}: {flag}=false is not supported")
+  if p.get("do_center_crop"):
+    raise ZooError(f"{source}: do_center_crop is not supported for a ConvNeXt processor (its "
+                   "resize crops)")
+  size = p.get("size", image_size)
+  if isinstance(size, Mapping):
+    if "shortest_edge" not in size:
+      raise ZooError(f"{source}: size {dict(size)} has no shortest_edge, which "
+                     "ConvNextImageProcessor needs")
+    size = size["shortest_edge"]
+  size = int(size)
+  crop_pct = float(p.get("crop_pct") or CONVNEXT_CROP_PCT)
+  default_mean, default_std = (HALF, HALF) if processor is not None else (IMAGENET_MEAN,
+                                                                           IMAGENET_STD)
+  common = dict(resample=int(p.get("resample", BICUBIC)),
+                rescale_factor=float(p.get("rescale_factor", 1 / 255)),
+                mean=tuple(float(v) for v in p.get("image_mean", default_mean)),
+                std=tuple(float(v) for v in p.get("image_std", default_std)))
+  if size < CONVNEXT_CROP_BELOW:
+    return Preprocessing(shortest_edge=int(size / crop_pct), crop_size=(size, size), **common)
+  return Preprocessing(resize_to=(size, size), **common)
+
+
+def preprocessing_from_open_clip(preprocess_cfg: Mapping[str, Any], image_size: int,
+                                 source: str = "open_clip_config.json") -> ImagePreprocessing:
+  """OpenCLIP's eval transform (``image_transform_v2``) for a square ``image_size`` model.
+
+  OpenCLIP sizes the transform by the vision tower's ``image_size`` and reads the rest from
+  ``preprocess_cfg`` (missing fields: its ``PreprocessCfg`` defaults, OpenAI's mean / std,
+  bicubic, resize_mode "shortest"). "shortest" is torchvision's ``Resize(size)`` then
+  ``CenterCrop(size)``: ``TimmPreprocessing`` at crop_pct 1; "squash" is ``Resize((size,
+  size))``.
+
+  Raises:
+    ZooError: resize_mode "longest" (a padded letterbox) or an unknown setting.
+  """
+  cfg = dict(preprocess_cfg)
+  if cfg.get("mode", "RGB") != "RGB":
+    raise ZooError(f"{source}: preprocess_cfg mode {cfg['mode']!r} is not supported (RGB)")
+  stats = []
+  for key, default in (("mean", CLIP_MEAN), ("std", CLIP_STD)):
+    value = cfg.get(key) or default
+    stats.append(tuple(float(v) for v in (value if isinstance(value, (list, tuple))
+                                          else (value,) * 3)))
+  interpolation = cfg.get("interpolation") or "bicubic"
+  if interpolation not in ("bicubic", "bilinear", "random"):
+    raise ZooError(f"{source}: interpolation {interpolation!r} is not one of bicubic, bilinear, "
+                   "random")
+  # OpenCLIP evaluates "random" with bicubic.
+  interpolation = "bilinear" if interpolation == "bilinear" else "bicubic"
+  mode = cfg.get("resize_mode") or "shortest"
+  if mode == "shortest":
+    return TimmPreprocessing(size=image_size, crop_pct=1.0, interpolation=interpolation,
+                             mean=stats[0], std=stats[1])
+  if mode == "squash":
+    return Preprocessing(resize_to=(image_size, image_size),
+                         resample=TIMM_INTERPOLATIONS[interpolation], mean=stats[0],
+                         std=stats[1])
+  raise ZooError(f"{source}: resize_mode {mode!r} is not supported (shortest or squash)")
+
+
+def preprocessing_at_side(preprocessing: Any, side: int, source: str) -> Any:
+  """The same recipe making ``side`` x ``side`` inputs (``@res=`` of a tower of any input size).
+
+  A shortest-edge resize and square crop keep their ratio (``int(side * shortest_edge / crop)``,
+  what ConvNextImageProcessor computes for a shortest_edge of ``side``); a square warp becomes
+  ``side`` x ``side``; a recipe with a ``size`` (crop fraction, timm) takes ``side``.
+
+  Raises:
+    ZooError: a recipe without a square output.
+  """
+  if isinstance(preprocessing, Preprocessing):
+    if preprocessing.crop_size is None and len(set(preprocessing.resize_to)) == 1:
+      return dataclasses.replace(preprocessing, resize_to=(side, side))
+    crop = preprocessing.crop_size
+    if preprocessing.shortest_edge is not None and crop is not None and len(set(crop)) == 1:
+      return dataclasses.replace(preprocessing,
+                                 shortest_edge=int(side * preprocessing.shortest_edge / crop[0]),
+                                 crop_size=(side, side))
+  elif dataclasses.is_dataclass(preprocessing) and "size" in {
+      f.name for f in dataclasses.fields(preprocessing)}:
+    return dataclasses.replace(preprocessing, size=side)
+  raise ZooError(f"{source}: res={side} needs a square preprocessing; this one makes "
+                 f"{preprocessing.image_size} images")

@@ -9,7 +9,9 @@ an encoder's input resolution and feature layer as distinct candidate settings; 
 tokens read it); ``res`` resizes the input of a tower that takes any size (EfficientNet-Lite's
 convolutions, pixel patches, HOG). The variant is part of the name
 (``efficientnet-lite0@layer=-2,res=160``) and of the cache fingerprint, so each setting gets its
-own feature bank.
+own feature bank. A diffusion-feature tower (a diffusers pipeline directory) also takes ``t``,
+the timestep its latent is noised to (``@layer=0,t=100``). Vision specs joined by ``+``
+(``a@layer=-2+b``, ``(a+b)@grid=16x16``) name a multi-encoder tower (``zoo.multi``).
 """
 
 from __future__ import annotations
@@ -35,23 +37,53 @@ class Variant:
   Attributes:
     layer: Hidden-state index that becomes the model's default layer (None: the model's own).
     res: Input side in pixels of a convolutional vision tower (None: its native size).
+    t: Diffusion timestep of a diffusion-feature tower (``models.diffusion``; None: its
+      default).
   """
 
   layer: int | None = None
   res: int | None = None
+  t: int | None = None
 
   def __post_init__(self):
     if self.res is not None and not 8 <= self.res <= 4096:
       raise ZooError(f"res={self.res}: give an input side between 8 and 4096 pixels")
+    if self.t is not None and self.t < 0:
+      raise ZooError(f"t={self.t}: a diffusion timestep is not negative")
 
   @property
   def suffix(self) -> str:
     """``"@layer=-2,res=160"``; empty for the default setting."""
-    parts = [f"{k}={v}" for k, v in (("layer", self.layer), ("res", self.res)) if v is not None]
+    parts = [f"{k}={v}" for k, v in (("layer", self.layer), ("res", self.res), ("t", self.t))
+             if v is not None]
     return "@" + ",".join(parts) if parts else ""
+
+  def identity(self) -> dict[str, int | None]:
+    """The fields a cache fingerprint records; ``t`` only when set, so that every other model
+    keeps the fingerprint it had before ``t`` existed."""
+    out = {"layer": self.layer, "res": self.res}
+    if self.t is not None:
+      out["t"] = self.t
+    return out
 
 
 _VARIANT_RE = re.compile(r"-?\d+|([a-z_]+=[^,=@]+)(,[a-z_]+=[^,=@]+)*")
+
+
+# The one layer of a multi-encoder tower (``models.multi_tower.LAYER``).
+MULTI_LAYER = -1
+
+
+def is_multi(spec: str) -> bool:
+  """Whether ``spec`` names a multi-encoder tower (``zoo.multi``): members joined by ``+``
+  (``a@layer=-2+b``), or a parenthesised group (``(a+b)@grid=16x16``).
+
+  A spec that is an existing path as a whole is one model, '+' or not; zoo names and Hub ids
+  never contain '+'.
+  """
+  spec = spec.strip()
+  return (("+" in spec or spec.startswith("(")) and
+          not os.path.exists(os.path.expanduser(spec)))
 
 
 def split_variant(spec: str) -> tuple[str, Variant]:
@@ -60,12 +92,18 @@ def split_variant(spec: str) -> tuple[str, Variant]:
   ``spec@-2`` is ``spec@layer=-2``. A spec without ``@``, or one that is an existing path as a
   whole, has the default variant. A Hub id may name a revision before the variant
   (``org/name@v1.0@layer=-2`` → ("org/name@v1.0", Variant(-2))); a revision that is a bare integer
-  would read as a layer, so give such a one as ``org/name@<rev>@layer=-1``.
+  would read as a layer, so give such a one as ``org/name@<rev>@layer=-1``. A multi-encoder spec
+  (``is_multi``) is returned whole with ``Variant(layer=MULTI_LAYER)``: its members' variants
+  are ``zoo.multi``'s to read.
 
   Raises:
     ZooError: an unknown key, a value that is not an integer, or a key given twice.
   """
   spec = spec.strip()
+  if is_multi(spec):
+    # A multi-encoder tower (``zoo.multi``): its members name their own layers, and the tower
+    # has the one layer that holds them all.
+    return spec, Variant(layer=MULTI_LAYER)
   base, at, text = spec.rpartition("@")
   if not at or os.path.exists(os.path.expanduser(spec)):
     return spec, Variant()
@@ -80,8 +118,8 @@ def split_variant(spec: str) -> tuple[str, Variant]:
   values: dict[str, int] = {}
   for item in text.split(","):
     key, _, value = item.partition("=")
-    if key not in ("layer", "res"):
-      raise ZooError(f"model spec {spec!r}: unknown setting {key!r} (known: layer, res)")
+    if key not in ("layer", "res", "t"):
+      raise ZooError(f"model spec {spec!r}: unknown setting {key!r} (known: layer, res, t)")
     if key in values:
       raise ZooError(f"model spec {spec!r}: {key} is given twice")
     try:
@@ -101,7 +139,8 @@ def candidate_list(items: Sequence[str]) -> list[str]:
   for item in (i.strip() for i in items):
     if not item:
       continue
-    if specs and "@" in specs[-1] and re.fullmatch(r"[a-z_]+=[^,=@/]*", item):
+    # A multi-encoder spec may go on after a member's variant: "a@layer=-2,res=160+b".
+    if specs and "@" in specs[-1] and re.fullmatch(r"[a-z_]+=[^,=@/+]*(\+.*)?", item):
       specs[-1] += "," + item
     else:
       specs.append(item)

@@ -303,11 +303,15 @@ class Gemma3(llama_modeling.Llama):
     self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype,
                                   param_dtype=dtype, rngs=rngs)
     self.layers = nnx.List(
-        [DecoderLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_layers)])
+        [self._decoder_layer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_layers)])
     self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
     self.lm_head = None if config.tie_word_embeddings else nnx.Linear(
         config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype, param_dtype=dtype,
         rngs=rngs)
+
+  def _decoder_layer(self, config: Any, *, dtype: Any, rngs: nnx.Rngs) -> nnx.Module:
+    """One decoder layer; Gemma 1 and 2 (``vlmsel_jax.models.gemma``) build theirs here."""
+    return DecoderLayer(config, dtype=dtype, rngs=rngs)
 
   def embed(self, input_ids: jax.Array) -> jax.Array:
     """(batch, seq, hidden) text-token embeddings, scaled by sqrt(hidden_size).

@@ -290,6 +290,9 @@ class Attention(nnx.Module):
     self.head_dim = c.head_dim
     self.scaling = c.head_dim ** -0.5
     self.attention_impl = c.attention_impl
+    # None here; Gemma 2's subclass sets its attention-logit soft-cap c: scores become
+    # c·tanh(scores / c) before the mask.
+    self.logit_softcap: float | None = None
 
   def _rotated_qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
     b, t, _ = x.shape
@@ -309,12 +312,17 @@ class Attention(nnx.Module):
     """
     b, t = q.shape[:2]
     kv, groups, dh = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
-    if attention.resolve(self.attention_impl) == "fused":
+    # jax.nn.dot_product_attention (XLA's and cuDNN's) cannot soft-cap scores: a capped layer
+    # always takes the einsum path.
+    if attention.resolve(self.attention_impl) == "fused" and self.logit_softcap is None:
       out = attention.fused(q, k, v, mask[:, :, 0], scale=self.scaling, is_causal=causal)
       return self.o_proj(out.reshape(b, t, self.num_heads * dh))
     # Query head h reads kv head h // groups, the order of transformers' repeat_kv.
     q = q.reshape(b, t, kv, groups, dh)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k) * self.scaling
+    if self.logit_softcap is not None:
+      # In the activation dtype and before the mask, as transformers' eager attention caps.
+      scores = jnp.tanh(scores / self.logit_softcap) * self.logit_softcap
     scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, self.num_heads * dh)

@@ -325,15 +325,17 @@ def _layer_norm(config: VitConfig, dtype: Any, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int,
-            impl: str = "auto") -> jax.Array:
-  """Unmasked multi-head attention of (b, tq, d) queries over (b, tk, d) keys and values;
-  ``impl`` is an ``attention_impl`` (``vlmsel_jax.models.attention``)."""
+            impl: str = "auto", mask: jax.Array | None = None) -> jax.Array:
+  """Multi-head attention of (b, tq, d) queries over (b, tk, d) keys and values; ``impl`` is an
+  ``attention_impl`` (``vlmsel_jax.models.attention``). ``mask``: None (every key visible) or
+  (b, tk) bool, True for the keys every query may attend to (NaFlex's padding mask)."""
   b, tq, d = q.shape
   tk = k.shape[1]
   dh = d // num_heads
+  key_mask = None if mask is None else mask.astype(bool)[:, None, None, :]
   if attention.resolve(impl) == "fused":
     out = attention.fused(q.reshape(b, tq, num_heads, dh), k.reshape(b, tk, num_heads, dh),
-                          v.reshape(b, tk, num_heads, dh), scale=dh ** -0.5)
+                          v.reshape(b, tk, num_heads, dh), key_mask, scale=dh ** -0.5)
     return out.reshape(b, tq, d)
   # Heads moved ahead of tokens once, so both products are plain batched matmuls over
   # (b, heads): XLA:CPU ran the einsum form, which leaves the layout to it, slower
@@ -342,8 +344,11 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int,
   q = (q * (dh ** -0.5)).reshape(b, tq, num_heads, dh).transpose(0, 2, 1, 3)
   k = k.reshape(b, tk, num_heads, dh).transpose(0, 2, 3, 1)
   v = v.reshape(b, tk, num_heads, dh).transpose(0, 2, 1, 3)
-  scores = jnp.matmul(q, k)
-  probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+  scores = jnp.matmul(q, k).astype(jnp.float32)
+  if key_mask is not None:
+    # The most negative float rather than -inf, as transformers does (see models.attention).
+    scores = jnp.where(key_mask, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   return jnp.matmul(probs, v).transpose(0, 2, 1, 3).reshape(b, tq, d)
 
 
@@ -360,9 +365,9 @@ class Attention(nnx.Module):
     self.num_heads = config.num_heads
     self.attention_impl = config.attention_impl
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     out = _attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.num_heads,
-                  self.attention_impl)
+                  self.attention_impl, mask)
     return self.o_proj(out)
 
 
@@ -409,8 +414,8 @@ class EncoderLayer(nnx.Module):
     self.layer_scale1 = nnx.Param(jnp.ones((d,), dtype)) if has_scale else None
     self.layer_scale2 = nnx.Param(jnp.ones((d,), dtype)) if has_scale else None
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    h = self.attn(self.norm1(x))
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    h = self.attn(self.norm1(x), mask)
     if self.layer_scale1 is not None:
       h = h * self.layer_scale1[...]
     x = x + h
@@ -445,10 +450,10 @@ class AttentionPoolingHead(nnx.Module):
     bias = self.in_proj.bias[...][part * d:(part + 1) * d]
     return jnp.dot(x, kernel.astype(x.dtype)) + bias.astype(x.dtype)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     probe = jnp.broadcast_to(self.probe[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
     h = _attend(self._project(probe, 0), self._project(x, 1), self._project(x, 2),
-                self.num_heads, self.attention_impl)
+                self.num_heads, self.attention_impl, mask)
     h = self.out_proj(h)
     h = h + self.mlp(self.norm(h))
     return h[:, 0]
@@ -602,13 +607,33 @@ class Vit(nnx.Module):
       x = jnp.concatenate([x[:, :1], registers, x[:, 1:]], axis=1)
     if self.pre_norm is not None:
       x = self.pre_norm(x)
+    hidden, last, pooled = self._encode(x, block_offsets)
+    return VitOutput(last_hidden_state=last, hidden_states=hidden, pooler_output=pooled,
+                     num_prefix_tokens=c.num_prefix_tokens, grid=grid,
+                     has_class_token=c.has_class_token)
 
+  def _encode(self, x: jax.Array, block_offsets: Sequence[jax.Array] | None = None,
+              mask: jax.Array | None = None
+              ) -> tuple[tuple[jax.Array, ...], jax.Array, jax.Array | None]:
+    """The encoder layers, final norm and pooling on (batch, tokens, hidden) embeddings.
+
+    Args:
+      x: The embeddings (after any ``pre_norm``).
+      block_offsets: As in ``__call__``.
+      mask: None, or (batch, tokens) bool: the keys every attention (the pooling head's too) may
+        see; padding tokens are still computed, as transformers' are.
+
+    Returns:
+      (hidden_states, last_hidden_state, pooler_output), as ``VitOutput`` holds them.
+    """
+    c = self.config
     if block_offsets is not None and len(block_offsets) != len(self.layers):
       raise ValueError(f"block_offsets has {len(block_offsets)} arrays for "
                        f"{len(self.layers)} encoder layers")
+    masks = () if mask is None else (mask,)
     hidden = [x]
     for i, layer in enumerate(self.layers):
-      x = attention.remat_call(c.remat, layer, x)
+      x = attention.remat_call(c.remat, layer, x, *masks)
       if block_offsets is not None:
         x = x + block_offsets[i]
       hidden.append(x)
@@ -620,14 +645,12 @@ class Vit(nnx.Module):
     else:
       last = self.final_norm(x)
       if self.head is not None:
-        pooled = self.head(last)
+        pooled = self.head(last, *masks)
       elif self.pooler is not None:
         pooled = jnp.tanh(self.pooler(last[:, 0]))
       elif c.variant == "dinov2":
         pooled = last[:, 0]
-    return VitOutput(last_hidden_state=last, hidden_states=tuple(hidden), pooler_output=pooled,
-                     num_prefix_tokens=c.num_prefix_tokens, grid=grid,
-                     has_class_token=c.has_class_token)
+    return tuple(hidden), last, pooled
 
 
 def select_features(output: VitOutput, layer: int | None = -1,
