@@ -18,19 +18,23 @@ import dataclasses
 import json
 from pathlib import Path
 
+import diffusers
 import jax
 import numpy as np
 import pytest
+import torch
 from flax import nnx
+from huggingface_hub import constants as hf_constants
 
 from vlmsel_jax import zoo
 from vlmsel_jax.features import patch_grid as patch_grid_lib
 from vlmsel_jax.models import CheckpointError, UnsupportedModelError
 from vlmsel_jax.models import diffusion
 from vlmsel_jax.models.vlm import modeling as vlm
+from vlmsel_jax.zoo import hub
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers", reason="the reference is diffusers (torch)")
+import hub_fixtures
+
 
 RTOL = 1e-4
 BATCH = 2
@@ -359,3 +363,27 @@ def test_zoo_loads_dit_pipeline_as_vision_tower(torch_vae, torch_dit, tmp_path):
   fingerprint = zoo.resolve(f"{root}@t=100").fingerprint()
   assert fingerprint["variant"] == {"layer": None, "res": None, "t": 100}
   assert "transformer/diffusion_pytorch_model.safetensors" in [f[0] for f in fingerprint["files"]]
+
+
+def test_a_hub_pipeline_resolves_and_loads_offline(torch_vae, torch_dit, tmp_path, monkeypatch):
+  """A diffusers pipeline named by its Hub id: ``model_index.json`` marks it, the snapshot holds
+  the components the tower reads, and it loads the same weights as the directory; a snapshot
+  without its denoiser's weights is one line saying how to fetch it."""
+  root = _save_pipeline(tmp_path / "dit-pipe", torch_vae, torch_dit, "transformer")
+  assert any(p.startswith("transformer/") for p in hub.DIFFUSERS_PATTERNS)
+  hub_fixtures.add_snapshot(tmp_path / "hub", "vlmsel-test/dit-tiny", root)
+  (root / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+  hub_fixtures.add_snapshot(tmp_path / "hub", "vlmsel-test/dit-no-weights", root)
+  monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+  monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+  resolved = zoo.resolve("vlmsel-test/dit-tiny@t=100")
+  assert resolved.kind == "vision" and resolved.hub is not None
+  loaded = resolved.load()
+  assert loaded.model.timestep == 100 and loaded.num_layers == 2
+  reference = diffusion.load_dit(tmp_path / "hub" / "models--vlmsel-test--dit-tiny" / "snapshots"
+                                 / resolved.hub.commit / "transformer")
+  ours = jax.tree_util.tree_leaves(nnx.state(loaded.model.denoiser))
+  theirs = jax.tree_util.tree_leaves(nnx.state(reference))
+  assert len(ours) == len(theirs) and all(np.array_equal(a, b) for a, b in zip(ours, theirs))
+  with pytest.raises(zoo.ZooError, match="lacks the safetensors weights.*hf download"):
+    zoo.resolve("vlmsel-test/dit-no-weights")

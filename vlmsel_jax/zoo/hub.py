@@ -5,7 +5,9 @@ A Hub model is fetched with ``huggingface_hub.snapshot_download`` into the stand
 checkpoint directory needs: the configs, the tokenizer files and chat template, and the weights
 (safetensors; ``pytorch_model*.bin`` only when the repo has no safetensors; for an OpenCLIP repo
 without a transformers config, ``open_clip_model.safetensors``, else
-``open_clip_pytorch_model.bin``). ``HF_HUB_OFFLINE=1`` and ``HF_TOKEN`` work exactly as they do
+``open_clip_pytorch_model.bin``; for a diffusers pipeline, ``model_index.json`` and the parts the
+diffusion-feature tower reads: ``vae/``, ``unet/`` or ``transformer/``, ``scheduler/``).
+``HF_HUB_OFFLINE=1`` and ``HF_TOKEN`` work exactly as they do
 for transformers, since huggingface_hub reads them: a cached model loads offline, a missing one is
 one line that says how to fetch it.
 
@@ -35,7 +37,7 @@ CONFIG_PATTERNS = (
     "config.json", "generation_config.json", "preprocessor_config.json",
     "processor_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
     "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
-    "chat_template.jinja", "chat_template.json", "open_clip_config.json",
+    "chat_template.jinja", "chat_template.json", "open_clip_config.json", "model_index.json",
 )
 # An OpenCLIP repo's config (model_cfg, preprocess_cfg) and weights of the whole CLIP model, in
 # OpenCLIP's order of preference. The weights are fetched only for a repo without a transformers
@@ -48,6 +50,17 @@ SAFETENSORS_PATTERNS = ("model.safetensors", "model.safetensors.index.json",
                         "model-*-of-*.safetensors")
 PYTORCH_BIN_PATTERNS = ("pytorch_model.bin", "pytorch_model.bin.index.json",
                         "pytorch_model-*-of-*.bin")
+# A diffusers pipeline (``model_index.json``, no ``config.json``): the components
+# ``models.diffusion`` reads, in float32 safetensors (not the text encoders, not fp16 variants),
+# and the empty-prompt conditioning a repo prepared for feature extraction may carry.
+DIFFUSERS_CONFIG = "model_index.json"
+DIFFUSERS_PATTERNS = tuple(
+    f"{part}/{name}" for part in ("vae", "unet", "transformer")
+    for name in ("config.json", "diffusion_pytorch_model.safetensors",
+                 "diffusion_pytorch_model.safetensors.index.json",
+                 "diffusion_pytorch_model-*-of-*.safetensors")) + (
+    "scheduler/scheduler_config.json", "empty_prompt_embeds.npy",
+    "empty_prompt_pooled_embeds.npy")
 
 
 class HubError(ValueError):
@@ -142,6 +155,8 @@ def snapshot(repo_id: str, revision: str | None = None) -> HubSnapshot:
       path = download(PYTORCH_BIN_PATTERNS)
     if not (path / "config.json").is_file() and (path / OPEN_CLIP_CONFIG).is_file():
       path = _download_open_clip(path, download)
+    if not (path / "config.json").is_file() and (path / DIFFUSERS_CONFIG).is_file():
+      path = download(DIFFUSERS_PATTERNS)
   except errors.GatedRepoError:
     raise HubError(f"model {name!r} is gated on the Hugging Face Hub: accept its licence on the "
                    "Hub and set HF_TOKEN") from None
@@ -166,6 +181,15 @@ def snapshot(repo_id: str, revision: str | None = None) -> HubSnapshot:
     if not _has(path, OPEN_CLIP_WEIGHT_PATTERNS):
       raise HubError(f"model {name!r}: the cached OpenCLIP snapshot {path} has no weights "
                      f"({' or '.join(OPEN_CLIP_WEIGHT_PATTERNS)}); "
+                     f"{_fetch_hint(repo_id, revision)}")
+    return HubSnapshot(repo_id=repo_id, revision=revision, commit=path.name, path=path)
+  if not (path / "config.json").is_file() and (path / DIFFUSERS_CONFIG).is_file():
+    found = [part for part in ("vae", "unet", "transformer")
+             if (path / part / "diffusion_pytorch_model.safetensors").is_file()
+             or (path / part / "diffusion_pytorch_model.safetensors.index.json").is_file()]
+    if "vae" not in found or len(found) < 2:
+      raise HubError(f"model {name!r}: the cached diffusers snapshot {path} lacks the safetensors "
+                     "weights of its vae and unet / transformer; "
                      f"{_fetch_hint(repo_id, revision)}")
     return HubSnapshot(repo_id=repo_id, revision=revision, commit=path.name, path=path)
   if not (path / "config.json").is_file():
