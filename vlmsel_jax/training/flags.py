@@ -139,6 +139,22 @@ def config_from_flags(*, vision: str, llm: str, output_dir: str | None = None
       skip_bad_records=_SKIP_BAD.value, max_targets=_MAX_TARGETS.value)
 
 
+def _resolved_list(specs: list[str], flag: str, kind: str, what: str, plural: str
+                   ) -> tuple[list[str], list[str]]:
+  """(specs, names) once every spec resolves to a ``kind`` model with a distinct name."""
+  try:
+    resolved = [zoo.resolve(c) for c in specs]
+  except zoo.ZooError as e:
+    raise app.UsageError(f"{flag}: {e}") from None
+  for r in resolved:
+    if r.kind != kind:
+      raise app.UsageError(f"{flag}: {r.spec!r} is a {r.kind} model, not {what}")
+  names = [r.name for r in resolved]
+  if len(set(names)) != len(names):
+    raise app.UsageError(f"{flag}: duplicate {plural} in {', '.join(names)}")
+  return specs, names
+
+
 def vision_models(values: list[str], flag: str = "--vision_models"
                   ) -> tuple[list[str], list[str]]:
   """A vision list flag → (specs, names), for binaries that train one run per candidate.
@@ -148,17 +164,7 @@ def vision_models(values: list[str], flag: str = "--vision_models"
   specs = zoo.candidate_list(values or [])
   if not specs:
     raise app.UsageError(f"{flag} is required")
-  try:
-    resolved = [zoo.resolve(c) for c in specs]
-  except zoo.ZooError as e:
-    raise app.UsageError(f"{flag}: {e}") from None
-  for r in resolved:
-    if r.kind != "vision":
-      raise app.UsageError(f"{flag}: {r.spec!r} is a {r.kind} model, not a vision tower")
-  names = [r.name for r in resolved]
-  if len(set(names)) != len(names):
-    raise app.UsageError(f"{flag}: duplicate candidates in {', '.join(names)}")
-  return specs, names
+  return _resolved_list(specs, flag, "vision", "a vision tower", "candidates")
 
 
 def llm_models(values: list[str], flag: str = "--llm_models") -> tuple[list[str], list[str]]:
@@ -168,14 +174,4 @@ def llm_models(values: list[str], flag: str = "--llm_models") -> tuple[list[str]
     app.UsageError: an LLM spec that does not resolve, is not a text model, or is repeated.
   """
   specs = [x.strip() for x in values or [] if x.strip()]
-  try:
-    resolved = [zoo.resolve(x) for x in specs]
-  except zoo.ZooError as e:
-    raise app.UsageError(f"{flag}: {e}") from None
-  for r in resolved:
-    if r.kind != "text":
-      raise app.UsageError(f"{flag}: {r.spec!r} is a {r.kind} model, not an LLM")
-  names = [r.name for r in resolved]
-  if len(set(names)) != len(names):
-    raise app.UsageError(f"{flag}: duplicate LLMs in {', '.join(names)}")
-  return specs, names
+  return _resolved_list(specs, flag, "text", "an LLM", "LLMs")
