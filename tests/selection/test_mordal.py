@@ -1,6 +1,7 @@
 """Mordal: clustering, successive halving, scaling laws, cost accounting, the replay binary."""
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -486,3 +487,42 @@ def test_similarity_csv_round_trips_names_with_commas_quotes_and_hub_ids(tmp_pat
   # The file is plain CSV: any csv reader sees one field per name.
   header = next(csv.reader(open(path, newline="")))
   assert header == ["name", *names]
+
+
+def test_live_calls_answered_before_a_kill_are_answered_from_the_journal(tmp_path, monkeypatch):
+  """A search run again after a kill asks the same calls; a candidate's checkpoint may be past the
+  fraction asked, so the answer comes from the journal of answered calls, not from evaluating
+  that checkpoint. A torn last line (killed mid-write) is ignored; another recipe is a new call."""
+  from vlmsel_jax.models import vlm  # pylint: disable=g-import-not-at-top
+  from vlmsel_jax.selection import mordal_live  # pylint: disable=g-import-not-at-top
+  from vlmsel_jax.training import evaluate_run  # pylint: disable=g-import-not-at-top
+  from vlmsel_jax.training import loop  # pylint: disable=g-import-not-at-top
+
+  trained = []
+  monkeypatch.setattr(loop, "build_model", lambda config: None)
+  monkeypatch.setattr(loop, "train", lambda config, built: trained.append(
+      (config.vision, config.max_steps)) or {})
+  # The accuracy of "the checkpoint now": it grows with everything trained so far, as a
+  # continued run's would, so re-evaluating after more training gives another answer.
+  monkeypatch.setattr(evaluate_run, "evaluate", lambda config, **_: {
+      "vqa_accuracy": 0.1 * len(trained) + config.max_steps / 100})
+  base = loop.TrainConfig(vision="a", llm="l", stage=2, data="d", workdir=str(tmp_path / "runs"),
+                          vlm=vlm.VLMConfig(vision_layer=-2), max_steps=8)
+  grid = {("a", "l"): "a+l", ("b", "l"): "b+l"}
+
+  def trainer(recipe=base):
+    return mordal_live.LiveTrainer(recipe, grid, full_steps=8, eval_limit=4)
+
+  first = trainer()
+  answers = [first("a+l", 0.25), first("b+l", 0.25), first("a+l", 0.5)]
+  assert trained == [("a", 2), ("b", 2), ("a", 4)]
+  journal = tmp_path / "runs" / mordal_live.CALLS_FILE
+  journal.write_text(journal.read_text() + '{"key": "torn')  # killed while appending
+  again = trainer()
+  assert [again("a+l", 0.25), again("b+l", 0.25), again("a+l", 0.5)] == answers
+  assert len(trained) == 3  # nothing retrained or re-evaluated
+  again("b+l", 0.5)
+  assert trained[-1] == ("b", 4)
+  other = trainer(dataclasses.replace(base, seed=1))
+  other("a+l", 0.25)
+  assert trained[-1] == ("a", 2) and len(trained) == 5

@@ -15,17 +15,30 @@ from the recorded curves (``curves_csv``). With a ``progress.Progress``, each ca
 as it finishes (how many calls the search makes is not known in advance, so it is a count, with
 the search's cost so far next to grid search's): ``[3] <vision>+<llm>  fraction 0.25  accuracy
 0.4120  steps 160  search cost 480 of grid 16640 steps  (4.1 min; 12 min so far)``, or ``(done
-before)`` when the checkpoint already had those steps (a search run again after a kill).
+before)`` when the call was answered before.
+
+A search killed and run again makes the same calls in the same order, but a candidate's
+checkpoint may already be past the fraction a call asks for, and evaluating it would answer for
+the wrong fraction. So every answered call is appended to ``<workdir>/mordal_live_calls.jsonl``
+(keyed by the full training config of the call) before the next one starts, and a call found
+there is answered from it: the search run again retraces the killed one exactly.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 from typing import Sequence
 
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
 from vlmsel_jax import zoo
 from vlmsel_jax.runtime import atomic
+from vlmsel_jax.runtime import parallel
 from vlmsel_jax.selection import mordal
 from vlmsel_jax.selection import tables
 from vlmsel_jax.training import evaluate_run
@@ -99,6 +112,8 @@ class LiveTrainer:
     self.records: list[dict] = []
     self.progress = progress
     self.reached: dict[str, int] = {}  # candidate → the most steps trained (its cost so far)
+    self.journal = os.path.join(base.workdir, CALLS_FILE)
+    self.answered = _read_calls(self.journal)
 
   def config_for(self, candidate: str, steps: int) -> loop.TrainConfig:
     vision, llm = self.by_name[candidate]
@@ -111,11 +126,20 @@ class LiveTrainer:
       raise mordal.MordalError(f"unknown candidate {candidate!r}")
     steps = max(1, round(fraction * self.full_steps))
     config = self.config_for(candidate, steps)
-    built = loop.build_model(config)
-    summary = loop.train(config, built=built)
-    result = evaluate_run.evaluate(config, built=built, metrics=("vqa",), limit=self.eval_limit,
-                                   batch_size=self.eval_batch_size, progress=False)
-    accuracy = float(result["vqa_accuracy"])
+    key = self._call_key(config)
+    accuracy = _agreed(self.answered.get(key, float("nan")))
+    answered_before = not np.isnan(accuracy)
+    if not answered_before:
+      built = loop.build_model(config)
+      loop.train(config, built=built)
+      result = evaluate_run.evaluate(config, built=built, metrics=("vqa",), limit=self.eval_limit,
+                                     batch_size=self.eval_batch_size, progress=False)
+      accuracy = float(result["vqa_accuracy"])
+      self.answered[key] = accuracy
+      if parallel.is_primary():
+        atomic.makedirs(self.base.workdir)
+        atomic.append_text(self.journal, json.dumps({"key": key, "candidate": candidate,
+                                                     "steps": steps, "accuracy": accuracy}) + "\n")
     vision, llm = self.by_name[candidate]
     self.records.append({"candidate": candidate, "vision": vision, "llm": llm,
                          "data_fraction": fraction, "accuracy": accuracy, "cost": float(steps)})
@@ -124,11 +148,17 @@ class LiveTrainer:
       grid = len(self.by_name) * self.full_steps
       fields = [candidate, f"fraction {fraction:g}", f"accuracy {accuracy:.4f}", f"steps {steps}",
                 f"search cost {sum(self.reached.values())} of grid {grid} steps"]
-      if summary.get("resumed_from", 0) >= steps:  # Trained this far before: evaluated only.
+      if answered_before:
         self.progress.done_before(fields)
       else:
         self.progress.done(fields)
     return accuracy, float(steps)
+
+  def _call_key(self, config: loop.TrainConfig) -> str:
+    """What identifies a call's answer: its whole training config and the evaluation's size."""
+    described = json.dumps([dataclasses.asdict(config), self.eval_limit], sort_keys=True,
+                           default=str)
+    return hashlib.sha256(described.encode()).hexdigest()
 
   def curves_csv(self) -> str:
     """What was trained, in the replay table's format (columns of ``--curves``)."""
@@ -139,6 +169,31 @@ class LiveTrainer:
         seen.add(key)
         rows.append(row)
     return atomic.csv_text(rows, list(tables.CURVE_COLUMNS))
+
+
+CALLS_FILE = "mordal_live_calls.jsonl"
+
+
+def _read_calls(path: str) -> dict[str, float]:
+  """The answered calls of ``path`` (key → accuracy); a line cut short by a kill is ignored."""
+  if not atomic.isfile(path):
+    return {}
+  answered = {}
+  with atomic.open_text(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+        answered[str(record["key"])] = float(record["accuracy"])
+      except (ValueError, KeyError, TypeError):
+        continue
+  return answered
+
+
+def _agreed(value: float) -> float:
+  """Process 0's answer on every process (hosts with their own disks read their own journal)."""
+  if jax.process_count() == 1:
+    return value
+  return float(multihost_utils.broadcast_one_to_all(np.float64(value)))
 
 
 def live_payload(result: mordal.MordalResult, trainer: LiveTrainer,
