@@ -131,7 +131,7 @@ def test_groundtruth_then_score_report(world, capsys, monkeypatch):
           "--metrics=gw,cka,rsa,mutual_knn", "--knn_k=3", "--c_score_pairs=homography",
           "--c_score_images=astronaut", "--c_score_pairs_per_image=1", "--c_score_keypoints=8",
           f"--ground_truth={output}", "--ground_truth_scores=a_score", "--progress=false",
-          f"--output_dir={out_dir}"]
+          "--bootstrap=40", "--permutations=39", "--gw_bootstrap=2", f"--output_dir={out_dir}"]
   _run(score, argv)
   result = json.load(open(out_dir / "scores.json"))
   assert result["candidates"] == world["names"]
@@ -157,6 +157,17 @@ def test_groundtruth_then_score_report(world, capsys, monkeypatch):
   assert (f"standard deviation over seeds of 1 candidate(s) trained more than once is "
           f"{std:.4f} on average") in report
   assert os.path.getsize(out_dir / "scores.png") > 10_000
+  # Intervals for the scores of the pairs, none for scores measured elsewhere; the judgement's
+  # intervals resample vit_a's accuracy within its two seeds' spread.
+  intervals = result["uncertainty"]["candidates"]["vit_a"]
+  assert intervals["cka"]["ci_low"] <= intervals["cka"]["ci_high"]
+  assert np.isnan(intervals["gw"]["p_value"]) and 0 < intervals["rsa"]["p_value"] <= 1
+  assert "c_score" not in intervals and "a_score" not in intervals
+  assert {f"{k}_ci_low" for k in ("pearson", "spearman", "kendall", "weighted_tau")} <= set(
+      result["evaluation"]["cka"])
+  if float(summary["vit_a"]["accuracy_std"]) > 0:
+    assert "the ground truth of vit_a redrawn within its seed noise" in report
+  assert "### What each score resolves" in report
 
   # A re-run reuses every bank and C score (the cache), and gives the same numbers.
   _run(score, argv)

@@ -7,12 +7,14 @@ r"""Scores candidate encoders against an LLM's text features, without training.
       --text_model=smollm2-135m --data_dir=data/pairs --cache_dir=banks --output_dir=runs/score
 
 Writes scores.csv, scores.json, report.md and scores.png into --output_dir (atomically), and
-vision_cka.csv: the candidates' linear CKA with one another, the vision similarity Mordal
-clusters by (``vlmsel_jax.select --method=mordal --vision_similarity``). --output_dir and
+vision_cka.csv / vision_cka.png: the candidates' linear CKA with one another, the vision
+similarity Mordal clusters by (``vlmsel_jax.select --method=mordal --vision_similarity``).
+--output_dir and
 --cache_dir (and --ground_truth) may be bucket paths (``gs://bucket/run``: any ``etils.epath``
 URI; see ``vlmsel_jax.runtime.atomic``). The work is ``vlmsel_jax.scoring.pipeline.run``; the
 metric flags are ``vlmsel_jax.scoring.flags``', the C-score flags
-``vlmsel_jax.scoring.c_score_flags``'.
+``vlmsel_jax.scoring.c_score_flags``', the interval flags (--bootstrap, --permutations,
+--confidence) ``vlmsel_jax.scoring.uncertainty_flags``'.
 
 On several hosts (a TPU pod slice, or --coordinator_address/--num_processes/--process_id),
 every process runs the same command: GW candidates are sharded over the devices of all hosts,
@@ -31,6 +33,7 @@ from vlmsel_jax.runtime import flags as runtime_flags
 from vlmsel_jax.scoring import c_score_flags
 from vlmsel_jax.scoring import flags as scoring_flags
 from vlmsel_jax.scoring import pipeline
+from vlmsel_jax.scoring import uncertainty_flags
 
 
 BANKS = flags.DEFINE_list(
@@ -49,7 +52,8 @@ SYNTHETIC_POOL = flags.DEFINE_bool(
 SYNTHETIC_N = flags.DEFINE_integer("synthetic_n", 500, "Samples in the synthetic pool.",
                                    lower_bound=4)
 SEED = flag_util.shared(flags.DEFINE_integer, "seed", 0, "Seed of every random choice "
-                        "(scoring: synthetic pool, minibatch order).")
+                        "(scoring: synthetic pool, minibatch order, bootstrap and permutation "
+                        "draws).")
 GROUND_TRUTH = flag_util.shared(
     flags.DEFINE_string, "ground_truth", None, "CSV with columns 'candidate' and "
     "--ground_truth_column (e.g. trained VLM accuracy); adds the table of every score's "
@@ -89,7 +93,10 @@ def config() -> pipeline.ScoreConfig:
       c_score_options=c_score_flags.record_options(SEED.value),
       metrics=scoring_flags.METRICS.value, settings=scoring_flags.settings(SEED.value),
       ground_truth=GROUND_TRUTH.value, ground_truth_column=GROUND_TRUTH_COLUMN.value,
-      ground_truth_scores=GROUND_TRUTH_SCORES.value, progress=PROGRESS.value)
+      ground_truth_scores=GROUND_TRUTH_SCORES.value,
+      uncertainty=uncertainty_flags.options(SEED.value,
+                                            gw_bootstrap=scoring_flags.GW_BOOTSTRAP.value),
+      progress=PROGRESS.value)
 
 
 def run() -> list[str]:

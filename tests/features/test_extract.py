@@ -402,7 +402,7 @@ def test_score_extracts_from_model_specs_then_scores(setup, tmp_path):
   flags(["score", f"--vision_models={setup['specs'][0]},{setup['specs'][1]}",
          f"--text_model={setup['specs'][2]}", f"--data_dir={setup['data']}",
          f"--cache_dir={cache}", "--metrics=cka,rsa", f"--output_dir={tmp_path / 'out'}",
-         "--noprogress"])
+         "--noprogress", "--bootstrap=0", "--permutations=0"])
   try:
     score.run()
   finally:

@@ -409,7 +409,8 @@ def test_score_binary_writes_output_dir_to_a_bucket_as_locally(gcs, tmp_path):
   local = tmp_path / "local_out"
   written_local = _score([f"--output_dir={local}"])
   written = _score([f"--output_dir=gs://{BUCKET}/runs/score"])
-  names = sorted(["scores.json", "scores.csv", "scores.png", "report.md", "vision_cka.csv"])
+  names = sorted(["scores.json", "scores.csv", "scores.png", "report.md", "vision_cka.csv",
+                  "vision_cka.png"])
   assert [os.path.basename(p) for p in written_local] == names
   assert written == [f"gs://{BUCKET}/runs/score/{n}" for n in names]
   # Nothing else (no staging), but the manifest naming the result's files, written last.
@@ -430,7 +431,7 @@ def test_score_binary_writes_output_dir_to_a_bucket_as_locally(gcs, tmp_path):
                   "--ground_truth_column=cka"])
   assert json.loads(_get(gcs, "runs/again/scores.json"))["evaluation"]["cka"]["spearman"] == (
       pytest.approx(1.0))
-  assert len(again) == 5
+  assert len(again) == 6  # vision_cka.png too
 
 
 def test_selection_result_files_and_tables_in_a_bucket(gcs, tmp_path):

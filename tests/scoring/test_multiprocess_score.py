@@ -23,7 +23,10 @@ from vlmsel_jax.scores import gw
 N = 160  # Above the ~150 where host callbacks in multi-device programs hung (gw.py).
 K = 16  # The 12-candidate synthetic pool, cycled with different row subsets.
 TIMEOUT_S = 240
-FLAGS = ["--metrics=gw,cka", "--gw_anneal_iterations=5", "--gw_iterations=20", "--noprogress"]
+# Intervals off: their replicates would multiply the run time of every process (they are tested
+# in test_uncertainty.py on one process).
+FLAGS = ["--metrics=gw,cka", "--gw_anneal_iterations=5", "--gw_iterations=20", "--noprogress",
+         "--bootstrap=0", "--permutations=0"]
 
 
 def _pool():

@@ -21,7 +21,8 @@ from vlmsel_jax.scores import gw
 from vlmsel_jax.selection import tables as sel_tables
 
 FLAGS = flags.FLAGS
-FAST = ["--gw_anneal_iterations=10", "--noprogress"]
+# Intervals are tested in test_uncertainty.py; here they would only add their replicates' time.
+FAST = ["--gw_anneal_iterations=10", "--noprogress", "--bootstrap=0", "--permutations=0"]
 
 
 def _run(argv):
@@ -55,7 +56,7 @@ def test_synthetic_pool_outputs(tmp_path):
   written = _run(["--synthetic_pool", "--synthetic_n=60", "--metrics=gw,cka,rsa,mutual_knn",
                   f"--output_dir={out}"])
   assert sorted(os.path.basename(p) for p in written) == [
-      "report.md", "scores.csv", "scores.json", "scores.png", "vision_cka.csv"]
+      "report.md", "scores.csv", "scores.json", "scores.png", "vision_cka.csv", "vision_cka.png"]
   data = json.load(open(os.path.join(out, "scores.json")))
   assert data["candidates"][0] == "isometric" and len(data["candidates"]) == 12
   assert set(data["rankings"]) == {"gw", "cka", "rsa", "mutual_knn"}

@@ -150,7 +150,8 @@ def test_score_binary_scores_hub_models_offline(hub, tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "vlmsel_jax.score", f"--vision_models={','.join(vision)}",
        f"--text_model={hf.QWEN2}", f"--data_dir={hub['data']}", f"--cache_dir={tmp_path / 'c'}",
-       "--metrics=cka,rsa", f"--output_dir={out}", "--noprogress"],
+       "--metrics=cka,rsa", f"--output_dir={out}", "--noprogress", "--bootstrap=0",
+       "--permutations=0"],
       env=_env(hub), capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(out / "scores.csv", newline="") as f:

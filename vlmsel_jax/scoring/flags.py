@@ -82,6 +82,11 @@ CCA_PCA_VARIANCE = flags.DEFINE_float("cca_pca_variance", 0.99, "Variance kept b
                                       "before CCA.", lower_bound=0.0, upper_bound=1.0)
 SVCCA_KEEP = flags.DEFINE_float("svcca_keep", 0.99, "Variance kept by SVCCA's SVD step.",
                                 lower_bound=0.0, upper_bound=1.0)
+GW_BOOTSTRAP = flags.DEFINE_integer(
+    "gw_bootstrap", 50, "GW's bootstrap replicates (at most --bootstrap): each one cheap "
+    "entropic solve without polish (vlmsel_jax.scoring.uncertainty.GW_REPLICATE_OPTIONS), since "
+    "the annealed solver per replicate would cost as much as the whole run per replicate.",
+    lower_bound=0)
 MINIBATCH_SIZE = flags.DEFINE_integer("minibatch_size", 256, "Batch size of minibatch CKA.",
                                       lower_bound=4)
 

@@ -28,6 +28,7 @@ from vlmsel_jax.runtime import result_dir
 from vlmsel_jax.scoring import pool
 from vlmsel_jax.scoring import report
 from vlmsel_jax.scoring import synthetic
+from vlmsel_jax.scoring import uncertainty as uncertainty_lib
 from vlmsel_jax.scores import checks
 from vlmsel_jax.scores import cka
 
@@ -74,6 +75,8 @@ class ScoreConfig:
   ground_truth: str | None = None
   ground_truth_column: str = "accuracy"
   ground_truth_scores: Sequence[str] = ()
+  # Intervals, p-values and ranking stability (uncertainty.py); None or all zero = none.
+  uncertainty: uncertainty_lib.UncertaintyOptions | None = None
   progress: bool = True
 
 
@@ -101,10 +104,6 @@ def read_ground_truth(path: str, column: str) -> dict[str, float]:
                          "must be a finite number)")
   if not truth:
     raise InputError(f"{path}: no candidates (the file has a header and no rows)")
-  if len(truth) > 1 and len(set(truth.values())) == 1:
-    # Every correlation with it is undefined and every selection is "right": nothing to judge.
-    raise InputError(f"{path}: {column} is {next(iter(truth.values()))} for every candidate, so "
-                     "no score can be judged against it")
   return truth
 
 
@@ -231,6 +230,25 @@ def _preamble(config: ScoreConfig, text: feature_bank.FeatureBank, names: list[s
   return " ".join(lines)
 
 
+def read_ground_truth_sd(path: str, column: str) -> dict[str, float]:
+  """Candidate → standard error over seeds of its ground truth: ``<column>_std`` / √(seeds).
+
+  The number of seeds is the count of the ``seeds`` column's entries ("0 1" = 2), else 1. A
+  candidate trained once (no ``_std``) gets 0: its seed noise is unknown, not absent.
+  """
+  with atomic.open_text(path, newline="") as f:
+    rows = list(csv.DictReader(f))
+  out = {}
+  for row in rows:
+    try:
+      std = float(row.get(column + "_std") or "nan")
+    except ValueError:
+      std = float("nan")
+    seeds = max(1, len((row.get("seeds") or "").split()))
+    out[row["candidate"]] = std / math.sqrt(seeds) if math.isfinite(std) else 0.0
+  return out
+
+
 def _ground_truth_spread(path: str, column: str) -> str:
   """A sentence on the ground truth's seed-to-seed noise (its ``<column>_std``), if recorded."""
   with atomic.open_text(path, newline="") as f:
@@ -287,9 +305,21 @@ def _run(config: ScoreConfig) -> list[str]:
   if config.c_score_pairs:
     precomputed["c_score"] = _c_scores(config, names)
   settings = config.settings
+  scored = time.time()
   result = pool.score_pool(names, feats, text, metric_names, settings, ground_truth=truth,
                            show_progress=config.progress and parallel.is_primary(),
                            precomputed=precomputed)
+  scored = time.time() - scored
+  uncertainty_seconds = uncertainty_cpu = 0.0
+  if config.uncertainty is not None and config.uncertainty.enabled:
+    uncertainty_seconds, uncertainty_cpu = time.time(), time.process_time()
+    if truth is not None and config.ground_truth:
+      sd = read_ground_truth_sd(config.ground_truth, config.ground_truth_column)
+      result.ground_truth_sd = {n: sd.get(n, 0.0) for n in names}
+    pool.add_uncertainty(result, feats, text, settings, config.uncertainty,
+                         show_progress=config.progress and parallel.is_primary())
+    uncertainty_seconds = time.time() - uncertainty_seconds
+    uncertainty_cpu = time.process_time() - uncertainty_cpu
   import jax  # pylint: disable=g-import-not-at-top
   run_info = {
       "candidates": len(names), "samples": int(text.shape[0]),
@@ -299,12 +329,26 @@ def _run(config: ScoreConfig) -> list[str]:
       "devices": f"{jax.device_count()} × {jax.devices()[0].platform}",
       "processes": jax.process_count(),
       "seconds": round(time.time() - start, 1),
+      "scoring_seconds": round(scored, 1),
+      "uncertainty_seconds": round(uncertainty_seconds, 1),
+      # CPU seconds (all threads): comparable across runs on a machine shared with others.
+      "uncertainty_cpu_seconds": round(uncertainty_cpu, 1),
       "total_seconds (extraction included)": round(time.time() - run_start, 1),
   }
+  if config.uncertainty is not None and config.uncertainty.enabled:
+    u = config.uncertainty
+    run_info["uncertainty"] = (f"bootstrap {u.bootstrap} (GW {min(u.gw_bootstrap, u.bootstrap)}),"
+                               f" permutations {u.permutations}, confidence {u.confidence}, "
+                               f"seed {u.seed}")
+    run_info["uncertainty_cpu_seconds by metric"] = ", ".join(
+        f"{m} {r.cpu_seconds:.1f}" for m, r in result.uncertainty.items())
   if not parallel.is_primary():
     return []
   title = ("Encoder selection: training-free scores" +
            (" (synthetic demo pool)" if config.synthetic_pool else ""))
+  vision_cka = cka.linear_cka_matrix(feats)
   return report.write_outputs(
       result, config.output_dir, title=title, preamble=preamble, run_info=run_info,
-      extra={VISION_CKA_FILE: report.similarity_csv(names, cka.linear_cka_matrix(feats))})
+      extra={VISION_CKA_FILE: report.similarity_csv(names, vision_cka)},
+      figures={report.VISION_CKA_PNG: lambda path: report.similarity_heatmap(
+          names, vision_cka, path)})

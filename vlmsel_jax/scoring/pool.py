@@ -14,6 +14,7 @@ import numpy as np
 from tqdm import auto as tqdm
 
 from vlmsel_jax.scoring import metrics as rank_metrics
+from vlmsel_jax.scoring import uncertainty as unc
 from vlmsel_jax.scores import checks
 from vlmsel_jax.scores import cka
 from vlmsel_jax.scores import gw
@@ -93,6 +94,13 @@ class PoolScores:
   selected: dict[str, list[str]] = dataclasses.field(default_factory=dict)
   evaluation: dict[str, dict[str, float]] | None = None  # metric → judgement vs ground truth
   ground_truth: dict[str, float] | None = None
+  # candidate → standard error of its ground truth over seeds (0 where trained once).
+  ground_truth_sd: dict[str, float] | None = None
+  # Resampling results (``add_uncertainty``): options, and per metric its MetricUncertainty and
+  # RankingStability; None when uncertainty was not asked for.
+  uncertainty_options: unc.UncertaintyOptions | None = None
+  uncertainty: dict[str, unc.MetricUncertainty] = dataclasses.field(default_factory=dict)
+  stability: dict[str, unc.RankingStability] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     # Ranks and selections follow from the values; computed here so that every PoolScores has
@@ -123,7 +131,36 @@ class PoolScores:
                                "solver": r.solver} for c, r in self.diagnostics.items()},
         "ground_truth": self.ground_truth,
         "evaluation": self.evaluation,
+        **({"uncertainty": self.uncertainty_json()} if self.uncertainty_options else {}),
     }
+
+  def unresolved(self, m: str) -> list[list[str]]:
+    """The candidates in predicted order, grouped where metric ``m`` cannot tell them apart."""
+    return unc.unresolved_groups(self.candidates, [self.values[m][c] for c in self.candidates],
+                                 self.stability[m].resolved, METRICS[m].higher_is_better)
+
+  def uncertainty_json(self) -> dict[str, Any]:
+    """Every interval: per candidate and metric, and per metric its resolved pairs."""
+    def num(v) -> float:
+      return float(v)
+    per_candidate: dict[str, dict[str, dict[str, float]]] = {c: {} for c in self.candidates}
+    per_metric = {}
+    for m, u in self.uncertainty.items():
+      st = self.stability.get(m)
+      for i, c in enumerate(self.candidates):
+        per_candidate[c][m] = {
+            "value": self.values[m][c], "ci_low": num(u.ci_low[i]), "ci_high": num(u.ci_high[i]),
+            "p_value": num(u.p_value[i]), "calibrated": num(u.calibrated[i]),
+            "p_top1": num(st.p_top1[i]) if st is not None else float("nan")}
+      resolved = ([] if st is None else
+                  [[a, b] for i, a in enumerate(self.candidates)
+                   for j, b in enumerate(self.candidates) if i < j and st.resolved[i, j]])
+      per_metric[m] = {"bootstrap_replicates": int(u.replicates.shape[0]),
+                       "permutations": int(u.null.shape[0]), "note": u.note,
+                       "resolved_pairs": resolved,
+                       "unresolved_groups": self.unresolved(m) if st is not None else []}
+    return {"options": dataclasses.asdict(self.uncertainty_options),
+            "candidates": per_candidate, "metrics": per_metric}
 
 
 def _gw_values(names, feats, text, settings: ScoreSettings, progress) -> tuple[dict, dict]:
@@ -147,8 +184,15 @@ def score_pool(names: Sequence[str], candidates: Sequence[np.ndarray], text: np.
                settings: ScoreSettings = ScoreSettings(),
                ground_truth: Mapping[str, float] | None = None,
                show_progress: bool = True,
-               precomputed: Mapping[str, Mapping[str, float]] | None = None) -> PoolScores:
+               precomputed: Mapping[str, Mapping[str, float]] | None = None,
+               uncertainty: unc.UncertaintyOptions | None = None,
+               ground_truth_sd: Mapping[str, float] | None = None) -> PoolScores:
   """Scores each candidate's features against ``text`` (rows paired) with every metric.
+
+  With ``uncertainty`` (options that are ``enabled``), every score of the paired samples gets a
+  bootstrap interval, a permutation p-value and its ranking stability, and every judgement its
+  intervals and p-values (``add_uncertainty``); ``ground_truth_sd`` (candidate → standard error
+  of its ground truth over seeds) lets the judgement resample the ground truth within it.
 
   ``precomputed`` maps a metric of ``PRECOMPUTED`` (e.g. the C score, measured on keypoint pairs
   rather than the banks) to its value per candidate; those metrics are ranked and judged like
@@ -219,7 +263,47 @@ def score_pool(names: Sequence[str], candidates: Sequence[np.ndarray], text: np.
     for m in metric_names:
       predicted = rank_metrics.orient([values[m][n] for n in names], METRICS[m].higher_is_better)
       evaluation[m] = rank_metrics.all_metrics(truth, predicted)
-  return PoolScores(candidates=names, metrics=metric_names, values=values, rankings=rankings,
-                    diagnostics=diagnostics, evaluation=evaluation,
-                    ground_truth=None if ground_truth is None else
-                    {n: float(ground_truth[n]) for n in names})
+  result = PoolScores(candidates=names, metrics=metric_names, values=values, rankings=rankings,
+                      diagnostics=diagnostics, evaluation=evaluation,
+                      ground_truth=None if ground_truth is None else
+                      {n: float(ground_truth[n]) for n in names},
+                      ground_truth_sd=None if ground_truth is None else
+                      {n: float((ground_truth_sd or {}).get(n, 0.0)) for n in names})
+  if uncertainty is not None and uncertainty.enabled:
+    add_uncertainty(result, feats, text, settings, uncertainty, show_progress)
+  return result
+
+
+def add_uncertainty(result: PoolScores, feats: Sequence[np.ndarray], text: np.ndarray,
+                    settings: ScoreSettings, options: unc.UncertaintyOptions,
+                    show_progress: bool = False) -> None:
+  """Fills ``result``'s intervals, p-values, ranking stability and judgement intervals.
+
+  The bootstrap and permutation draws are shared by every candidate and metric
+  (``uncertainty`` module docstring); precomputed scores get none.
+  """
+  result.uncertainty_options = options
+  sides: dict = {}
+  resampled = [m for m in result.metrics if m in unc.RESAMPLED]
+  with tqdm.tqdm(total=len(resampled), desc="uncertainty", unit="metric",
+                 disable=not show_progress) as bar:
+    for m in resampled:
+      bar.set_postfix_str(m)
+      u = unc.score_uncertainty(m, result.candidates, feats, text, result.values[m], settings,
+                                options, sides, higher_is_better=METRICS[m].higher_is_better)
+      result.uncertainty[m] = u
+      if u.replicates.shape[0]:
+        result.stability[m] = unc.ranking_stability(u.replicates, METRICS[m].higher_is_better,
+                                                    options.confidence)
+      bar.update(1)
+  if result.evaluation is None:
+    return
+  truth = np.array([result.ground_truth[c] for c in result.candidates])
+  sd = np.array([result.ground_truth_sd[c] for c in result.candidates])
+  for m in result.metrics:
+    u = result.uncertainty.get(m)
+    reps = u.replicates if u is not None and u.replicates.shape[0] else None
+    result.evaluation[m].update(unc.judgement_uncertainty(
+        [result.values[m][c] for c in result.candidates], truth,
+        higher_is_better=METRICS[m].higher_is_better, options=options, truth_sd=sd,
+        score_replicates=reps))

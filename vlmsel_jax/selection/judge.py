@@ -14,7 +14,8 @@ the reverse), a task present in one and not the other, a duplicate row, a non-fi
 is a ``JudgeError`` whose one-line message names the file, line, task or candidate.
 
 ``select --method=judge`` (``judge_cli``) runs ``judge_files``; its markdown and plot are
-``reports.judge_markdown`` and ``figures.judge_bars``.
+``reports.judge_markdown`` and ``figures.judge_bars``. With ``--bootstrap`` / ``--permutations``
+each task's judgement gets intervals and p-values (``vlmsel_jax.scoring.uncertainty``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import numpy as np
 from vlmsel_jax.runtime import atomic
 from vlmsel_jax.scoring import metrics as rank_metrics
 from vlmsel_jax.scoring import pool as scoring
+from vlmsel_jax.scoring import uncertainty as unc
 
 DEFAULT_KS = (1, 3, 5)
 
@@ -106,6 +108,25 @@ def read_long_table(path: str, value_column: str) -> dict[str, dict[str, float]]
 def read_truth(path: str, column: str = "accuracy") -> dict[str, dict[str, float]]:
   """The ground truth ``candidate,task,accuracy`` as task → candidate → accuracy."""
   return read_long_table(path, column)
+
+
+def read_truth_sd(path: str, column: str = "accuracy") -> dict[str, dict[str, float]]:
+  """task → candidate → standard error over seeds of the ground truth (0 where unknown).
+
+  ``<column>_std`` / √(number of entries of ``seeds``), as the groundtruth binary writes them;
+  a table without a ``<column>_std`` column gives {}.
+  """
+  reader, f = _open_csv(path, ("candidate", "task"))
+  out: dict[str, dict[str, float]] = {}
+  with f:
+    if column + "_std" not in (reader.fieldnames or []):
+      return {}
+    for line, row in enumerate(reader, start=2):
+      text = (row[column + "_std"] or "").strip()
+      std = parse_float(text, f"{path}:{line}", column + "_std") if text else 0.0
+      seeds = max(1, len((row.get("seeds") or "").split()))
+      out.setdefault(row["task"].strip(), {})[row["candidate"].strip()] = std / math.sqrt(seeds)
+  return out
 
 
 def is_score_binary_csv(path: str) -> bool:
@@ -287,7 +308,8 @@ def mean_over_tasks(per_task: Mapping[str, Mapping[str, float]], keys: Sequence[
 
 def judge(truth: Mapping[str, Mapping[str, float]], methods: Sequence[MethodScores], *,
           truth_path: str = "ground truth", tasks: Sequence[str] | None = None,
-          ks: Sequence[int] = DEFAULT_KS) -> dict[str, Any]:
+          ks: Sequence[int] = DEFAULT_KS, uncertainty: unc.UncertaintyOptions | None = None,
+          truth_sd: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, Any]:
   """Judges every method against the ground truth on every task.
 
   Args:
@@ -297,6 +319,11 @@ def judge(truth: Mapping[str, Mapping[str, float]], methods: Sequence[MethodScor
     truth_path: names the ground truth in error messages.
     tasks: the tasks to judge on (default: every ground-truth task); each must be in the truth.
     ks: the k of NDCG@k and Recall@k.
+    uncertainty: when enabled, each task's judgement also gets ``<correlation>_ci_low``,
+      ``_ci_high`` and ``_p_value`` for Pearson, Spearman, Kendall and weighted τ and
+      ``top1_regret_ci_low`` / ``_ci_high`` (``uncertainty.judgement_uncertainty``: a bootstrap
+      over the candidates, the ground truth redrawn within ``truth_sd``, task → candidate →
+      standard error over seeds, where given; permutation p-values).
 
   Returns:
     {"tasks", "ks", "metrics", "methods": {name: {"higher_is_better", "per_task": {task:
@@ -324,9 +351,19 @@ def judge(truth: Mapping[str, Mapping[str, float]], methods: Sequence[MethodScor
                        "non-negative gains")
   keys = metric_names(ks)
   out: dict[str, Any] = {"tasks": list(tasks), "ks": list(ks), "metrics": keys, "methods": {}}
+  if uncertainty is not None and uncertainty.enabled:
+    out["uncertainty"] = dataclasses.asdict(uncertainty)
   for m in methods:
     _check_match(m, truth, truth_path, tasks)
     per_task = {t: judge_scores(truth[t], m.values[t], m.higher_is_better, ks) for t in tasks}
+    if uncertainty is not None and uncertainty.enabled:
+      for t in tasks:
+        names_t = sorted(truth[t])
+        sd = (truth_sd or {}).get(t, {})
+        per_task[t].update(unc.judgement_uncertainty(
+            [m.values[t][c] for c in names_t], [truth[t][c] for c in names_t],
+            higher_is_better=m.higher_is_better, options=uncertainty,
+            truth_sd=[sd.get(c, 0.0) for c in names_t]))
     out["methods"][m.name] = {
         "higher_is_better": m.higher_is_better,
         "per_task": per_task,
@@ -344,7 +381,8 @@ def cutoffs(k: int) -> tuple[int, ...]:
 
 def judge_files(truth_path: str, score_specs: Sequence[str], *, column: str = "accuracy",
                 lower_is_better: Iterable[str] = (), tasks: Sequence[str] | None = None,
-                ks: Sequence[int] = DEFAULT_KS) -> dict[str, Any]:
+                ks: Sequence[int] = DEFAULT_KS,
+                uncertainty: unc.UncertaintyOptions | None = None) -> dict[str, Any]:
   """``judge`` of the score files ``score_specs`` (``[label=]path[:task]``, see ``load_methods``)
   against the ground-truth CSV ``truth_path`` (accuracy in ``column``); the result also names
   its inputs (``ground_truth``, ``scores``)."""
@@ -354,7 +392,9 @@ def judge_files(truth_path: str, score_specs: Sequence[str], *, column: str = "a
     raise JudgeError("--scores is required (one or more score files)")
   truth = read_truth(truth_path, column)
   methods = load_methods(score_specs, sorted(truth), lower_is_better)
-  result = judge(truth, methods, truth_path=truth_path, tasks=tasks or None, ks=ks)
+  result = judge(truth, methods, truth_path=truth_path, tasks=tasks or None, ks=ks,
+                 uncertainty=uncertainty,
+                 truth_sd=read_truth_sd(truth_path, column) if uncertainty else None)
   result["ground_truth"] = truth_path
   result["scores"] = list(score_specs)
   return result

@@ -5,7 +5,9 @@ r"""``--method=judge``: judge score tables against a ground-truth table, per tas
       --output_dir=runs/judge
 
 Writes into ``--output_dir`` ``judge.json`` (``vlmsel_jax.selection.judge.judge``'s result), a
-markdown table and a bar plot beside it (``judge.md``, ``judge.png``).
+markdown table and a bar plot beside it (``judge.md``, ``judge.png``). --bootstrap,
+--permutations, --confidence and --seed give every task's correlations intervals and p-values
+(0 = none).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 from absl import flags
 
 from vlmsel_jax.runtime import flag_util
+from vlmsel_jax.scoring import uncertainty_flags
 from vlmsel_jax.selection import figures
 from vlmsel_jax.selection import judge
 from vlmsel_jax.selection import reports
@@ -40,7 +43,8 @@ def run(method: str) -> dict:
   result = judge.judge_files(GROUND_TRUTH.value, list(SCORES.value),
                              column=GROUND_TRUTH_COLUMN.value,
                              lower_is_better=LOWER_IS_BETTER.value, tasks=TASKS.value or None,
-                             ks=judge.cutoffs(flags.FLAGS.k))
+                             ks=judge.cutoffs(flags.FLAGS.k),
+                             uncertainty=uncertainty_flags.options(flags.FLAGS.seed))
   text = reports.judge_markdown(result, run_info={"ground_truth": GROUND_TRUTH.value,
                                                   "scores": ",".join(SCORES.value)})
   reports.write_result_files(flags.FLAGS.output_dir, method, result, text,

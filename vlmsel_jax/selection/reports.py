@@ -106,9 +106,34 @@ def judge_markdown(result: Mapping[str, Any], *,
     for name, m in result["methods"].items():
       lines.append(f"| {name} | {judge.fmt_pick(m['selects'][t])} | " +
                    " | ".join(fmt(m["per_task"][t][k]) for k in keys) + " |")
+    if "uncertainty" in result:
+      lines += _judge_intervals(result, t)
   if run_info:
     lines += _run_block(run_info)
   return "\n".join(lines) + "\n"
+
+
+def _judge_intervals(result: Mapping[str, Any], task: str) -> list[str]:
+  """One task's correlations with their intervals and permutation p-values."""
+  opts = result["uncertainty"]
+
+  def interval(v: Mapping[str, Any], key: str) -> str:
+    low, high = v.get(key + "_ci_low", math.nan), v.get(key + "_ci_high", math.nan)
+    return f"[{fmt(low)}, {fmt(high)}]" if math.isfinite(low) and math.isfinite(high) else "–"
+
+  lines = ["", f"{100 * opts['confidence']:g}% intervals (bootstrap over the candidates, "
+           f"{opts['bootstrap']} resamples, seed {opts['seed']}; the accuracy redrawn within its "
+           "seed noise where the table gives `_std`) and one-sided permutation p-values "
+           f"({opts['permutations']} shuffles):", "",
+           "| method | Pearson | Spearman | Kendall | weighted τ | top-1 regret |",
+           "|---|---|---|---|---|---|"]
+  for name, m in result["methods"].items():
+    v = m["per_task"][task]
+    cells = [f"{fmt(v[k])} {interval(v, k)} p {fmt(v.get(k + '_p_value', math.nan))}"
+             for k in ("pearson", "spearman", "kendall", "weighted_tau")]
+    cells.append(f"{fmt(v['top1_regret'])} {interval(v, 'top1_regret')}")
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  return lines
 
 
 def ac_policy_markdown(payload: Mapping[str, Any], targets: Sequence[str], k: int,
