@@ -210,6 +210,11 @@ def uncertainty_markdown(result: scoring.PoolScores) -> list[str]:
     lines.append(text)
   shown = [m for m in result.metrics if m in result.uncertainty]
   lines += ["", f"### Scores with {level} intervals", "",
+            # Why an interval may not contain its own score: worth saying where it is read.
+            "A resample repeats some images, and repeated pairs raise CKA, CCA and SVCCA above "
+            "their value on distinct images, so an interval can lie above the score itself. "
+            "Whether two candidates are resolved is read from each resample's difference, "
+            "where that shift largely cancels.", "",
             "| candidate | " + " | ".join(shown) + " |", "|---|" + "---|" * len(shown)]
   for i, c in enumerate(result.candidates):
     cells = [f"{_fmt(result.values[m][c])} "
