@@ -338,3 +338,10 @@ def test_ground_truth_seed_noise_is_the_standard_error_over_seeds(tmp_path):
   path.write_text("candidate,accuracy,accuracy_std,seeds\na,0.7,0.02,0 1\nb,0.6,,0\n")
   sd = pipeline.read_ground_truth_sd(str(path), "accuracy")
   assert sd == pytest.approx({"a": 0.02 / np.sqrt(2), "b": 0.0})
+
+
+def test_scores_json_writes_undefined_values_as_null():
+  """NaN is not JSON: GW's missing p-value and undefined correlations are written as null."""
+  payload = {"p": float("nan"), "v": [np.float32("inf"), 1.5, {"q": np.float64("nan")}], "n": 3}
+  text = json.dumps(report._finite_or_null(payload), allow_nan=False)  # pylint: disable=protected-access
+  assert json.loads(text) == {"p": None, "v": [None, 1.5, {"q": None}], "n": 3}

@@ -417,6 +417,17 @@ def similarity_csv(names: Sequence[str], matrix: np.ndarray) -> str:
   return buf.getvalue()
 
 
+def _finite_or_null(value: Any) -> Any:
+  """``value`` with every NaN or infinite float (NumPy's too) replaced by None, recursively."""
+  if isinstance(value, Mapping):
+    return {k: _finite_or_null(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_finite_or_null(v) for v in value]
+  if isinstance(value, (float, np.floating)) and not np.isfinite(value):
+    return None
+  return value
+
+
 def write_outputs(result: scoring.PoolScores, output_dir: str, *, title: str,
                   preamble: str = "", run_info: Mapping[str, Any] | None = None,
                   extra: Mapping[str, str] | None = None,
@@ -434,7 +445,9 @@ def write_outputs(result: scoring.PoolScores, output_dir: str, *, title: str,
 
   def fill(staging: str) -> None:
     with open(os.path.join(staging, "scores.json"), "w") as f:
-      json.dump(payload, f, indent=2, allow_nan=True)
+      # Standard JSON: an undefined value (GW's permutation p-value, a correlation with a
+      # constant ground truth) is null, which every JSON reader takes; NaN is not JSON.
+      json.dump(_finite_or_null(payload), f, indent=2, allow_nan=False)
       f.write("\n")
     with open(os.path.join(staging, "scores.csv"), "w") as f:
       f.write(scores_csv(result))
