@@ -74,11 +74,13 @@ def assert_cached_decoding_matches(model, lengths, seq, vocab, steps=3, seed=2):
     lengths = lengths + 1
 
 
-def write_gguf(path, arch, tensors, metadata, vocab_size):
-  """Writes a float32 GGUF file of ``arch``: ``tensors`` (GGUF name -> numpy array in torch's
-  layout; GGUF stores the reversed shape, as llama.cpp's converter does), ``metadata`` (key ->
+def write_gguf(path, arch, tensors, metadata, vocab_size, encode=None):
+  """Writes a GGUF file of ``arch``: ``tensors`` (GGUF name -> numpy array in torch's layout;
+  GGUF stores the reversed shape, as llama.cpp's converter does), ``metadata`` (key ->
   (value, GGUFValueType)) and a byte-level BPE vocabulary of ``vocab_size`` single characters
-  without merges (what ``load_gguf`` builds the tokenizer from)."""
+  without merges (what ``load_gguf`` builds the tokenizer from). Tensors are float32 unless
+  ``encode(name, array)`` returns ``(raw data, raw GGMLQuantizationType)`` for one (``None``:
+  float32)."""
   writer = gguf.GGUFWriter(str(path), arch)
   for key, (value, kind) in metadata.items():
     writer.add_key_value(key, value, kind)
@@ -90,7 +92,11 @@ def write_gguf(path, arch, tensors, metadata, vocab_size):
   writer.add_bos_token_id(0)
   writer.add_eos_token_id(1)
   for name, value in tensors.items():
-    writer.add_tensor(name, np.ascontiguousarray(value, np.float32))
+    encoded = encode(name, value) if encode else None
+    if encoded is None:
+      writer.add_tensor(name, np.ascontiguousarray(value, np.float32))
+    else:
+      writer.add_tensor(name, encoded[0], raw_dtype=encoded[1])
   writer.write_header_to_file()
   writer.write_kv_data_to_file()
   writer.write_tensors_to_file()

@@ -21,6 +21,7 @@ import torch
 import transformers
 
 import decoder_family_util as util
+import test_gguf_quants as quants
 from parity_util import decoder_inputs, torch_decoder_outputs
 from vlmsel_jax import zoo
 from vlmsel_jax.models.gguf import GGUFFile, hf_key
@@ -28,6 +29,7 @@ from vlmsel_jax.models.loading import CheckpointFileError, load_gguf
 from vlmsel_jax.models.phi3 import Phi3
 from vlmsel_jax.models.qwen3 import Qwen3
 
+Q = gguf.GGMLQuantizationType
 U32, F32 = gguf.GGUFValueType.UINT32, gguf.GGUFValueType.FLOAT32
 VOCAB = 128
 LAYER_NAMES = {  # Hugging Face module -> llama.cpp tensor, per layer
@@ -39,24 +41,21 @@ LAYER_NAMES = {  # Hugging Face module -> llama.cpp tensor, per layer
     "post_attention_layernorm": "ffn_norm"}
 
 
+def gguf_name(key):
+  """The llama.cpp tensor name of a Hugging Face Phi-3 / Qwen3 key."""
+  fixed = {"lm_head.weight": "output.weight", "model.embed_tokens.weight": "token_embd.weight",
+           "model.norm.weight": "output_norm.weight"}
+  if key in fixed:
+    return fixed[key]
+  layer, module, suffix = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", key).groups()
+  return f"blk.{layer}.{LAYER_NAMES[module]}.{suffix}"
+
+
 def _gguf_tensors(model):
   """The torch model's weights under llama.cpp's names (a tied head left out, as llama.cpp's
   converter leaves it out)."""
-  out = {}
-  for key, value in model.state_dict().items():
-    value = value.detach().numpy()
-    if key == "lm_head.weight":
-      if not model.config.tie_word_embeddings:
-        out["output.weight"] = value
-    elif key == "model.embed_tokens.weight":
-      out["token_embd.weight"] = value
-    elif key == "model.norm.weight":
-      out["output_norm.weight"] = value
-    else:
-      layer, module, suffix = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)",
-                                           key).groups()
-      out[f"blk.{layer}.{LAYER_NAMES[module]}.{suffix}"] = value
-  return out
+  return {gguf_name(key): value.detach().numpy() for key, value in model.state_dict().items()
+          if not (key == "lm_head.weight" and model.config.tie_word_embeddings)}
 
 
 def _torch_model(model_cls, config_cls, **config):
@@ -64,14 +63,15 @@ def _torch_model(model_cls, config_cls, **config):
   return util.randomise(model_cls(config_cls(vocab_size=VOCAB, **config)))
 
 
-def _qwen3_file(tmp_path, **overrides):
+def _qwen3_file(tmp_path, encode=None, **overrides):
   model = _torch_model(transformers.Qwen3ForCausalLM, transformers.Qwen3Config, **{
       "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
       "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 24,
       "tie_word_embeddings": True, **overrides})
   path = tmp_path / "tiny-qwen3.gguf"
   util.write_gguf(path, "qwen3", _gguf_tensors(model),
-                  util.llm_metadata("qwen3", model.config, head_dim=24), VOCAB)
+                  util.llm_metadata("qwen3", model.config, head_dim=model.config.head_dim), VOCAB,
+                  encode=encode)
   return path, model
 
 
@@ -79,14 +79,15 @@ PHI3_LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary
                  "short_factor": [1.0, 1.3, 1.9, 2.4], "long_factor": [1.5, 3.0, 7.0, 11.0]}
 
 
-def _phi3_file(tmp_path, skip=()):
-  """A Phi-3 with longrope (original context 8 of 256), half-rotary heads and a 5-token window,
-  written as llama.cpp's Phi3MiniModel converter writes it."""
-  model = _torch_model(
-      transformers.Phi3ForCausalLM, transformers.Phi3Config, hidden_size=64,
-      intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-      max_position_embeddings=256, original_max_position_embeddings=8, sliding_window=5,
-      pad_token_id=0, bos_token_id=1, eos_token_id=2, rope_parameters=PHI3_LONGROPE)
+def _phi3_file(tmp_path, skip=(), encode=None, **overrides):
+  """A Phi-3 with longrope (original context 8 of 256), half-rotary 16-wide heads and a 5-token
+  window, written as llama.cpp's Phi3MiniModel converter writes it."""
+  model = _torch_model(transformers.Phi3ForCausalLM, transformers.Phi3Config, **{
+      "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+      "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+      "original_max_position_embeddings": 8, "sliding_window": 5, "pad_token_id": 0,
+      "bos_token_id": 1, "eos_token_id": 2, "rope_parameters": PHI3_LONGROPE, **overrides})
+  assert model.config.hidden_size // model.config.num_attention_heads == 16
   metadata = util.llm_metadata("phi3", model.config, head_dim=16)
   del metadata["phi3.attention.key_length"], metadata["phi3.attention.value_length"]
   metadata.update({
@@ -101,7 +102,7 @@ def _phi3_file(tmp_path, skip=()):
   for name in skip:
     del tensors[name]
   path = tmp_path / "tiny-phi3.gguf"
-  util.write_gguf(path, "phi3", tensors, metadata, VOCAB)
+  util.write_gguf(path, "phi3", tensors, metadata, VOCAB, encode=encode)
   return path, model
 
 
@@ -206,3 +207,77 @@ def test_gguf_phi3_sentencepiece_tokenizer_equals_transformers(tmp_path, monkeyp
   assert ours(_SPM_TEXTS).input_ids == theirs(_SPM_TEXTS).input_ids
   for row in theirs(_SPM_TEXTS).input_ids:
     assert ours.decode(row) == theirs.decode(row)
+
+
+# ------------------------------------------------------------------------------------------------
+# Quantized files: the 2-D weights in the k-quant and Q8_0 types llama.cpp's usual recipes write
+# (Q4_K_M / Q5_K_M files mix Q4_K, Q5_K, Q6_K; Q8_0 files hold Q8_0), encoded by gguf or by the
+# hand-written ggml block encoders of test_gguf_quants.py. Each row length is a multiple of 256
+# (a k-quant super-block). The reference is the torch model holding the values each tensor
+# decodes to, so the tolerance stays float32's; this pins the fused Phi-3 tensors and Qwen3's
+# q/k norms of a quantized file to the right rows.
+
+QUANTIZED_TYPES = {"token_embd": Q.Q8_0, "output": Q.Q6_K, "attn_q": Q.Q4_K, "attn_k": Q.Q4_K,
+                   "attn_v": Q.Q6_K, "attn_qkv": Q.Q4_K, "attn_output": Q.Q5_K, "ffn_gate": Q.Q5_K,
+                   "ffn_up": Q.Q5_K, "ffn_down": Q.Q6_K}
+
+
+class _Quantizer:
+  """``write_gguf``'s ``encode``: every 2-D weight in its ``QUANTIZED_TYPES`` type, the values it
+  decodes to kept under its GGUF name."""
+
+  def __init__(self):
+    self.decoded, self.types = {}, {}
+
+  def __call__(self, name, value):
+    kind = name.split(".")[-2]
+    if value.ndim != 2 or not name.endswith(".weight") or kind not in QUANTIZED_TYPES:
+      return None
+    qtype = QUANTIZED_TYPES[kind]
+    raw = quants._quantize(value, qtype)
+    self.decoded[name] = gguf.quants.dequantize(raw, qtype).reshape(value.shape)
+    self.types[name] = qtype
+    return raw, qtype
+
+  def load_into(self, model):
+    """The torch model with every quantized weight replaced by its decoded values."""
+    state = model.state_dict()
+    for key in state:
+      name = gguf_name(key)
+      if name in self.decoded:
+        state[key] = torch.from_numpy(self.decoded[name].copy())
+    model.load_state_dict(state)
+    return model
+
+
+def _assert_quantized_file_matches(path, quantizer, torch_model, seqs=(7,)):
+  stored = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
+  assert {n: stored[n] for n in quantizer.types} == quantizer.types
+  assert len(set(quantizer.types.values())) >= 4
+  reference = quantizer.load_into(torch_model)
+  model, _, _ = load_gguf(path)
+  for seq in seqs:
+    ids, mask = decoder_inputs(seq=seq, vocab=VOCAB)
+    util.assert_matches(util.forward(model, ids, mask),
+                        *torch_decoder_outputs(reference, ids, mask), mask.astype(bool))
+  return model
+
+
+def test_gguf_quantized_qwen3_matches_transformers(tmp_path):
+  quantizer = _Quantizer()
+  path, torch_model = _qwen3_file(tmp_path, encode=quantizer, hidden_size=256,
+                                  intermediate_size=512, head_dim=64)
+  assert "blk.0.attn_q_norm.weight" not in quantizer.types  # norms stay float32
+  model = _assert_quantized_file_matches(path, quantizer, torch_model)
+  assert isinstance(model, Qwen3) and model.lm_head is None
+
+
+def test_gguf_quantized_phi3_matches_transformers(tmp_path):
+  quantizer = _Quantizer()
+  path, torch_model = _phi3_file(tmp_path, encode=quantizer, hidden_size=256,
+                                 intermediate_size=512, num_attention_heads=16,
+                                 num_key_value_heads=4)
+  assert quantizer.types["blk.0.attn_qkv.weight"] == Q.Q4_K
+  assert quantizer.decoded["blk.0.ffn_up.weight"].shape == (1024, 256)  # gate and up, fused
+  model = _assert_quantized_file_matches(path, quantizer, torch_model, seqs=(7, 12))
+  assert isinstance(model, Phi3)
