@@ -38,6 +38,7 @@ from vlmsel_jax.models import gemma
 from vlmsel_jax.models import internvit
 from vlmsel_jax.models import eva02
 from vlmsel_jax.models import phi3, qwen3
+from vlmsel_jax.models import qwen2_5_vl
 from vlmsel_jax.models.checkpoint import (
     CheckpointFileError,
     KeyTable,
@@ -76,6 +77,10 @@ class Family:
   config_from_hf: Callable[[Mapping[str, Any]], Any]
   build: Callable[..., nnx.Module]  # build(config, *, dtype, rngs)
   key_table: Callable[[Any], KeyTable]
+  # reads_key(config)(key): whether a Hugging Face directory's tensor is read at all; None: every
+  # one. For checkpoints mostly made of a part the family skips (a whole VLM of which the vision
+  # tower is built), so that the skipped part is never loaded into memory.
+  reads_key: Callable[[Any], Callable[[str], bool]] | None = None
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -167,6 +172,15 @@ FAMILIES: tuple[Family, ...] = (
         build=internvit.InternVit,
         key_table=internvit.key_table,
     ),
+    Family(
+        name="qwen2_5_vl",
+        model_types=qwen2_5_vl.SUPPORTED_MODEL_TYPES,
+        architectures=qwen2_5_vl.SUPPORTED_ARCHITECTURES,
+        config_from_hf=qwen2_5_vl.Qwen25VisionConfig.from_hf,
+        build=qwen2_5_vl.Qwen25VisionTower,
+        key_table=qwen2_5_vl.key_table,
+        reads_key=qwen2_5_vl.reads_key,
+    ),
 )
 
 
@@ -200,8 +214,10 @@ def family_for(config: Mapping[str, Any], source: str = "config") -> Family:
       f"supported model_type: {', '.join(supported_model_types())}")
 
 
-def read_safetensors(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
-  """Yields (key, array) for every tensor in one safetensors file, lazily.
+def read_safetensors(path: str | os.PathLike, reads_key: Callable[[str], bool] | None = None
+                     ) -> Iterator[tuple[str, np.ndarray]]:
+  """Yields (key, array) for every tensor in one safetensors file (only those whose key
+  ``reads_key`` accepts, when given; the others are not read), lazily.
 
   Raises:
     CheckpointFileError: the file is missing, truncated or otherwise unreadable.
@@ -213,7 +229,8 @@ def read_safetensors(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]
     # safe_open checks the header against the file size, so truncation is caught here.
     with safe_open(str(path), framework="numpy") as f:
       for key in f.keys():
-        yield key, f.get_tensor(key)
+        if reads_key is None or reads_key(key):
+          yield key, f.get_tensor(key)
   except SafetensorError as e:
     raise CheckpointFileError(
         f"{path}: unreadable safetensors file, truncated or corrupt ({e})") from None
@@ -282,6 +299,15 @@ class HFDirectory:
       yield from (read_safetensors(f) if f.suffix == ".safetensors" else
                   read_torch_state_dict(f))
 
+  def select(self, reads_key: Callable[[str], bool]) -> Iterator[tuple[str, np.ndarray]]:
+    """The tensors whose key ``reads_key`` accepts; safetensors files leave the others unread
+    (``pytorch_model.bin`` files are read whole and filtered)."""
+    for f in self.files:
+      if f.suffix == ".safetensors":
+        yield from read_safetensors(f, reads_key)
+      else:
+        yield from ((key, t) for key, t in read_torch_state_dict(f) if reads_key(key))
+
   def __str__(self) -> str:
     return str(self.path)
 
@@ -312,6 +338,8 @@ def load_model(config: Mapping[str, Any], tensors: Iterable[tuple[str, np.ndarra
   model_config = family.config_from_hf(config)
   jdtype = _resolve_dtype(dtype)
   abstract = nnx.eval_shape(lambda: family.build(model_config, dtype=jdtype, rngs=nnx.Rngs(0)))
+  if family.reads_key is not None and isinstance(tensors, HFDirectory):
+    tensors = tensors.select(family.reads_key(model_config))
   return assign_tensors(abstract, family.key_table(model_config), tensors, source=source)
 
 

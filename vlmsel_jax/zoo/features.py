@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from vlmsel_jax.models import bert, efficientnet, handcrafted, vit
 from vlmsel_jax.models import convnext
 from vlmsel_jax.models import diffusion
+from vlmsel_jax.models import qwen2_5_vl
 from vlmsel_jax.zoo.preprocessing import ImagePreprocessing, Preprocessing
 
 TEXT_POOLINGS = ("mean", "last")
@@ -171,9 +172,24 @@ def _diffusion_features(model, inputs, layer, pooling):
 
 def diffusion_model(name: str, model, preprocessing: ImagePreprocessing) -> LoadedModel:
   """Wraps a ``diffusion.DiffusionTower``: spatial mean of one feature map (a UNet up block's
-  output, a DiT block's patch grid), by default the tower's ``GRID_DEFAULT_LAYER`` (DIFT's up
-  block 1; a DiT's middle block)."""
+  output, a DiT or SD3 joint block's patch grid), by default the tower's ``GRID_DEFAULT_LAYER``
+  (DIFT's up block 1; a DiT's or SD3's middle block)."""
   return LoadedModel(name=name, kind="vision", model=model, features=_diffusion_features,
                      num_layers=model.num_layers, poolings=("mean",),
+                     default_layer=model.GRID_DEFAULT_LAYER, default_pooling="mean",
+                     preprocessing=preprocessing)
+
+
+def _qwen2_5_vl_features(model, inputs, layer, pooling):
+  return qwen2_5_vl.select_features(model(inputs["pixels"]), layer, pooling)
+
+
+def qwen2_5_vl_model(name: str, model, preprocessing: ImagePreprocessing) -> LoadedModel:
+  """Wraps a ``qwen2_5_vl.Qwen25VisionTower``: the mean of one layer's tokens. Layers index its
+  ``hidden_states``: the patch embeddings, every block's output, then the merger's output (-1,
+  the default: the tokens the Qwen2.5-VL language model reads). It has no CLS token nor pooler.
+  """
+  return LoadedModel(name=name, kind="vision", model=model, features=_qwen2_5_vl_features,
+                     num_layers=model.config.num_layers + 2, poolings=("mean",),
                      default_layer=model.GRID_DEFAULT_LAYER, default_pooling="mean",
                      preprocessing=preprocessing)

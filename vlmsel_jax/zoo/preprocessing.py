@@ -434,6 +434,45 @@ def preprocessing_from_open_clip(preprocess_cfg: Mapping[str, Any], image_size: 
   raise ZooError(f"{source}: resize_mode {mode!r} is not supported (shortest or squash)")
 
 
+# The zoo's input for a Qwen2.5-VL tower: this many merged tokens a side, 16 x 16 = 256 tokens
+# for the language model: 448 px for patch 14 and merge 2 (every released checkpoint), which the
+# processor's default pixel bounds admit.
+QWEN2_VL_MERGED_SIDE = 16
+
+
+def preprocessing_from_qwen2_vl(processor: Mapping[str, Any] | None, patch_size: int,
+                                merge_size: int, side: int | None = None,
+                                source: str = "preprocessor_config.json") -> Preprocessing:
+  """transformers' ``Qwen2VLImageProcessor`` (Qwen2.5-VL's) at one fixed square size.
+
+  The processor resizes each image (bicubic) to its own size near its aspect ratio, sides
+  multiples of ``patch_size * merge_size``, its pixel count within ``min_pixels`` ..
+  ``max_pixels``; a batch of the zoo has one size, so every image is resized to ``side`` x
+  ``side`` (None: ``QWEN2_VL_MERGED_SIDE`` merged tokens, 448 px for Qwen2.5-VL; ``@res=`` picks
+  another multiple), and the pixel bounds have nothing to bound. Then it rescales and normalizes
+  as the file says (OpenAI CLIP's mean / std by default).
+
+  Raises:
+    ZooError: a step switched off, a side that is no multiple of ``patch_size * merge_size``, or
+      a processor whose patch or merge size is not the model's.
+  """
+  p = dict(processor) if processor is not None else {}
+  for flag in ("do_resize", "do_rescale", "do_normalize"):
+    if p.get(flag) is False:
+      raise ZooError(f"{source}: {flag}=false is not supported")
+  for field, model_value in (("patch_size", patch_size), ("merge_size", merge_size)):
+    if int(p.get(field, model_value)) != model_value:
+      raise ZooError(f"{source}: {field} {p[field]} but the model's is {model_value}")
+  if side is None:
+    side = QWEN2_VL_MERGED_SIDE * patch_size * merge_size
+  if side % (patch_size * merge_size):
+    raise ZooError(f"{source}: side {side} is not a multiple of {patch_size * merge_size}")
+  return Preprocessing(resize_to=(side, side), resample=int(p.get("resample", BICUBIC)),
+                       rescale_factor=float(p.get("rescale_factor", 1 / 255)),
+                       mean=tuple(float(v) for v in p.get("image_mean", CLIP_MEAN)),
+                       std=tuple(float(v) for v in p.get("image_std", CLIP_STD)))
+
+
 def preprocessing_at_side(preprocessing: Any, side: int, source: str) -> Any:
   """The same recipe making ``side`` x ``side`` inputs (``@res=`` of a tower of any input size).
 

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from vlmsel_jax.models import loading, siglip2
 from vlmsel_jax.models import eva02
+from vlmsel_jax.models import qwen2_5_vl
 from vlmsel_jax.zoo import hub as hub_lib
 from vlmsel_jax.zoo import loaders, multi, packages, registry
 from vlmsel_jax.zoo.features import LoadedModel
@@ -35,6 +36,7 @@ _FAMILY_KINDS = {"vit": "vision", "llama": "text", "gemma3": "text", "gemma": "t
 _FAMILY_KINDS["internvit"] = "vision"
 _FAMILY_KINDS["siglip2"] = "vision"
 _FAMILY_KINDS["convnext"] = "vision"
+_FAMILY_KINDS["qwen2_5_vl"] = "vision"
 
 
 def _apply_variant(loaded: LoadedModel, variant: Variant, spec: str) -> LoadedModel:
@@ -65,6 +67,11 @@ def _apply_variant(loaded: LoadedModel, variant: Variant, spec: str) -> LoadedMo
                        f"SigLIP2 NaFlex patch size {patch}")
       return dataclasses.replace(loaded, preprocessing=dataclasses.replace(
           loaded.preprocessing, resize_to=(variant.res, variant.res)))
+    if isinstance(loaded.model, qwen2_5_vl.Qwen25VisionTower):
+      multiple = loaded.model.config.input_multiple
+      if variant.res % multiple:
+        raise ZooError(f"model spec {spec!r}: res={variant.res} is not a multiple of {multiple}, "
+                       "the Qwen2.5-VL tower's patch size times its merge size")
     if getattr(loaded.model, "TAKES_ANY_INPUT_SIZE", False) and not isinstance(
         loaded.preprocessing, CropFractionPreprocessing):
       # A convolutional tower with a transformers / OpenCLIP recipe (ConvNeXt): that recipe at res.
