@@ -1,19 +1,30 @@
-"""Diffusion features (Stable Diffusion 1.x / 2.x / XL UNets, DiT) as vision towers, in Flax NNX.
+"""Diffusion features (Stable Diffusion 1.x / 2.x / XL UNets, DiT, Stable Diffusion 3's MMDiT) as
+vision towers, in Flax NNX.
 
 ``layers``: the diffusers building blocks; ``vae``: the ``AutoencoderKL`` encoder; ``unet``:
-``UNet2DConditionModel``; ``dit``: ``DiTTransformer2DModel``; ``params``: their key tables for
-diffusers' safetensors; ``pipeline``: reading a pipeline directory and the noise schedule;
-``tower``: image → latent → noised → one denoiser pass → NHWC feature maps (``DiffusionTower``).
+``UNet2DConditionModel``; ``dit``: ``DiTTransformer2DModel``; ``mmdit``: ``SD3Transformer2DModel``;
+``params``: their key tables for diffusers' safetensors; ``pipeline``: reading a pipeline
+directory and the noise schedule (DDPM or flow matching); ``tower``: image → latent → noised →
+one denoiser pass → NHWC feature maps (``DiffusionTower``).
 """
 
 from vlmsel_jax.models.diffusion.dit import DiT, DiTConfig, DiTOutput
-from vlmsel_jax.models.diffusion.params import dit_key_table, unet_key_table, vae_key_table
+from vlmsel_jax.models.diffusion.mmdit import MMDiT, MMDiTConfig, MMDiTOutput
+from vlmsel_jax.models.diffusion.params import (
+    dit_key_table,
+    mmdit_key_table,
+    unet_key_table,
+    vae_key_table,
+)
 from vlmsel_jax.models.diffusion.pipeline import (
     Component,
+    NoiseSchedule,
     PipelineLayout,
     alphas_cumprod,
+    flow_match_sigmas,
     is_pipeline_dir,
     load_dit,
+    load_mmdit,
     load_unet,
     load_vae,
 )
@@ -42,6 +53,10 @@ __all__ = [
     "DiTOutput",
     "DiffusionOutput",
     "DiffusionTower",
+    "MMDiT",
+    "MMDiTConfig",
+    "MMDiTOutput",
+    "NoiseSchedule",
     "PipelineLayout",
     "TowerInfo",
     "UNet2DCondition",
@@ -51,11 +66,14 @@ __all__ = [
     "VaeEncoder",
     "alphas_cumprod",
     "dit_key_table",
+    "flow_match_sigmas",
     "is_pipeline_dir",
     "load_dit",
+    "load_mmdit",
     "load_tower",
     "load_unet",
     "load_vae",
+    "mmdit_key_table",
     "select_features",
     "unet_key_table",
     "vae_key_table",

@@ -230,6 +230,19 @@ class Upsample2D(nnx.Module):
     return self.conv(upsample_nearest(x, size))
 
 
+def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                         attention_impl: str) -> jax.Array:
+  """``F.scaled_dot_product_attention`` of (b, t, heads, d) queries over (b, s, heads, d) keys
+  and values: softmax(q k / sqrt(d)) v per head, (b, t, heads, d); ``attention_impl`` picks the
+  einsum (scores in float32) or ``jax.nn.dot_product_attention`` (``models.attention``)."""
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  if attention_lib.resolve(attention_impl) == "fused":
+    return attention_lib.fused(q, k, v, scale=scale)
+  scores = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32) * scale
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhts,bshd->bthd", probs, v)
+
+
 class Attention(nnx.Module):
   """diffusers' ``Attention`` with ``AttnProcessor2_0``, on (batch, tokens, dim) inputs.
 
@@ -263,13 +276,7 @@ class Attention(nnx.Module):
     q = self.to_q(x).reshape(b, t, self.heads, self.head_dim)
     k = self.to_k(context).reshape(b, s, self.heads, self.head_dim)
     v = self.to_v(context).reshape(b, s, self.heads, self.head_dim)
-    scale = 1.0 / math.sqrt(self.head_dim)
-    if attention_lib.resolve(self.attention_impl) == "fused":
-      out = attention_lib.fused(q, k, v, scale=scale)
-    else:
-      scores = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32) * scale
-      probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-      out = jnp.einsum("bhts,bshd->bthd", probs, v)
+    out = multi_head_attention(q, k, v, self.attention_impl)
     return self.to_out(out.reshape(b, t, self.heads * self.head_dim))
 
 

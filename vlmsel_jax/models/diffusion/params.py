@@ -5,14 +5,15 @@ The NNX modules keep diffusers' module names, so most keys map to themselves wit
 ``downsamplers.0`` → ``downsampler``, ``upsamplers.0`` → ``upsampler``, ``to_out.0`` → ``to_out``,
 ``ff.net.0.proj`` → ``ff.proj_in`` and ``ff.net.2`` → ``ff.proj_out``. ``\\1`` in a template is
 the module path the pattern captured. Tensors of the parts not built (the VAE decoder, the
-UNet's and DiT's output heads) are listed with ``Transform.SKIP``, so an unknown key is still an
-error.
+UNet's, DiT's and MMDiT's output heads) are listed with ``Transform.SKIP``, so an unknown key is
+still an error.
 """
 
 from __future__ import annotations
 
 from vlmsel_jax.models import transforms
 from vlmsel_jax.models.diffusion import dit as dit_lib
+from vlmsel_jax.models.diffusion import mmdit as mmdit_lib
 from vlmsel_jax.models.diffusion import unet as unet_lib
 from vlmsel_jax.models.diffusion import vae as vae_lib
 from vlmsel_jax.models.transforms import Transform
@@ -150,4 +151,31 @@ def dit_key_table(config: dit_lib.DiTConfig) -> Table:
       **_attention(r"(transformer_blocks\.[0-9]+\.attn1)"),
       **_feed_forward(r"(transformer_blocks\.[0-9]+\.ff)"),
       r"proj_out_[12]\.(?:weight|bias)": (None, Transform.SKIP),
+  }
+
+
+def mmdit_key_table(config: mmdit_lib.MMDiTConfig) -> Table:
+  """``SD3Transformer2DModel`` checkpoint keys → ``MMDiT``.
+
+  The stored position table (``pos_embed.pos_embed``, a persistent buffer when
+  ``pos_embed_max_size`` is set) is read as is. RMSNorm weights become ``scale``. ``norm_out`` /
+  ``proj_out`` (the final adaLN and the unpatchify projection of the velocity prediction) are
+  skipped: the features end at the joint blocks.
+  """
+  del config  # The model's shape decides which keys exist; extra ones are reported.
+  b = r"(transformer_blocks\.[0-9]+)"
+  attn = r"(transformer_blocks\.[0-9]+\.attn2?)"
+  return {
+      **_conv(r"pos_embed\.proj", "pos_embed.proj"),
+      r"pos_embed\.pos_embed": ("pos_embed.pos_embed", Transform.EMBED),
+      **_linear(r"time_text_embed\.(timestep_embedder|text_embedder)\.(linear_[12])",
+                r"time_text_embed.\1.\2"),
+      **_linear(r"context_embedder", "context_embedder"),
+      **_linear(b + r"\.(norm1|norm1_context)\.linear", r"\1.\2.linear"),
+      **_attention(attn),
+      **_linear(attn + r"\.(add_[qkv]_proj|to_add_out)", r"\1.\2"),
+      attn + r"\.(norm_q|norm_k|norm_added_q|norm_added_k)\.weight": (r"\1.\2.scale",
+                                                                    Transform.SCALE),
+      **_feed_forward(r"(transformer_blocks\.[0-9]+\.ff(?:_context)?)"),
+      r"(?:norm_out\.linear|proj_out)\.(?:weight|bias)": (None, Transform.SKIP),
   }

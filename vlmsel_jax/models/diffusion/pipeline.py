@@ -3,9 +3,11 @@
 A pipeline directory (what ``DiffusionPipeline.save_pretrained`` writes, or a Hub snapshot) holds
 ``model_index.json`` and one sub-folder per component. The ones read here: ``vae/``
 (``AutoencoderKL``), ``unet/`` (``UNet2DConditionModel``) or ``transformer/``
-(``DiTTransformer2DModel``), each a ``config.json`` with ``diffusion_pytorch_model.safetensors``
-(or its sharded index), and ``scheduler/scheduler_config.json``, whose betas give the
-``alphas_cumprod`` that noising uses. The text encoders and tokenizers are not read.
+(``DiTTransformer2DModel``, or Stable Diffusion 3's ``SD3Transformer2DModel``), each a
+``config.json`` with ``diffusion_pytorch_model.safetensors`` (or its sharded index), and
+``scheduler/scheduler_config.json``: a DDPM-family scheduler's betas give the ``alphas_cumprod``
+that noising uses, ``FlowMatchEulerDiscreteScheduler`` (SD3) its shifted sigmas. The text
+encoders and tokenizers are not read.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from vlmsel_jax.models.checkpoint import (
     assign_tensors,
 )
 from vlmsel_jax.models.diffusion import dit as dit_lib
+from vlmsel_jax.models.diffusion import mmdit as mmdit_lib
 from vlmsel_jax.models.diffusion import params
 from vlmsel_jax.models.diffusion import unet as unet_lib
 from vlmsel_jax.models.diffusion import vae as vae_lib
@@ -35,6 +38,17 @@ from vlmsel_jax.models.loading import read_safetensors
 MODEL_INDEX = "model_index.json"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 SCHEDULE_TYPES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+FLOW_MATCH_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
+# What marks a pipeline as Stable Diffusion 3 (its denoiser is read by ``mmdit``): the
+# transformer's class in model_index.json, or the pipeline's.
+SD3_TRANSFORMERS = mmdit_lib.SUPPORTED_CLASSES
+SD3_PIPELINES = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline",
+                 "StableDiffusion3InpaintPipeline")
+# DIFT's feature timestep for Stable Diffusion (``DDPM_DEFAULT_TIMESTEP`` of 1000) and that
+# model's DDPM schedule: the noise level the flow-matching default is matched to.
+DDPM_DEFAULT_TIMESTEP = 261
+STABLE_DIFFUSION_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085,
+                             "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -123,6 +137,105 @@ def alphas_cumprod(config: Mapping[str, Any], source: str = "scheduler") -> np.n
   return np.cumprod(np.float32(1.0) - betas, dtype=np.float32)
 
 
+def flow_match_sigmas(config: Mapping[str, Any], source: str = "scheduler") -> np.ndarray:
+  """The (num_train_timesteps,) float32 sigmas of a ``FlowMatchEulerDiscreteScheduler`` config,
+  indexed by timestep: ``sigmas[t]`` is the noise fraction at timestep t (t = N - 1: pure noise).
+
+  diffusers builds its training sigmas in descending order, in float32:
+  ``s = linspace(1, N, N)[::-1] / N`` shifted to ``shift * s / (1 + (shift - 1) * s)``; timestep
+  t here is its index N - 1 - t, the same numbers reversed.
+
+  Raises:
+    UnsupportedModelError: ``use_dynamic_shifting`` (sigmas shifted per image size at sampling
+      time; the training sigmas alone do not say which noise level a timestep means).
+  """
+  if config.get("use_dynamic_shifting", False):
+    raise UnsupportedModelError(f"{source}: use_dynamic_shifting is not supported")
+  n = int(config.get("num_train_timesteps", 1000))
+  shift = np.float32(config.get("shift", 1.0))
+  s = np.linspace(1, n, n, dtype=np.float32) / np.float32(n)
+  return (shift * s / (np.float32(1) + (shift - np.float32(1)) * s)).astype(np.float32)
+
+
+def _dift_matched_flow_timestep(sigmas: np.ndarray) -> int:
+  """The flow-matching timestep whose signal-to-noise ratio is closest to DIFT's t = 261 under
+  Stable Diffusion's DDPM schedule.
+
+  DDPM's sqrt(a) x0 + sqrt(1 - a) noise and flow matching's (1 - sigma) x0 + sigma noise have
+  the same SNR when sigma / (1 - sigma) = sqrt((1 - a) / a): sigma = 0.420 for a =
+  alphas_cumprod[261] = 0.656 (timestep 194 with SD3's shift 3). The timestep index itself means
+  another noise level under every shift, so the DDPM default is not reused as a number.
+  """
+  a = float(alphas_cumprod(STABLE_DIFFUSION_SCHEDULE)[DDPM_DEFAULT_TIMESTEP])
+  target = np.log((1 - a) / a) / 2
+  sigma = np.clip(sigmas.astype(np.float64), 1e-9, 1 - 1e-9)  # sigma = 1: pure noise, SNR 0
+  return int(np.argmin(np.abs(np.log(sigma / (1 - sigma)) - target)))
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseSchedule:
+  """How a latent is noised to a timestep, and what the denoiser is told.
+
+  Attributes:
+    kind: "ddpm": ``sqrt(a[t]) x0 + sqrt(1 - a[t]) noise``, the model told t (``add_noise``);
+      "flow_match": ``(1 - sigma[t]) x0 + sigma[t] noise``, the model told sigma[t] * N
+      (``FlowMatchEulerDiscreteScheduler.scale_noise`` and its ``timesteps``).
+    values: Per timestep, ``alphas_cumprod`` (ddpm) or sigmas (flow_match), float32 values.
+  """
+
+  kind: str
+  values: tuple[float, ...]
+
+  @classmethod
+  def read(cls, config: Mapping[str, Any], source: str = "scheduler") -> NoiseSchedule:
+    """From a ``scheduler_config.json`` dict: flow matching for ``FLOW_MATCH_SCHEDULERS``, the
+    betas of a DDPM-family scheduler otherwise."""
+    if config.get("_class_name") in FLOW_MATCH_SCHEDULERS:
+      return cls.flow_match(flow_match_sigmas(config, source))
+    return cls.ddpm(alphas_cumprod(config, source))
+
+  @classmethod
+  def ddpm(cls, alphas: np.ndarray) -> NoiseSchedule:
+    return cls("ddpm", tuple(float(a) for a in np.asarray(alphas, np.float32)))
+
+  @classmethod
+  def flow_match(cls, sigmas: np.ndarray) -> NoiseSchedule:
+    return cls("flow_match", tuple(float(s) for s in np.asarray(sigmas, np.float32)))
+
+  @property
+  def num_train_timesteps(self) -> int:
+    return len(self.values)
+
+  @property
+  def default_timestep(self) -> int:
+    """DIFT's 261 for DDPM; for flow matching, the timestep of the same signal-to-noise ratio
+    (``_dift_matched_flow_timestep``)."""
+    if self.kind == "ddpm":
+      return DDPM_DEFAULT_TIMESTEP
+    return _dift_matched_flow_timestep(np.asarray(self.values, np.float32))
+
+  def check(self, timestep: int) -> int:
+    """``timestep`` if the schedule has it; ValueError otherwise."""
+    if not 0 <= timestep < self.num_train_timesteps:
+      raise ValueError(f"timestep {timestep} is outside the schedule's 0 .. "
+                       f"{self.num_train_timesteps - 1}")
+    return int(timestep)
+
+  def coefficients(self, timestep: int) -> tuple[float, float]:
+    """(signal, noise) factors at ``timestep``, computed in float32 as diffusers does."""
+    v = np.float32(self.values[self.check(timestep)])
+    if self.kind == "ddpm":
+      return float(v ** np.float32(0.5)), float((np.float32(1) - v) ** np.float32(0.5))
+    return float(np.float32(1) - v), float(v)
+
+  def model_timestep(self, timestep: int) -> float:
+    """The number the denoiser's timestep embedding reads: t, or sigma[t] * N in float32."""
+    if self.kind == "ddpm":
+      return float(self.check(timestep))
+    return float(np.float32(self.values[self.check(timestep)])
+                 * np.float32(self.num_train_timesteps))
+
+
 def _dtype(dtype: Any) -> Any:
   name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
   if name not in _DTYPES:
@@ -158,6 +271,14 @@ def load_dit(path: str | os.PathLike, dtype: Any = "float32") -> dit_lib.DiT:
   return _load(lambda **kw: dit_lib.DiT(config, **kw), params.dit_key_table(config), src, dtype)
 
 
+def load_mmdit(path: str | os.PathLike, dtype: Any = "float32") -> mmdit_lib.MMDiT:
+  """The ``SD3Transformer2DModel`` in a component folder (e.g. ``<pipeline>/transformer``)."""
+  src = Component(path)
+  config = mmdit_lib.MMDiTConfig.from_diffusers(src.config, str(src.path / "config.json"))
+  return _load(lambda **kw: mmdit_lib.MMDiT(config, **kw), params.mmdit_key_table(config), src,
+               dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class PipelineLayout:
   """Where a pipeline's parts are.
@@ -171,6 +292,17 @@ class PipelineLayout:
   path: Path
   denoiser: str
   model_index: dict[str, Any]
+
+  @property
+  def is_sd3(self) -> bool:
+    """Whether the transformer is Stable Diffusion 3's MMDiT (``SD3_TRANSFORMERS`` listed for
+    it, or an ``SD3_PIPELINES`` pipeline), read by ``mmdit``; other transformers are DiTs."""
+    if self.denoiser != "transformer":
+      return False
+    entry = self.model_index.get("transformer")
+    listed = entry[1] if isinstance(entry, (list, tuple)) and len(entry) > 1 else None
+    return (listed in SD3_TRANSFORMERS
+            or self.model_index.get("_class_name") in SD3_PIPELINES)
 
   @classmethod
   def read(cls, path: str | os.PathLike) -> PipelineLayout:
