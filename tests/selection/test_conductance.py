@@ -135,5 +135,41 @@ def test_efficientnet_conductance_matches_captum_layer_conductance(tmp_path):
     # Spread over many small units, the values are small: also agree relative to their size.
     err = float(np.abs(np.asarray(got[i]) - ref).max())
     assert err <= 1e-3 * float(np.abs(ref).max()), (i, err, float(np.abs(ref).max()))
-  with pytest.raises(ValueError, match="an EfficientNet has no CLS token"):
+  with pytest.raises(ValueError, match="a convolutional tower has no CLS token"):
+    conductance.layer_conductance(ours, x.transpose(0, 2, 3, 1), n_steps=2, embedding="cls")
+
+
+@pytest.mark.parametrize("embedding", ["pooler", "mean"])
+def test_convnext_conductance_matches_captum_layer_conductance(tmp_path, embedding):
+  """Every ConvNeXt block of every stage of a random tiny transformers ConvNextModel, against
+  Captum on the torch model; the image embedding its pooled output or the last map's mean."""
+  torch.manual_seed(0)
+  torch_model = _randomise(transformers.ConvNextModel(transformers.ConvNextConfig(
+      hidden_sizes=[8, 16, 24], depths=[1, 2, 1], num_stages=3, image_size=32)))
+  torch_model.save_pretrained(tmp_path)
+  ours = load_pretrained(tmp_path)
+  x = np.random.RandomState(3).randn(2, 3, 32, 32).astype(np.float32)
+  got = conductance.layer_conductance(ours, x.transpose(0, 2, 3, 1), n_steps=20,
+                                      embedding=embedding)
+  blocks = [layer for stage in torch_model.encoder.stages for layer in stage.layers]
+  assert len(got) == len(blocks) == ours.num_blocks == 4
+
+  def forward(px):
+    out = torch_model(pixel_values=px)
+    pooled = (out.pooler_output if embedding == "pooler"
+              else out.last_hidden_state.mean(dim=(2, 3)))
+    return pooled.norm(dim=-1)
+
+  for i, block in enumerate(blocks):
+    ref = captum_attr.LayerConductance(forward, block).attribute(
+        torch.tensor(x), baselines=torch.zeros(2, 3, 32, 32), n_steps=20)
+    ref = ref.detach().numpy().transpose(0, 2, 3, 1)
+    assert got[i].shape == ref.shape
+    err = float(np.abs(np.asarray(got[i]) - ref).max())
+    assert err <= 1e-3 * float(np.abs(ref).max()), (i, err, float(np.abs(ref).max()))
+  profile = conductance.block_conductance(ours, x.transpose(0, 2, 3, 1), n_steps=20,
+                                          embedding=embedding)
+  np.testing.assert_allclose(profile, [np.abs(np.asarray(c)).mean() for c in got], rtol=1e-5)
+  assert conductance.supports(ours)
+  with pytest.raises(ValueError, match="a convolutional tower has no CLS token"):
     conductance.layer_conductance(ours, x.transpose(0, 2, 3, 1), n_steps=2, embedding="cls")

@@ -1,8 +1,10 @@
 """Layer conductance of every block of a vision tower, by integrated gradients in JAX.
 
-The towers: our vision transformers (a block is an encoder layer, its units tokens × hidden)
-and EfficientNet-Lite (a block is an MBConv block, its units rows × columns × channels; the
-image embedding is the spatial mean of the final feature map, what its classifier reads).
+The towers: our vision transformers (a block is an encoder layer, its units tokens × hidden),
+EfficientNet-Lite (a block is an MBConv block, its units rows × columns × channels; the image
+embedding is the spatial mean of the final feature map, what its classifier reads) and ConvNeXt
+(a block is a ConvNeXt block of any stage, its units rows × columns × channels; the image
+embedding is the pooled output, the LayerNorm of the last map's mean, or that mean).
 
 For an image x, a baseline x' (zeros: the zero image in the model's input space) and the
 forward function F(x) = ‖image embedding(x)‖₂, the conductance of block l's output units is
@@ -30,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vlmsel_jax.models.convnext import modeling as convnext
 from vlmsel_jax.models.efficientnet import modeling as efficientnet
 from vlmsel_jax.models.vit import modeling
 
@@ -58,12 +61,15 @@ def alphas(method: str, n_steps: int) -> np.ndarray:
 
 def embed(output, embedding: str) -> jax.Array:
   """The image embedding F's norm is taken of: pooler output, or CLS / patch mean of the final
-  (normed) hidden state; for EfficientNet the pooled final feature map ("pooler" or "mean")."""
+  (normed) hidden state; for EfficientNet the pooled final feature map ("pooler" or "mean"); for
+  ConvNeXt its pooled output ("pooler") or the last map's mean ("mean")."""
+  if isinstance(output, (efficientnet.EfficientNetOutput, convnext.ConvNextOutput)) and (
+      embedding == "cls"):
+    raise ValueError("a convolutional tower has no CLS token; use embedding 'pooler' or 'mean'")
   if isinstance(output, efficientnet.EfficientNetOutput):
-    if embedding == "cls":
-      raise ValueError("an EfficientNet has no CLS token; use embedding 'pooler' or 'mean' (the "
-                       "pooled final feature map)")
     return efficientnet.select_features(output, layer=-1, pooling="mean")
+  if isinstance(output, convnext.ConvNextOutput):
+    return convnext.select_features(output, layer=-1, pooling=embedding)
   if embedding == "pooler":
     return modeling.select_features(output, pooling="pooler")
   if embedding in ("cls", "mean"):
@@ -73,14 +79,24 @@ def embed(output, embedding: str) -> jax.Array:
 
 def _blocks_of(output) -> tuple:
   """Every block's output (what ``block_offsets`` is added to), block 0 first."""
-  if isinstance(output, efficientnet.EfficientNetOutput):
+  if isinstance(output, (efficientnet.EfficientNetOutput, convnext.ConvNextOutput)):
     return output.block_outputs
   return output.hidden_states[1:]
 
 
+def supports(model) -> bool:
+  """Whether ``model`` is a tower whose blocks conductance attributes through: a vision
+  transformer (CLIP, SigLIP, DINOv2, ViT, InternViT, EVA-02, ...), an EfficientNet-Lite or a
+  ConvNeXt."""
+  return isinstance(model, (modeling.Vit, efficientnet.EfficientNetLite, convnext.ConvNext))
+
+
 def _num_blocks(model) -> int:
-  return len(model.blocks) if isinstance(model, efficientnet.EfficientNetLite) else \
-      len(model.layers)
+  if isinstance(model, efficientnet.EfficientNetLite):
+    return len(model.blocks)
+  if isinstance(model, convnext.ConvNext):
+    return model.num_blocks
+  return len(model.layers)
 
 
 def layer_conductance(model, pixels, *, n_steps: int = 50,
@@ -89,7 +105,7 @@ def layer_conductance(model, pixels, *, n_steps: int = 50,
   """Conductance of every block's output units for each image.
 
   Args:
-    model: a ``Vit`` or an ``EfficientNetLite``.
+    model: a ``Vit``, an ``EfficientNetLite`` or a ``ConvNext``.
     pixels: (batch, height, width, channels) preprocessed images (NHWC).
     n_steps: integration steps (Captum's ``n_steps``).
     method: the quadrature rule, one of ``METHODS``.
@@ -98,7 +114,7 @@ def layer_conductance(model, pixels, *, n_steps: int = 50,
 
   Returns:
     One array per block, block 0 first: (batch, tokens, hidden) for a ViT, (batch, rows,
-    columns, channels) for an EfficientNet.
+    columns, channels) for an EfficientNet or a ConvNeXt.
   """
   pixels = jnp.asarray(pixels, jnp.float32)
   base = jnp.zeros_like(pixels) if baseline is None else jnp.asarray(baseline, jnp.float32)
@@ -147,7 +163,7 @@ def block_conductance(model, images, *, batch_size: int = 8, n_steps: int = 50,
   """DCD's profile c_l: mean over ``images`` and over block l's units of |conductance|.
 
   Args:
-    model: a ``Vit`` or an ``EfficientNetLite``.
+    model: a ``Vit``, an ``EfficientNetLite`` or a ``ConvNext``.
     images: (n, height, width, channels) preprocessed images of one task.
     batch_size: images per integrated-gradients batch (memory: batch × tokens × hidden × blocks).
 

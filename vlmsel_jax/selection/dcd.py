@@ -213,11 +213,9 @@ def compute_profiles(specs: Sequence[str], task_specs: Sequence[str],
                      ) -> dict[str, dict[str, np.ndarray]]:
   """Loads each model (a zoo spec) and task (``name=image_folder``); returns model → task →
   block-conductance profile. The models are vision towers: vision transformers (blocks = their
-  transformer blocks) or EfficientNet-Lite (blocks = its MBConv blocks)."""
+  transformer blocks), EfficientNet-Lite (its MBConv blocks) or ConvNeXt (its ConvNeXt blocks)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from vlmsel_jax import zoo  # pylint: disable=g-import-not-at-top
-  from vlmsel_jax.models.efficientnet import modeling as efficientnet  # pylint: disable=g-import-not-at-top
-  from vlmsel_jax.models.vit import modeling  # pylint: disable=g-import-not-at-top
   from vlmsel_jax.selection import conductance  # pylint: disable=g-import-not-at-top
 
   tasks = []
@@ -232,9 +230,10 @@ def compute_profiles(specs: Sequence[str], task_specs: Sequence[str],
   out: dict[str, dict[str, np.ndarray]] = {}
   for spec in specs:
     loaded = zoo.load(spec)
-    if not isinstance(loaded.model, (modeling.Vit, efficientnet.EfficientNetLite)):
-      raise DCDError(f"{spec}: DCD attributes through the blocks of a vision tower (a ViT "
-                     f"or an EfficientNet-Lite); this is a {type(loaded.model).__name__}")
+    if not conductance.supports(loaded.model):
+      raise DCDError(f"{spec}: DCD attributes through the blocks of a vision tower (a vision "
+                     f"transformer, an EfficientNet-Lite or a ConvNeXt); this is a "
+                     f"{type(loaded.model).__name__}")
     if loaded.name in out:
       raise DCDError(f"two models are named {loaded.name!r}")
     out[loaded.name] = {}

@@ -19,7 +19,7 @@ Every convolution but the depthwise ones is unpadded, so any input of at least
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -305,12 +305,19 @@ class ConvNextStage(nnx.Module):
     self.blocks = nnx.List([ConvNextBlock(out_dim, kernel_size, config, dtype=dtype, rngs=rngs)
                             for _ in range(depth)])
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, block_offsets: Sequence[jax.Array] | None = None
+               ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """The stage's output map, and every block's output when ``block_offsets`` (one array per
+    block, added to its output) is given, else ()."""
     if self.downsample_conv is not None:
       x = self.downsample_conv(self.downsample_norm(x))
-    for block in self.blocks:
+    outputs = []
+    for i, block in enumerate(self.blocks):
       x = block(x)
-    return x
+      if block_offsets is not None:
+        x = x + block_offsets[i]
+        outputs.append(x)
+    return x, tuple(outputs)
 
 
 class ProjectionHead(nnx.Module):
@@ -350,6 +357,9 @@ class ConvNextOutput:
   hidden_states: tuple[jax.Array, ...]
   pooler_output: jax.Array
   image_embeds: jax.Array | None = None
+  # Every ConvNeXt block's output, stage by stage, block 0 first; filled only when
+  # ``block_offsets`` is given (layer conductance attributes through every block).
+  block_outputs: tuple[jax.Array, ...] = ()
 
   @property
   def last_hidden_state(self) -> jax.Array:
@@ -392,18 +402,29 @@ class ConvNext(nnx.Module):
     """(batch, rows, cols, channels): the NHWC map ``hidden_states[layer]``."""
     return self(pixels).hidden_states[layer]
 
-  def __call__(self, pixel_values: jax.Array) -> ConvNextOutput:
+  @property
+  def num_blocks(self) -> int:
+    """ConvNeXt blocks over all stages (what ``block_offsets`` has one array for)."""
+    return sum(len(stage.blocks) for stage in self.stages)
+
+  def __call__(self, pixel_values: jax.Array,
+               block_offsets: Sequence[jax.Array] | None = None) -> ConvNextOutput:
     """Encodes a batch of preprocessed images.
 
     Args:
       pixel_values: (batch, height, width, channels) images, NHWC, at least
         ``config.min_input_size`` pixels a side.
+      block_offsets: Optional, one array per ConvNeXt block (``num_blocks``, stage by stage),
+        each broadcastable to that block's output and added to it; the output then also holds
+        every block's output. Zeros change nothing: differentiating at zero gives the gradient
+        with respect to each block's output (``selection.conductance``).
 
     Returns:
       A ``ConvNextOutput``: every stage's map, the pooled output and the OpenCLIP embedding.
 
     Raises:
-      ValueError: the input is not NHWC with the config's channels, or too small for the stages.
+      ValueError: the input is not NHWC with the config's channels, or too small for the stages;
+        ``block_offsets`` of the wrong length.
     """
     c = self.config
     if pixel_values.ndim != 4 or pixel_values.shape[-1] != c.num_channels:
@@ -412,15 +433,23 @@ class ConvNext(nnx.Module):
     if min(pixel_values.shape[1:3]) < c.min_input_size:
       raise ValueError(f"images of {pixel_values.shape[1]}x{pixel_values.shape[2]} px are too "
                        f"small: this ConvNeXt needs at least {c.min_input_size} px a side")
+    if block_offsets is not None and len(block_offsets) != self.num_blocks:
+      raise ValueError(f"block_offsets has {len(block_offsets)} arrays for {self.num_blocks} "
+                       "blocks")
     x = self.stem_norm(self.stem_conv(pixel_values.astype(self.dtype)))
-    hidden = [x]
+    hidden, blocks, start = [x], [], 0
     for stage in self.stages:
-      x = stage(x)
+      offsets = None
+      if block_offsets is not None:
+        offsets = block_offsets[start:start + len(stage.blocks)]
+        start += len(stage.blocks)
+      x, outputs = stage(x, offsets)
       hidden.append(x)
+      blocks.extend(outputs)
     pooled = self.final_norm(jnp.mean(x, axis=(1, 2)))
     embeds = self.head(pooled) if self.head is not None else None
     return ConvNextOutput(hidden_states=tuple(hidden), pooler_output=pooled,
-                          image_embeds=embeds)
+                          image_embeds=embeds, block_outputs=tuple(blocks))
 
 
 def select_features(output: ConvNextOutput, layer: int = -1, pooling: str = "mean") -> jax.Array:
