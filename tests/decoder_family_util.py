@@ -1,8 +1,10 @@
-"""Shared pieces of the Phi-3 / Qwen3 decoder tests: tiny random torch checkpoints saved with a
-tokenizer, the float32 comparison, the cached-decoding check, and a GGUF writer.
+"""Shared pieces of the decoder tests (Llama, Gemma 1-3, Phi-3, Qwen3): tiny random torch
+checkpoints saved with a tokenizer, the float32 comparison, the bfloat16 bound, the
+cached-decoding check, and a GGUF writer.
 
 Tolerance: float32, every hidden state and the logits within 1e-4 relative to the reference
-tensor's scale (max abs error <= 1e-4 * max(1, max |reference|)) at the compared positions.
+tensor's scale (max abs error <= 1e-4 * max(1, max |reference|)) at the compared positions,
+unless a test gives its own.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from flax import nnx
 from tokenizers import pre_tokenizers
 
 import vlm_fixtures
+from parity_util import torch_decoder_outputs
 
 F32_RTOL = 1e-4
 
@@ -35,8 +38,12 @@ def save_with_tokenizer(model, path):
   return model
 
 
-def assert_matches(ours, ref_hidden, ref_logits, valid):
-  """Every hidden state and the logits within ``F32_RTOL`` of the reference's scale."""
+def assert_matches(ours, ref_hidden, ref_logits, valid, tol_of=None):
+  """Every hidden state and the logits at the ``valid`` (batch, seq) positions within
+  ``tol_of(reference at the valid positions)``; by default ``F32_RTOL`` of the reference's
+  scale."""
+  if tol_of is None:
+    tol_of = lambda ref: F32_RTOL * max(1.0, float(np.abs(ref).max()))
   assert len(ours.hidden_states) == len(ref_hidden)
   named = [(f"hidden_states[{i}]", a, b)
            for i, (a, b) in enumerate(zip(ours.hidden_states, ref_hidden))]
@@ -44,13 +51,30 @@ def assert_matches(ours, ref_hidden, ref_logits, valid):
     a = np.asarray(a, np.float32)
     assert a.shape == b.shape, f"{name}: shape {a.shape} != {b.shape}"
     err = float(np.abs(a[valid] - b[valid]).max())
-    tol = F32_RTOL * max(1.0, float(np.abs(b[valid]).max()))
+    tol = tol_of(b[valid])
     assert err <= tol, f"{name}: max abs error {err:.3g} > {tol:.3g}"
 
 
-def assert_cached_decoding_matches(model, lengths, seq, vocab, steps=3, seed=2):
-  """prefill (also with ``last``) and ``steps`` decode steps give the logits the full forward of
-  the grown, right-padded sequence gives, within 1e-5."""
+def assert_bfloat16_within_twice_torch_error(out, torch_model, ids, mask):
+  """A bfloat16 run's hidden states and logits ``out`` are within twice transformers' own
+  bfloat16 error (plus 1e-3) of its float32 reference, at the unpadded positions.
+
+  ``torch_model`` is float32; it is left in bfloat16."""
+  ref_hidden, ref_logits = torch_decoder_outputs(torch_model, ids, mask)
+  bf16_hidden, bf16_logits = torch_decoder_outputs(torch_model.to(torch.bfloat16), ids, mask)
+  valid = mask.astype(bool)
+  for name, a, ref, theirs in [
+      *[(f"hidden_states[{i}]", a, r, t) for i, (a, r, t) in enumerate(
+          zip(out.hidden_states, ref_hidden, bf16_hidden))],
+      ("logits", out.logits, ref_logits, bf16_logits)]:
+    err = float(np.abs(np.asarray(a, np.float32)[valid] - ref[valid]).max())
+    bound = 2 * float(np.abs(theirs[valid] - ref[valid]).max()) + 1e-3
+    assert err <= bound, f"{name}: bfloat16 error {err:.3g} > {bound:.3g}"
+
+
+def assert_cached_decoding_matches(model, lengths, seq, vocab, steps=3, seed=2, check_last=True):
+  """prefill (also with ``last``, when ``check_last``) and ``steps`` decode steps give the
+  logits the full forward of the grown, right-padded sequence gives, within 1e-5."""
   rng = np.random.RandomState(seed)
   lengths = np.asarray(lengths, np.int32)
   rows = len(lengths)
@@ -60,8 +84,11 @@ def assert_cached_decoding_matches(model, lengths, seq, vocab, steps=3, seed=2):
   full = np.asarray(forward(model, ids, mask).logits)
   for r, n in enumerate(lengths):
     np.testing.assert_allclose(np.asarray(logits)[r, :n], full[r, :n], atol=1e-5)
-  at_last, _ = nnx.jit(lambda m, i, a, l: m.prefill(i, a, last=l))(model, ids, mask, lengths - 1)
-  np.testing.assert_allclose(np.asarray(at_last), full[np.arange(rows), lengths - 1], atol=1e-5)
+  if check_last:
+    at_last, _ = nnx.jit(lambda m, i, a, l: m.prefill(i, a, last=l))(model, ids, mask,
+                                                                      lengths - 1)
+    np.testing.assert_allclose(np.asarray(at_last), full[np.arange(rows), lengths - 1],
+                               atol=1e-5)
   decode = nnx.jit(lambda m, t, i, c: m.decode(t, i, c))
   for _ in range(steps):
     token = rng.randint(0, vocab, size=rows).astype(np.int32)

@@ -9,7 +9,6 @@ give the same mean-pooled, normalised sentence embeddings as torch on real sente
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 import transformers
 from flax import nnx
 
+from encoder_parity_util import load_without_pooler, saved_checkpoints
 import parity_util
 
 from vlmsel_jax.models import (
@@ -86,15 +86,8 @@ _assert_matches = parity_util.assert_outputs_match
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
   """checkpoint(case) -> (directory, torch model): saved once per module, never modified."""
-
-  @functools.cache
-  def make(case):
-    path = tmp_path_factory.mktemp(case)
-    model = _randomise(transformers.BertModel(transformers.BertConfig(**{**TINY, **CASES[case]})))
-    model.save_pretrained(path)
-    return path, model
-
-  return make
+  return saved_checkpoints(tmp_path_factory, lambda case: _randomise(
+      transformers.BertModel(transformers.BertConfig(**{**TINY, **CASES[case]}))))
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -134,14 +127,7 @@ def test_bert_parity_mean_pool_matches_sentence_transformers_formula(checkpoint)
 def test_bert_parity_without_pooler(tmp_path):
   torch_model = _randomise(transformers.BertModel(transformers.BertConfig(**TINY),
                                                   add_pooling_layer=False))
-  torch_model.save_pretrained(tmp_path)
-  # config.json cannot tell a pooler-less BertModel apart, so the pooler is expected by default...
-  with pytest.raises(CheckpointError, match=r"missing parameter pooler\.kernel \(32, 32\)"):
-    load_pretrained(tmp_path)
-  # ...and add_pooling_layer: false in the config dict says there is none.
-  source = HFDirectory(tmp_path)
-  model = load_model({**source.config, "add_pooling_layer": False}, source)
-  assert model.pooler is None
+  model = load_without_pooler(tmp_path, torch_model)
   _assert_matches(_forward(model, IDS, MASK, TYPES),
                   _torch_outputs(torch_model, IDS, MASK, TYPES))
 

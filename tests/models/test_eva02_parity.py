@@ -22,10 +22,9 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from huggingface_hub import constants as hf_constants
 from PIL import Image
 
-import hub_fixtures
+from encoder_parity_util import assert_tower_in_vlm, load_hub_snapshot
 import parity_util
 import references
 
@@ -33,8 +32,6 @@ from vlmsel_jax import zoo
 from vlmsel_jax.features import patch_grid as patch_grid_lib
 from vlmsel_jax.models import CheckpointError, UnsupportedModelError, loading
 from vlmsel_jax.models.eva02 import Eva02, Eva02Config, rope_table
-from vlmsel_jax.models.llama import modeling as llama
-from vlmsel_jax.models.vlm import modeling as vlm
 from vlmsel_jax.zoo.preprocessing import TimmPreprocessing
 
 timm = references.import_reference("timm")
@@ -233,12 +230,7 @@ def test_timm_eval_preprocessing():
 
 def test_hub_id_resolves_and_loads(checkpoint, tmp_path, monkeypatch):
   path, _ = checkpoint("tiny")
-  hub_fixtures.add_snapshot(tmp_path / "hub", "vlmsel-test/eva02-tiny", path)
-  monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-  monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
-  resolved = zoo.resolve("vlmsel-test/eva02-tiny@layer=-3")
-  assert resolved.kind == "vision" and resolved.hub is not None
-  loaded = resolved.load()
+  loaded = load_hub_snapshot(path, "vlmsel-test/eva02-tiny", -3, tmp_path, monkeypatch)
   assert isinstance(loaded.model, Eva02) and loaded.default_layer == -3
 
 
@@ -246,26 +238,6 @@ def test_tower_in_a_vlm_with_fused_attention_and_remat(checkpoint):
   """The VLM reads the tower through ``patch_grid``, with the fused attention path and remat set
   on the tower by the VLM; its image tokens are timm's second-to-last patch tokens."""
   path, timm_model = checkpoint("tiny")
-  llm = llama.Llama(llama.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24,
-                                      num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8),
-                    rngs=nnx.Rngs(3))
-  model = vlm.VLM(loading.load_timm_pretrained(path), llm,
-                  vlm.VLMConfig(attention_impl="fused", remat=True), image_size=(56, 56),
-                  rngs=nnx.Rngs(1))
-  assert model.num_image_tokens == 16 and model.vision_dim == 32
-  assert model.tower.config.attention_impl == "fused" and model.tower.config.remat is True
   x = _pixels(56, 56)
-  pixels = jnp.asarray(x.transpose(0, 2, 3, 1))
-  ids = jnp.asarray(np.random.default_rng(0).integers(0, 40, (BATCH, 20)))
-  mask = jnp.ones((BATCH, 20), jnp.int32)
-  image_mask = jnp.zeros((BATCH, 20), bool).at[:, 2:18].set(True)  # a 4 x 4 grid: 16 tokens
-
-  @nnx.jit
-  def run(model):
-    return (vlm.image_features(model.tower, pixels, model.config),
-            model(pixels, ids, mask, image_mask))
-
-  feats, logits = run(model)
-  ref = _timm_outputs(timm_model, x)["hidden_states"][-2][:, 1:]
-  np.testing.assert_allclose(np.asarray(feats), ref, atol=_tol(ref), rtol=0)
-  assert logits.shape == (BATCH, 20, 40) and bool(jnp.isfinite(logits).all())
+  assert_tower_in_vlm(loading.load_timm_pretrained(path), (56, 56), x,
+                      _timm_outputs(timm_model, x)["hidden_states"][-2][:, 1:], _tol)

@@ -15,6 +15,9 @@ import torch
 import transformers
 from flax import nnx
 
+from decoder_family_util import assert_bfloat16_within_twice_torch_error
+from decoder_family_util import assert_cached_decoding_matches, assert_matches
+from decoder_family_util import forward as _forward
 from parity_util import decoder_inputs as _inputs
 from parity_util import torch_decoder_outputs as _torch_outputs
 from vlmsel_jax.models import load_pretrained
@@ -43,18 +46,8 @@ def _torch_checkpoint(path, seed=0, **overrides):
   return model
 
 
-_forward = nnx.jit(lambda model, ids, mask: model(ids, attention_mask=mask))
-
-
 def _assert_matches(ours, ref_hidden, ref_logits, valid):
-  assert len(ours.hidden_states) == len(ref_hidden)
-  named = [(f"hidden_states[{i}]", a, b)
-           for i, (a, b) in enumerate(zip(ours.hidden_states, ref_hidden))]
-  for name, a, b in named + [("logits", ours.logits, ref_logits)]:
-    a = np.asarray(a, np.float32)
-    assert a.shape == b.shape, name
-    err = float(np.abs(a[valid] - b[valid]).max())
-    assert err <= F32_ATOL, f"{name}: max abs error {err:.3g} > {F32_ATOL:.3g}"
+  assert_matches(ours, ref_hidden, ref_logits, valid, lambda _: F32_ATOL)
 
 
 CASES = {
@@ -90,16 +83,7 @@ def test_gemma3_parity_bfloat16(tmp_path):
   ids, mask = _inputs()
   out = _forward(model, ids, mask)
   assert out.logits.dtype == jax.numpy.bfloat16
-  ref_hidden, ref_logits = _torch_outputs(torch_model, ids, mask)
-  bf16_hidden, bf16_logits = _torch_outputs(torch_model.to(torch.bfloat16), ids, mask)
-  valid = mask.astype(bool)
-  for name, a, ref, theirs in [
-      *[(f"hidden_states[{i}]", a, r, t) for i, (a, r, t) in enumerate(
-          zip(out.hidden_states, ref_hidden, bf16_hidden))],
-      ("logits", out.logits, ref_logits, bf16_logits)]:
-    err = float(np.abs(np.asarray(a, np.float32)[valid] - ref[valid]).max())
-    bound = 2 * float(np.abs(theirs[valid] - ref[valid]).max()) + 1e-3
-    assert err <= bound, f"{name}: bfloat16 error {err:.3g} > {bound:.3g}"
+  assert_bfloat16_within_twice_torch_error(out, torch_model, ids, mask)
 
 
 def test_gemma3_inputs_embeds_are_not_rescaled(tmp_path):
@@ -123,27 +107,8 @@ def test_gemma3_inputs_embeds_are_not_rescaled(tmp_path):
 def test_gemma3_cached_decoding_equals_the_full_forward_of_the_grown_sequence(tmp_path):
   _torch_checkpoint(tmp_path)
   model = load_pretrained(tmp_path)
-  rng = np.random.RandomState(2)
-  seq, lengths = 12, np.array([5, 8, 3], np.int32)
-  ids = rng.randint(0, TINY["vocab_size"], size=(3, seq)).astype(np.int32)
-  mask = (np.arange(seq)[None] < lengths[:, None]).astype(np.int32)
-  logits, cache = nnx.jit(lambda m, i, a: m.prefill(i, a))(model, ids, mask)
-  full = _forward(model, ids, mask).logits
-  for r, n in enumerate(lengths):
-    np.testing.assert_allclose(np.asarray(logits)[r, :n], np.asarray(full)[r, :n], atol=1e-5)
-  # With ``last``, only each row's logits at its last real position: the same values.
-  at_last, _ = nnx.jit(lambda m, i, a, l: m.prefill(i, a, last=l))(model, ids, mask, lengths - 1)
-  np.testing.assert_allclose(np.asarray(at_last),
-                             np.asarray(logits)[np.arange(3), lengths - 1], atol=1e-5)
-  decode = nnx.jit(lambda m, t, i, c: m.decode(t, i, c))
-  for _ in range(4):
-    token = rng.randint(0, TINY["vocab_size"], size=3).astype(np.int32)
-    ids[np.arange(3), lengths] = token
-    mask[np.arange(3), lengths] = 1
-    step_logits, cache = decode(model, token, lengths, cache)
-    full = np.asarray(_forward(model, ids, mask).logits)
-    np.testing.assert_allclose(np.asarray(step_logits), full[np.arange(3), lengths], atol=1e-5)
-    lengths = lengths + 1
+  assert_cached_decoding_matches(model, lengths=[5, 8, 3], seq=12, vocab=TINY["vocab_size"],
+                                steps=4)
 
 
 def test_gemma3_config_reads_legacy_rope_fields():

@@ -30,6 +30,9 @@ from flax import nnx
 from huggingface_hub import constants as hf_constants
 
 import hub_fixtures
+from decoder_family_util import assert_bfloat16_within_twice_torch_error
+from decoder_family_util import assert_cached_decoding_matches
+from decoder_family_util import forward as _forward
 from parity_util import decoder_inputs as _inputs
 from parity_util import torch_decoder_outputs as _torch_outputs
 from vlm_fixtures import tiny_tokenizer
@@ -73,9 +76,6 @@ def _torch_checkpoint(path, model_type, fields, seed=0):
   model.save_pretrained(path)
   tiny_tokenizer().save_pretrained(path)
   return model
-
-
-_forward = nnx.jit(lambda model, ids, mask: model(ids, attention_mask=mask))
 
 
 def _assert_close(name, ours, ref, valid=None):
@@ -207,25 +207,9 @@ def test_gemma2_cached_decoding_equals_the_full_forward_of_the_grown_sequence(tm
   forward's logits: the same float32 operations on the same values, so within 1e-5."""
   _torch_checkpoint(tmp_path, "gemma2", GEMMA2)
   model = load_pretrained(tmp_path)
-  rng = np.random.RandomState(2)
   # The parity test's shapes (2 x 7), so the full forward's compilation is shared.
-  seq, lengths = 7, np.array([4, 2], np.int32)
-  ids = rng.randint(0, VOCAB, size=(2, seq)).astype(np.int32)
-  mask = (np.arange(seq)[None] < lengths[:, None]).astype(np.int32)
-  logits, cache = nnx.jit(lambda m, i, a: m.prefill(i, a))(model, ids, mask)
-  full = _forward(model, ids, mask).logits
-  for r, n in enumerate(lengths):
-    np.testing.assert_allclose(np.asarray(logits)[r, :n], np.asarray(full)[r, :n], atol=1e-5)
-  decode = nnx.jit(lambda m, t, i, c: m.decode(t, i, c))
-  rows = np.arange(2)
-  for _ in range(3):
-    token = rng.randint(0, VOCAB, size=2).astype(np.int32)
-    ids[rows, lengths] = token
-    mask[rows, lengths] = 1
-    step_logits, cache = decode(model, token, lengths, cache)
-    full = np.asarray(_forward(model, ids, mask).logits)
-    np.testing.assert_allclose(np.asarray(step_logits), full[rows, lengths], atol=1e-5)
-    lengths = lengths + 1
+  assert_cached_decoding_matches(model, lengths=[4, 2], seq=7, vocab=VOCAB, steps=3,
+                                check_last=False)
 
 
 def test_gemma2_bfloat16_is_within_twice_transformers_own_error(tmp_path):
@@ -235,16 +219,7 @@ def test_gemma2_bfloat16_is_within_twice_transformers_own_error(tmp_path):
   ids, mask = _inputs(vocab=VOCAB)
   out = _forward(model, ids, mask)
   assert out.logits.dtype == jnp.bfloat16
-  ref_hidden, ref_logits = _torch_outputs(torch_model, ids, mask)
-  bf16_hidden, bf16_logits = _torch_outputs(torch_model.to(torch.bfloat16), ids, mask)
-  valid = mask.astype(bool)
-  for name, a, ref, theirs in [
-      *[(f"hidden_states[{i}]", a, r, t) for i, (a, r, t) in enumerate(
-          zip(out.hidden_states, ref_hidden, bf16_hidden))],
-      ("logits", out.logits, ref_logits, bf16_logits)]:
-    err = float(np.abs(np.asarray(a, np.float32)[valid] - ref[valid]).max())
-    bound = 2 * float(np.abs(theirs[valid] - ref[valid]).max()) + 1e-3
-    assert err <= bound, f"{name}: bfloat16 error {err:.3g} > {bound:.3g}"
+  assert_bfloat16_within_twice_torch_error(out, torch_model, ids, mask)
 
 
 @pytest.mark.parametrize("model_type, attn_cap, fused_calls", [

@@ -16,6 +16,9 @@ import torch
 import transformers
 from flax import nnx
 
+from decoder_family_util import assert_cached_decoding_matches
+from decoder_family_util import assert_matches as _assert_matches
+from decoder_family_util import forward as _forward
 from parity_util import decoder_inputs as _inputs
 from parity_util import torch_decoder_outputs as _torch_outputs
 from vlmsel_jax.models import load_pretrained
@@ -42,22 +45,6 @@ def _torch_checkpoint(path, config_cls, seed=0, save_kwargs=None, **overrides):
       p.copy_(torch.randn_like(p) * 0.05 + (1.0 if "norm" in name else 0.0))
   model.save_pretrained(path, **(save_kwargs or {}))
   return model
-
-
-_forward = nnx.jit(lambda model, ids, mask: model(ids, attention_mask=mask))
-
-
-def _assert_matches(ours, ref_hidden, ref_logits, valid, tol_of):
-  """Asserts each hidden state and the logits agree at the ``valid`` (batch, seq) positions."""
-  assert len(ours.hidden_states) == len(ref_hidden)
-  named = [(f"hidden_states[{i}]", a, b) for i, (a, b) in enumerate(zip(ours.hidden_states,
-                                                                        ref_hidden))]
-  for name, a, b in named + [("logits", ours.logits, ref_logits)]:
-    a = np.asarray(a, np.float32)
-    assert a.shape == b.shape, name
-    err = float(np.abs(a[valid] - b[valid]).max())
-    tol = tol_of(b[valid])
-    assert err <= tol, f"{name}: max abs error {err:.3g} > {tol:.3g}"
 
 
 def _f32_tol(_):
@@ -195,24 +182,5 @@ def test_cached_decoding_equals_the_full_forward_of_the_grown_sequence(tmp_path,
   config_cls, overrides = CASES[case]
   _torch_checkpoint(tmp_path, config_cls, **overrides)
   model = load_pretrained(tmp_path)
-  rng = np.random.RandomState(2)
-  seq, lengths = 12, np.array([5, 8, 3], np.int32)
-  ids = rng.randint(0, TINY["vocab_size"], size=(3, seq)).astype(np.int32)
-  mask = (np.arange(seq)[None] < lengths[:, None]).astype(np.int32)
-  logits, cache = nnx.jit(lambda m, i, a: m.prefill(i, a))(model, ids, mask)
-  full = _forward(model, ids, mask).logits
-  for r, n in enumerate(lengths):  # The prefill's own logits at the real positions.
-    np.testing.assert_allclose(np.asarray(logits)[r, :n], np.asarray(full)[r, :n], atol=1e-5)
-  # With ``last``, only each row's logits at its last real position: the same values.
-  at_last, _ = nnx.jit(lambda m, i, a, l: m.prefill(i, a, last=l))(model, ids, mask, lengths - 1)
-  np.testing.assert_allclose(np.asarray(at_last),
-                             np.asarray(logits)[np.arange(3), lengths - 1], atol=1e-5)
-  decode = nnx.jit(lambda m, t, i, c: m.decode(t, i, c))
-  for _ in range(4):
-    token = rng.randint(0, TINY["vocab_size"], size=3).astype(np.int32)
-    ids[np.arange(3), lengths] = token
-    mask[np.arange(3), lengths] = 1
-    step_logits, cache = decode(model, token, lengths, cache)
-    full = np.asarray(_forward(model, ids, mask).logits)
-    np.testing.assert_allclose(np.asarray(step_logits), full[np.arange(3), lengths], atol=1e-5)
-    lengths = lengths + 1
+  assert_cached_decoding_matches(model, lengths=[5, 8, 3], seq=12, vocab=TINY["vocab_size"],
+                                steps=4)

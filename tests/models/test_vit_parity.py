@@ -8,7 +8,6 @@ NCHW images, ours NHWC: the tests transpose.
 
 from __future__ import annotations
 
-import functools
 import json
 
 import jax
@@ -19,6 +18,7 @@ import torch
 import transformers
 from flax import nnx
 
+from encoder_parity_util import load_without_pooler, saved_checkpoints
 import parity_util
 
 from vlmsel_jax.models import (
@@ -112,15 +112,7 @@ _assert_matches = parity_util.assert_outputs_match
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
   """checkpoint(case) -> (directory, torch model): saved once per module, never modified."""
-
-  @functools.cache
-  def make(case):
-    path = tmp_path_factory.mktemp(case)
-    model = _randomise(CASES[case][0]())
-    model.save_pretrained(path)
-    return path, model
-
-  return make
+  return saved_checkpoints(tmp_path_factory, lambda case: _randomise(CASES[case][0]()))
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -256,14 +248,7 @@ def test_vit_parity_clip_vision_hub_prefix(checkpoint):
 def test_vit_parity_vit_without_pooler(tmp_path):
   torch_model = _randomise(transformers.ViTModel(transformers.ViTConfig(**VISION),
                                                  add_pooling_layer=False))
-  torch_model.save_pretrained(tmp_path)
-  # config.json cannot tell a pooler-less ViTModel apart, so the pooler is expected by default...
-  with pytest.raises(CheckpointError, match=r"missing parameter pooler\.kernel \(32, 32\)"):
-    load_pretrained(tmp_path)
-  # ...and add_pooling_layer: false in the config dict says there is none.
-  source = HFDirectory(tmp_path)
-  model = load_model({**source.config, "add_pooling_layer": False}, source)
-  assert model.pooler is None
+  model = load_without_pooler(tmp_path, torch_model)
   x = _pixels()
   _assert_matches(_forward(model, _nhwc(x)), _torch_outputs(torch_model, x))
 

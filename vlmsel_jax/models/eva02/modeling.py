@@ -31,7 +31,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vlmsel_jax.models import attention
 from vlmsel_jax.models.vit import modeling as vit
 
 _COMMON = dict(patch_size=14, mlp_ratio=4 * 2 / 3, ref_feat_shape=(16, 16))
@@ -86,19 +85,14 @@ def is_eva02(config: Mapping[str, Any]) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class Eva02Config:
-  """Architecture hyper-parameters of an EVA-02 tower.
+class Eva02Config(vit.ClassTokenTowerConfig):
+  """Architecture hyper-parameters of an EVA-02 tower: ``vit.TowerConfig``'s fields (timm's
+  ``embed_dim``, ``int(embed_dim * mlp_ratio)``, ``depth``, ``num_heads`` whose width must be a
+  multiple of 4 (two axes of rope pairs), ``img_size``, the only size the model takes, ``in_chans``,
+  and timm's ``LayerNorm`` epsilon 1e-6; no ``hidden_act``), plus:
 
   Attributes:
     architecture: The timm architecture name (a key of ``ARCHITECTURES``).
-    hidden_size: Width of the residual stream (timm's ``embed_dim``).
-    intermediate_size: Hidden units of the SwiGLU MLP, ``int(hidden_size * mlp_ratio)``.
-    num_layers: Number of blocks (``depth``).
-    num_heads: Attention heads; the head width must be a multiple of 4 (two axes of rope pairs).
-    image_size: Native (height, width); the only size the model takes.
-    patch_size: (height, width) of one patch.
-    num_channels: Image channels (``in_chans``).
-    layer_norm_eps: Epsilon of every LayerNorm (timm's ``LayerNorm`` default, 1e-6).
     qkv_fused: q/k/v in one ``qkv`` weight (tiny, small) or three projections (base, large).
     qkv_bias: Queries and values have biases (keys never do).
     sub_ln: timm's ``scale_mlp``: separate gate / value projections and a LayerNorm on the hidden
@@ -110,8 +104,6 @@ class Eva02Config:
     global_pool: "avg" (mean of the patch tokens), "token" (the CLS token) or "" (none).
     fc_norm: A LayerNorm on the pooled embedding (timm's default: on with "avg").
     final_norm: A LayerNorm on the last block's output (timm's default: when no fc_norm).
-    attention_impl: ``"auto"``, ``"fused"`` or ``"einsum"`` (``vlmsel_jax.models.attention``).
-    remat: Rematerialize each block in the backward pass.
   """
 
   architecture: str
@@ -137,9 +129,7 @@ class Eva02Config:
   remat: bool = False
 
   def __post_init__(self):
-    attention.check_impl(self.attention_impl)
-    object.__setattr__(self, "image_size", vit._pair(self.image_size))  # pylint: disable=protected-access
-    object.__setattr__(self, "patch_size", vit._pair(self.patch_size))  # pylint: disable=protected-access
+    self._check_tower()
     if self.ref_feat_shape is not None:
       object.__setattr__(self, "ref_feat_shape", vit._pair(self.ref_feat_shape))  # pylint: disable=protected-access
     if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 4:
@@ -150,34 +140,16 @@ class Eva02Config:
                        f"{', '.join(repr(p) for p in GLOBAL_POOLS)}")
     if self.rope_grid_indexing not in ("ij", "xy"):
       raise ValueError(f"rope_grid_indexing {self.rope_grid_indexing!r} is not 'ij' or 'xy'")
-    if any(i < p for i, p in zip(self.image_size, self.patch_size)):
-      raise ValueError(f"image_size {self.image_size} is smaller than patch_size "
-                       f"{self.patch_size}")
+    self._check_image_fits()
 
   @property
   def head_dim(self) -> int:
     return self.hidden_size // self.num_heads
 
   @property
-  def has_class_token(self) -> bool:
-    return True
-
-  @property
-  def num_prefix_tokens(self) -> int:
-    return 1
-
-  @property
   def pooler(self) -> bool:
     """Whether ``pooler_output`` (timm's pre-logits) exists: every pooling but ""."""
     return self.global_pool != ""
-
-  @property
-  def grid(self) -> tuple[int, int]:
-    return (self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1])
-
-  @property
-  def num_positions(self) -> int:
-    return self.grid[0] * self.grid[1] + 1
 
   @classmethod
   def from_timm(cls, config: Mapping[str, Any]) -> Eva02Config:
@@ -345,14 +317,7 @@ class Eva02(vit.Vit):
     # Vit's __init__ builds the ViT variants' pieces; the inherited methods need only config,
     # dtype and patch_embed.
     c = config
-    d = c.hidden_size
-    self.config = c
-    self.dtype = jnp.dtype(dtype)
-    init = nnx.initializers.normal(0.02)
-    self.patch_embed = nnx.Conv(c.num_channels, d, kernel_size=c.patch_size, strides=c.patch_size,
-                                padding="VALID", dtype=dtype, param_dtype=dtype, rngs=rngs)
-    self.cls_token = nnx.Param(init(rngs.params(), (1, 1, d), dtype))
-    self.pos_embed = nnx.Param(init(rngs.params(), (1, c.num_positions, d), dtype))
+    self._init_class_token_stem(c, dtype, rngs)
     self.layers = nnx.List([Eva02Block(c, dtype=dtype, rngs=rngs) for _ in range(c.num_layers)])
     self.final_norm = vit._layer_norm(c, dtype, rngs) if c.final_norm else None  # pylint: disable=protected-access
     self.fc_norm = vit._layer_norm(c, dtype, rngs) if c.fc_norm else None  # pylint: disable=protected-access
@@ -374,10 +339,8 @@ class Eva02(vit.Vit):
     model.config = c
     if c.grid == self.config.grid:
       return model  # timm keeps the table when the grid does not change.
-    patches = pos[0, 1:].reshape(*self.config.grid, c.hidden_size).astype(jnp.float32)
-    resized = vit.resize_grid(patches, c.grid, antialias=True).astype(pos.dtype)
     model.pos_embed = nnx.Param(
-        jnp.concatenate([pos[:, :1], resized.reshape(1, -1, c.hidden_size)], axis=1))
+        vit.resize_position_table(pos, self.config.grid, c.grid, antialias=True))
     return model
 
   def __call__(self, pixel_values: jax.Array,
@@ -400,28 +363,18 @@ class Eva02(vit.Vit):
         ``block_offsets`` of the wrong length.
     """
     c = self.config
-    if pixel_values.ndim != 4 or pixel_values.shape[-1] != c.num_channels:
-      raise ValueError(f"pixel_values must be NHWC (batch, height, width, {c.num_channels}); "
-                       f"got shape {tuple(pixel_values.shape)}")
-    b, height, width, _ = pixel_values.shape
+    b, height, width = self._check_pixels(pixel_values)
     if (height, width) != c.image_size:
       raise ValueError(f"input image size ({height}*{width}) does not match the model's "
                        f"({c.image_size[0]}*{c.image_size[1]}); EVA-02 (like timm without "
                        "dynamic_img_size) takes one size: use with_image_size for another")
-    if block_offsets is not None and len(block_offsets) != len(self.layers):
-      raise ValueError(f"block_offsets has {len(block_offsets)} arrays for "
-                       f"{len(self.layers)} blocks")
     d = c.hidden_size
     x = self._embed_patches(pixel_values.astype(self.dtype), c.grid)
     x = jnp.concatenate([jnp.broadcast_to(self.cls_token[...], (b, 1, d)), x], axis=1)
     x = x + self.pos_embed[...]
     sin, cos = (jnp.asarray(a) for a in rope_table(c))
-    hidden = [x]
-    for i, layer in enumerate(self.layers):
-      x = attention.remat_call(c.remat, layer, x, sin, cos)
-      if block_offsets is not None:
-        x = x + block_offsets[i]
-      hidden.append(x)
+    hidden = self._run_layers(x, block_offsets, sin, cos, unit="blocks")
+    x = hidden[-1]
     last = x if self.final_norm is None else self.final_norm(x)
     pooled = None
     if c.global_pool == "avg":

@@ -31,7 +31,6 @@ from typing import Any, Mapping
 import numpy as np
 from flax import nnx
 
-from vlmsel_jax.models import attention, hf_config
 from vlmsel_jax.models.gemma3 import modeling as gemma3_modeling
 from vlmsel_jax.models.llama import modeling as llama_modeling
 from vlmsel_jax.models.llama.modeling import FULL_ATTENTION, SLIDING_ATTENTION, LlamaOutput
@@ -54,46 +53,22 @@ def gemma2_layer_types(num_layers: int) -> tuple[str, ...]:
 
 
 @dataclasses.dataclass(frozen=True)
-class GemmaConfig:
-  """Architecture hyper-parameters of a Gemma 1 or Gemma 2 decoder.
+class GemmaConfig(llama_modeling.DecoderConfig):
+  """Architecture hyper-parameters of a Gemma 1 or Gemma 2 decoder: ``DecoderConfig``'s sizes and
+  shared fields (empty ``layer_types`` means ``gemma2_layer_types`` for ``model_type`` gemma2 and
+  all global otherwise; a tied LM head by default), plus:
 
   Attributes:
-    vocab_size: Number of token ids.
-    hidden_size: Width of the residual stream.
-    intermediate_size: Width of the GeGLU MLP.
-    num_layers: Number of decoder layers.
-    num_heads: Number of query heads.
-    num_kv_heads: Number of key/value heads; divides ``num_heads`` (1: multi-query).
-    head_dim: Width of one head.
     query_pre_attn_scalar: Attention scores are scaled by its inverse square root; None means
       ``head_dim`` (Gemma 1).
-    rms_norm_eps: Epsilon inside every RMSNorm.
-    rope_theta: RoPE base of every layer.
     rope_factor: Linear RoPE scaling (1: none).
     sandwich_norms: Whether each layer also norms the attention and MLP outputs, four norms a
       layer (Gemma 2), rather than only their inputs (Gemma 1).
-    sliding_window: Attention window of the sliding layers, or None.
-    layer_types: Per layer, ``"full_attention"`` or ``"sliding_attention"``; empty means
-      ``gemma2_layer_types`` for ``model_type`` gemma2 and all global otherwise.
     attn_logit_softcapping: Attention scores become ``c·tanh(s/c)`` when set (Gemma 2).
     final_logit_softcapping: Logits become ``c·tanh(z/c)`` when set (Gemma 2).
     attention_bias: Whether the q/k/v/o projections have biases (released checkpoints: no).
-    tie_word_embeddings: Whether the LM head reuses the token embedding (released: yes).
-    max_position_embeddings: Longest context the checkpoint was trained for.
-    model_type: The transformers ``model_type`` the config came from.
-    attention_impl: How attention is computed: ``"auto"``, ``"fused"`` or ``"einsum"``
-      (``vlmsel_jax.models.attention``); not part of the checkpoint.
-    remat: Rematerialize each decoder layer in the backward pass (``jax.checkpoint``) of the forward
-      pass (not of ``prefill`` / ``decode``); not part of the checkpoint.
   """
 
-  vocab_size: int
-  hidden_size: int
-  intermediate_size: int
-  num_layers: int
-  num_heads: int
-  num_kv_heads: int
-  head_dim: int
   query_pre_attn_scalar: float | None = None
   rms_norm_eps: float = 1e-6
   rope_theta: float = 10000.0
@@ -111,23 +86,10 @@ class GemmaConfig:
   remat: bool = False
 
   def __post_init__(self):
-    attention.check_impl(self.attention_impl)
-    if self.num_heads % self.num_kv_heads:
-      raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of "
-                       f"num_kv_heads ({self.num_kv_heads})")
+    self._check_layout(gemma2_layer_types(self.num_layers) if self.model_type == "gemma2"
+                       else (FULL_ATTENTION,) * self.num_layers)
     if self.query_pre_attn_scalar is None:
       object.__setattr__(self, "query_pre_attn_scalar", float(self.head_dim))
-    if not self.layer_types:
-      object.__setattr__(self, "layer_types", gemma2_layer_types(self.num_layers)
-                         if self.model_type == "gemma2" else (FULL_ATTENTION,) * self.num_layers)
-    object.__setattr__(self, "layer_types", tuple(self.layer_types))
-    if len(self.layer_types) != self.num_layers:
-      raise ValueError(f"layer_types has {len(self.layer_types)} entries for "
-                       f"{self.num_layers} layers")
-    unknown = set(self.layer_types) - {FULL_ATTENTION, SLIDING_ATTENTION}
-    if unknown:
-      raise ValueError(f"unknown layer_types {sorted(unknown)}; expected "
-                       f"{FULL_ATTENTION!r} or {SLIDING_ATTENTION!r}")
     if SLIDING_ATTENTION in self.layer_types and not (self.sliding_window or 0) > 0:
       raise ValueError("sliding_attention layers need a positive sliding_window")
     for name in ("attn_logit_softcapping", "final_logit_softcapping"):
@@ -150,11 +112,8 @@ class GemmaConfig:
         (bidirectional attention, a RoPE type other than default / linear, an activation other
         than tanh-approximated GELU).
     """
-    c = dict(hf_config.read_config(config))
-    model_type = c.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-      raise ValueError(f"model_type {model_type!r} is not a Gemma 1 or 2 model; supported: "
-                       f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    c = llama_modeling.read_hf(config, SUPPORTED_MODEL_TYPES, "a Gemma 1 or 2 model")
+    model_type = c["model_type"]
     gemma2 = model_type == "gemma2"
     if gemma2:
       act = c.get("hidden_activation") or "gelu_pytorch_tanh"
@@ -168,7 +127,6 @@ class GemmaConfig:
                        "'gelu_pytorch_tanh'")
     if c.get("use_bidirectional_attention", False):
       raise ValueError("use_bidirectional_attention is not supported; only the causal decoder is")
-    num_heads = c["num_attention_heads"]
     num_layers = c["num_hidden_layers"]
     rope_theta, rope_factor = _rope_from_hf(c)
     if gemma2:
@@ -183,13 +141,7 @@ class GemmaConfig:
     else:
       gemma2_fields = {}
     return cls(
-        vocab_size=c["vocab_size"],
-        hidden_size=c["hidden_size"],
-        intermediate_size=c["intermediate_size"],
-        num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=c.get("num_key_value_heads") or num_heads,
-        head_dim=c.get("head_dim", 256) or c["hidden_size"] // num_heads,
+        **llama_modeling.hf_sizes(c, default_head_dim=256),
         rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
         rope_theta=rope_theta,
         rope_factor=rope_factor,
@@ -214,21 +166,13 @@ def _rope_from_hf(c: Mapping[str, Any]) -> tuple[float, float]:
   return theta, float(params.get("factor", 1.0)) if rope_type == "linear" else 1.0
 
 
-def _llama_attention_config(c: GemmaConfig) -> llama_modeling.LlamaConfig:
-  """The Llama attention's own config: widths, heads, biases and the attention path."""
-  return llama_modeling.LlamaConfig(
-      vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-      num_layers=c.num_layers, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
-      head_dim=c.head_dim, qkv_bias=c.attention_bias, o_bias=c.attention_bias,
-      attention_impl=c.attention_impl)
-
-
 class Attention(llama_modeling.Attention):
   """The Llama family's grouped-query attention, scores scaled by
   ``query_pre_attn_scalar ** -0.5`` and, in Gemma 2, soft-capped."""
 
   def __init__(self, config: GemmaConfig, *, dtype: Any, rngs: nnx.Rngs):
-    super().__init__(_llama_attention_config(config), dtype=dtype, rngs=rngs)
+    super().__init__(llama_modeling.attention_config(config, bias=config.attention_bias),
+                     dtype=dtype, rngs=rngs)
     self.scaling = config.query_pre_attn_scalar ** -0.5
     self.logit_softcap = config.attn_logit_softcapping
 
@@ -237,13 +181,9 @@ class DecoderLayer(llama_modeling.DecoderLayer):
   """Gemma 1's layer: the Llama layer, x + attn(norm(x)), then h + mlp(norm(h)), with Gemma's
   norms, attention and GeGLU MLP."""
 
-  def __init__(self, config: GemmaConfig, *, dtype: Any,
-               rngs: nnx.Rngs):  # pylint: disable=super-init-not-called
-    c = config
-    self.input_norm = gemma3_modeling.RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
-    self.attn = Attention(c, dtype=dtype, rngs=rngs)
-    self.post_attn_norm = gemma3_modeling.RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
-    self.mlp = gemma3_modeling.MLP(c, dtype=dtype, rngs=rngs)
+  norm_class = gemma3_modeling.RMSNorm
+  attention_class = Attention
+  mlp_class = gemma3_modeling.MLP
 
 
 class SandwichDecoderLayer(gemma3_modeling.DecoderLayer):
@@ -251,15 +191,7 @@ class SandwichDecoderLayer(gemma3_modeling.DecoderLayer):
   x + post_attn_norm(attn(input_norm(x))), then h + post_mlp_norm(mlp(pre_mlp_norm(h))), with
   Gemma 2's attention (no query/key norms)."""
 
-  def __init__(self, config: GemmaConfig, *, dtype: Any,
-               rngs: nnx.Rngs):  # pylint: disable=super-init-not-called
-    c = config
-    self.input_norm = gemma3_modeling.RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
-    self.attn = Attention(c, dtype=dtype, rngs=rngs)
-    self.post_attn_norm = gemma3_modeling.RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
-    self.pre_mlp_norm = gemma3_modeling.RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
-    self.mlp = gemma3_modeling.MLP(c, dtype=dtype, rngs=rngs)
-    self.post_mlp_norm = gemma3_modeling.RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
+  attention_class = Attention
 
 
 class Gemma(gemma3_modeling.Gemma3):

@@ -27,14 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vlmsel_jax.models import attention, hf_config
 from vlmsel_jax.models.llama import modeling as llama_modeling
-from vlmsel_jax.models.llama.modeling import (
-    FULL_ATTENTION,
-    SLIDING_ATTENTION,
-    LlamaOutput,
-    rotate_half,
-)
+from vlmsel_jax.models.llama.modeling import FULL_ATTENTION, SLIDING_ATTENTION, LlamaOutput
 
 SUPPORTED_MODEL_TYPES = ("gemma3_text",)
 SUPPORTED_ARCHITECTURES = ("Gemma3ForCausalLM",)
@@ -45,42 +39,18 @@ Gemma3Output = LlamaOutput
 
 
 @dataclasses.dataclass(frozen=True)
-class Gemma3Config:
-  """Architecture hyper-parameters of a Gemma 3 text decoder.
+class Gemma3Config(llama_modeling.DecoderConfig):
+  """Architecture hyper-parameters of a Gemma 3 text decoder: ``DecoderConfig``'s sizes and
+  shared fields (every sixth layer global by default; a tied LM head), plus:
 
   Attributes:
-    vocab_size: Number of token ids.
-    hidden_size: Width of the residual stream.
-    intermediate_size: Width of the GeGLU MLP.
-    num_layers: Number of decoder layers.
-    num_heads: Number of query heads.
-    num_kv_heads: Number of key/value heads; divides ``num_heads``.
-    head_dim: Width of one head.
     query_pre_attn_scalar: Attention scores are scaled by its inverse square root.
-    rms_norm_eps: Epsilon inside every RMSNorm.
-    rope_theta: RoPE base of the full-attention layers.
     rope_local_theta: RoPE base of the sliding-window layers.
     rope_factor: Linear RoPE scaling of the full-attention layers (1: none).
     rope_local_factor: Linear RoPE scaling of the sliding-window layers (1: none).
-    sliding_window: Attention window of the sliding layers.
-    layer_types: Per layer, ``"full_attention"`` or ``"sliding_attention"``.
     final_logit_softcapping: Logits become ``c·tanh(z/c)`` when set.
-    tie_word_embeddings: Whether the LM head reuses the token embedding (Gemma 3: yes).
-    max_position_embeddings: Longest context the checkpoint was trained for.
-    model_type: The transformers ``model_type`` the config came from.
-    attention_impl: How attention is computed: ``"auto"``, ``"fused"`` or ``"einsum"``
-      (``vlmsel_jax.models.attention``); not part of the checkpoint.
-    remat: Rematerialize each decoder layer in the backward pass (``jax.checkpoint``) of the forward
-      pass (not of ``prefill`` / ``decode``); not part of the checkpoint.
   """
 
-  vocab_size: int
-  hidden_size: int
-  intermediate_size: int
-  num_layers: int
-  num_heads: int
-  num_kv_heads: int
-  head_dim: int
   query_pre_attn_scalar: float
   rms_norm_eps: float = 1e-6
   rope_theta: float = 1_000_000.0
@@ -97,23 +67,9 @@ class Gemma3Config:
   remat: bool = False
 
   def __post_init__(self):
-    attention.check_impl(self.attention_impl)
-    if self.num_heads % self.num_kv_heads:
-      raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of "
-                       f"num_kv_heads ({self.num_kv_heads})")
-    if not self.layer_types:
-      # transformers' default: every sixth layer attends globally.
-      object.__setattr__(self, "layer_types", tuple(
-          FULL_ATTENTION if (i + 1) % 6 == 0 else SLIDING_ATTENTION
-          for i in range(self.num_layers)))
-    object.__setattr__(self, "layer_types", tuple(self.layer_types))
-    if len(self.layer_types) != self.num_layers:
-      raise ValueError(f"layer_types has {len(self.layer_types)} entries for "
-                       f"{self.num_layers} layers")
-    unknown = set(self.layer_types) - {FULL_ATTENTION, SLIDING_ATTENTION}
-    if unknown:
-      raise ValueError(f"unknown layer_types {sorted(unknown)}; expected "
-                       f"{FULL_ATTENTION!r} or {SLIDING_ATTENTION!r}")
+    # transformers' default: every sixth layer attends globally.
+    self._check_layout(tuple(FULL_ATTENTION if (i + 1) % 6 == 0 else SLIDING_ATTENTION
+                             for i in range(self.num_layers)))
     if self.sliding_window < 1:
       raise ValueError(f"sliding_window must be positive, got {self.sliding_window}")
 
@@ -129,11 +85,7 @@ class Gemma3Config:
         (bidirectional attention, a RoPE type other than default / linear, an activation other
         than tanh-approximated GELU, attention biases or attention-logit soft-capping).
     """
-    c = dict(hf_config.read_config(config))
-    model_type = c.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-      raise ValueError(f"model_type {model_type!r} is not a Gemma 3 text model; supported: "
-                       f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    c = llama_modeling.read_hf(config, SUPPORTED_MODEL_TYPES, "a Gemma 3 text model")
     act = c.get("hidden_activation", "gelu_pytorch_tanh")
     if act != "gelu_pytorch_tanh":
       raise ValueError(f"hidden_activation {act!r} is not supported; Gemma 3 uses "
@@ -145,16 +97,9 @@ class Gemma3Config:
       raise ValueError("attn_logit_softcapping is not supported; Gemma 3 attention has none")
     if c.get("attention_bias", False):
       raise ValueError("attention_bias is not supported; Gemma 3 has none")
-    num_heads = c["num_attention_heads"]
     (theta, factor), (local_theta, local_factor) = _rope_from_hf(c)
     return cls(
-        vocab_size=c["vocab_size"],
-        hidden_size=c["hidden_size"],
-        intermediate_size=c["intermediate_size"],
-        num_layers=c["num_hidden_layers"],
-        num_heads=num_heads,
-        num_kv_heads=c.get("num_key_value_heads") or num_heads,
-        head_dim=c.get("head_dim") or c["hidden_size"] // num_heads,
+        **llama_modeling.hf_sizes(c),
         query_pre_attn_scalar=float(c.get("query_pre_attn_scalar", 256)),
         rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
         rope_theta=theta,
@@ -166,7 +111,7 @@ class Gemma3Config:
         final_logit_softcapping=c.get("final_logit_softcapping"),
         tie_word_embeddings=bool(c.get("tie_word_embeddings", True)),
         max_position_embeddings=int(c.get("max_position_embeddings", 32768)),
-        model_type=model_type,
+        model_type=c["model_type"],
     )
 
 
@@ -230,22 +175,14 @@ class Attention(llama_modeling.Attention):
   def __init__(self, config: Gemma3Config, *, dtype: Any, rngs: nnx.Rngs):
     c = config
     # No biases: Gemma 3 has none (from_hf refuses attention_bias).
-    super().__init__(llama_modeling.LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_layers=c.num_layers, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
-        head_dim=c.head_dim, attention_impl=c.attention_impl), dtype=dtype, rngs=rngs)
+    super().__init__(llama_modeling.attention_config(c), dtype=dtype, rngs=rngs)
     self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype=dtype)
     self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype=dtype)
     self.scaling = c.query_pre_attn_scalar ** -0.5
 
-  def _rotated_qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
-    b, t, _ = x.shape
-    kv, dh = self.num_kv_heads, self.head_dim
-    q = self.q_norm(self.q_proj(x).reshape(b, t, self.num_heads, dh))
-    k = self.k_norm(self.k_proj(x).reshape(b, t, kv, dh))
-    v = self.v_proj(x).reshape(b, t, kv, dh)
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+  def _qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    q, k, v = super()._qkv(x)
+    return self.q_norm(q), self.k_norm(k), v
 
 
 class MLP(nnx.Module):
@@ -263,12 +200,17 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-  """x + post_attn_norm(attn(input_norm(x))), then h + post_mlp_norm(mlp(pre_mlp_norm(h)))."""
+  """x + post_attn_norm(attn(input_norm(x))), then h + post_mlp_norm(mlp(pre_mlp_norm(h))).
 
-  def __init__(self, config: Gemma3Config, *, dtype: Any, rngs: nnx.Rngs):
+  Gemma 2's layer (``vlmsel_jax.models.gemma``) names its own attention in ``attention_class``.
+  """
+
+  attention_class: type[nnx.Module] = Attention
+
+  def __init__(self, config: Any, *, dtype: Any, rngs: nnx.Rngs):
     c = config
     self.input_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
-    self.attn = Attention(c, dtype=dtype, rngs=rngs)
+    self.attn = self.attention_class(c, dtype=dtype, rngs=rngs)
     self.post_attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
     self.pre_mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
     self.mlp = MLP(c, dtype=dtype, rngs=rngs)
@@ -296,22 +238,8 @@ class Gemma3(llama_modeling.Llama):
   scaled text embeddings, per-kind RoPE bases and logit soft-capping are what differ.
   """
 
-  def __init__(self, config: Gemma3Config, *, dtype: Any = jnp.float32,
-               rngs: nnx.Rngs):  # pylint: disable=super-init-not-called
-    self.config = config
-    self.dtype = jnp.dtype(dtype)
-    self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype,
-                                  param_dtype=dtype, rngs=rngs)
-    self.layers = nnx.List(
-        [self._decoder_layer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_layers)])
-    self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
-    self.lm_head = None if config.tie_word_embeddings else nnx.Linear(
-        config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype, param_dtype=dtype,
-        rngs=rngs)
-
-  def _decoder_layer(self, config: Any, *, dtype: Any, rngs: nnx.Rngs) -> nnx.Module:
-    """One decoder layer; Gemma 1 and 2 (``vlmsel_jax.models.gemma``) build theirs here."""
-    return DecoderLayer(config, dtype=dtype, rngs=rngs)
+  layer_class = DecoderLayer
+  norm_class = RMSNorm
 
   def embed(self, input_ids: jax.Array) -> jax.Array:
     """(batch, seq, hidden) text-token embeddings, scaled by sqrt(hidden_size).

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlmsel_jax.models import attention, hf_config
+from vlmsel_jax.models import hf_config
 from vlmsel_jax.models.vit import modeling as vit
 
 # "internvl" is the full VLM (InternVLForConditionalGeneration); only its vision tower is built.
@@ -44,18 +44,11 @@ QK_NORM_EPS = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
-class InternVitConfig:
-  """Architecture hyper-parameters of an InternViT.
+class InternVitConfig(vit.ClassTokenTowerConfig):
+  """Architecture hyper-parameters of an InternViT: ``vit.TowerConfig``'s fields
+  (``layer_norm_eps`` also of the layers' RMSNorms), plus:
 
   Attributes:
-    hidden_size: Width of the residual stream.
-    intermediate_size: Width of the MLP.
-    num_layers: Number of encoder layers.
-    num_heads: Number of attention heads; divides ``hidden_size``.
-    image_size: Native (height, width) in pixels; the position embeddings are for this size.
-    patch_size: (height, width) of one patch in pixels.
-    num_channels: Image channels.
-    layer_norm_eps: Epsilon of the layer norms (LayerNorm or RMSNorm) and the final LayerNorm.
     hidden_act: MLP activation, a key of ``vit.ACTIVATIONS``.
     norm_type: "layer_norm" or "rms_norm", the norm before attention and before the MLP.
     attention_bias: Whether the q/k/v projections have biases.
@@ -64,8 +57,6 @@ class InternVitConfig:
     mean_pooling: transformers' ``use_mean_pooling``: when off, a final LayerNorm makes
       ``last_hidden_state``.
     model_type: The transformers ``model_type`` the config came from.
-    attention_impl: ``"auto"``, ``"fused"`` or ``"einsum"`` (``vlmsel_jax.models.attention``).
-    remat: Rematerialize each encoder layer in the backward pass.
   """
 
   hidden_size: int
@@ -87,15 +78,8 @@ class InternVitConfig:
   remat: bool = False
 
   def __post_init__(self):
-    attention.check_impl(self.attention_impl)
-    object.__setattr__(self, "image_size", vit._pair(self.image_size))  # pylint: disable=protected-access
-    object.__setattr__(self, "patch_size", vit._pair(self.patch_size))  # pylint: disable=protected-access
-    if self.hidden_size % self.num_heads:
-      raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of num_heads "
-                       f"({self.num_heads})")
-    if self.hidden_act not in vit.ACTIVATIONS:
-      raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; supported: "
-                       f"{', '.join(sorted(vit.ACTIVATIONS))}")
+    self._check_tower()
+    self._check_heads_and_act()
     if self.norm_type not in NORM_TYPES:
       raise ValueError(f"norm_type {self.norm_type!r} is not one of {', '.join(NORM_TYPES)}")
 
@@ -105,25 +89,9 @@ class InternVitConfig:
     return self.attention_bias
 
   @property
-  def has_class_token(self) -> bool:
-    return True
-
-  @property
-  def num_prefix_tokens(self) -> int:
-    return 1
-
-  @property
   def pooler(self) -> bool:
     """transformers' InternVLVisionModel returns no ``pooler_output``."""
     return False
-
-  @property
-  def grid(self) -> tuple[int, int]:
-    return (self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1])
-
-  @property
-  def num_positions(self) -> int:
-    return self.grid[0] * self.grid[1] + 1
 
   @classmethod
   def from_hf(cls, config: Mapping[str, Any] | str | os.PathLike) -> InternVitConfig:
@@ -213,15 +181,7 @@ class InternVit(vit.Vit):
     # Vit's __init__ builds the ViT variants' pieces; the inherited methods need only config,
     # dtype, patch_embed and layers.
     c = config
-    d = c.hidden_size
-    self.config = c
-    self.dtype = jnp.dtype(dtype)
-    init = nnx.initializers.normal(0.02)
-    self.patch_embed = nnx.Conv(c.num_channels, d, kernel_size=c.patch_size, strides=c.patch_size,
-                                padding="VALID", dtype=dtype, param_dtype=dtype, rngs=rngs)
-    self.cls_token = nnx.Param(init(rngs.params(), (1, 1, d), dtype))
-    self.pos_embed = (nnx.Param(init(rngs.params(), (1, c.num_positions, d), dtype))
-                      if c.absolute_positions else None)
+    self._init_class_token_stem(c, dtype, rngs, pos_embed=c.absolute_positions)
     self.layers = nnx.List(
         [InternVitLayer(c, dtype=dtype, rngs=rngs) for _ in range(c.num_layers)])
     self.final_norm = None if c.mean_pooling else vit._layer_norm(c, dtype, rngs)  # pylint: disable=protected-access
@@ -233,10 +193,8 @@ class InternVit(vit.Vit):
     # transformers' interpolate_pos_encoding condition, verbatim (as DINOv2's).
     if grid[0] * grid[1] == c.num_positions - 1 and height == width:
       return pos
-    patches = pos[0, 1:].reshape(*c.grid, c.hidden_size).astype(jnp.float32)
     # torch's bicubic, align_corners=False, no antialiasing; in float32 like torch here.
-    resized = vit.resize_grid(patches, grid, antialias=False).astype(pos.dtype)
-    return jnp.concatenate([pos[:, :1], resized.reshape(1, -1, c.hidden_size)], axis=1)
+    return vit.resize_position_table(pos, c.grid, grid, antialias=False)
 
   def __call__(self, pixel_values: jax.Array,
                block_offsets: Sequence[jax.Array] | None = None) -> vit.VitOutput:
@@ -258,29 +216,19 @@ class InternVit(vit.Vit):
         ``block_offsets`` of the wrong length.
     """
     c = self.config
-    if pixel_values.ndim != 4 or pixel_values.shape[-1] != c.num_channels:
-      raise ValueError(f"pixel_values must be NHWC (batch, height, width, {c.num_channels}); "
-                       f"got shape {tuple(pixel_values.shape)}")
-    b, height, width, _ = pixel_values.shape
+    b, height, width = self._check_pixels(pixel_values)
     grid = (height // c.patch_size[0], width // c.patch_size[1])
     if not grid[0] or not grid[1]:
       raise ValueError(f"input image size ({height}*{width}) is smaller than one patch "
                        f"{c.patch_size}")
-    if block_offsets is not None and len(block_offsets) != len(self.layers):
-      raise ValueError(f"block_offsets has {len(block_offsets)} arrays for "
-                       f"{len(self.layers)} encoder layers")
     d = c.hidden_size
     x = self._embed_patches(pixel_values.astype(self.dtype), grid)
     cls = jnp.broadcast_to(self.cls_token[...], (b, 1, d))
     x = jnp.concatenate([cls, x], axis=1)
     if self.pos_embed is not None:
       x = x + self._positions(height, width, grid)
-    hidden = [x]
-    for i, layer in enumerate(self.layers):
-      x = attention.remat_call(c.remat, layer, x)
-      if block_offsets is not None:
-        x = x + block_offsets[i]
-      hidden.append(x)
+    hidden = self._run_layers(x, block_offsets)
+    x = hidden[-1]
     last = x if self.final_norm is None else self.final_norm(x)
     return vit.VitOutput(last_hidden_state=last, hidden_states=tuple(hidden), pooler_output=None,
                          num_prefix_tokens=1, grid=grid, has_class_token=True)

@@ -36,29 +36,28 @@ class Llama3RopeScaling:
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
-  """Architecture hyper-parameters of a Llama-family decoder.
+class DecoderConfig:
+  """The sizes every decoder family's config starts with (Llama, Qwen3, Phi-3, Gemma 1, 2 and 3).
 
   Attributes:
     vocab_size: Number of token ids.
     hidden_size: Width of the residual stream.
-    intermediate_size: Width of the SwiGLU MLP.
+    intermediate_size: Width of the gated MLP (SwiGLU, or Gemma's GeGLU).
     num_layers: Number of decoder layers.
     num_heads: Number of query heads.
-    num_kv_heads: Number of key/value heads (grouped-query attention); divides ``num_heads``.
+    num_kv_heads: Number of key/value heads (grouped-query attention); divides ``num_heads``
+      (1: multi-query).
     head_dim: Width of one head.
+
+  Each family's config then declares its own fields and, among them in its own order, these
+  shared ones (defaults differ by family):
+
     rms_norm_eps: Epsilon inside every RMSNorm.
-    rope_theta: RoPE base wavelength.
-    rope_scaling: ``None`` for plain RoPE, or the llama3 rescaling.
-    rope_freq_factors: ``None``, or one divisor per rotary frequency (``head_dim // 2``): how
-      llama.cpp stores Llama 3.1's rescaling in GGUF files (the ``rope_freqs.weight`` tensor, no
-      parameters). Each inverse frequency is divided by its factor, as llama.cpp's RoPE does.
-    tie_word_embeddings: Whether the LM head reuses the token embedding.
-    qkv_bias: Whether the q/k/v projections have biases (Qwen2: yes; Llama: ``attention_bias``).
-    o_bias: Whether the output projection has a bias (Llama: ``attention_bias``).
-    mlp_bias: Whether the MLP projections have biases (Llama: ``mlp_bias``).
+    rope_theta: RoPE base wavelength (Gemma 3: of the full-attention layers).
     sliding_window: Attention window of the sliding layers, or ``None``.
-    layer_types: Per layer, ``"full_attention"`` or ``"sliding_attention"``; empty means all full.
+    layer_types: Per layer, ``"full_attention"`` or ``"sliding_attention"``; empty means the
+      family's default (Llama, Qwen3, Phi-3 and Gemma 1: all full).
+    tie_word_embeddings: Whether the LM head reuses the token embedding.
     max_position_embeddings: Longest context the checkpoint was trained for (informational).
     model_type: The transformers ``model_type`` the config came from.
     attention_impl: How attention is computed: ``"auto"``, ``"fused"`` or ``"einsum"``
@@ -74,6 +73,41 @@ class LlamaConfig:
   num_heads: int
   num_kv_heads: int
   head_dim: int
+
+  def _check_layout(self, default_layer_types: tuple[str, ...]) -> None:
+    """Checks ``attention_impl`` and the heads, sets ``layer_types`` (``default_layer_types``
+    when empty, a tuple always) and checks it has one known kind per layer."""
+    attention.check_impl(self.attention_impl)
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of "
+                       f"num_kv_heads ({self.num_kv_heads})")
+    if not self.layer_types:
+      object.__setattr__(self, "layer_types", default_layer_types)
+    object.__setattr__(self, "layer_types", tuple(self.layer_types))
+    if len(self.layer_types) != self.num_layers:
+      raise ValueError(f"layer_types has {len(self.layer_types)} entries for "
+                       f"{self.num_layers} layers")
+    unknown = set(self.layer_types) - {FULL_ATTENTION, SLIDING_ATTENTION}
+    if unknown:
+      raise ValueError(f"unknown layer_types {sorted(unknown)}; expected "
+                       f"{FULL_ATTENTION!r} or {SLIDING_ATTENTION!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig(DecoderConfig):
+  """Architecture hyper-parameters of a Llama-family decoder: ``DecoderConfig``'s sizes and
+  shared fields, plus:
+
+  Attributes:
+    rope_scaling: ``None`` for plain RoPE, or the llama3 rescaling.
+    rope_freq_factors: ``None``, or one divisor per rotary frequency (``head_dim // 2``): how
+      llama.cpp stores Llama 3.1's rescaling in GGUF files (the ``rope_freqs.weight`` tensor, no
+      parameters). Each inverse frequency is divided by its factor, as llama.cpp's RoPE does.
+    qkv_bias: Whether the q/k/v projections have biases (Qwen2: yes; Llama: ``attention_bias``).
+    o_bias: Whether the output projection has a bias (Llama: ``attention_bias``).
+    mlp_bias: Whether the MLP projections have biases (Llama: ``mlp_bias``).
+  """
+
   rms_norm_eps: float = 1e-6
   rope_theta: float = 10000.0
   rope_scaling: Llama3RopeScaling | None = None
@@ -90,20 +124,7 @@ class LlamaConfig:
   remat: bool = False
 
   def __post_init__(self):
-    attention.check_impl(self.attention_impl)
-    if self.num_heads % self.num_kv_heads:
-      raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of "
-                       f"num_kv_heads ({self.num_kv_heads})")
-    if not self.layer_types:
-      object.__setattr__(self, "layer_types", (FULL_ATTENTION,) * self.num_layers)
-    object.__setattr__(self, "layer_types", tuple(self.layer_types))
-    if len(self.layer_types) != self.num_layers:
-      raise ValueError(f"layer_types has {len(self.layer_types)} entries for "
-                       f"{self.num_layers} layers")
-    unknown = set(self.layer_types) - {FULL_ATTENTION, SLIDING_ATTENTION}
-    if unknown:
-      raise ValueError(f"unknown layer_types {sorted(unknown)}; expected "
-                       f"{FULL_ATTENTION!r} or {SLIDING_ATTENTION!r}")
+    self._check_layout((FULL_ATTENTION,) * self.num_layers)
     if SLIDING_ATTENTION in self.layer_types and not self.sliding_window:
       raise ValueError("sliding_attention layers need a positive sliding_window")
     if self.rope_freq_factors is not None:
@@ -131,27 +152,17 @@ class LlamaConfig:
         implementation does not have (a RoPE type other than default or llama3, partial rotary
         embeddings, an activation other than SiLU).
     """
-    config = hf_config.read_config(config)
-    c = dict(config)
-    model_type = c.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-      raise ValueError(f"model_type {model_type!r} is not a Llama-family model; supported: "
-                       f"{', '.join(SUPPORTED_MODEL_TYPES)}")
-    act = c.get("hidden_act", "silu")
-    if act != "silu":
-      raise ValueError(f"hidden_act {act!r} is not supported; the Llama family uses 'silu'")
+    c = read_hf(config, SUPPORTED_MODEL_TYPES, "a Llama-family model")
+    model_type = c["model_type"]
+    require_silu(c, "the Llama family")
 
-    num_heads = c["num_attention_heads"]
     num_layers = c["num_hidden_layers"]
     rope_theta, rope_scaling = _rope_from_hf(c)
 
     if model_type == "qwen2":
       # Qwen2 hard-codes biases on q/k/v only (transformers' Qwen2Attention ignores attention_bias).
       qkv_bias, o_bias, mlp_bias = True, False, False
-      sliding_window = c.get("sliding_window") if c.get("use_sliding_window", False) else None
-      layer_types = c.get("layer_types") or [
-          SLIDING_ATTENTION if sliding_window is not None and i >= c.get("max_window_layers", 28)
-          else FULL_ATTENTION for i in range(num_layers)]
+      sliding_window, layer_types = qwen_sliding_layers(c, num_layers)
     elif model_type == "mistral":
       qkv_bias = o_bias = mlp_bias = False
       sliding_window = c.get("sliding_window")
@@ -162,13 +173,7 @@ class LlamaConfig:
       sliding_window, layer_types = None, [FULL_ATTENTION] * num_layers
 
     return cls(
-        vocab_size=c["vocab_size"],
-        hidden_size=c["hidden_size"],
-        intermediate_size=c["intermediate_size"],
-        num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=c.get("num_key_value_heads") or num_heads,
-        head_dim=c.get("head_dim") or c["hidden_size"] // num_heads,
+        **hf_sizes(c),
         rms_norm_eps=c.get("rms_norm_eps", 1e-6),
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
@@ -182,6 +187,53 @@ class LlamaConfig:
         max_position_embeddings=c.get("max_position_embeddings", 2048),
         model_type=model_type,
     )
+
+
+def read_hf(config: Mapping[str, Any] | str | os.PathLike, supported: tuple[str, ...],
+            family: str) -> dict[str, Any]:
+  """A transformers config (a dict, ``config.json`` or its directory) as a dict, after checking
+  that its ``model_type`` is one of ``supported`` (else "... is not ``family``")."""
+  c = dict(hf_config.read_config(config))
+  model_type = c.get("model_type")
+  if model_type not in supported:
+    raise ValueError(f"model_type {model_type!r} is not {family}; supported: "
+                     f"{', '.join(supported)}")
+  return c
+
+
+def require_silu(c: Mapping[str, Any], family: str) -> None:
+  """Refuses a config whose ``hidden_act`` is not SiLU, the activation ``family`` uses."""
+  act = c.get("hidden_act", "silu")
+  if act != "silu":
+    raise ValueError(f"hidden_act {act!r} is not supported; {family} uses 'silu'")
+
+
+def hf_sizes(c: Mapping[str, Any], default_head_dim: int | None = None) -> dict[str, int]:
+  """``DecoderConfig``'s fields from a transformers config dict; ``head_dim`` is the config's
+  (``default_head_dim`` where it has none), or ``hidden_size // num_attention_heads`` when that
+  is empty."""
+  num_heads = c["num_attention_heads"]
+  return dict(
+      vocab_size=c["vocab_size"],
+      hidden_size=c["hidden_size"],
+      intermediate_size=c["intermediate_size"],
+      num_layers=c["num_hidden_layers"],
+      num_heads=num_heads,
+      num_kv_heads=c.get("num_key_value_heads") or num_heads,
+      head_dim=c.get("head_dim", default_head_dim) or c["hidden_size"] // num_heads,
+  )
+
+
+def qwen_sliding_layers(c: Mapping[str, Any], num_layers: int
+                        ) -> tuple[int | None, tuple[str, ...]]:
+  """(sliding_window, layer_types) of a Qwen2 / Qwen3 config: the window applies only with
+  ``use_sliding_window``, to the layers ``layer_types`` (or, without it, ``max_window_layers``)
+  marks, as in transformers."""
+  sliding_window = c.get("sliding_window") if c.get("use_sliding_window", False) else None
+  layer_types = c.get("layer_types") or [
+      SLIDING_ATTENTION if sliding_window is not None and i >= c.get("max_window_layers", 28)
+      else FULL_ATTENTION for i in range(num_layers)]
+  return sliding_window, tuple(layer_types)
 
 
 def _rope_from_hf(c: Mapping[str, Any]) -> tuple[float, Llama3RopeScaling | None]:
@@ -235,6 +287,16 @@ def rotate_half(x: jax.Array) -> jax.Array:
   """Rotates the two halves of the last axis: (x1, x2) -> (-x2, x1)."""
   x1, x2 = jnp.split(x, 2, axis=-1)
   return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """RoPE on the first ``cos.shape[-1]`` channels of ``x`` (all of them but with Phi-3's partial
+  rotary factor); the rest pass through."""
+  rotary = cos.shape[-1]
+  if rotary == x.shape[-1]:
+    return x * cos + rotate_half(x) * sin
+  x_rot, x_pass = x[..., :rotary], x[..., rotary:]
+  return jnp.concatenate([x_rot * cos + rotate_half(x_rot) * sin, x_pass], axis=-1)
 
 
 def visible_keys(query_positions: jax.Array, key_positions: jax.Array, kind: str,
@@ -294,14 +356,19 @@ class Attention(nnx.Module):
     # c·tanh(scores / c) before the mask.
     self.logit_softcap: float | None = None
 
-  def _rotated_qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
+  def _qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(b, t, heads, d) queries and (b, t, kv_heads, d) keys and values, before the rotation."""
     b, t, _ = x.shape
     kv, dh = self.num_kv_heads, self.head_dim
     q = self.q_proj(x).reshape(b, t, self.num_heads, dh)
     k = self.k_proj(x).reshape(b, t, kv, dh)
     v = self.v_proj(x).reshape(b, t, kv, dh)
+    return q, k, v
+
+  def _rotated_qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
+    q, k, v = self._qkv(x)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
   def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
               causal: bool = True) -> jax.Array:
@@ -346,6 +413,15 @@ class Attention(nnx.Module):
     return self._attend(q, keys, values, mask, causal=False), (keys, values)
 
 
+def attention_config(c: Any, bias: bool = False) -> LlamaConfig:
+  """A ``LlamaConfig`` for the Llama attention of another family's config ``c``: its widths,
+  heads and attention path, and ``bias`` on all four projections."""
+  return LlamaConfig(
+      vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+      num_layers=c.num_layers, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
+      head_dim=c.head_dim, qkv_bias=bias, o_bias=bias, attention_impl=c.attention_impl)
+
+
 class MLP(nnx.Module):
   """SwiGLU feed-forward block: down(silu(gate(x)) * up(x))."""
 
@@ -361,13 +437,21 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-  """Pre-norm decoder layer: x + attn(norm(x)), then h + mlp(norm(h))."""
+  """Pre-norm decoder layer: x + attn(norm(x)), then h + mlp(norm(h)).
 
-  def __init__(self, config: LlamaConfig, *, dtype: Any, rngs: nnx.Rngs):
-    self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
-    self.attn = Attention(config, dtype=dtype, rngs=rngs)
-    self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
-    self.mlp = MLP(config, dtype=dtype, rngs=rngs)
+  The families that reuse it name their own norm, attention and MLP modules in the class
+  attributes below.
+  """
+
+  norm_class: type[nnx.Module] = RMSNorm
+  attention_class: type[nnx.Module] = Attention
+  mlp_class: type[nnx.Module] = MLP
+
+  def __init__(self, config: Any, *, dtype: Any, rngs: nnx.Rngs):
+    self.input_norm = self.norm_class(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+    self.attn = self.attention_class(config, dtype=dtype, rngs=rngs)
+    self.post_attn_norm = self.norm_class(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+    self.mlp = self.mlp_class(config, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
     h = x + self.attn(self.input_norm(x), cos, sin, mask)
@@ -399,20 +483,31 @@ class LlamaOutput(NamedTuple):
 
 
 class Llama(nnx.Module):
-  """A Llama / Qwen2 / Mistral causal language model."""
+  """A Llama / Qwen2 / Mistral causal language model.
 
-  def __init__(self, config: LlamaConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+  The families that reuse it (Qwen3, Phi-3, Gemma 1, 2 and 3) name their own layer and norm
+  modules in the class attributes below, or build their layers in ``_decoder_layer``.
+  """
+
+  layer_class: type[nnx.Module] = DecoderLayer
+  norm_class: type[nnx.Module] = RMSNorm
+
+  def __init__(self, config: Any, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
     self.config = config
     self.dtype = jnp.dtype(dtype)
     self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype,
                                   param_dtype=dtype, rngs=rngs)
     self.layers = nnx.List(
-        [DecoderLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_layers)])
-    self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        [self._decoder_layer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_layers)])
+    self.final_norm = self.norm_class(config.hidden_size, config.rms_norm_eps, dtype=dtype)
     # A tied model has no separate head: logits come from the embedding table itself.
     self.lm_head = None if config.tie_word_embeddings else nnx.Linear(
         config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype, param_dtype=dtype,
         rngs=rngs)
+
+  def _decoder_layer(self, config: Any, *, dtype: Any, rngs: nnx.Rngs) -> nnx.Module:
+    """One decoder layer: a ``layer_class``."""
+    return self.layer_class(config, dtype=dtype, rngs=rngs)
 
   def embed(self, input_ids: jax.Array) -> jax.Array:
     """(batch, seq, hidden) token embeddings: what ``inputs_embeds`` holds for text tokens."""

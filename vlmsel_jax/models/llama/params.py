@@ -30,6 +30,14 @@ def key_table(config: modeling.LlamaConfig) -> dict[str, tuple[str | None, Trans
       _LAYER + r"mlp\.gate_proj\.bias": (r"layers.\1.mlp.gate_proj.bias", Transform.BIAS),
       _LAYER + r"mlp\.up_proj\.bias": (r"layers.\1.mlp.up_proj.bias", Transform.BIAS),
       _LAYER + r"mlp\.down_proj\.bias": (r"layers.\1.mlp.down_proj.bias", Transform.BIAS),
+      **norm_and_head_keys(config),
+  }
+
+
+def norm_and_head_keys(config: modeling.LlamaConfig) -> dict[str, tuple[str | None, Transform]]:
+  """The table's entries for the two norms of each layer, the final norm and the LM head (also
+  Phi-3's)."""
+  return {
       _LAYER + r"input_layernorm\.weight": (r"layers.\1.input_norm.scale", Transform.SCALE),
       _LAYER + r"post_attention_layernorm\.weight": (r"layers.\1.post_attn_norm.scale",
                                                      Transform.SCALE),

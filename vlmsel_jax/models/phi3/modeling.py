@@ -35,15 +35,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vlmsel_jax.models import hf_config
 from vlmsel_jax.models.llama import modeling as llama_modeling
 from vlmsel_jax.models.llama.modeling import (
     FULL_ATTENTION,
     SLIDING_ATTENTION,
     LlamaConfig,
     LlamaOutput,
-    RMSNorm,
-    rotate_half,
 )
 
 SUPPORTED_MODEL_TYPES = ("phi3",)
@@ -130,17 +127,9 @@ class Phi3Config(LlamaConfig):
       ValueError: not a ``phi3`` config, or a feature this implementation lacks (a RoPE type
         other than default / longrope, an activation other than SiLU).
     """
-    c = dict(hf_config.read_config(config))
-    model_type = c.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-      raise ValueError(f"model_type {model_type!r} is not a Phi-3 model; supported: "
-                       f"{', '.join(SUPPORTED_MODEL_TYPES)}")
-    act = c.get("hidden_act", "silu")
-    if act != "silu":
-      raise ValueError(f"hidden_act {act!r} is not supported; Phi-3 uses 'silu'")
-    num_heads = c["num_attention_heads"]
-    num_layers = c["num_hidden_layers"]
-    head_dim = c.get("head_dim") or c["hidden_size"] // num_heads
+    c = llama_modeling.read_hf(config, SUPPORTED_MODEL_TYPES, "a Phi-3 model")
+    llama_modeling.require_silu(c, "Phi-3")
+    sizes = llama_modeling.hf_sizes(c)
     max_positions = int(c.get("max_position_embeddings", 4096))
 
     params = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
@@ -170,21 +159,15 @@ class Phi3Config(LlamaConfig):
     sliding_window = c.get("sliding_window")
     kind = FULL_ATTENTION if sliding_window is None else SLIDING_ATTENTION
     return cls(
-        vocab_size=c["vocab_size"],
-        hidden_size=c["hidden_size"],
-        intermediate_size=c["intermediate_size"],
-        num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=c.get("num_key_value_heads") or num_heads,
-        head_dim=head_dim,
+        **sizes,
         rms_norm_eps=float(c.get("rms_norm_eps", 1e-5)),
         rope_theta=rope_theta,
         tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
         sliding_window=sliding_window,
-        layer_types=(kind,) * num_layers,
+        layer_types=(kind,) * sizes["num_layers"],
         max_position_embeddings=max_positions,
-        model_type=model_type,
-        rotary_dim=int(head_dim * partial),
+        model_type=c["model_type"],
+        rotary_dim=int(sizes["head_dim"] * partial),
         long_rope=long_rope,
     )
 
@@ -200,19 +183,10 @@ def rope_inv_freq(config: Phi3Config, factors: tuple[float, ...] | None = None) 
   return (np.float32(1.0) / (np.asarray(factors, np.float32) * powers)).astype(np.float32)
 
 
-def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """RoPE on the first ``cos.shape[-1]`` channels of ``x``; the rest pass through."""
-  rotary = cos.shape[-1]
-  if rotary == x.shape[-1]:
-    return x * cos + rotate_half(x) * sin
-  x_rot, x_pass = x[..., :rotary], x[..., rotary:]
-  return jnp.concatenate([x_rot * cos + rotate_half(x_rot) * sin, x_pass], axis=-1)
-
-
 class Attention(llama_modeling.Attention):
   """The Llama family's grouped-query attention from one fused ``qkv_proj``, rotating the first
-  ``rotary_dim`` channels of each head; ``_attend``, ``prefill`` and ``decode`` are the Llama
-  family's."""
+  ``rotary_dim`` channels of each head (the width of ``Phi3._rope``'s tables); ``_attend``,
+  ``prefill`` and ``decode`` are the Llama family's."""
 
   def __init__(self, config: Phi3Config, *, dtype: Any, rngs: nnx.Rngs):
     # The Llama family's constructor sets everything ``_attend`` reads; its separate q/k/v
@@ -224,7 +198,7 @@ class Attention(llama_modeling.Attention):
         c.hidden_size, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim, use_bias=False,
         dtype=dtype, param_dtype=dtype, rngs=rngs)
 
-  def _rotated_qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
+  def _qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     b, t, _ = x.shape
     kv, dh = self.num_kv_heads, self.head_dim
     q_end = self.num_heads * dh
@@ -232,8 +206,7 @@ class Attention(llama_modeling.Attention):
     q = qkv[..., :q_end].reshape(b, t, self.num_heads, dh)
     k = qkv[..., q_end:q_end + kv * dh].reshape(b, t, kv, dh)
     v = qkv[..., q_end + kv * dh:].reshape(b, t, kv, dh)
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+    return q, k, v
 
 
 class MLP(nnx.Module):
@@ -254,31 +227,15 @@ class DecoderLayer(llama_modeling.DecoderLayer):
   """The Llama family's pre-norm layer around Phi-3's attention and MLP (transformers' residual
   dropouts are identities at inference)."""
 
-  def __init__(self, config: Phi3Config, *, dtype: Any,
-               rngs: nnx.Rngs):  # pylint: disable=super-init-not-called
-    self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
-    self.attn = Attention(config, dtype=dtype, rngs=rngs)
-    self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
-    self.mlp = MLP(config, dtype=dtype, rngs=rngs)
+  attention_class = Attention
+  mlp_class = MLP
 
 
 class Phi3(llama_modeling.Llama):
   """A Phi-3 causal language model: the Llama family's forward pass, ``prefill`` and ``decode``
   over Phi-3's layers and RoPE."""
 
-  def __init__(self, config: Phi3Config, *, dtype: Any = jnp.float32,
-               rngs: nnx.Rngs):  # pylint: disable=super-init-not-called
-    self.config = config
-    self.dtype = jnp.dtype(dtype)
-    self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype,
-                                  param_dtype=dtype, rngs=rngs)
-    self.layers = nnx.List(
-        [DecoderLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_layers)])
-    self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
-    # A tied model has no separate head: logits come from the embedding table itself.
-    self.lm_head = None if config.tie_word_embeddings else nnx.Linear(
-        config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype, param_dtype=dtype,
-        rngs=rngs)
+  layer_class = DecoderLayer
 
   def _rope(self, positions: jax.Array) -> dict[str, tuple[jax.Array, jax.Array]]:
     """RoPE (cos, sin) of width ``rotary_dim`` at ``positions``, one table for every layer.

@@ -7,6 +7,7 @@ layer index. The generic loader (``vlmsel_jax.models.loading``) does the rest.
 
 from __future__ import annotations
 
+from vlmsel_jax.models.llama import params as llama_params
 from vlmsel_jax.models.phi3 import modeling
 from vlmsel_jax.models.transforms import Transform
 
@@ -23,12 +24,5 @@ def key_table(config: modeling.Phi3Config) -> dict[str, tuple[str | None, Transf
       _LAYER + r"mlp\.gate_up_proj\.weight": (r"layers.\1.mlp.gate_up_proj.kernel",
                                               Transform.LINEAR),
       _LAYER + r"mlp\.down_proj\.weight": (r"layers.\1.mlp.down_proj.kernel", Transform.LINEAR),
-      _LAYER + r"input_layernorm\.weight": (r"layers.\1.input_norm.scale", Transform.SCALE),
-      _LAYER + r"post_attention_layernorm\.weight": (r"layers.\1.post_attn_norm.scale",
-                                                     Transform.SCALE),
-      r"model\.norm\.weight": ("final_norm.scale", Transform.SCALE),
-      # Tied: logits come from the embedding, so a saved lm_head copy is ignored, as in
-      # transformers.
-      r"lm_head\.weight": ((None, Transform.SKIP) if config.tie_word_embeddings
-                           else ("lm_head.kernel", Transform.LINEAR)),
+      **llama_params.norm_and_head_keys(config),
   }

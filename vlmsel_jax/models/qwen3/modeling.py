@@ -19,19 +19,10 @@ import os
 from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from vlmsel_jax.models import hf_config
 from vlmsel_jax.models.llama import modeling as llama_modeling
-from vlmsel_jax.models.llama.modeling import (
-    FULL_ATTENTION,
-    SLIDING_ATTENTION,
-    LlamaConfig,
-    LlamaOutput,
-    RMSNorm,
-    rotate_half,
-)
+from vlmsel_jax.models.llama.modeling import LlamaConfig, LlamaOutput, RMSNorm
 
 SUPPORTED_MODEL_TYPES = ("qwen3",)
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM",)
@@ -59,31 +50,14 @@ class Qwen3Config(LlamaConfig):
       ValueError: not a ``qwen3`` config, or a feature this implementation lacks (a RoPE type
         other than default / llama3, partial rotary embeddings, an activation other than SiLU).
     """
-    c = dict(hf_config.read_config(config))
-    model_type = c.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-      raise ValueError(f"model_type {model_type!r} is not a Qwen3 model; supported: "
-                       f"{', '.join(SUPPORTED_MODEL_TYPES)}")
-    act = c.get("hidden_act", "silu")
-    if act != "silu":
-      raise ValueError(f"hidden_act {act!r} is not supported; Qwen3 uses 'silu'")
-    num_heads = c["num_attention_heads"]
-    num_layers = c["num_hidden_layers"]
+    c = llama_modeling.read_hf(config, SUPPORTED_MODEL_TYPES, "a Qwen3 model")
+    llama_modeling.require_silu(c, "Qwen3")
     # The llama family's reader: default and llama3 RoPE, anything else refused by name.
     rope_theta, rope_scaling = llama_modeling._rope_from_hf(c)  # pylint: disable=protected-access
-    sliding_window = c.get("sliding_window") if c.get("use_sliding_window", False) else None
-    layer_types = c.get("layer_types") or [
-        SLIDING_ATTENTION if sliding_window is not None and i >= c.get("max_window_layers", 28)
-        else FULL_ATTENTION for i in range(num_layers)]
+    sliding_window, layer_types = llama_modeling.qwen_sliding_layers(c, c["num_hidden_layers"])
     bias = bool(c.get("attention_bias", False))
     return cls(
-        vocab_size=c["vocab_size"],
-        hidden_size=c["hidden_size"],
-        intermediate_size=c["intermediate_size"],
-        num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=c.get("num_key_value_heads") or num_heads,
-        head_dim=c.get("head_dim") or c["hidden_size"] // num_heads,
+        **llama_modeling.hf_sizes(c),
         rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
@@ -92,9 +66,9 @@ class Qwen3Config(LlamaConfig):
         o_bias=bias,
         mlp_bias=False,
         sliding_window=sliding_window,
-        layer_types=tuple(layer_types),
+        layer_types=layer_types,
         max_position_embeddings=int(c.get("max_position_embeddings", 32768)),
-        model_type=model_type,
+        model_type=c["model_type"],
     )
 
 
@@ -107,41 +81,19 @@ class Attention(llama_modeling.Attention):
     self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype=dtype)
     self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype=dtype)
 
-  def _rotated_qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
-    b, t, _ = x.shape
-    kv, dh = self.num_kv_heads, self.head_dim
-    q = self.q_norm(self.q_proj(x).reshape(b, t, self.num_heads, dh))
-    k = self.k_norm(self.k_proj(x).reshape(b, t, kv, dh))
-    v = self.v_proj(x).reshape(b, t, kv, dh)
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+  def _qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    q, k, v = super()._qkv(x)
+    return self.q_norm(q), self.k_norm(k), v
 
 
 class DecoderLayer(llama_modeling.DecoderLayer):
   """The Llama family's pre-norm layer around Qwen3's attention."""
 
-  def __init__(self, config: Qwen3Config, *, dtype: Any,
-               rngs: nnx.Rngs):  # pylint: disable=super-init-not-called
-    self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
-    self.attn = Attention(config, dtype=dtype, rngs=rngs)
-    self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
-    self.mlp = llama_modeling.MLP(config, dtype=dtype, rngs=rngs)
+  attention_class = Attention
 
 
 class Qwen3(llama_modeling.Llama):
   """A Qwen3 causal language model: the Llama family's forward pass, ``prefill`` and ``decode``
   over Qwen3's layers."""
 
-  def __init__(self, config: Qwen3Config, *, dtype: Any = jnp.float32,
-               rngs: nnx.Rngs):  # pylint: disable=super-init-not-called
-    self.config = config
-    self.dtype = jnp.dtype(dtype)
-    self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype,
-                                  param_dtype=dtype, rngs=rngs)
-    self.layers = nnx.List(
-        [DecoderLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_layers)])
-    self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
-    # A tied model has no separate head: logits come from the embedding table itself.
-    self.lm_head = None if config.tie_word_embeddings else nnx.Linear(
-        config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype, param_dtype=dtype,
-        rngs=rngs)
+  layer_class = DecoderLayer

@@ -96,21 +96,79 @@ def _pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
   return (int(height), int(width))
 
 
-@dataclasses.dataclass(frozen=True)
-class VitConfig:
-  """Architecture hyper-parameters of a CLIP / SigLIP / DINOv2 / ViT vision transformer.
+class TowerConfig:
+  """What the configs of the patch-embedding vision towers share (``VitConfig`` and the
+  InternViT and EVA-02 configs, which reuse this module's pieces).
 
-  Attributes:
-    variant: Which checkpoint family's layout and pieces to build: one of ``VARIANTS``.
+  Each declares these fields, in its own order among its own:
+
     hidden_size: Width of the residual stream.
-    intermediate_size: Width of the MLP (for DINOv2's SwiGLU: of each of its two branches).
-    num_layers: Number of encoder layers.
+    intermediate_size: Width of the MLP (for a SwiGLU: of each of its two branches).
+    num_layers: Number of encoder layers (blocks).
     num_heads: Number of attention heads; divides ``hidden_size``.
     image_size: Native (height, width) in pixels; the position embeddings are for this size.
     patch_size: (height, width) of one patch in pixels.
     num_channels: Image channels.
     layer_norm_eps: Epsilon of every LayerNorm.
-    hidden_act: MLP activation, a key of ``ACTIVATIONS`` (unused by the SwiGLU MLP).
+    hidden_act: MLP activation, a key of ``ACTIVATIONS`` (unused by a SwiGLU MLP; EVA-02 has
+      none).
+    attention_impl: How attention is computed: ``"auto"``, ``"fused"`` or ``"einsum"``
+      (``vlmsel_jax.models.attention``); not part of the checkpoint.
+    remat: Rematerialize each encoder layer in the backward pass (``jax.checkpoint``); not part of
+      the checkpoint.
+  """
+
+  def _check_tower(self) -> None:
+    """Checks ``attention_impl`` and makes ``image_size`` and ``patch_size`` pairs."""
+    attention.check_impl(self.attention_impl)
+    object.__setattr__(self, "image_size", _pair(self.image_size))
+    object.__setattr__(self, "patch_size", _pair(self.patch_size))
+
+  def _check_heads_and_act(self) -> None:
+    """Checks that the heads divide ``hidden_size`` and that ``hidden_act`` is known."""
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of num_heads "
+                       f"({self.num_heads})")
+    if self.hidden_act not in ACTIVATIONS:
+      raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; supported: "
+                       f"{', '.join(sorted(ACTIVATIONS))}")
+
+  def _check_image_fits(self) -> None:
+    """Checks that the native image holds at least one patch."""
+    if any(i < p for i, p in zip(self.image_size, self.patch_size)):
+      raise ValueError(f"image_size {self.image_size} is smaller than patch_size "
+                       f"{self.patch_size}")
+
+  @property
+  def grid(self) -> tuple[int, int]:
+    """The native (rows, columns) of patches."""
+    return (self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1])
+
+
+class ClassTokenTowerConfig(TowerConfig):
+  """A ``TowerConfig`` whose sequence is one CLS token, then the patch tokens."""
+
+  @property
+  def has_class_token(self) -> bool:
+    return True
+
+  @property
+  def num_prefix_tokens(self) -> int:
+    return 1
+
+  @property
+  def num_positions(self) -> int:
+    """Rows of the position table: one per native patch, plus the CLS token's."""
+    return self.grid[0] * self.grid[1] + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class VitConfig(TowerConfig):
+  """Architecture hyper-parameters of a CLIP / SigLIP / DINOv2 / ViT vision transformer:
+  ``TowerConfig``'s fields, plus:
+
+  Attributes:
+    variant: Which checkpoint family's layout and pieces to build: one of ``VARIANTS``.
     qkv_bias: Whether the q/k/v projections have biases.
     num_register_tokens: DINOv2 register tokens, inserted after the CLS token.
     swiglu: DINOv2 (giant) SwiGLU MLP instead of fc1 -> activation -> fc2.
@@ -123,10 +181,6 @@ class VitConfig:
     contrastive: The checkpoint is a full ``CLIPModel`` / ``SiglipModel``: the vision weights sit
       under ``vision_model.`` and the text tower and projections are skipped.
     model_type: The transformers ``model_type`` the config came from.
-    attention_impl: How attention is computed: ``"auto"``, ``"fused"`` or ``"einsum"``
-      (``vlmsel_jax.models.attention``); not part of the checkpoint.
-    remat: Rematerialize each encoder layer in the backward pass (``jax.checkpoint``); not part of
-      the checkpoint.
   """
 
   variant: str
@@ -151,26 +205,17 @@ class VitConfig:
   remat: bool = False
 
   def __post_init__(self):
-    attention.check_impl(self.attention_impl)
-    object.__setattr__(self, "image_size", _pair(self.image_size))
-    object.__setattr__(self, "patch_size", _pair(self.patch_size))
+    self._check_tower()
     if self.variant not in VARIANTS:
       raise ValueError(f"variant {self.variant!r} is not one of {', '.join(VARIANTS)}")
-    if self.hidden_size % self.num_heads:
-      raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of num_heads "
-                       f"({self.num_heads})")
-    if self.hidden_act not in ACTIVATIONS:
-      raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; supported: "
-                       f"{', '.join(sorted(ACTIVATIONS))}")
+    self._check_heads_and_act()
     if self.variant != "dinov2" and (self.num_register_tokens or self.swiglu):
       raise ValueError("register tokens and the SwiGLU MLP exist only in the dinov2 variant")
     if self.variant in ("clip", "dinov2") and not self.pooler:
       raise ValueError(f"the {self.variant} variant always has a pooler_output")
     if self.pooler_output_size is None:
       object.__setattr__(self, "pooler_output_size", self.hidden_size)
-    if any(i < p for i, p in zip(self.image_size, self.patch_size)):
-      raise ValueError(f"image_size {self.image_size} is smaller than patch_size "
-                       f"{self.patch_size}")
+    self._check_image_fits()
 
   @property
   def has_class_token(self) -> bool:
@@ -181,11 +226,6 @@ class VitConfig:
   def num_prefix_tokens(self) -> int:
     """Tokens before the patch tokens: the CLS token and any registers."""
     return int(self.has_class_token) + self.num_register_tokens
-
-  @property
-  def grid(self) -> tuple[int, int]:
-    """The native (rows, columns) of patches."""
-    return (self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1])
 
   @property
   def num_positions(self) -> int:
@@ -315,6 +355,16 @@ def resize_grid(grid: jax.Array, size: tuple[int, int], *, antialias: bool) -> j
   cols = jnp.asarray(bicubic_resize_weights(grid.shape[1], size[1], antialias=antialias))
   # Full float32 precision: this is a handful of FLOPs, and accelerators default to less.
   return jnp.einsum("Rr,Cc,rcd->RCd", rows, cols, grid, precision=jax.lax.Precision.HIGHEST)
+
+
+def resize_position_table(pos: jax.Array, grid: tuple[int, int], size: tuple[int, int], *,
+                          antialias: bool) -> jax.Array:
+  """A (1, 1 + patches, hidden) position table, CLS row first, for another patch grid: the patch
+  rows, laid out as ``grid``, resized bicubically to ``size`` in float32 (as torch does), the CLS
+  row kept."""
+  patches = pos[0, 1:].reshape(*grid, pos.shape[-1]).astype(jnp.float32)
+  resized = resize_grid(patches, size, antialias=antialias).astype(pos.dtype)
+  return jnp.concatenate([pos[:, :1], resized.reshape(1, -1, pos.shape[-1])], axis=1)
 
 
 def _layer_norm(config: VitConfig, dtype: Any, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -492,12 +542,8 @@ class Vit(nnx.Module):
   def __init__(self, config: VitConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
     c = config
     d = c.hidden_size
-    self.config = c
-    self.dtype = jnp.dtype(dtype)
+    self._init_patch_embed(c, dtype, rngs, use_bias=c.variant != "clip")
     init = nnx.initializers.normal(0.02)
-    self.patch_embed = nnx.Conv(c.num_channels, d, kernel_size=c.patch_size, strides=c.patch_size,
-                                padding="VALID", use_bias=c.variant != "clip", dtype=dtype,
-                                param_dtype=dtype, rngs=rngs)
     # Token and position parameters keep each checkpoint's own shape, so loading copies them as
     # they are: CLIP stores its class token as (hidden,) and, like SigLIP, its positions as an
     # nn.Embedding table (positions, hidden); DINOv2 and ViT store (1, ..., hidden) tensors.
@@ -530,10 +576,60 @@ class Vit(nnx.Module):
     # the table; anything else is resized (also a non-square image with that patch count).
     if grid[0] * grid[1] == c.num_positions - 1 and height == width:
       return pos
-    patches = pos[0, 1:].reshape(*c.grid, c.hidden_size).astype(jnp.float32)
     # Resized in float32 whatever the model dtype, as transformers does.
-    resized = resize_grid(patches, grid, antialias=c.antialias_positions).astype(pos.dtype)
-    return jnp.concatenate([pos[:, :1], resized.reshape(1, -1, c.hidden_size)], axis=1)
+    return resize_position_table(pos, c.grid, grid, antialias=c.antialias_positions)
+
+  def _init_patch_embed(self, config: TowerConfig, dtype: Any, rngs: nnx.Rngs, *,
+                        use_bias: bool = True) -> None:
+    """Sets ``config``, ``dtype`` and the strided patch convolution."""
+    c = config
+    self.config = c
+    self.dtype = jnp.dtype(dtype)
+    self.patch_embed = nnx.Conv(c.num_channels, c.hidden_size, kernel_size=c.patch_size,
+                                strides=c.patch_size, padding="VALID", use_bias=use_bias,
+                                dtype=dtype, param_dtype=dtype, rngs=rngs)
+
+  def _init_class_token_stem(self, config: TowerConfig, dtype: Any, rngs: nnx.Rngs, *,
+                             pos_embed: bool = True) -> None:
+    """Sets ``config``, ``dtype`` and the stem of a tower with one CLS token: the patch
+    convolution (with bias), the (1, 1, hidden) CLS token and, with ``pos_embed``, the
+    (1, positions, hidden) position table. ``Vit``'s own ``__init__`` builds the ViT variants'
+    stems; towers that reuse this class's methods build theirs here."""
+    c = config
+    d = c.hidden_size
+    self._init_patch_embed(c, dtype, rngs)
+    init = nnx.initializers.normal(0.02)
+    self.cls_token = nnx.Param(init(rngs.params(), (1, 1, d), dtype))
+    self.pos_embed = (nnx.Param(init(rngs.params(), (1, c.num_positions, d), dtype))
+                      if pos_embed else None)
+
+  def _check_pixels(self, pixel_values: jax.Array) -> tuple[int, int, int]:
+    """(batch, height, width) of NHWC ``pixel_values``, after checking they have that layout
+    and ``config.num_channels`` channels."""
+    c = self.config
+    if pixel_values.ndim != 4 or pixel_values.shape[-1] != c.num_channels:
+      raise ValueError(f"pixel_values must be NHWC (batch, height, width, {c.num_channels}); "
+                       f"got shape {tuple(pixel_values.shape)}")
+    return pixel_values.shape[:3]
+
+  def _run_layers(self, x: jax.Array, block_offsets: Sequence[jax.Array] | None, *args: Any,
+                  unit: str = "encoder layers") -> list[jax.Array]:
+    """Runs every layer (``layer(x, *args)``, rematerialized with ``config.remat``) on ``x``,
+    adding ``block_offsets[i]`` to layer i's output; returns the input then every output.
+
+    Raises:
+      ValueError: ``block_offsets`` has not one array per layer (``unit`` names the layers).
+    """
+    if block_offsets is not None and len(block_offsets) != len(self.layers):
+      raise ValueError(f"block_offsets has {len(block_offsets)} arrays for "
+                       f"{len(self.layers)} {unit}")
+    hidden = [x]
+    for i, layer in enumerate(self.layers):
+      x = attention.remat_call(self.config.remat, layer, x, *args)
+      if block_offsets is not None:
+        x = x + block_offsets[i]
+      hidden.append(x)
+    return hidden
 
   def _embed_patches(self, pixels: jax.Array, grid: tuple[int, int]) -> jax.Array:
     """The strided patch convolution as one matmul over flattened patches: (b, patches, d).
@@ -582,10 +678,7 @@ class Vit(nnx.Module):
         not one the model accepts.
     """
     c = self.config
-    if pixel_values.ndim != 4 or pixel_values.shape[-1] != c.num_channels:
-      raise ValueError(f"pixel_values must be NHWC (batch, height, width, {c.num_channels}); "
-                       f"got shape {tuple(pixel_values.shape)}")
-    b, height, width, _ = pixel_values.shape
+    b, height, width = self._check_pixels(pixel_values)
     if c.variant != "dinov2" and (height, width) != c.image_size:
       raise ValueError(f"input image size ({height}*{width}) does not match the model's "
                        f"({c.image_size[0]}*{c.image_size[1]}); only DINOv2 resizes its "
@@ -627,16 +720,9 @@ class Vit(nnx.Module):
       (hidden_states, last_hidden_state, pooler_output), as ``VitOutput`` holds them.
     """
     c = self.config
-    if block_offsets is not None and len(block_offsets) != len(self.layers):
-      raise ValueError(f"block_offsets has {len(block_offsets)} arrays for "
-                       f"{len(self.layers)} encoder layers")
     masks = () if mask is None else (mask,)
-    hidden = [x]
-    for i, layer in enumerate(self.layers):
-      x = attention.remat_call(c.remat, layer, x, *masks)
-      if block_offsets is not None:
-        x = x + block_offsets[i]
-      hidden.append(x)
+    hidden = self._run_layers(x, block_offsets, *masks)
+    x = hidden[-1]
 
     pooled = None
     if c.variant == "clip":
