@@ -26,8 +26,8 @@ import parity_util
 
 from vlmsel_jax import zoo
 from vlmsel_jax.features import patch_grid as patch_grid_lib
-from vlmsel_jax.models import load_pretrained
-from vlmsel_jax.models.internvit import InternVit, InternVitConfig
+from vlmsel_jax.models import HFDirectory, load_pretrained
+from vlmsel_jax.models.internvit import InternVit, InternVitConfig, reads_key
 
 REL_TOL = 1e-4
 BATCH = 2
@@ -128,6 +128,22 @@ def test_config_reads_vision_config_of_the_full_model(checkpoint):
   assert (config.hidden_size, config.num_layers, config.model_type) == (32, 2, "internvl")
   with pytest.raises(ValueError, match="not an InternViT"):
     InternVitConfig.from_hf({"model_type": "clip_vision_model"})
+
+
+def test_only_the_tower_of_a_whole_internvl_checkpoint_is_read(checkpoint):
+  """What a whole InternVL checkpoint holds besides the tower is never read (nor fetched from
+  the Hub: ``hub`` asks for the shards holding a key ``reads_key`` accepts)."""
+  path, _ = checkpoint("full")
+  source = HFDirectory(path)
+  keys = [k for k, _ in source]
+  reads = reads_key(InternVitConfig.from_hf(source.config))
+  read = [k for k, _ in source.select(reads)]
+  assert read == [k for k in keys if "vision_tower." in k]
+  assert any(k.startswith(("language_model.", "model.language_model.")) for k in keys)
+  assert any("multi_modal_projector." in k for k in keys)
+  tower_only = reads_key(InternVitConfig.from_hf({"model_type": "internvl_vision",
+                                                  **CASES["layer_norm"]}))
+  assert tower_only("language_model.anything")  # A tower checkpoint's keys are all its own.
 
 
 def test_zoo_load_features_patch_grid_and_variants(checkpoint):

@@ -13,14 +13,17 @@ Tolerance: float32, max abs error <= 1e-4 * max(1, max |reference|) (``REL_TOL``
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+import huggingface_hub
 import transformers
 from flax import nnx
 from huggingface_hub import constants as hf_constants
@@ -32,11 +35,12 @@ import hub_fixtures
 
 from vlmsel_jax import zoo
 from vlmsel_jax.features import patch_grid as patch_grid_lib
-from vlmsel_jax.models import CheckpointError, HFDirectory, load_pretrained
+from vlmsel_jax.models import CheckpointError, CheckpointFileError, HFDirectory, load_pretrained
 from vlmsel_jax.models import qwen2_5_vl
 from vlmsel_jax.models.llama import modeling as llama
 from vlmsel_jax.models.qwen2_5_vl import Qwen25VisionConfig, Qwen25VisionTower
 from vlmsel_jax.models.vlm import modeling as vlm
+from vlmsel_jax.zoo import hub
 from vlmsel_jax.zoo import preprocessing as zoo_preprocessing
 
 REL_TOL = 1e-4
@@ -259,3 +263,61 @@ def test_tower_in_a_vlm_with_fused_attention_and_remat(checkpoint):
   ref = _torch_outputs(24, 40)["merged"]
   np.testing.assert_allclose(np.asarray(feats), ref, atol=_tol(ref), rtol=0)
   assert logits.shape == (BATCH, 20, 40) and bool(jnp.isfinite(logits).all())
+
+
+def _split_shards(checkpoint, root):
+  """The checkpoint re-saved in two shards, as large Hub repos are: the tower in one, the
+  language model in the other, and the index naming both."""
+  src = HFDirectory(checkpoint)
+  tensors = dict(src)
+  tower = {k: v for k, v in tensors.items() if "visual." in k}
+  shards = {"model-00001-of-00002.safetensors": tower,
+            "model-00002-of-00002.safetensors": {k: v for k, v in tensors.items()
+                                                 if k not in tower}}
+  root.mkdir()
+  for name, part in shards.items():
+    save_file(part, str(root / name))
+  (root / "model.safetensors.index.json").write_text(json.dumps(
+      {"metadata": {}, "weight_map": {k: n for n, part in shards.items() for k in part}}))
+  (root / "config.json").write_text(json.dumps(src.config))
+  return root
+
+
+def test_only_the_towers_shards_are_read_or_fetched(checkpoint, tmp_path, monkeypatch):
+  """A sharded Qwen2.5-VL loads from its tower's shards alone, and a Hub id fetches only those
+  (what ``snapshot_download`` is asked for is recorded; it serves files from a full repo)."""
+  full = _split_shards(checkpoint, tmp_path / "full")
+  assert [f.name for f in HFDirectory(full).shards_for(
+      qwen2_5_vl.reads_key(None))] == ["model-00001-of-00002.safetensors"]
+  partial = tmp_path / "partial"
+  shutil.copytree(full, partial)
+  (partial / "model-00002-of-00002.safetensors").unlink()
+  want = _forward(load_pretrained(checkpoint), _pixels(24, 40).transpose(0, 2, 3, 1))
+  got = _forward(load_pretrained(partial), _pixels(24, 40).transpose(0, 2, 3, 1))
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(CheckpointFileError, match="model-00002-of-00002.safetensors: shard listed"):
+    list(HFDirectory(partial))  # Reading everything still needs every shard.
+
+  asked = []
+
+  def snapshot_download(repo_id, revision, local_files_only, allow_patterns):
+    del repo_id, revision, local_files_only
+    asked.append(sorted(allow_patterns))
+    snap = tmp_path / "snapshot"
+    for f in full.iterdir():
+      if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
+        snap.mkdir(exist_ok=True)
+        shutil.copy(f, snap / f.name)
+    return str(snap)
+
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+  monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+  path = hub.snapshot("vlmsel-test/qwen2_5_vl-sharded").path
+  weights = [p for patterns in asked for p in patterns if p.endswith(".safetensors")]
+  assert weights == ["model-00001-of-00002.safetensors"], asked
+  assert sorted(f.name for f in path.glob("*.safetensors")) == [
+      "model-00001-of-00002.safetensors"]
+  out = _forward(load_pretrained(path), _pixels(24, 40).transpose(0, 2, 3, 1))
+  np.testing.assert_array_equal(np.asarray(out.hidden_states[-1]),
+                                np.asarray(want.hidden_states[-1]))

@@ -171,6 +171,7 @@ FAMILIES: tuple[Family, ...] = (
         config_from_hf=internvit.InternVitConfig.from_hf,
         build=internvit.InternVit,
         key_table=internvit.key_table,
+        reads_key=internvit.reads_key,
     ),
     Family(
         name="qwen2_5_vl",
@@ -261,7 +262,10 @@ class HFDirectory:
   Attributes:
     path: The directory.
     config: The parsed ``config.json``.
-    files: The weight files (``.safetensors`` or ``.bin``), in the order they are read.
+    files: The weight files (``.safetensors`` or ``.bin``), in the order they are read. A shard
+      the index lists must exist when it is read; ``select`` reads only the shards holding keys
+      it accepts, so the others may be absent (the Hub fetches only a VLM's vision shards).
+    weight_map: A sharded checkpoint's key -> shard file name (its index); None otherwise.
   """
 
   def __init__(self, path: str | os.PathLike):
@@ -269,6 +273,8 @@ class HFDirectory:
     if not self.path.is_dir():
       raise CheckpointFileError(f"{self.path}: no such checkpoint directory")
     self.config = _read_json(self.path / "config.json")
+    self.weight_map: dict[str, str] | None = None
+    self._index_name = ""
     self.files = self._weight_files()
 
   def _weight_files(self) -> list[Path]:
@@ -288,21 +294,32 @@ class HFDirectory:
     weight_map = _read_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
       raise CheckpointFileError(f"{index}: has no 'weight_map'")
-    files = [self.path / name for name in sorted(set(weight_map.values()))]
+    self.weight_map, self._index_name = weight_map, index.name
+    return [self.path / name for name in sorted(set(weight_map.values()))]
+
+  def _present(self, files: list[Path]) -> list[Path]:
     for f in files:
       if not f.is_file():
-        raise CheckpointFileError(f"{f}: shard listed in {index.name} does not exist")
+        raise CheckpointFileError(f"{f}: shard listed in {self._index_name} does not exist")
     return files
 
   def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
-    for f in self.files:
+    for f in self._present(self.files):
       yield from (read_safetensors(f) if f.suffix == ".safetensors" else
                   read_torch_state_dict(f))
 
+  def shards_for(self, reads_key: Callable[[str], bool]) -> list[Path]:
+    """The weight files holding a key ``reads_key`` accepts (all of an unsharded checkpoint)."""
+    if self.weight_map is None:
+      return self.files
+    needed = {name for key, name in self.weight_map.items() if reads_key(key)}
+    return [f for f in self.files if f.name in needed]
+
   def select(self, reads_key: Callable[[str], bool]) -> Iterator[tuple[str, np.ndarray]]:
-    """The tensors whose key ``reads_key`` accepts; safetensors files leave the others unread
-    (``pytorch_model.bin`` files are read whole and filtered)."""
-    for f in self.files:
+    """The tensors whose key ``reads_key`` accepts; shards the index shows to hold none of them
+    are not opened, safetensors files leave the others unread (``pytorch_model.bin`` files are
+    read whole and filtered)."""
+    for f in self._present(self.shards_for(reads_key)):
       if f.suffix == ".safetensors":
         yield from read_safetensors(f, reads_key)
       else:

@@ -3,7 +3,8 @@
 A Hub model is fetched with ``huggingface_hub.snapshot_download`` into the standard Hub cache
 (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``), limited to what a
 checkpoint directory needs: the configs, the tokenizer files and chat template, and the weights
-(safetensors; ``pytorch_model*.bin`` only when the repo has no safetensors; for an OpenCLIP repo
+(safetensors; of a whole VLM whose vision tower is the model, Qwen2.5-VL or InternVL, only the
+shards holding the tower; ``pytorch_model*.bin`` only when the repo has no safetensors; for an OpenCLIP repo
 without a transformers config, ``open_clip_model.safetensors``, else
 ``open_clip_pytorch_model.bin``; for a diffusers pipeline, ``model_index.json`` and the parts the
 diffusion-feature tower reads: ``vae/``, ``unet/`` or ``transformer/``, ``scheduler/``).
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import json
 import re
 from pathlib import Path
 
@@ -46,8 +48,8 @@ OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHT_PATTERNS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 # transformers' weight file names; other files of a repo (tf_model.h5, flax_model.msgpack,
 # onnx/...) are not fetched, nor OpenCLIP's where a config.json is (see OPEN_CLIP_*).
-SAFETENSORS_PATTERNS = ("model.safetensors", "model.safetensors.index.json",
-                        "model-*-of-*.safetensors")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_PATTERNS = ("model.safetensors", SAFETENSORS_INDEX, "model-*-of-*.safetensors")
 PYTORCH_BIN_PATTERNS = ("pytorch_model.bin", "pytorch_model.bin.index.json",
                         "pytorch_model-*-of-*.bin")
 # A diffusers pipeline (``model_index.json``, no ``config.json``): the components
@@ -116,6 +118,30 @@ def _download_open_clip(path: Path, download) -> Path:
   return path
 
 
+def _tower_shards(path: Path) -> tuple[str, ...] | None:
+  """The safetensors shards a sharded checkpoint's family reads, when it reads only a part of the
+  checkpoint (``loading.Family.reads_key``: the vision tower of a whole Qwen2.5-VL or InternVL,
+  whose language model fills most shards); None for any other checkpoint, which is fetched
+  whole."""
+  index, config_file = path / SAFETENSORS_INDEX, path / "config.json"
+  if not (index.is_file() and config_file.is_file()):
+    return None
+  from vlmsel_jax.models import loading  # pylint: disable=g-import-not-at-top
+  try:
+    with open(config_file, encoding="utf-8") as f:
+      config = json.load(f)
+    family = loading.family_for(config, str(config_file))
+    if family.reads_key is None:
+      return None
+    reads = family.reads_key(family.config_from_hf(config))
+    with open(index, encoding="utf-8") as f:
+      weight_map = json.load(f)["weight_map"]
+    return tuple(sorted({name for key, name in weight_map.items() if reads(key)}))
+  except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    # Not a family we load, or files it cannot read: fetched whole, and the loader says why.
+    return None
+
+
 def _cache_dir() -> str:
   from huggingface_hub import constants  # pylint: disable=g-import-not-at-top
   return constants.HF_HUB_CACHE
@@ -149,7 +175,10 @@ def snapshot(repo_id: str, revision: str | None = None) -> HubSnapshot:
                                   allow_patterns=list(CONFIG_PATTERNS + patterns)))
 
   try:
-    path = download(SAFETENSORS_PATTERNS)
+    # The configs and the shard index first: they tell whether every shard is needed.
+    path = download((SAFETENSORS_INDEX,))
+    shards = _tower_shards(path)
+    path = download(SAFETENSORS_PATTERNS if shards is None else (SAFETENSORS_INDEX,) + shards)
     if not _has(path, SAFETENSORS_PATTERNS):
       # Many repos carry only pytorch_model.bin; it is fetched only when there are no safetensors.
       path = download(PYTORCH_BIN_PATTERNS)

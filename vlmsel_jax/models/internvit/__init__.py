@@ -6,7 +6,7 @@ from vlmsel_jax.models.internvit.modeling import (
     InternVit,
     InternVitConfig,
 )
-from vlmsel_jax.models.internvit.params import key_table
+from vlmsel_jax.models.internvit.params import key_table, reads_key
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
@@ -14,4 +14,5 @@ __all__ = [
     "InternVit",
     "InternVitConfig",
     "key_table",
+    "reads_key",
 ]

@@ -8,6 +8,9 @@ projector and the language model, which are skipped by name so that a stray key 
 
 from __future__ import annotations
 
+import re
+from typing import Callable
+
 from vlmsel_jax.models import transforms
 from vlmsel_jax.models.internvit import modeling
 from vlmsel_jax.models.transforms import Transform
@@ -51,9 +54,20 @@ def key_table(config: modeling.InternVitConfig) -> Table:
       **_norm(p + r"layernorm", "final_norm"),
   }
   if config.model_type == "internvl":
-    table.update({
-        r"(?:model\.)?multi_modal_projector\..+": (None, Transform.SKIP),
-        r"(?:model\.)?language_model\..+": (None, Transform.SKIP),
-        r"lm_head\..+": (None, Transform.SKIP),
-    })
+    table.update({pattern: (None, Transform.SKIP) for pattern in _NOT_THE_TOWER})
   return table
+
+
+# What a whole InternVL checkpoint holds besides the tower.
+_NOT_THE_TOWER = (r"(?:model\.)?multi_modal_projector\..+", r"(?:model\.)?language_model\..+",
+                  r"lm_head\..+")
+_NOT_THE_TOWER_RE = re.compile("|".join(f"(?:{p})" for p in _NOT_THE_TOWER))
+
+
+def reads_key(config: modeling.InternVitConfig) -> Callable[[str], bool]:
+  """The checkpoint keys worth reading: of a whole InternVL checkpoint, all but the projector's
+  and the language model's (which the table skips); of a tower checkpoint, every key. Any other
+  key is still read, and so reported when the table does not know it."""
+  if config.model_type != "internvl":
+    return lambda key: True
+  return lambda key: _NOT_THE_TOWER_RE.fullmatch(key) is None
