@@ -144,6 +144,13 @@ def test_train_flag_errors_are_one_line(world):
                                   "--data_kind=conversation",
                                   f"--output_dir={world['root'] / 'bad'}",
                                   f"--init_from={world['root'] / 'missing'}"])
+  # A layer the tower does not have (pixel-patches has one grid): one line, before any training.
+  with pytest.raises(ValueError, match=r"vision 'pixel-patches' has 1 layer\(s\) to read "
+                     r"\(-1 \.\. 0\); --vision_layer / @layer=-2 is not one of them"):
+    _run(train, _common(world) + ["--vision_model=pixel-patches", "--vision_layer=-2",
+                                  f"--data={world['folder_train']}",
+                                  f"--output_dir={world['root'] / 'bad_layer'}"])
+  assert not (world["root"] / "bad_layer" / "checkpoints").exists()
 
 
 def test_the_tower_layer_is_the_specs_else_vision_layer(tmp_path):

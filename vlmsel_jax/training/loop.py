@@ -132,6 +132,10 @@ def build_model(config: TrainConfig) -> Built:
   if vision.kind != "vision":
     raise ValueError(f"vision {config.vision!r} is a {vision.kind} model, not a vision "
                      "tower")
+  layer, count = config.vlm.vision_layer, vision.num_layers
+  if not -count <= layer < count:
+    raise ValueError(f"vision {config.vision!r} has {count} layer(s) to read ({-count} .. "
+                     f"{count - 1}); --vision_layer / @layer={layer} is not one of them")
   text = zoo.load(config.llm, dtype=config.dtype)
   if text.kind != "text" or not hasattr(text.model, "embed_tokens"):
     raise ValueError(f"llm {config.llm!r} is not a decoder LLM")
