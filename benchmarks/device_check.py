@@ -18,9 +18,12 @@ side by side in this one process and stated as a ratio against its reference:
   ``--pot_budget_s`` seconds and its time is scaled to all candidates (the row says so).
 * Extraction images/s: a ViT-B/16-shaped tower (random weights, via transformers) and
   EfficientNet-Lite0 (ImageNet weights from its pip package) vs the torch models on the same
-  device (torch on CUDA when it has it, else on the CPU; the row says which).
-* A stage-2 train step, reusing benchmarks/train_step.py (ViT tower + Llama with LoRA, float32,
-  its torch side on the CPU), at SmolLM2-135M's LLM shape: tokens/s ours ÷ torch.
+  device (torch on CUDA when it has it, else on the CPU; the row says which), each in float32
+  (both sides exact float32: JAX's matmul precision "highest", torch's TF32 off) and in
+  bfloat16 (weights and activations, both sides).
+* A stage-2 train step, reusing benchmarks/train_step.py: EfficientNet-Lite0 (ImageNet weights)
+  + an LLM of SmolLM2-135M's shape with LoRA, the bfloat16 recipe (``--dtype=bfloat16``), vs the
+  same step in torch on the same device: tokens/s ours ÷ torch.
 
 A section whose reference (POT, torch, a weights package) is missing, or that fails, records
 "skipped: <why>" instead of stopping the run; sections that would start after ``--budget_s``
@@ -56,7 +59,8 @@ class Sizes:
   batch_k: int
   extract_batch: int
   vit: dict
-  train_shape: str
+  train_shape: str  # A benchmarks/train_step.py SHAPES key.
+  train_dtype: str
   train_steps: int
   train_warmup: int
 
@@ -64,11 +68,13 @@ class Sizes:
 FULL = Sizes(gw_sizes=(1000, 2000, 4000), batch_k=16, extract_batch=32,
              vit=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                       intermediate_size=3072, patch_size=16, image_size=224),
-             train_shape="smollm2-135m", train_steps=5, train_warmup=1)
+             train_shape="smollm2-135m", train_dtype="bfloat16", train_steps=5, train_warmup=1)
 DRY = Sizes(gw_sizes=(64,), batch_k=2, extract_batch=2,
             vit=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=64, patch_size=8, image_size=32),
-            train_shape="tiny", train_steps=1, train_warmup=0)
+            train_shape="tiny-efficientnet", train_dtype="bfloat16", train_steps=1,
+            train_warmup=0)
+EXTRACT_DTYPES = ("float32", "bfloat16")
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -260,6 +266,29 @@ def _torch_device():
   return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _exact_float32(dtype: str):
+  """A context in which both sides compute float32 exactly (no TF32 / bf16 passes) when
+  ``dtype`` is float32; nothing otherwise."""
+  # pylint: disable=g-import-not-at-top
+  import contextlib
+  import jax
+  import torch
+  if dtype != "float32":
+    return contextlib.nullcontext()
+  torch.backends.cuda.matmul.allow_tf32 = False
+  torch.backends.cudnn.allow_tf32 = False
+  return jax.default_matmul_precision("highest")
+
+
+def _diff(ours, ref) -> tuple[float, float]:
+  """(max |ours − ref|, that ÷ max |ref|), in float32."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  ours = np.asarray(ours, np.float32)
+  ref = ref.float().cpu().numpy()
+  diff = float(np.abs(ours - ref).max())
+  return diff, diff / max(float(np.abs(ref).max()), 1e-30)
+
+
 def _images_per_s(fn, batch: int, repeats: int) -> float:
   import timing  # pylint: disable=g-import-not-at-top
   fn()  # Warm (compiled, allocated).
@@ -267,7 +296,7 @@ def _images_per_s(fn, batch: int, repeats: int) -> float:
   return batch / secs
 
 
-def _extract_vit(args) -> dict:
+def _extract_vit(args, dtype: str) -> dict:
   # pylint: disable=g-import-not-at-top
   import jax
   import numpy as np
@@ -277,15 +306,16 @@ def _extract_vit(args) -> dict:
   from vlmsel_jax.models import load_pretrained
   torch.manual_seed(args.seed)
   dev = _torch_device()
+  torch_dtype = getattr(torch, dtype)
   torch_model = transformers.ViTModel(transformers.ViTConfig(**args.plan.vit)).eval()
   with tempfile.TemporaryDirectory() as tmp:
     torch_model.save_pretrained(tmp)
-    ours = load_pretrained(tmp, dtype="float32")
-  torch_model = torch_model.to(dev)
+    ours = load_pretrained(tmp, dtype=dtype)
+  torch_model = torch_model.to(device=dev, dtype=torch_dtype)
   size, batch = args.plan.vit["image_size"], args.plan.extract_batch
   pixels = np.random.RandomState(args.seed).randn(batch, 3, size, size).astype(np.float32)
-  x_torch = torch.from_numpy(pixels).to(dev)
-  x_ours = jax.device_put(np.ascontiguousarray(pixels.transpose(0, 2, 3, 1)))
+  x_torch = torch.from_numpy(pixels).to(device=dev, dtype=torch_dtype)
+  x_ours = jax.device_put(np.ascontiguousarray(pixels.transpose(0, 2, 3, 1))).astype(dtype)
   graphdef, state = nnx.split(ours)
   forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x).last_hidden_state)
 
@@ -299,16 +329,16 @@ def _extract_vit(args) -> dict:
       torch.cuda.synchronize()
     return out
 
-  diff = float(np.abs(np.asarray(run_ours()) - run_torch().float().cpu().numpy()).max())
+  diff, rel = _diff(run_ours(), run_torch())
   ours_ips = _images_per_s(run_ours, batch, args.repeats)
   torch_ips = _images_per_s(run_torch, batch, args.repeats)
   return {"model": "ViT-B/16 shape, random weights" if not args.dry_run else
                    "tiny ViT, random weights",
-          "batch": batch, "torch_device": str(dev), "max_abs_diff": diff,
+          "batch": batch, "torch_device": str(dev), "max_abs_diff": diff, "max_rel_diff": rel,
           "ours_ips": ours_ips, "torch_ips": torch_ips, "ratio": ours_ips / torch_ips}
 
 
-def _extract_efficientnet(args) -> dict:
+def _extract_efficientnet(args, dtype: str) -> dict:
   # pylint: disable=g-import-not-at-top
   import jax
   import numpy as np
@@ -317,18 +347,20 @@ def _extract_efficientnet(args) -> dict:
   from flax import nnx
   from vlmsel_jax import zoo
   dev = _torch_device()
-  loaded = zoo.load("efficientnet-lite0")
+  torch_dtype = getattr(torch, dtype)
+  loaded = zoo.load("efficientnet-lite0", dtype=dtype)
   size = 224
   batch = args.plan.extract_batch
   images = np.random.RandomState(args.seed).rand(batch, size, size, 3).astype(np.float32)
   graphdef, state = nnx.split(loaded.model)
   forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x).logits)
-  x_ours = jax.device_put(images)
+  x_ours = jax.device_put(images).astype(dtype)
   torch_model = EfficientNet.from_name("efficientnet-lite0")
   torch_model.load_state_dict(torch.load(zoo.weights_file("lite0"), map_location="cpu",
                                          weights_only=True))
-  torch_model = torch_model.eval().to(dev)
-  x_torch = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(dev)
+  torch_model = torch_model.eval().to(device=dev, dtype=torch_dtype)
+  x_torch = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(
+      device=dev, dtype=torch_dtype)
 
   def run_ours():
     return jax.block_until_ready(forward(state, x_ours))
@@ -340,56 +372,55 @@ def _extract_efficientnet(args) -> dict:
       torch.cuda.synchronize()
     return out
 
-  diff = float(np.abs(np.asarray(run_ours()) - run_torch().float().cpu().numpy()).max())
+  diff, rel = _diff(run_ours(), run_torch())
   ours_ips = _images_per_s(run_ours, batch, args.repeats)
   torch_ips = _images_per_s(run_torch, batch, args.repeats)
   return {"model": "EfficientNet-Lite0, ImageNet weights", "batch": batch,
-          "torch_device": str(dev), "max_abs_diff": diff, "ours_ips": ours_ips,
+          "torch_device": str(dev), "max_abs_diff": diff, "max_rel_diff": rel,
+          "ours_ips": ours_ips,
           "torch_ips": torch_ips, "ratio": ours_ips / torch_ips}
 
 
 def extraction(args, clock: Clock) -> list[dict]:
   rows = []
   for name, fn in (("vit_b16", _extract_vit), ("efficientnet_lite0", _extract_efficientnet)):
-    if clock.over():
-      row = {"status": f"skipped: time budget of {args.budget_s:.0f} s spent"}
-    else:
-      try:
-        row = {**fn(args), "status": "ok"}
-      except Exception as exc:  # pylint: disable=broad-except
-        traceback.print_exc()
-        row = {"status": f"skipped: {_why(exc)}"}
-    row["name"] = name
-    rows.append(row)
-    print(f"[extraction] {json.dumps(row)}", flush=True)
+    for dtype in EXTRACT_DTYPES:
+      if clock.over():
+        row = {"status": f"skipped: time budget of {args.budget_s:.0f} s spent"}
+      else:
+        try:
+          with _exact_float32(dtype):
+            row = {**fn(args, dtype), "status": "ok"}
+        except Exception as exc:  # pylint: disable=broad-except
+          traceback.print_exc()
+          row = {"status": f"skipped: {_why(exc)}"}
+      row.update(name=name, dtype=dtype)
+      rows.append(row)
+      print(f"[extraction] {json.dumps(row)}", flush=True)
   return rows
 
 
 def train_step(args, clock: Clock) -> list[dict]:
-  """benchmarks/train_step.py's side-by-side step at SmolLM2-135M's LLM shape (dry: tiny)."""
+  """benchmarks/train_step.py's side-by-side step: EfficientNet-Lite0 + SmolLM2-135M's shape,
+  bfloat16, LoRA (dry: EfficientNet-Lite0 at 64 px + the tiny LLM)."""
   if clock.over():
     return [{"status": f"skipped: time budget of {args.budget_s:.0f} s spent"}]
   try:
     # pylint: disable=g-import-not-at-top
-    import jax
     import train_step as ts
-    shapes = dict(ts.SHAPES)
-    # SmolLM2-135M's LLM (576 wide, 30 layers, 9 / 3 heads, 1536 MLP, 49,152 vocab) behind a
-    # ViT-S-shaped tower on 64×64 images (64 image tokens).
-    shapes["smollm2-135m"] = ts.Shape(
-        "smollm2-135m", hidden=576, layers=30, heads=9, kv_heads=3, intermediate=1536,
-        vocab=49152, seq=128, vit_hidden=384, vit_layers=6, vit_heads=6, vit_intermediate=1536,
-        image=64, patch=8, batch=8)
-    shape = shapes[args.plan.train_shape]
+    shape = ts.SHAPES[args.plan.train_shape]
+    dtype = args.plan.train_dtype
     ns = argparse.Namespace(batch_size=None, seed=args.seed, steps=args.plan.train_steps,
-                            warmup=args.plan.train_warmup)
-    # train_step.py checks the first losses against torch's float32 CPU step at rtol 1e-4.
-    with jax.default_matmul_precision("float32"):
+                            warmup=args.plan.train_warmup, dtype=dtype, torch_device="auto")
+    # train_step.py checks the first step's losses agree (float32: rtol 1e-4, computed exactly
+    # on both sides; bfloat16: 5e-3).
+    with _exact_float32(dtype):
       result = ts._run_config(shape, ns)  # pylint: disable=protected-access
     result["ratio"] = result["ours_tps"] / result["torch_tps"]
     result["status"] = "ok"
-    result["note"] = ("ViT tower (train_step.py has no EfficientNet or bf16 option), float32, "
-                      "jax matmul precision float32, torch side on the CPU")
+    result["note"] = (f"{shape.tower} tower at {shape.image} px + LLM {shape.hidden} wide × "
+                      f"{shape.layers} layers, vocab {shape.vocab}; {dtype} (trained weights, "
+                      f"optimizer and loss float32); torch on {result['torch_device']}")
   except BaseException as exc:  # pylint: disable=broad-except  # SystemExit on a loss mismatch.
     if isinstance(exc, KeyboardInterrupt):
       raise
@@ -460,19 +491,24 @@ def markdown(result: dict) -> str:
                  f"{r['batch_mode']}; compile {_fmt(r['ours_compile_s'])} s excluded |")
   for r in result["extraction"]:
     if r["status"] != "ok":
-      lines.append(f"| extraction {r['name']} | ours vs torch, images/s | {r['status']} | |")
+      lines.append(f"| extraction {r['name']}, {r['dtype']} | ours vs torch, images/s | "
+                   f"{r['status']} | |")
       continue
-    lines.append(f"| extraction {r['name']} | {r['model']}: ours (jax.jit) vs torch on "
-                 f"{r['torch_device']}, same weights (max diff {r['max_abs_diff']:.1e}); "
-                 f"images/s ours ÷ torch | **{r['ratio']:.2f}×** ({r['ours_ips']:.1f} vs "
-                 f"{r['torch_ips']:.1f} images/s) | batch {r['batch']}, float32 |")
+    precision = ("exact float32 both sides (no TF32)" if r["dtype"] == "float32" else
+                 "bfloat16 weights and activations both sides")
+    lines.append(f"| extraction {r['name']}, {r['dtype']} | {r['model']}: ours (jax.jit) vs "
+                 f"torch on {r['torch_device']}, same weights (max diff {r['max_abs_diff']:.1e}, "
+                 f"{r['max_rel_diff']:.1e} of the largest output); images/s ours ÷ torch | "
+                 f"**{r['ratio']:.2f}×** ({r['ours_ips']:.1f} vs {r['torch_ips']:.1f} images/s) | "
+                 f"batch {r['batch']}, {precision} |")
   for r in result["train_step"]:
     if r["status"] != "ok":
       lines.append(f"| train step | ours vs torch, tokens/s | {r['status']} | |")
       continue
-    lines.append(f"| train step ({r['config']}) | benchmarks/train_step.py's stage-2 step "
-                 f"(projector + LoRA r8, AdamW) vs the same step in torch; losses equal "
-                 f"(rel {r['loss_rel_diff']:.1e}); tokens/s ours ÷ torch | **{r['ratio']:.2f}×** "
+    lines.append(f"| train step ({r['config']}, {r['dtype']}) | benchmarks/train_step.py's "
+                 f"stage-2 step (projector + LoRA r8, AdamW) vs the same step in torch; first "
+                 f"losses agree (rel {r['loss_rel_diff']:.1e}); tokens/s ours ÷ torch | "
+                 f"**{r['ratio']:.2f}×** "
                  f"({r['ours_tps']:.0f} vs {r['torch_tps']:.0f} tokens/s) | {r['note']}; batch "
                  f"{r['batch']} × {r['seq']}, compile {r['compile_s']:.1f} s excluded |")
   return "\n".join(lines) + "\n"

