@@ -26,6 +26,7 @@ import torch
 from flax import nnx
 from huggingface_hub import constants as hf_constants
 
+import diffusion_parity_util as util
 from vlmsel_jax import zoo
 from vlmsel_jax.features import patch_grid as patch_grid_lib
 from vlmsel_jax.models import CheckpointError, UnsupportedModelError
@@ -36,8 +37,7 @@ from vlmsel_jax.zoo import hub
 import hub_fixtures
 
 
-RTOL = 1e-4
-BATCH = 2
+BATCH = util.BATCH
 TIMESTEP = 261
 
 VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4,
@@ -69,22 +69,6 @@ SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0
                         beta_schedule="scaled_linear")
 
 
-def _randomise(model, seed: int):
-  """Every parameter random: weights ~ N(0, 1 / fan_in), norm scales ~ 1 + N(0, 0.2²), biases
-  and the rest of the vectors ~ N(0, 0.1²)."""
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      noise = torch.randn(p.shape, generator=gen)
-      if p.ndim >= 2:
-        p.copy_(noise / p[0].numel() ** 0.5)
-      elif name.endswith("weight"):
-        p.copy_(1.0 + 0.2 * noise)
-      else:
-        p.copy_(0.1 * noise)
-  return model.eval()
-
-
 def _save_pipeline(root: Path, vae, denoiser, denoiser_name: str) -> Path:
   """A pipeline-like directory: model_index.json, vae/, unet/ or transformer/, scheduler/."""
   vae.save_pretrained(root / "vae")
@@ -97,31 +81,10 @@ def _save_pipeline(root: Path, vae, denoiser, denoiser_name: str) -> Path:
   return root
 
 
-def _nchw(x) -> torch.Tensor:
-  return torch.from_numpy(np.ascontiguousarray(np.asarray(x, np.float32).transpose(0, 3, 1, 2)))
-
-
-def _nhwc(t: torch.Tensor) -> np.ndarray:
-  return t.detach().numpy().transpose(0, 2, 3, 1)
-
-
-def _assert_close(ours, ref, name: str, rtol: float = RTOL):
-  ours = np.asarray(ours, np.float32)
-  assert ours.shape == ref.shape, f"{name}: shape {ours.shape} != {ref.shape}"
-  err = float(np.abs(ours - ref).max())
-  scale = float(np.abs(ref).max())
-  assert err <= rtol * scale, f"{name}: max abs error {err:.3g} > {rtol} * {scale:.3g}"
-
-
-def _images(size: int, seed: int = 1) -> np.ndarray:
-  """(BATCH, size, size, 3) NHWC images in [-1, 1]."""
-  return np.random.RandomState(seed).uniform(-1, 1, (BATCH, size, size, 3)).astype(np.float32)
-
-
 def _up_block_outputs(unet, latents, timestep, context, **kwargs) -> list[np.ndarray]:
   """Every ``up_blocks[i]`` output of a diffusers UNet (forward hooks), NHWC."""
   outputs = []
-  hooks = [block.register_forward_hook(lambda _m, _i, out: outputs.append(_nhwc(out)))
+  hooks = [block.register_forward_hook(lambda _m, _i, out: outputs.append(util.nhwc(out)))
            for block in unet.up_blocks]
   try:
     with torch.no_grad():
@@ -142,18 +105,18 @@ _tower = nnx.jit(lambda tower, images: tower(images))
 
 @pytest.fixture(scope="module")
 def torch_vae():
-  return _randomise(diffusers.AutoencoderKL(**VAE_CONFIG), seed=0)
+  return util.randomise(diffusers.AutoencoderKL(**VAE_CONFIG), seed=0)
 
 
 def test_vae_latent_mean_matches_diffusers(torch_vae, tmp_path):
   torch_vae.save_pretrained(tmp_path / "vae")
   ours = diffusion.load_vae(tmp_path / "vae")
-  images = _images(16)
+  images = util.images(16)
   with torch.no_grad():
-    ref = torch_vae.encode(_nchw(images)).latent_dist
+    ref = torch_vae.encode(util.nchw(images)).latent_dist
   mean, logvar = _moments(ours, images)
-  _assert_close(mean, _nhwc(ref.mean), "latent mean")
-  _assert_close(logvar, _nhwc(ref.logvar), "latent logvar")
+  util.assert_close(mean, util.nhwc(ref.mean), "latent mean")
+  util.assert_close(logvar, util.nhwc(ref.logvar), "latent logvar")
   # The VAE config leaves scaling_factor at diffusers' default, SD 1.x's 0.18215.
   np.testing.assert_allclose(np.asarray(ours.config.scaling_factor), 0.18215)
 
@@ -172,10 +135,10 @@ def test_vae_reads_legacy_attention_names(torch_vae, tmp_path):
         key = key.replace(old, new)
     tensors[key] = value
   save_file(tensors, weights)
-  images = _images(16)
+  images = util.images(16)
   with torch.no_grad():
-    ref = _nhwc(torch_vae.encode(_nchw(images)).latent_dist.mean)
-  _assert_close(_moments(diffusion.load_vae(tmp_path / "vae"), images)[0], ref, "latent mean")
+    ref = util.nhwc(torch_vae.encode(util.nchw(images)).latent_dist.mean)
+  util.assert_close(_moments(diffusion.load_vae(tmp_path / "vae"), images)[0], ref, "latent mean")
 
 
 @pytest.mark.parametrize("config", [SD21_CONFIG], ids=["sd21"])
@@ -183,7 +146,7 @@ def test_unet_up_blocks_match_diffusers(config, tmp_path):
   """Random latents and a random 5-token text conditioning (SDXL: random pooled text and size
   numbers), every up block's output. SD 1.5- and SDXL-style UNets are compared inside the whole
   tower (``test_tower_matches_diffusers_pipeline``), with random conditioning too."""
-  unet = _randomise(diffusers.UNet2DConditionModel(**config), seed=2)
+  unet = util.randomise(diffusers.UNet2DConditionModel(**config), seed=2)
   unet.save_pretrained(tmp_path / "unet")
   ours = diffusion.load_unet(tmp_path / "unet")
   rng = np.random.RandomState(3)
@@ -196,11 +159,11 @@ def test_unet_up_blocks_match_diffusers(config, tmp_path):
     kwargs = {"added_cond_kwargs": {"text_embeds": torch.from_numpy(pooled),
                                     "time_ids": torch.from_numpy(time_ids)}}
     our_kwargs = {"pooled_text": pooled, "time_ids": time_ids}
-  ref = _up_block_outputs(unet, _nchw(latents), TIMESTEP, torch.from_numpy(context), **kwargs)
+  ref = _up_block_outputs(unet, util.nchw(latents), TIMESTEP, torch.from_numpy(context), **kwargs)
   out = _unet(ours, latents, np.float32(TIMESTEP), context, **our_kwargs)
   assert len(out) == len(ref) == len(config["block_out_channels"])
   for i, (a, b) in enumerate(zip(out, ref)):
-    _assert_close(a, b, f"up_blocks[{i}]")
+    util.assert_close(a, b, f"up_blocks[{i}]")
 
 
 def test_unet_rejects_unsupported_config():
@@ -212,7 +175,7 @@ def test_unet_rejects_unsupported_config():
 
 def test_unet_key_table_reports_missing_and_unexpected(tmp_path):
   from safetensors.numpy import load_file, save_file  # pylint: disable=import-outside-toplevel
-  unet = _randomise(diffusers.UNet2DConditionModel(**SD15_CONFIG), seed=2)
+  unet = util.randomise(diffusers.UNet2DConditionModel(**SD15_CONFIG), seed=2)
   unet.save_pretrained(tmp_path / "unet")
   weights = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
   tensors = load_file(weights)
@@ -233,9 +196,9 @@ def _reference_unet_tower(vae, unet, pipeline_dir: Path, images, tower, context,
   the pooled text and (H, W, 0, 0, H, W))."""
   scheduler = diffusers.DDPMScheduler.from_pretrained(pipeline_dir / "scheduler")
   with torch.no_grad():
-    latents = vae.encode(_nchw(images)).latent_dist.mean * vae.config.scaling_factor
+    latents = vae.encode(util.nchw(images)).latent_dist.mean * vae.config.scaling_factor
   b, c, h, w = latents.shape
-  noise = _nchw(np.broadcast_to(np.asarray(tower.noise((h, w, c))), (b, h, w, c)))
+  noise = util.nchw(np.broadcast_to(np.asarray(tower.noise((h, w, c))), (b, h, w, c)))
   timesteps = torch.full((b,), tower.timestep, dtype=torch.long)
   noisy = scheduler.add_noise(latents, noise, timesteps)
   kwargs = {}
@@ -246,7 +209,7 @@ def _reference_unet_tower(vae, unet, pipeline_dir: Path, images, tower, context,
         "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * b, dtype=torch.float32)}}
   context = torch.from_numpy(context)[None].expand(b, -1, -1)
   outputs = _up_block_outputs(unet, noisy, timesteps, context, **kwargs)
-  return _nhwc(latents), outputs
+  return util.nhwc(latents), outputs
 
 
 @pytest.mark.parametrize("config,size", [(SD15_CONFIG, 14), (SDXL_CONFIG, 16)],
@@ -255,7 +218,7 @@ def test_tower_matches_diffusers_pipeline(config, size, torch_vae, tmp_path):
   """The whole tower, with the empty prompt's embeddings saved next to the pipeline (random
   here, so that cross-attention matters; SDXL also its pooled embedding). SD 1.5 at 14 px: a
   7 x 7 latent, whose up path upsamples to the skips' size rather than by 2."""
-  unet = _randomise(diffusers.UNet2DConditionModel(**config), seed=4)
+  unet = util.randomise(diffusers.UNet2DConditionModel(**config), seed=4)
   root = _save_pipeline(tmp_path / "pipe", torch_vae, unet, "unet")
   rng = np.random.RandomState(10)
   context = rng.randn(3, 32).astype(np.float32)
@@ -266,13 +229,13 @@ def test_tower_matches_diffusers_pipeline(config, size, torch_vae, tmp_path):
   tower, info = diffusion.load_tower(root)
   assert info.image_size == 16 and info.denoiser == "unet" and tower.timestep == 261
   np.testing.assert_array_equal(np.asarray(tower.context[...]), context[None])
-  images = _images(size, seed=5)
+  images = util.images(size, seed=5)
   ref_latents, ref = _reference_unet_tower(torch_vae, unet, root, images, tower, context, pooled)
   out = _tower(tower, images)
-  _assert_close(out.latents, ref_latents, "latents")
+  util.assert_close(out.latents, ref_latents, "latents")
   assert len(out.hidden_states) == len(ref) == 2
   for i, (a, b) in enumerate(zip(out.hidden_states, ref)):
-    _assert_close(a, b, f"hidden_states[{i}]")
+    util.assert_close(a, b, f"hidden_states[{i}]")
   # The noise is fixed per image, not drawn per batch: reordering the batch reorders features.
   swapped = _tower(tower, images[::-1])
   np.testing.assert_allclose(swapped.hidden_states[1], np.asarray(out.hidden_states[1])[::-1],
@@ -302,7 +265,7 @@ def _dit_block_outputs(dit, latents, timesteps, labels) -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def torch_dit():
-  return _randomise(diffusers.DiTTransformer2DModel(**DIT_CONFIG), seed=6)
+  return util.randomise(diffusers.DiTTransformer2DModel(**DIT_CONFIG), seed=6)
 
 
 def test_dit_blocks_match_diffusers(torch_dit, tmp_path):
@@ -314,11 +277,11 @@ def test_dit_blocks_match_diffusers(torch_dit, tmp_path):
   latents = rng.randn(BATCH, 8, 12, 4).astype(np.float32)
   timesteps = np.asarray([TIMESTEP, 20], np.float32)
   null = torch.full((BATCH,), DIT_CONFIG["num_embeds_ada_norm"], dtype=torch.long)
-  ref = _dit_block_outputs(torch_dit, _nchw(latents), torch.from_numpy(timesteps).long(), null)
+  ref = _dit_block_outputs(torch_dit, util.nchw(latents), torch.from_numpy(timesteps).long(), null)
   out = _dit(ours, latents, timesteps)
   assert len(out) == len(ref) == DIT_CONFIG["num_layers"]
   for i, (a, b) in enumerate(zip(out, ref)):
-    _assert_close(a, b, f"transformer_blocks[{i}]")
+    util.assert_close(a, b, f"transformer_blocks[{i}]")
 
 
 def test_zoo_loads_dit_pipeline_as_vision_tower(torch_vae, torch_dit, tmp_path):
@@ -329,20 +292,20 @@ def test_zoo_loads_dit_pipeline_as_vision_tower(torch_vae, torch_dit, tmp_path):
   assert loaded.kind == "vision" and loaded.name == "dit-pipe"
   assert loaded.num_layers == 2 and loaded.default_layer == loaded.model.GRID_DEFAULT_LAYER == 1
   assert loaded.preprocessing.image_size == (16, 16)
-  images = _images(16, seed=8)
+  images = util.images(16, seed=8)
   scheduler = diffusers.DDPMScheduler.from_pretrained(root / "scheduler")
   with torch.no_grad():
-    latents = torch_vae.encode(_nchw(images)).latent_dist.mean * torch_vae.config.scaling_factor
+    latents = torch_vae.encode(util.nchw(images)).latent_dist.mean * torch_vae.config.scaling_factor
   b, c, h, w = latents.shape
-  noise = _nchw(np.broadcast_to(np.asarray(loaded.model.noise((h, w, c))), (b, h, w, c)))
+  noise = util.nchw(np.broadcast_to(np.asarray(loaded.model.noise((h, w, c))), (b, h, w, c)))
   timesteps = torch.full((b,), diffusion.DEFAULT_TIMESTEP, dtype=torch.long)
   null = torch.full((b,), DIT_CONFIG["num_embeds_ada_norm"], dtype=torch.long)
   ref = _dit_block_outputs(torch_dit, scheduler.add_noise(latents, noise, timesteps), timesteps,
                            null)[1]
   grid = patch_grid_lib.patch_grid_fn(loaded)(images)
-  _assert_close(grid, ref, "patch grid")
+  util.assert_close(grid, ref, "patch grid")
   features = jax.jit(lambda x: loaded.features(loaded.model, {"pixels": x}, 1, "mean"))(images)
-  _assert_close(features, ref.mean(axis=(1, 2)), "extraction features")
+  util.assert_close(features, ref.mean(axis=(1, 2)), "extraction features")
   # A VLM reads the same grid as image tokens (shapes only: no compilation).
   tokens = jax.eval_shape(lambda x: vlm.image_features(loaded.model, x, vlm.VLMConfig(
       vision_layer=loaded.default_layer)), jax.ShapeDtypeStruct((1, 16, 16, 3), np.float32))

@@ -28,14 +28,14 @@ import pytest
 import torch
 from flax import nnx
 
+import diffusion_parity_util as util
 from vlmsel_jax import zoo
 from vlmsel_jax.features import patch_grid as patch_grid_lib
 from vlmsel_jax.models import UnsupportedModelError
 from vlmsel_jax.models import attention as attention_lib
 from vlmsel_jax.models import diffusion
 
-RTOL = 1e-4
-BATCH = 2
+BATCH = util.BATCH
 IMAGE_SIZE = 16
 
 # SD3's VAE: 16 latent channels, shifted and scaled, no quant_conv / post_quant_conv.
@@ -56,43 +56,6 @@ SD35_CONFIG = dict(SD3_CONFIG, num_layers=3, qk_norm="rms_norm", dual_attention_
 # No stored position table: the sin-cos table is computed for the grid.
 NO_TABLE_CONFIG = dict(SD3_CONFIG, pos_embed_max_size=None)
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0)
-
-
-def _randomise(model, seed: int):
-  """Every parameter random: weights ~ N(0, 1 / fan_in), norm scales ~ 1 + N(0, 0.2²), biases
-  and the rest of the vectors ~ N(0, 0.1²)."""
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      noise = torch.randn(p.shape, generator=gen)
-      if p.ndim >= 2:
-        p.copy_(noise / p[0].numel() ** 0.5)
-      elif name.endswith("weight"):
-        p.copy_(1.0 + 0.2 * noise)
-      else:
-        p.copy_(0.1 * noise)
-  return model.eval()
-
-
-def _nchw(x) -> torch.Tensor:
-  return torch.from_numpy(np.ascontiguousarray(np.asarray(x, np.float32).transpose(0, 3, 1, 2)))
-
-
-def _nhwc(t: torch.Tensor) -> np.ndarray:
-  return t.detach().numpy().transpose(0, 2, 3, 1)
-
-
-def _assert_close(ours, ref, name: str, rtol: float = RTOL):
-  ours = np.asarray(ours, np.float32)
-  assert ours.shape == ref.shape, f"{name}: shape {ours.shape} != {ref.shape}"
-  err = float(np.abs(ours - ref).max())
-  scale = float(np.abs(ref).max())
-  assert err <= rtol * scale, f"{name}: max abs error {err:.3g} > {rtol} * {scale:.3g}"
-
-
-def _images(size: int, seed: int = 1) -> np.ndarray:
-  """(BATCH, size, size, 3) NHWC images in [-1, 1]."""
-  return np.random.RandomState(seed).uniform(-1, 1, (BATCH, size, size, 3)).astype(np.float32)
 
 
 def _block_outputs(transformer, latents, timesteps, context, pooled) -> list[np.ndarray]:
@@ -124,7 +87,7 @@ _tower = nnx.jit(lambda tower, images: tower(images))
 def test_mmdit_blocks_match_diffusers(config, latent_hw, tmp_path):
   """Random latents, 5 random text tokens and pooled embeddings, two timesteps; non-square
   latents (the position table cropped off-centre by a row, or computed for the grid)."""
-  transformer = _randomise(diffusers.SD3Transformer2DModel(**config), seed=2)
+  transformer = util.randomise(diffusers.SD3Transformer2DModel(**config), seed=2)
   transformer.save_pretrained(tmp_path / "transformer")
   ours = diffusion.load_mmdit(tmp_path / "transformer")
   rng = np.random.RandomState(3)
@@ -132,12 +95,12 @@ def test_mmdit_blocks_match_diffusers(config, latent_hw, tmp_path):
   context = rng.randn(BATCH, 5, 24).astype(np.float32)
   pooled = rng.randn(BATCH, 12).astype(np.float32)
   timesteps = np.asarray([420.86, 31.5], np.float32)
-  ref = _block_outputs(transformer, _nchw(latents), torch.from_numpy(timesteps),
+  ref = _block_outputs(transformer, util.nchw(latents), torch.from_numpy(timesteps),
                        torch.from_numpy(context), torch.from_numpy(pooled))
   out = _mmdit(ours, latents, timesteps, context, pooled)
   assert len(out) == len(ref) == config["num_layers"]
   for i, (a, b) in enumerate(zip(out, ref)):
-    _assert_close(a, b, f"transformer_blocks[{i}]")
+    util.assert_close(a, b, f"transformer_blocks[{i}]")
   if config is not SD35_CONFIG:
     return
   # jax.nn.dot_product_attention in place of the einsum (every attention kind of SD 3.5 here):
@@ -145,7 +108,7 @@ def test_mmdit_blocks_match_diffusers(config, latent_hw, tmp_path):
   attention_lib.configure(ours, attention_impl="fused")
   assert {a.attention_impl for _, a in nnx.iter_graph(ours)
           if isinstance(a, diffusion.mmdit.JointAttention)} == {"fused"}
-  _assert_close(_mmdit(ours, latents, timesteps, context, pooled)[-1], ref[-1],
+  util.assert_close(_mmdit(ours, latents, timesteps, context, pooled)[-1], ref[-1],
                 "transformer_blocks[-1], fused attention")
 
 
@@ -182,12 +145,12 @@ def test_flow_match_schedule_matches_diffusers():
 
 @pytest.fixture(scope="module")
 def torch_vae():
-  return _randomise(diffusers.AutoencoderKL(**VAE_CONFIG), seed=0)
+  return util.randomise(diffusers.AutoencoderKL(**VAE_CONFIG), seed=0)
 
 
 @pytest.fixture(scope="module")
 def torch_transformer():
-  return _randomise(diffusers.SD3Transformer2DModel(**SD35_CONFIG), seed=4)
+  return util.randomise(diffusers.SD3Transformer2DModel(**SD35_CONFIG), seed=4)
 
 
 def _save_sd3_pipeline(root: Path, vae, transformer) -> Path:
@@ -210,17 +173,17 @@ def _reference_tower(vae, transformer, root: Path, images, tower, context, poole
   every joint block with the given (1, tokens, width) / (1, width) conditioning."""
   scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler")
   with torch.no_grad():
-    mean = vae.encode(_nchw(images)).latent_dist.mean
+    mean = vae.encode(util.nchw(images)).latent_dist.mean
   latents = (mean - vae.config.shift_factor) * vae.config.scaling_factor
   b, c, h, w = latents.shape
-  noise = _nchw(np.broadcast_to(np.asarray(tower.noise((h, w, c))), (b, h, w, c)))
+  noise = util.nchw(np.broadcast_to(np.asarray(tower.noise((h, w, c))), (b, h, w, c)))
   n = scheduler.config.num_train_timesteps
   timesteps = scheduler.timesteps[n - 1 - tower.timestep].repeat(b)
   noisy = scheduler.scale_noise(latents, timesteps, noise)
   outputs = _block_outputs(transformer, noisy, timesteps,
                            torch.from_numpy(context).expand(b, -1, -1),
                            torch.from_numpy(pooled).expand(b, -1))
-  return _nhwc(latents), _nhwc(noisy), outputs
+  return util.nhwc(latents), util.nhwc(noisy), outputs
 
 
 def test_sd3_tower_matches_diffusers_pipeline(torch_vae, torch_transformer, tmp_path):
@@ -236,15 +199,15 @@ def test_sd3_tower_matches_diffusers_pipeline(torch_vae, torch_transformer, tmp_
   assert info.image_size == IMAGE_SIZE and info.denoiser == "transformer"
   assert isinstance(tower.denoiser, diffusion.MMDiT) and tower.timestep == 194
   assert tower.num_layers == 3 and tower.GRID_DEFAULT_LAYER == 1
-  images = _images(IMAGE_SIZE, seed=5)
+  images = util.images(IMAGE_SIZE, seed=5)
   ref_latents, ref_noisy, ref = _reference_tower(torch_vae, torch_transformer, root, images,
                                                  tower, context[None], pooled[None])
   out = _tower(tower, images)
-  _assert_close(out.latents, ref_latents, "latents")
-  _assert_close(out.noisy_latents, ref_noisy, "noisy latents")
+  util.assert_close(out.latents, ref_latents, "latents")
+  util.assert_close(out.noisy_latents, ref_noisy, "noisy latents")
   assert len(out.hidden_states) == len(ref) == 3
   for i, (a, b) in enumerate(zip(out.hidden_states, ref)):
-    _assert_close(a, b, f"hidden_states[{i}]")
+    util.assert_close(a, b, f"hidden_states[{i}]")
   with pytest.raises(ValueError, match="outside the schedule"):
     tower.with_timestep(1000)
   # t = N - 1 is pure noise: the latent no longer enters.
@@ -260,13 +223,13 @@ def test_zoo_loads_sd3_pipeline_as_vision_tower(torch_vae, torch_transformer, tm
   assert loaded.kind == "vision" and loaded.name == "sd3-pipe"
   assert loaded.num_layers == 3 and loaded.default_layer == loaded.model.GRID_DEFAULT_LAYER == 1
   assert loaded.preprocessing.image_size == (IMAGE_SIZE, IMAGE_SIZE)
-  images = _images(IMAGE_SIZE, seed=8)
+  images = util.images(IMAGE_SIZE, seed=8)
   _, _, ref = _reference_tower(torch_vae, torch_transformer, root, images, loaded.model,
                                np.zeros((1, 1, 24), np.float32), np.zeros((1, 12), np.float32))
   grid = patch_grid_lib.patch_grid_fn(loaded)(images)
-  _assert_close(grid, ref[1], "patch grid")
+  util.assert_close(grid, ref[1], "patch grid")
   features = jax.jit(lambda x: loaded.features(loaded.model, {"pixels": x}, 1, "mean"))(images)
-  _assert_close(features, ref[1].mean(axis=(1, 2)), "extraction features")
+  util.assert_close(features, ref[1].mean(axis=(1, 2)), "extraction features")
 
   def with_variant(spec):
     return dataclasses.replace(zoo.resolve(spec), loader=lambda _path, name, _dtype:
