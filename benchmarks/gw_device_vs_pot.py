@@ -11,8 +11,8 @@ is the reference: ratios are ours / POT CG for the objective (lower = better cou
 the time. Cost matrices: angular distances of a synthetic candidate and of the text view,
 scale-aligned as in the score binary (see benchmarks/gw_vs_pot.py), in float64 for POT; ours
 run in float32 (their default). "CG its" are the polish's Frank-Wolfe iterations, "rounds" the
-auction's bidding rounds summed over them (each round is a few O(n²) passes: on an accelerator
-the rounds, not the flops, set the time). Our times exclude jit compilation (first call minus
+auction's bidding rounds summed over them (each round reads at most 16 rows of the gradient,
+a few O(n) passes: on an accelerator the rounds, not the flops, set the time). Our times exclude jit compilation (first call minus
 a warm call, reported separately); best of --repeats.
 
 The batch part times one ``gw_distances`` call over --batch_k candidates with each oracle; with

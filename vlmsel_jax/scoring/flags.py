@@ -63,7 +63,7 @@ GW_PRECISION = flags.DEFINE_enum("gw_precision", _ANNEALED.precision, list(gw.PR
 GW_ORACLE = flags.DEFINE_enum(
     "gw_oracle", _ANNEALED.oracle, list(gw.ORACLES), "Where the CG steps' linear assignments are "
     "solved: host (POT's network simplex, through a callback), device (an auction, no callback), "
-    "auto (device on GPU/TPU, host on CPU, where it is faster at equal objective).")
+    "auto (device on GPU/TPU, host on CPU, where the two are even and the simplex is exact).")
 # The flags gw.options_from_flags maps to the solver's options record.
 GW_FLAGS = (GW_EPSILON, GW_ANNEAL_EPSILONS, GW_ANNEAL_ITERATIONS, GW_SINKHORN_ITERATIONS,
              GW_ANNEAL_SINKHORN_ITERATIONS, GW_ITERATIONS, GW_CG_ITERATIONS, GW_CG_TOL, GW_POLISH,
