@@ -80,6 +80,9 @@ def test_dry_run_writes_every_section(tmp_path):
   for row in result["extraction"]:
     # Same weights on both sides: float32 agrees to rounding, bfloat16 to its 8-bit mantissa.
     assert row["max_rel_diff"] < (1e-5 if row["dtype"] == "float32" else 0.15), row
+  for row in result["gw_single"]:
+    # The device-only solver ran its CG polish with the on-device auction.
+    assert row["ours_cg_iterations"] >= 1 and row["ours_auction_rounds"] >= 1, row
   (step,) = result["train_step"]
   assert (step["tower"], step["dtype"]) == ("efficientnet-lite0", "bfloat16")
   assert step["loss_rel_diff"] < 5e-3 and step["ratio"] > 0
