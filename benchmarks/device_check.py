@@ -277,8 +277,9 @@ def gw_batch(args, clock: Clock) -> list[dict]:
 
 
 def _torch_device():
-  import torch  # pylint: disable=g-import-not-at-top
-  return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+  """torch's device for the references: CUDA when torch has it, else the CPU."""
+  import train_step  # pylint: disable=g-import-not-at-top
+  return train_step.torch_device("auto")
 
 
 def _exact_float32(dtype: str):

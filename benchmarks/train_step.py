@@ -202,7 +202,8 @@ def _median_step_s(step, n: int) -> float:
   return statistics.median(times)
 
 
-def _torch_device(name: str):
+def torch_device(name: str):
+  """torch's device named by ``--torch_device``: "auto" is CUDA when torch has it, else the CPU."""
   import torch  # pylint: disable=g-import-not-at-top
   if name == "auto":
     name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -265,7 +266,7 @@ def _run_config(shape: Shape, args: argparse.Namespace) -> dict:
   # pylint: enable=g-import-not-at-top
 
   dtype = getattr(args, "dtype", "float32")
-  dev = _torch_device(getattr(args, "torch_device", "auto"))
+  dev = torch_device(getattr(args, "torch_device", "auto"))
   torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
   batch_size = args.batch_size or shape.batch
   batch = _random_batch(shape, batch_size, args.seed)
@@ -427,7 +428,7 @@ def main() -> None:
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
         f"transformers {transformers.__version__}")
   print(f"stage 2: projector + LoRA r8/a16 train, AdamW lr 1e-3 constant, clip 1.0, "
-        f"{args.dtype} (trained weights float32), torch on {_torch_device(args.torch_device)}; "
+        f"{args.dtype} (trained weights float32), torch on {torch_device(args.torch_device)}; "
         f"{args.warmup} warm-up + {args.steps} timed steps per side, median kept")
 
   names = ("tiny", "small") if args.config == "both" else (args.config,)
