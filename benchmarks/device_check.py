@@ -136,10 +136,10 @@ def _solve_with_stats(cx, cy, opts):
   # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp
   from vlmsel_jax.scores import gw
-  coupling, _, _ = gw.coupling_stage(cx, cy, opts)
+  stage = gw.coupling_stage(cx, cy, opts)
   if opts.cg_steps() is None:
-    return gw.gw_objective(cx, cy, coupling), jnp.array(0), jnp.array(0)
-  coupling, _, cg_iters, rounds = gw.cg_polish(cx, cy, coupling, opts)
+    return gw.gw_objective(cx, cy, stage.coupling), jnp.array(0), jnp.array(0)
+  coupling, _, cg_iters, rounds = gw.cg_polish(cx, cy, stage.coupling, opts, prices=stage.prices)
   return gw.gw_objective(cx, cy, coupling), cg_iters, rounds
 
 

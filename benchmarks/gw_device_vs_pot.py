@@ -53,8 +53,8 @@ def _pot_cg(c1, c2):
 
 def _solve_with_stats(cx, cy, opts: gw.AnnealedOptions):
   """solve_normalized's value, plus the polish's CG iterations and auction rounds."""
-  coupling, _, _ = gw.coupling_stage(cx, cy, opts)
-  coupling, _, cg_iters, rounds = gw.cg_polish(cx, cy, coupling, opts)
+  stage = gw.coupling_stage(cx, cy, opts)
+  coupling, _, cg_iters, rounds = gw.cg_polish(cx, cy, stage.coupling, opts, prices=stage.prices)
   return gw.gw_objective(cx, cy, coupling), cg_iters, rounds
 
 

@@ -194,7 +194,7 @@ def test_batched_coupling_stage_is_a_vmap_sharded_over_the_candidate_mesh(pool):
   cx, cy, _ = gw.prepare_costs(pool.candidates[0], pool.text)
   stacked = jax.device_put(jnp.stack([cx] * 8), jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec("candidates")))
-  couplings, _, _ = fn(stacked, cy)
+  couplings = fn(stacked, cy).coupling
   assert couplings.sharding.spec == jax.sharding.PartitionSpec("candidates")
   assert len(couplings.addressable_shards) == 8
   assert {s.device for s in couplings.addressable_shards} == set(jax.devices())

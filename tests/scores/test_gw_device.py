@@ -88,12 +88,52 @@ def test_auction_on_gw_gradients_matches_scipy():
   pool = synthetic.make_pool(n=200, seed=0)
   for index in (5, 11):
     cx, cy, _ = gw.prepare_costs(pool.candidates[index], pool.text)
-    coupling, _, _ = jax.jit(gw.coupling_stage, static_argnums=2)(cx, cy, gw.AnnealedOptions())
+    coupling = jax.jit(gw.coupling_stage, static_argnums=2)(cx, cy, gw.AnnealedOptions()).coupling
     perm = jnp.eye(200)[np.random.default_rng(index).permutation(200)] / 200
     for t in (coupling, perm):
       p = t.sum(axis=1)
       grad = 2 * ((cx * cx) @ p)[:, None] + 2 * ((cy * cy) @ p)[None, :] - 4 * cx @ t @ cy
       _check_optimal(np.asarray(grad, np.float64), assignment.auction(grad))
+
+
+def _polish_rounds(cx, cy, stage, prices):
+  polish = jax.jit(lambda u, v, t, pr: gw.cg_polish(u, v, t, DEVICE, prices=pr))
+  coupling, _, _, rounds = polish(cx, cy, stage.coupling, prices)
+  return float(gw.gw_objective(cx, cy, coupling)), int(rounds)
+
+
+def test_polish_starts_its_first_auction_from_the_entropic_stage_dual():
+  """``CouplingStage.prices`` (minus twice ott's last column potential) start the first auction
+  near the optimal dual: over the 12 synthetic candidates of two pools at n = 200 the polish
+  needs far fewer bidding rounds in all than from the column reduction (measured 8,229 against
+  11,135; from the potentials unscaled, 10,139), at the same objectives."""
+  stage_fn = jax.jit(gw.coupling_stage, static_argnums=2)
+  totals = {"dual": 0, "cold": 0}
+  for seed in (0, 1):
+    pool = synthetic.make_pool(n=200, seed=seed)
+    for index in range(len(pool.candidates)):
+      cx, cy, _ = gw.prepare_costs(pool.candidates[index], pool.text)
+      stage = stage_fn(cx, cy, DEVICE)
+      assert stage.prices.shape == (200,) and bool(jnp.all(jnp.isfinite(stage.prices)))
+      dual_value, dual_rounds = _polish_rounds(cx, cy, stage, stage.prices)
+      cold_value, cold_rounds = _polish_rounds(cx, cy, stage, None)
+      totals["dual"] += dual_rounds
+      totals["cold"] += cold_rounds
+      assert dual_value == pytest.approx(cold_value, rel=2e-3), (seed, pool.names[index])
+  assert totals["dual"] < 0.85 * totals["cold"], totals
+
+
+def test_stages_without_a_dual_start_the_first_auction_cold(pool):
+  """CG's product start has no dual (NaN prices): the polish is exactly the cold-started one."""
+  cx, cy, _ = gw.prepare_costs(pool.candidates[5], pool.text)
+  opts = gw.CGOptions(oracle="device")
+  stage = jax.jit(gw.coupling_stage, static_argnums=2)(cx, cy, opts)
+  assert bool(jnp.all(jnp.isnan(stage.prices)))
+  polish = jax.jit(lambda u, v, t, pr: gw.cg_polish(u, v, t, opts, prices=pr))
+  nan_start = polish(cx, cy, stage.coupling, stage.prices)
+  cold = polish(cx, cy, stage.coupling, None)
+  np.testing.assert_array_equal(np.asarray(nan_start[0]), np.asarray(cold[0]))
+  assert int(nan_start[3]) == int(cold[3]) > 0
 
 
 def test_auction_vmaps_and_warm_starts():

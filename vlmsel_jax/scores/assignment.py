@@ -62,6 +62,16 @@ so the counts are what matters for an accelerator, where a round is launch-bound
     potentials as the auction's start: on first calls at n = 1,000 it cut "random" from 9,756
     to 5,665 iterations (Sinkhorn's included) but raised "warp" from 1,424 to 2,390 (prototype
     counts, ε-scaling from R/50 by 8). Not kept: no consistent gain, and exp per entry.
+  * The annealed stage's own dual as the first call's start (kept; gw.py
+    ``CouplingStage.prices``): minus twice the column potential of its last Sinkhorn solve
+    (ott's linearized square-loss cost is half the GW gradient). Whole polishes of the 12
+    synthetic candidates in 7 pools (seeds 0 – 2 at n = 200 and 500, seed 0 at n = 1000; 84
+    problems), rounds in all against the cold start's 120,274, and the sum over pools of each
+    pool's largest count (what a vmapped batch waits for) against 27,559: first ε = 1e-2 R:
+    100,724 (−12% to −26% in every pool) and 26,836 (kept); 3e-3 R: 92,176 but 31,752;
+    1e-3 R: more than 3e-3 at n ≤ 500, and 18,332 against 15,766 there. The potentials carry
+    the stage's entropic blur: started too fine, a few problems pay for it with long price
+    wars. Objectives within 0.07% of the cold start's, either way.
   * Sinkhorn alone, rounded by the row argmax: even after 300 iterations down to ε = 1e-4 R
     the argmax was not a permutation on 3 of the 4 first-call gradients tried (n = 250, 500),
     so it needs an exact completion anyway (the previous item).
