@@ -91,3 +91,46 @@ def test_dry_run_writes_every_section(tmp_path):
   for label in ("GW one problem", "GW batch", "extraction vit_b16, float32",
                 "extraction efficientnet_lite0, bfloat16", "train step (tiny-efficientnet, bfloat16)"):
     assert label in table, label
+
+
+def _device_check():
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  try:
+    import device_check  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.pop(0)
+  return device_check
+
+
+def test_pot_in_a_child_equals_pot_here_and_is_killed_at_its_cap(monkeypatch):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import ot  # pylint: disable=g-import-not-at-top
+  device_check = _device_check()
+  rng = np.random.default_rng(0)
+  x, y = rng.standard_normal((40, 3)), rng.standard_normal((40, 5))
+  c1, c2 = ot.dist(x, x), ot.dist(y, y)
+  p = np.full(40, 1 / 40)
+  want = ot.gromov.gromov_wasserstein2(c1, c2, p, p, "square_loss", max_iter=1000)
+  value, secs = device_check.pot_cg(c1, c2, cap_s=60.0)
+  assert value == pytest.approx(float(want), rel=1e-12) and 0 < secs < 60
+  # No time for even the child's imports: killed, and its time is the cap (a lower bound).
+  monkeypatch.setattr(device_check, "POT_STARTUP_S", 0.0)
+  assert device_check.pot_cg(c1, c2, cap_s=0.05) == (None, 0.05)
+
+
+def test_table_states_a_killed_pot_as_a_lower_bound():
+  device_check = _device_check()
+  meta = {"dry_run": False, "device_kind": "card", "platform": "gpu", "device_count": 1,
+          "versions": {"jax": "0"}, "date": "today", "cpu": "cpu", "cpu_count": 16,
+          "elapsed_s": 1.0}
+  single = {"n": 4000, "status": "ok", "candidate": "c", "ours_obj": 1.0, "ours_s": 2.0,
+            "ours_compile_s": 1.0, "ours_cg_iterations": 3, "ours_auction_rounds": 9,
+            "pot_s": 120.0, "pot_timed_out": True, "speedup_vs_pot": 60.0, "entropic": "x"}
+  batch = {"n": 4000, "k": 16, "status": "ok", "ours_s": 4.0, "ours_compile_s": 1.0,
+           "batch_mode": "vmap", "pot_candidates_run": 0, "pot_s": 640.0,
+           "pot_timed_out": True, "pot_extrapolated": True, "speedup_vs_pot": 160.0}
+  table = device_check.markdown({"meta": meta, "gw_single": [single], "gw_batch": [batch],
+                                 "extraction": [], "train_step": []})
+  assert "speed-up ≥ 60.00×" in table and "POT stopped unfinished after 120 s" in table
+  assert "speed-up ≥ 160.00×" in table and "no objective ratio" in table
+  assert "objective 1" not in table
