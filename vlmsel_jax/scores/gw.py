@@ -49,9 +49,10 @@ POT's CG is a linear assignment problem. The records with CG steps choose where 
     for it; the batched and row-sharded paths run the CG steps per candidate on one device.
   * "device": the ε-scaled auction algorithm of ``assignment.py`` (within n·1e-5·R of the
     optimal permutation's cost, R the gradient's spread; each call warm-started from the
-    previous call's prices, the first from the entropic stage's dual when there is one). No callback anywhere: ``gw_distances`` runs the whole solve as one
-    program vmapped (or mapped) over candidates and sharded over devices, and a row-sharded
-    problem (``gw_distance(..., devices=...)``) keeps its CG steps partitioned.
+    previous call's prices, the first from the entropic stage's dual when there is one). No
+    callback anywhere: ``gw_distances`` runs the whole solve as one program vmapped (or
+    mapped) over candidates and sharded over devices, and a row-sharded problem
+    (``gw_distance(..., devices=...)``) keeps its CG steps partitioned.
   * "auto" (the default): device on GPU/TPU, host on CPU. Measured on CPU
     (benchmarks/gw_device_vs_pot.py) both reach the same objective in about the same time
     (within 20% either way at n = 250 – 2000, one problem or 16 batched), so CPU keeps the
