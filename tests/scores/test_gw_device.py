@@ -96,30 +96,34 @@ def test_auction_on_gw_gradients_matches_scipy():
       _check_optimal(np.asarray(grad, np.float64), assignment.auction(grad))
 
 
+@jax.jit
+def _polish(cx, cy, coupling, prices):
+  coupling, _, _, rounds = gw.cg_polish(cx, cy, coupling, DEVICE, prices=prices)
+  return gw.gw_objective(cx, cy, coupling), rounds
+
+
 def _polish_rounds(cx, cy, stage, prices):
-  polish = jax.jit(lambda u, v, t, pr: gw.cg_polish(u, v, t, DEVICE, prices=pr))
-  coupling, _, _, rounds = polish(cx, cy, stage.coupling, prices)
-  return float(gw.gw_objective(cx, cy, coupling)), int(rounds)
+  value, rounds = _polish(cx, cy, stage.coupling, prices)
+  return float(value), int(rounds)
 
 
 def test_polish_starts_its_first_auction_from_the_entropic_stage_dual():
   """``CouplingStage.prices`` (minus twice ott's last column potential) start the first auction
-  near the optimal dual: over the 12 synthetic candidates of two pools at n = 200 the polish
-  needs far fewer bidding rounds in all than from the column reduction (measured 8,229 against
-  11,135; from the potentials unscaled, 10,139), at the same objectives."""
+  near the optimal dual: over the 12 synthetic candidates at n = 200 the polish needs far
+  fewer bidding rounds in all than from the column reduction (measured 3,836 against 5,188;
+  from the potentials unscaled, 4,711), at the same objectives."""
   stage_fn = jax.jit(gw.coupling_stage, static_argnums=2)
   totals = {"dual": 0, "cold": 0}
-  for seed in (0, 1):
-    pool = synthetic.make_pool(n=200, seed=seed)
-    for index in range(len(pool.candidates)):
-      cx, cy, _ = gw.prepare_costs(pool.candidates[index], pool.text)
-      stage = stage_fn(cx, cy, DEVICE)
-      assert stage.prices.shape == (200,) and bool(jnp.all(jnp.isfinite(stage.prices)))
-      dual_value, dual_rounds = _polish_rounds(cx, cy, stage, stage.prices)
-      cold_value, cold_rounds = _polish_rounds(cx, cy, stage, None)
-      totals["dual"] += dual_rounds
-      totals["cold"] += cold_rounds
-      assert dual_value == pytest.approx(cold_value, rel=2e-3), (seed, pool.names[index])
+  pool = synthetic.make_pool(n=200, seed=0)
+  for index in range(len(pool.candidates)):
+    cx, cy, _ = gw.prepare_costs(pool.candidates[index], pool.text)
+    stage = stage_fn(cx, cy, DEVICE)
+    assert stage.prices.shape == (200,) and bool(jnp.all(jnp.isfinite(stage.prices)))
+    dual_value, dual_rounds = _polish_rounds(cx, cy, stage, stage.prices)
+    cold_value, cold_rounds = _polish_rounds(cx, cy, stage, None)
+    totals["dual"] += dual_rounds
+    totals["cold"] += cold_rounds
+    assert dual_value == pytest.approx(cold_value, rel=2e-3), pool.names[index]
   assert totals["dual"] < 0.85 * totals["cold"], totals
 
 
